@@ -1,0 +1,3 @@
+from emlisten._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The ``emlisten`` command: ``serve`` runs a node, ``status`` asks a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from emlisten import __version__
+from emlisten._logging import configure
+from emlisten.config import Role, load_settings
+from emlisten.errors import ConfigError
+
+log = logging.getLogger("emlisten")
+
+EXIT_OK = 0
+EXIT_DEGRADED = 1
+EXIT_UNREACHABLE = 2
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emlisten", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"emlisten {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a node (flags override EMLISTEN_* variables)")
+    serve.add_argument("--role", choices=[r.value for r in Role], help="default: all (env EMLISTEN_ROLE)")
+    serve.add_argument("--host", help="API bind address (env EMLISTEN_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="API port (env EMLISTEN_PORT, default 8080)")
+    serve.add_argument("--node-id", help="this node's id (env EMLISTEN_NODE_ID or PodName; default hostname)")
+    serve.add_argument("--redis-url", help="shared store (env EMLISTEN_REDIS_URL); in-memory when unset")
+    serve.add_argument("--amqp-url", help="work queue (env EMLISTEN_AMQP_URL); in-process when unset")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env EMLISTEN_LOG_LEVEL)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="(env EMLISTEN_LOG_FORMAT)")
+
+    status = commands.add_parser("status", help="show what a running node is doing")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="a node's API base URL")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _status(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(
+            role=Role(args.role) if args.role else None,
+            host=args.host,
+            port=args.port,
+            node_id=args.node_id,
+            redis_url=args.redis_url,
+            amqp_url=args.amqp_url,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except ConfigError as exc:
+        print(f"emlisten: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(settings.log_level, settings.log_format, settings.node_id)
+    from emlisten.service.node import run_node
+
+    try:
+        trio.run(run_node, settings)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.url.rstrip("/") + "/api/listeners/status"
+    try:
+        response = httpx.get(url, timeout=10)
+        response.raise_for_status()
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"emlisten: cannot reach {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        connections = body.get("Connections", {})
+        print(f"node {body.get('Node')} ({body.get('Role')}), version {body.get('Version')}")
+        for state, count in sorted(connections.items()):
+            print(f"  {state:<22} {count}")
+    failing = sum(v for k, v in body.get("Connections", {}).items() if k.endswith("Error"))
+    return EXIT_DEGRADED if failing else EXIT_OK

@@ -1,0 +1,214 @@
+"""Every port of emlisten in one place. Adapters live in ``store/``, ``queue/``, ``mail/``, ``sink/``.
+
+The service core (``emlisten.service``) only sees these interfaces; which adapter backs each one
+is decided once, at start-up, from the configuration.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+
+import trio
+
+from emlisten.models import (
+    Checkpoint,
+    Email,
+    FolderInfo,
+    MailboxConfig,
+    MailboxStatus,
+    RawMessage,
+    SyncTask,
+)
+
+
+class Store(ABC):
+    """Shared state: the mailbox registry, states, checkpoints, and change notifications.
+
+    Any node can answer for any mailbox from here. Implementations must be safe for concurrent
+    use by many tasks.
+    """
+
+    name: str = "store"
+
+    @abstractmethod
+    async def put_mailbox(self, mailbox: MailboxConfig) -> None:
+        """Register or replace a mailbox (credentials included)."""
+
+    @abstractmethod
+    async def get_mailbox(self, mailbox_id: str) -> MailboxConfig | None: ...
+
+    @abstractmethod
+    async def remove_mailbox(self, mailbox_id: str) -> bool:
+        """Forget a mailbox and its checkpoints; its status becomes CLOSED. True if it existed."""
+
+    @abstractmethod
+    async def list_mailbox_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    async def existing(self, mailbox_ids: Iterable[str]) -> set[str]:
+        """Which of these mailboxes are registered (one round trip, for subscriptionsstate)."""
+
+    @abstractmethod
+    async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None: ...
+
+    @abstractmethod
+    async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]: ...
+
+    @abstractmethod
+    async def add_delivered(self, mailbox_id: str, count: int) -> None:
+        """Add to the mailbox's delivered counter."""
+
+    @abstractmethod
+    async def get_checkpoint(self, mailbox_id: str, folder: str) -> Checkpoint | None: ...
+
+    @abstractmethod
+    async def seed_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+        """Set the checkpoint only if there is none yet (a new subscription). True if it was set."""
+
+    @abstractmethod
+    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+        """Move the checkpoint forward; never backwards within one UIDVALIDITY.
+
+        A different UIDVALIDITY replaces the checkpoint (the folder was rebuilt). Returns True
+        when the stored checkpoint changed. Does nothing (False) for an unknown mailbox, so a
+        delivery that finishes after ``/close`` cannot resurrect it.
+        """
+
+    @abstractmethod
+    async def publish_change(self, mailbox_id: str) -> None:
+        """Tell every node's ownership loop that this mailbox was created, changed or removed."""
+
+    @abstractmethod
+    def changes(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Subscribe to change notifications: ``async with store.changes() as ids: ...``.
+
+        Only changes published after the subscription was entered are seen.
+        """
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook, default: always reachable
+        """Raise StoreError when the store cannot be reached."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class TaskDelivery(ABC):
+    """One task handed to a consumer; it must be acked or nacked exactly once."""
+
+    task: SyncTask
+
+    @abstractmethod
+    async def ack(self) -> None: ...
+
+    @abstractmethod
+    async def nack(self, *, requeue: bool = True) -> None:
+        """Give the task back (``requeue``) or dead-letter it."""
+
+
+class TaskQueue(ABC):
+    """Spreads sync tasks over workers. At-least-once: an unacked task is redelivered."""
+
+    name: str = "queue"
+
+    @abstractmethod
+    async def publish(self, task: SyncTask) -> None:
+        """Returns once the queue has taken responsibility for the task."""
+
+    @abstractmethod
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[TaskDelivery]]:
+        """``async with queue.consume(prefetch=n) as deliveries: async for d in deliveries``.
+
+        At most ``prefetch`` deliveries are outstanding (unacked) per consumer.
+        """
+
+    @abstractmethod
+    async def dead_letters(self) -> list[SyncTask]:
+        """Tasks that were nacked without requeue (for inspection)."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raise QueueError when the queue cannot be reached."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+#: Called by a listener when the server reports new mail (or after a (re)connect, for catch-up).
+NewMailCallback = Callable[[SyncTask], Awaitable[None]]
+
+
+class MailReader(ABC):
+    """An authenticated session used to read messages (one folder selected at a time)."""
+
+    @abstractmethod
+    async def select(self, folder: str) -> FolderInfo: ...
+
+    @abstractmethod
+    async def uids_after(self, uid: int) -> list[int]:
+        """UIDs greater than ``uid`` in the selected folder, ascending."""
+
+    @abstractmethod
+    async def fetch(self, uids: Sequence[int]) -> list[RawMessage]:
+        """The full messages (not marking them seen), in the order of ``uids``; vanished ones skipped."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class MailSource(ABC):
+    """A protocol family (IMAP, EWS, Graph): listens to folders and opens readers."""
+
+    @abstractmethod
+    async def listen(
+        self,
+        mailbox: MailboxConfig,
+        folder: str,
+        on_new_mail: NewMailCallback,
+        *,
+        task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hold one live subscription to ``folder`` until cancelled or the connection fails.
+
+        Calls ``task_status.started(info)`` once the subscription is really live (IMAP: in IDLE),
+        and ``on_new_mail`` whenever the server reports new messages. Raises a MailSourceError
+        subclass on failure; the caller reconnects.
+        """
+
+    @abstractmethod
+    def open_reader(self, mailbox: MailboxConfig) -> AbstractAsyncContextManager[MailReader]: ...
+
+
+class Sink(ABC):
+    """Where mail goes (Creatio's callbacks, or a generic webhook)."""
+
+    @abstractmethod
+    async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:
+        """Deliver a batch; returns only when the receiver accepted it (2xx).
+
+        Raises DeliveryError otherwise. ``idempotency_key`` is stable for the same batch of mail.
+        """
+
+    @abstractmethod
+    async def notify_new_ids(self, mailbox: MailboxConfig, ids: Sequence[str]) -> None:
+        """Announce ids only (Creatio's ``NewEmail``, for ``UseFullEmail=false``)."""
+
+    @abstractmethod
+    async def report_state(
+        self, mailbox: MailboxConfig, *, available: bool, error_class: str = "", message: str = ""
+    ) -> None:
+        """Tell the receiver whether the mailbox works (Creatio's ``ProcessMailboxState``)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+__all__ = [
+    "MailReader",
+    "MailSource",
+    "NewMailCallback",
+    "Sink",
+    "Store",
+    "TaskDelivery",
+    "TaskQueue",
+]

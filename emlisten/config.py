@@ -1,0 +1,187 @@
+"""Settings: defaults, overridden by the environment, overridden by command-line flags.
+
+Every setting has an ``EMLISTEN_*`` environment variable; docs/configuration.md lists them all.
+Names of the vendor's service are accepted as aliases where they mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from emlisten.errors import ConfigError
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    ALL = "all"
+
+    @property
+    def listens(self) -> bool:
+        return self in (Role.PRIMARY, Role.ALL)
+
+    @property
+    def works(self) -> bool:
+        return self in (Role.SECONDARY, Role.ALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: delay n is uniform in [base*2^n/2, base*2^n]."""
+
+    base: float
+    cap: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    role: Role = Role.ALL
+    host: str = "0.0.0.0"  # noqa: S104 - a service listens on all interfaces by default
+    port: int = 8080
+    node_id: str = field(default_factory=socket.gethostname)
+    redis_url: str | None = None
+    amqp_url: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    #: Seconds in-flight deliveries get to finish on SIGTERM before they are cut.
+    shutdown_grace_seconds: float = 10.0
+    #: Extra CA bundle trusted for IMAP/SMTP TLS (in addition to the system CAs).
+    tls_ca_file: str | None = None
+
+    # Listening
+    idle_renew_seconds: float = 25 * 60.0
+    keepalive_seconds: float = 240.0
+    poll_seconds: float = 30.0
+    connect_timeout_seconds: float = 30.0
+    command_timeout_seconds: float = 120.0
+    reconnect_base_seconds: float = 1.0
+    reconnect_cap_seconds: float = 300.0
+    auth_retry_base_seconds: float = 60.0
+    auth_retry_cap_seconds: float = 1800.0
+    #: Concurrent connection attempts per process, so a cold start with thousands of mailboxes
+    #: does not flood the mail servers (or our own CPU with TLS handshakes).
+    max_concurrent_connects: int = 64
+
+    # Delivery
+    worker_concurrency: int = 256
+    batch_max_count: int = 20
+    batch_max_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = 25 * 1024 * 1024
+    delivery_timeout_seconds: float = 300.0
+    delivery_retry_base_seconds: float = 1.0
+    delivery_retry_cap_seconds: float = 300.0
+    #: How long a reading session stays open after its last use, to fetch the next mail fast.
+    reader_idle_seconds: float = 60.0
+
+    @property
+    def reconnect_backoff(self) -> Backoff:
+        return Backoff(self.reconnect_base_seconds, self.reconnect_cap_seconds)
+
+    @property
+    def auth_backoff(self) -> Backoff:
+        return Backoff(self.auth_retry_base_seconds, self.auth_retry_cap_seconds)
+
+    @property
+    def delivery_backoff(self) -> Backoff:
+        return Backoff(self.delivery_retry_base_seconds, self.delivery_retry_cap_seconds)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+#: Vendor (Creatio Email Listener) environment names accepted as aliases.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "node_id": ("PodName",),
+}
+
+_LOG_FORMATS = ("text", "json")
+
+
+def env_name(setting: str) -> str:
+    return "EMLISTEN_" + setting.upper()
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if "Role" in kind_name:
+            return Role(raw.strip().lower())
+        if kind_name.startswith("int"):
+            return int(raw)
+        if kind_name.startswith("float"):
+            return float(raw)
+        if kind_name.startswith("bool"):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name(name)}: cannot read {raw!r} as {kind_name}") from None
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Defaults < environment < ``overrides`` (the command-line flags; None means not given)."""
+
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        candidates = (env_name(f.name), *_ALIASES.get(f.name, ()))
+        for candidate in candidates:
+            raw = env.get(candidate)
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, raw, f.type)
+                break
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "redis_url" not in values:
+        vendor_redis = _vendor_redis_url(env)
+        if vendor_redis:
+            values["redis_url"] = vendor_redis
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _vendor_redis_url(env: Mapping[str, str]) -> str | None:
+    host = env.get("ExchangeListenerRedisHost")
+    if not host:
+        return None
+    database = env.get("ExchangeListenerRedisDatabase", "0") or "0"
+    return f"redis://{host}/{database}" if ":" in host else f"redis://{host}:6379/{database}"
+
+
+def _check(settings: Settings) -> None:
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"port must be 0..65535, got {settings.port}")
+    if settings.log_format not in _LOG_FORMATS:
+        raise ConfigError(f"{env_name('log_format')} must be one of {', '.join(_LOG_FORMATS)}")
+    if not settings.node_id:
+        raise ConfigError(f"{env_name('node_id')} must not be empty")
+    positive = (
+        "shutdown_grace_seconds",
+        "idle_renew_seconds",
+        "keepalive_seconds",
+        "poll_seconds",
+        "connect_timeout_seconds",
+        "command_timeout_seconds",
+        "worker_concurrency",
+        "batch_max_count",
+        "batch_max_bytes",
+        "max_message_bytes",
+        "max_concurrent_connects",
+    )
+    for name in positive:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{env_name(name)} must be positive")
+    if settings.idle_renew_seconds >= 29 * 60:
+        raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

@@ -1,0 +1,206 @@
+"""Plain data shared by every layer: mailbox configuration, checkpoints, states, emails, tasks.
+
+These are pure values (no I/O). The Creatio wire format lives in ``emlisten.api`` (input) and
+``emlisten.sink.creatio`` (output); everything in between speaks these types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+INBOX = "INBOX"
+
+
+class Security(enum.Enum):
+    """How the connection to a mail server is protected (MailKit's SecureSocketOptions names)."""
+
+    NONE = "none"
+    SSL_ON_CONNECT = "ssl_on_connect"
+    STARTTLS = "starttls"
+    STARTTLS_WHEN_AVAILABLE = "starttls_when_available"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEndpoint:
+    host: str
+    port: int
+    security: Security
+    verify_certificate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    """One registered mailbox: a validated ``SynchronizationCredentials`` element.
+
+    ``password`` and ``access_token`` are secrets: ``repr`` hides them so they cannot leak into
+    logs or tracebacks.
+    """
+
+    id: str
+    user_name: str
+    imap: ServerEndpoint
+    bpm_endpoint: str
+    password: str = field(default="", repr=False)
+    access_token: str = field(default="", repr=False)
+    use_oauth: bool = False
+    sender_email: str = ""
+    folders: tuple[str, ...] = (INBOX,)
+    use_full_email: bool = True
+    bpm_user: str = ""
+    bpm_user_workspace: str = ""
+    bpm_user_time_zone: str = ""
+    smtp: ServerEndpoint | None = None
+    feature_values: Mapping[str, Any] = field(default_factory=dict)
+    context: Mapping[str, Any] = field(default_factory=dict)
+    #: Everything Creatio sent, minus secrets, kept so later features can use fields we do not
+    #: model yet (e.g. ``ServerTypeId``, ``PersonalMetrics``) without a migration.
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: Bumped by the service whenever the subscription must be restarted (recreate, changed
+    #: credentials); running listeners compare it to know they are stale.
+    revision: int = 0
+
+    def replace(self, **changes: Any) -> MailboxConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class MailboxState(enum.StrEnum):
+    """Lifecycle of one subscription, as shown by status and the native API."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    LISTENING = "listening"
+    AUTHENTICATION_ERROR = "authenticationError"
+    CONNECT_ERROR = "connectError"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class MailboxStatus:
+    state: MailboxState
+    last_error: str | None = None
+    updated_at: float = 0.0
+    delivered: int = 0
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Per (mailbox, folder): the folder's UIDVALIDITY and the highest UID delivered."""
+
+    uidvalidity: int
+    last_uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTask:
+    """Work item: "folder F of mailbox M has new mail (at least up to UID ``uid_hint``)".
+
+    Tasks are nudges, not payloads: the worker always syncs from the stored checkpoint, so a
+    duplicate, late or coalesced task is harmless and a lost one is repaired by the next catch-up.
+    """
+
+    mailbox_id: str
+    folder: str
+    uidvalidity: int = 0
+    uid_hint: int = 0
+    reason: str = "exists"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SyncTask:
+        return cls(
+            mailbox_id=str(data["mailbox_id"]),
+            folder=str(data["folder"]),
+            uidvalidity=int(data.get("uidvalidity", 0)),
+            uid_hint=int(data.get("uid_hint", 0)),
+            reason=str(data.get("reason", "exists")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FolderInfo:
+    """What SELECT tells about a folder."""
+
+    name: str
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One message as fetched from the server."""
+
+    uid: int
+    data: bytes
+    internal_date: datetime | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    id: str
+    name: str
+    data: bytes = field(repr=False)
+    content_type: str = "application/octet-stream"
+    is_inline: bool = False
+    content_id: str | None = None
+
+
+class Importance(enum.IntEnum):
+    """Creatio's importance values (as Exchange's: Low=0, Normal=1, High=2)."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+
+@dataclass(slots=True)
+class Email:
+    """A received message in the shape Creatio consumes (see ``sink.creatio`` for the wire names)."""
+
+    id: str
+    subject: str = ""
+    body: str = ""
+    is_html_body: bool = False
+    sender: str = ""
+    recipients: list[str] = field(default_factory=list)
+    copy_recipients: list[str] = field(default_factory=list)
+    blind_copy_recipients: list[str] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    importance: Importance = Importance.NORMAL
+    attachments: list[Attachment] = field(default_factory=list)
+    send_date: datetime | None = None
+    message_id: str = ""
+    in_reply_to: str = ""
+    references: list[str] = field(default_factory=list)
+    #: True when the message exceeded the configured maximum size and was cut.
+    truncated: bool = False
+
+
+def message_key(mailbox_id: str, folder: str, uidvalidity: int, uid: int) -> str:
+    """Stable identity of a message: the same mail always gets the same key (and Email.Id)."""
+
+    return f"{mailbox_id}/{folder}/{uidvalidity}/{uid}"
+
+
+_EMAIL_ID_NAMESPACE = uuid.UUID("6f1d3c2e-9b7a-4f53-8d2e-3a1c5e7b9f00")
+
+
+def email_id(mailbox_id: str, folder: str, uidvalidity: int, uid: int) -> str:
+    """Deterministic GUID for a message, so a redelivery carries the same ``Email.Id``."""
+
+    return str(uuid.uuid5(_EMAIL_ID_NAMESPACE, message_key(mailbox_id, folder, uidvalidity, uid)))
+
+
+def folders_or_inbox(folders: Sequence[str]) -> tuple[str, ...]:
+    cleaned = tuple(dict.fromkeys(f for f in folders if f))
+    return cleaned or (INBOX,)

@@ -1,0 +1,229 @@
+"""The secondary's side: consume sync tasks, download new mail, convert, deliver, checkpoint.
+
+Tasks are nudges ("folder F of mailbox M has new mail"); the truth is the checkpoint. One drainer
+task per (mailbox, folder) syncs from the checkpoint upwards in UID order, so duplicate, late or
+coalesced tasks are harmless, and the checkpoint only advances after Creatio answered 2xx.
+
+A drainer whose deliveries fail keeps exactly one task unacked while it backs off, so a failing
+Creatio endpoint slows only its own mailboxes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import trio
+
+from emlisten.abc import Sink, Store, TaskDelivery, TaskQueue
+from emlisten.config import Settings
+from emlisten.errors import DeliveryError, MailSourceError
+from emlisten.mail.mime import to_email
+from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, email_id, message_key
+from emlisten.service.backoff import Retry
+from emlisten.service.readers import ReaderPool
+
+log = logging.getLogger(__name__)
+
+DrainKey = tuple[str, str]
+
+
+class _Drainer:
+    __slots__ = ("key", "pending")
+
+    def __init__(self, key: DrainKey) -> None:
+        self.key = key
+        self.pending: list[TaskDelivery] = []
+
+
+class DeliveryWorker:
+    def __init__(
+        self, settings: Settings, store: Store, queue: TaskQueue, readers: ReaderPool, sink: Sink
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.readers = readers
+        self.sink = sink
+        self._drainers: dict[DrainKey, _Drainer] = {}
+        self._intake = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.delivered_total = 0
+
+    @property
+    def busy(self) -> int:
+        return len(self._drainers)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            with self._intake:
+                async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
+                    task_status.started()
+                    async for delivery in deliveries:
+                        self._dispatch(nursery, delivery)
+            # Intake stopped (shutdown): the nursery waits for running drainers to finish.
+
+    def stop_intake(self) -> None:
+        """Take no new tasks; drainers finish what they hold (the caller bounds how long)."""
+        self._intake.cancel()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def _dispatch(self, nursery: trio.Nursery, delivery: TaskDelivery) -> None:
+        key = (delivery.task.mailbox_id, delivery.task.folder)
+        drainer = self._drainers.get(key)
+        if drainer is None:
+            drainer = _Drainer(key)
+            self._drainers[key] = drainer
+            self._idle = trio.Event()
+            drainer.pending.append(delivery)
+            nursery.start_soon(self._drain, drainer, name=f"drain:{key[0]}:{key[1]}")
+        else:
+            drainer.pending.append(delivery)
+
+    async def _drain(self, drainer: _Drainer) -> None:
+        retry = Retry(self.settings.delivery_backoff)
+        try:
+            while drainer.pending:
+                taken = drainer.pending
+                drainer.pending = []
+                while True:
+                    try:
+                        await self.sync_folder(*drainer.key)
+                        break
+                    except (DeliveryError, MailSourceError) as exc:
+                        delay = retry.next_delay()
+                        log.warning(
+                            "delivery failed, retrying in %.1fs: %s",
+                            delay,
+                            exc,
+                            extra={"mailbox": drainer.key[0], "folder": drainer.key[1]},
+                        )
+                    except Exception:
+                        delay = retry.next_delay()
+                        log.exception(
+                            "sync failed unexpectedly, retrying in %.1fs",
+                            delay,
+                            extra={"mailbox": drainer.key[0], "folder": drainer.key[1]},
+                        )
+                    # Tasks that arrived meanwhile are covered by the retry: settle them now so
+                    # a failing mailbox holds one queue slot, not one per new mail.
+                    await self._ack_all(drainer.pending)
+                    drainer.pending = []
+                    await trio.sleep(delay)
+                retry.reset()
+                await self._ack_all(taken)
+        finally:
+            del self._drainers[drainer.key]
+            if not self._drainers:
+                self._idle.set()
+
+    @staticmethod
+    async def _ack_all(deliveries: Sequence[TaskDelivery]) -> None:
+        for delivery in deliveries:
+            await delivery.ack()
+
+    async def sync_folder(self, mailbox_id: str, folder: str) -> int:
+        """Deliver everything after the checkpoint, in UID order. Returns how many were delivered."""
+
+        mailbox = await self.store.get_mailbox(mailbox_id)
+        if mailbox is None:
+            return 0  # closed meanwhile
+        checkpoint = await self.store.get_checkpoint(mailbox_id, folder)
+        delivered = 0
+        async with self.readers.reader(mailbox) as reader:
+            info = await reader.select(folder)
+            if checkpoint is None:
+                # The listener seeds the checkpoint before it publishes; none means the mailbox
+                # was closed (or re-created) meanwhile. Seed defensively and deliver nothing older.
+                await self.store.seed_checkpoint(
+                    mailbox_id, folder, Checkpoint(info.uidvalidity, info.uidnext - 1)
+                )
+                return 0
+            if checkpoint.uidvalidity != info.uidvalidity:
+                log.warning(
+                    "UIDVALIDITY changed (%d -> %d): folder was rebuilt on the server; continuing "
+                    "from its current end (load older mail with /api/email/synchronize)",
+                    checkpoint.uidvalidity,
+                    info.uidvalidity,
+                    extra={"mailbox": mailbox_id, "folder": folder},
+                )
+                await self.store.advance_checkpoint(
+                    mailbox_id, folder, Checkpoint(info.uidvalidity, info.uidnext - 1)
+                )
+                return 0
+            uids = await reader.uids_after(checkpoint.last_uid)
+            for start in range(0, len(uids), self.settings.batch_max_count):
+                chunk = uids[start : start + self.settings.batch_max_count]
+                messages = await reader.fetch(chunk)
+                delivered += await self._deliver_messages(mailbox, folder, info.uidvalidity, messages)
+                if not messages:
+                    # All vanished (expunged before we fetched): move past them.
+                    await self.store.advance_checkpoint(
+                        mailbox_id, folder, Checkpoint(info.uidvalidity, chunk[-1])
+                    )
+        return delivered
+
+    async def _deliver_messages(
+        self, mailbox: MailboxConfig, folder: str, uidvalidity: int, messages: Sequence[RawMessage]
+    ) -> int:
+        """Deliver in batches bounded by count and bytes; checkpoint after each accepted batch."""
+
+        batch: list[tuple[RawMessage, Email]] = []
+        batch_bytes = 0
+        delivered = 0
+        for raw in messages:
+            email = to_email(
+                raw,
+                email_id=email_id(mailbox.id, folder, uidvalidity, raw.uid),
+                max_size=self.settings.max_message_bytes,
+            )
+            size = len(raw.data)
+            if batch and batch_bytes + size > self.settings.batch_max_bytes:
+                delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch)
+                batch, batch_bytes = [], 0
+            batch.append((raw, email))
+            batch_bytes += size
+        if batch:
+            delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch)
+        return delivered
+
+    async def _deliver_batch(
+        self,
+        mailbox: MailboxConfig,
+        folder: str,
+        uidvalidity: int,
+        batch: Sequence[tuple[RawMessage, Email]],
+    ) -> int:
+        first, last = batch[0][0].uid, batch[-1][0].uid
+        key = message_key(mailbox.id, folder, uidvalidity, first) + (f"-{last}" if last != first else "")
+        emails = [email for _raw, email in batch]
+        try:
+            with trio.fail_after(self.settings.delivery_timeout_seconds):
+                await self.sink.deliver(mailbox, emails, idempotency_key=key)
+        except trio.TooSlowError:
+            raise DeliveryError("ProcessFullEmail: no answer within the delivery timeout") from None
+        # Shielded: Creatio has the mail; losing the checkpoint now would deliver it twice.
+        with trio.CancelScope(shield=True):
+            await self.store.advance_checkpoint(mailbox.id, folder, Checkpoint(uidvalidity, last))
+            await self.store.add_delivered(mailbox.id, len(batch))
+        self.delivered_total += len(batch)
+        log.info(
+            "delivered %d email(s), uid %d..%d",
+            len(batch),
+            first,
+            last,
+            extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
+        )
+        return len(batch)
+
+
+def _age_ms(batch: Sequence[tuple[RawMessage, Email]]) -> int | None:
+    dates = [raw.internal_date for raw, _ in batch if raw.internal_date is not None]
+    if not dates:
+        return None
+    return max(0, math.floor((time.time() - min(dates).timestamp()) * 1000))

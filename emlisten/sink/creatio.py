@@ -1,0 +1,150 @@
+"""Creatio's ``ExchangeListenerService`` callbacks: ProcessFullEmail, NewEmail, ProcessMailboxState.
+
+The wire format (PascalCase, Creatio's own spelling "Recepients" and "Avaliable") is produced
+here and nowhere else. httpx errors are converted to DeliveryError at this boundary.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from emlisten import __version__
+from emlisten.abc import Sink
+from emlisten.errors import DeliveryError
+from emlisten.models import Email, MailboxConfig
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def sibling_method_url(bpm_endpoint: str, method: str) -> str:
+    """``.../ExchangeListenerService.svc/ProcessFullEmail`` -> ``...svc/<method>``."""
+
+    parts = urlsplit(bpm_endpoint)
+    path = parts.path.rstrip("/")
+    head, _, _last = path.rpartition("/")
+    return urlunsplit((parts.scheme, parts.netloc, f"{head}/{method}", "", ""))
+
+
+def email_to_wire(email: Email) -> dict[str, Any]:
+    return {
+        "Id": email.id,
+        "Subject": email.subject,
+        "Body": email.body,
+        "IsHtmlBody": email.is_html_body,
+        "Sender": email.sender,
+        "Recepients": email.recipients,
+        "CopyRecepients": email.copy_recipients,
+        "BlindCopyRecepients": email.blind_copy_recipients,
+        "Headers": [{"Name": name, "Value": value} for name, value in email.headers],
+        "Importance": int(email.importance),
+        "Attachments": [
+            {
+                "Id": a.id,
+                "Name": a.name,
+                "Base64Data": base64.b64encode(a.data).decode("ascii"),
+                "IsInline": a.is_inline,
+                "ContentId": a.content_id,
+                "ContentType": a.content_type,
+            }
+            for a in email.attachments
+        ],
+        "SendDateTimeStamp": int(email.send_date.timestamp()) if email.send_date else 0,
+        "MessageId": email.message_id,
+        "InReplyTo": email.in_reply_to,
+        "References": " ".join(email.references),
+        "IsTruncated": email.truncated,
+    }
+
+
+def subscription_info(mailbox: MailboxConfig) -> dict[str, Any]:
+    return {
+        "Id": mailbox.id,
+        "SysAdminUnit": mailbox.bpm_user,
+        "MailboxId": mailbox.id,
+        "WorkspaceName": mailbox.bpm_user_workspace,
+        "TimeZoneId": mailbox.bpm_user_time_zone,
+        "EventTimeStamp": int(time.time()),
+    }
+
+
+class CreatioSink(Sink):
+    def __init__(self, *, timeout: float = 300.0, max_connections: int = 100) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+            headers={"User-Agent": f"emlisten/{__version__}"},
+            follow_redirects=False,
+        )
+
+    async def _post(self, url: str, body: Any, *, what: str, headers: dict[str, str] | None = None) -> None:
+        try:
+            response = await self._client.post(url, json=body, headers=headers)
+        except httpx.TimeoutException:
+            raise DeliveryError(f"{what}: Creatio did not answer in time ({_origin(url)})") from None
+        except httpx.HTTPError as exc:
+            raise DeliveryError(
+                f"{what}: cannot reach Creatio at {_origin(url)}: {type(exc).__name__}"
+            ) from None
+        if not response.is_success:
+            snippet = response.text[:200].replace("\n", " ")
+            raise DeliveryError(
+                f"{what}: Creatio answered HTTP {response.status_code}: {snippet}",
+                status=response.status_code,
+            )
+
+    async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:
+        body = {"Emails": [email_to_wire(e) for e in emails], "SubscriptionInfo": subscription_info(mailbox)}
+        await self._post(
+            mailbox.bpm_endpoint,
+            body,
+            what="ProcessFullEmail",
+            headers={IDEMPOTENCY_HEADER: idempotency_key},
+        )
+
+    async def notify_new_ids(self, mailbox: MailboxConfig, ids: Sequence[str]) -> None:
+        info = subscription_info(mailbox)
+        body = {
+            "newEvent": {
+                "UniqueIds": list(ids),
+                "Id": mailbox.id,
+                "SysAdminUnitName": mailbox.bpm_user,
+                "WorkspaceName": mailbox.bpm_user_workspace,
+                "TimeZoneId": mailbox.bpm_user_time_zone,
+                "EventTimeStamp": info["EventTimeStamp"],
+            }
+        }
+        await self._post(sibling_method_url(mailbox.bpm_endpoint, "NewEmail"), body, what="NewEmail")
+
+    async def report_state(
+        self, mailbox: MailboxConfig, *, available: bool, error_class: str = "", message: str = ""
+    ) -> None:
+        body = {
+            "MailboxId": mailbox.id,
+            "SenderEmailAddress": mailbox.sender_email or mailbox.user_name,
+            "BpmUserName": mailbox.bpm_user,
+            "BpmUserWorkspace": mailbox.bpm_user_workspace,
+            "Avaliable": available,
+            "ExceptionClassName": error_class,
+            "ExceptionMessage": message,
+            "Context": dict(mailbox.context),
+        }
+        url = sibling_method_url(mailbox.bpm_endpoint, "ProcessMailboxState")
+        await self._post(url, body, what="ProcessMailboxState")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _origin(url: str) -> str:
+    # Only scheme://host:port: a callback URL may carry tokens in its query string.
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}"

@@ -1,0 +1,99 @@
+"""In-memory Store: the single-process development mode. Real and complete, not a test fake;
+state is lost when the process exits (say so at start-up)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import trio
+
+from emlisten.abc import Store
+from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus
+
+
+class MemoryStore(Store):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._mailboxes: dict[str, MailboxConfig] = {}
+        self._statuses: dict[str, MailboxStatus] = {}
+        self._checkpoints: dict[tuple[str, str], Checkpoint] = {}
+        self._subscribers: set[trio.MemorySendChannel[str]] = set()
+
+    async def put_mailbox(self, mailbox: MailboxConfig) -> None:
+        self._mailboxes[mailbox.id] = mailbox
+
+    async def get_mailbox(self, mailbox_id: str) -> MailboxConfig | None:
+        return self._mailboxes.get(mailbox_id)
+
+    async def remove_mailbox(self, mailbox_id: str) -> bool:
+        existed = self._mailboxes.pop(mailbox_id, None) is not None
+        for key in [k for k in self._checkpoints if k[0] == mailbox_id]:
+            del self._checkpoints[key]
+        previous = self._statuses.get(mailbox_id)
+        self._statuses[mailbox_id] = MailboxStatus(
+            MailboxState.CLOSED, delivered=previous.delivered if previous else 0
+        )
+        return existed
+
+    async def list_mailbox_ids(self) -> list[str]:
+        return list(self._mailboxes)
+
+    async def existing(self, mailbox_ids: Iterable[str]) -> set[str]:
+        return {mid for mid in mailbox_ids if mid in self._mailboxes}
+
+    async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None:
+        self._statuses[mailbox_id] = status
+
+    async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:
+        return {mid: self._statuses.get(mid) for mid in mailbox_ids}
+
+    async def add_delivered(self, mailbox_id: str, count: int) -> None:
+        status = self._statuses.get(mailbox_id)
+        if status is not None:
+            status.delivered += count
+
+    async def get_checkpoint(self, mailbox_id: str, folder: str) -> Checkpoint | None:
+        return self._checkpoints.get((mailbox_id, folder))
+
+    async def seed_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+        if mailbox_id not in self._mailboxes or (mailbox_id, folder) in self._checkpoints:
+            return False
+        self._checkpoints[(mailbox_id, folder)] = checkpoint
+        return True
+
+    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+        if mailbox_id not in self._mailboxes:
+            return False
+        key = (mailbox_id, folder)
+        current = self._checkpoints.get(key)
+        if (
+            current is not None
+            and current.uidvalidity == checkpoint.uidvalidity
+            and current.last_uid >= checkpoint.last_uid
+        ):
+            return False
+        self._checkpoints[key] = checkpoint
+        return True
+
+    async def publish_change(self, mailbox_id: str) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(mailbox_id)
+            except trio.ClosedResourceError:
+                self._subscribers.discard(channel)
+
+    @asynccontextmanager
+    async def changes(self) -> AsyncIterator[AsyncIterator[str]]:
+        # Unbounded: publishers (API requests) must never block on a slow subscriber, and the
+        # only subscriber is this process's own ownership loop, which drains it promptly.
+        send, receive = trio.open_memory_channel[str](math.inf)
+        self._subscribers.add(send)
+        try:
+            yield receive.__aiter__()
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+            receive.close()

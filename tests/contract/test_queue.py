@@ -1,0 +1,127 @@
+"""The TaskQueue contract, written once and run against every adapter (RabbitMQ joins later)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from emlisten.abc import TaskDelivery, TaskQueue
+from emlisten.models import SyncTask
+from emlisten.queue.inprocess import InProcessQueue
+
+
+@pytest.fixture(params=["in-process"])
+async def queue(request: pytest.FixtureRequest) -> AsyncIterator[TaskQueue]:
+    adapter: TaskQueue = InProcessQueue()
+    yield adapter
+    await adapter.aclose()
+
+
+def task(n: int) -> SyncTask:
+    return SyncTask(mailbox_id=f"m{n}", folder="INBOX", uidvalidity=1, uid_hint=n)
+
+
+async def take(deliveries: AsyncIterator[TaskDelivery], count: int) -> list[TaskDelivery]:
+    taken = []
+    with trio.fail_after(5):
+        for _ in range(count):
+            taken.append(await anext(deliveries))
+    return taken
+
+
+async def test_publish_consume_ack_in_order(queue: TaskQueue) -> None:
+    for n in range(5):
+        await queue.publish(task(n))
+    async with queue.consume(prefetch=10) as deliveries:
+        got = await take(deliveries, 5)
+        assert [d.task for d in got] == [task(n) for n in range(5)]
+        for d in got:
+            await d.ack()
+
+
+async def test_task_round_trips_through_dict() -> None:
+    t = SyncTask("m", "Sent Items", 42, 7, "catch-up")
+    assert SyncTask.from_dict(t.to_dict()) == t
+
+
+async def test_prefetch_bounds_unacked(queue: TaskQueue) -> None:
+    for n in range(3):
+        await queue.publish(task(n))
+    async with queue.consume(prefetch=2) as deliveries:
+        first = await take(deliveries, 2)
+        with trio.move_on_after(0.2) as blocked:
+            await anext(deliveries)
+        assert blocked.cancelled_caught, "a third task was handed out beyond prefetch=2"
+        await first[0].ack()
+        third = await take(deliveries, 1)
+        assert third[0].task == task(2)
+
+
+async def test_nack_requeue_redelivers(queue: TaskQueue) -> None:
+    await queue.publish(task(1))
+    async with queue.consume(prefetch=5) as deliveries:
+        (d,) = await take(deliveries, 1)
+        await d.nack(requeue=True)
+        (again,) = await take(deliveries, 1)
+        assert again.task == task(1)
+        await again.ack()
+
+
+async def test_nack_without_requeue_dead_letters(queue: TaskQueue) -> None:
+    await queue.publish(task(1))
+    async with queue.consume(prefetch=5) as deliveries:
+        (d,) = await take(deliveries, 1)
+        await d.nack(requeue=False)
+    assert await queue.dead_letters() == [task(1)]
+
+
+async def test_unacked_tasks_are_redelivered_when_consumer_goes_away(queue: TaskQueue) -> None:
+    for n in range(3):
+        await queue.publish(task(n))
+    async with queue.consume(prefetch=5) as deliveries:
+        held = await take(deliveries, 3)
+        await held[1].ack()
+    async with queue.consume(prefetch=5) as deliveries:
+        again = await take(deliveries, 2)
+        assert sorted(d.task.uid_hint for d in again) == [0, 2]
+        for d in again:
+            await d.ack()
+
+
+async def test_competing_consumers_share_work(queue: TaskQueue) -> None:
+    received: dict[str, list[int]] = {"a": [], "b": []}
+    total = 40
+    done = trio.Event()
+
+    async def consume(name: str) -> None:
+        async with queue.consume(prefetch=1) as deliveries:
+            async for d in deliveries:
+                received[name].append(d.task.uid_hint)
+                await trio.lowlevel.checkpoint()
+                await d.ack()
+                if sum(len(v) for v in received.values()) == total:
+                    done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume, "a")
+        nursery.start_soon(consume, "b")
+        for n in range(total):
+            await queue.publish(task(n))
+        with trio.fail_after(5):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert sorted(received["a"] + received["b"]) == list(range(total))
+    assert received["a"] and received["b"], "one consumer got all the work"
+
+
+async def test_double_ack_is_an_error(queue: TaskQueue) -> None:
+    from emlisten.errors import QueueError
+
+    await queue.publish(task(1))
+    async with queue.consume(prefetch=5) as deliveries:
+        (d,) = await take(deliveries, 1)
+        await d.ack()
+        with pytest.raises(QueueError):
+            await d.ack()

@@ -1,0 +1,157 @@
+"""The Store contract, written once and run against every adapter (Redis joins in a later issue)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from emlisten.abc import Store
+from emlisten.models import (
+    Checkpoint,
+    MailboxConfig,
+    MailboxState,
+    MailboxStatus,
+    Security,
+    ServerEndpoint,
+)
+from emlisten.store.memory import MemoryStore
+
+
+@pytest.fixture(params=["memory"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    adapter: Store = MemoryStore()
+    yield adapter
+    await adapter.aclose()
+
+
+def mailbox(mailbox_id: str = "11111111-1111-1111-1111-111111111111", **changes: object) -> MailboxConfig:
+    config = MailboxConfig(
+        id=mailbox_id,
+        user_name="user@example.com",
+        password="s3cret",
+        imap=ServerEndpoint("imap.example.com", 993, Security.SSL_ON_CONNECT),
+        bpm_endpoint="https://creatio.example.com/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+        folders=("INBOX", "Support"),
+        feature_values={"MarkEmailsAsSynchronized": True},
+    )
+    return config.replace(**changes)
+
+
+async def test_registry_round_trip(store: Store) -> None:
+    original = mailbox()
+    await store.put_mailbox(original)
+    assert await store.get_mailbox(original.id) == original
+    assert await store.list_mailbox_ids() == [original.id]
+    assert await store.existing([original.id, "other"]) == {original.id}
+
+
+async def test_put_replaces(store: Store) -> None:
+    await store.put_mailbox(mailbox())
+    changed = mailbox(password="new", revision=2)
+    await store.put_mailbox(changed)
+    stored = await store.get_mailbox(changed.id)
+    assert stored is not None
+    assert stored.password == "new"
+    assert stored.revision == 2
+
+
+async def test_remove_forgets_mailbox_and_checkpoints_and_reads_closed(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.seed_checkpoint(m.id, "INBOX", Checkpoint(7, 10))
+    assert await store.remove_mailbox(m.id) is True
+    assert await store.get_mailbox(m.id) is None
+    assert await store.get_checkpoint(m.id, "INBOX") is None
+    statuses = await store.get_statuses([m.id])
+    status = statuses[m.id]
+    assert status is not None
+    assert status.state is MailboxState.CLOSED
+    assert await store.remove_mailbox(m.id) is False
+
+
+async def test_unknown_mailbox(store: Store) -> None:
+    assert await store.get_mailbox("nope") is None
+    assert await store.get_statuses(["nope"]) == {"nope": None}
+    assert await store.existing(["nope"]) == set()
+
+
+async def test_status_and_delivered_counter(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.set_status(m.id, MailboxStatus(MailboxState.LISTENING, updated_at=1.0, node="n1"))
+    await store.add_delivered(m.id, 3)
+    await store.add_delivered(m.id, 2)
+    status = (await store.get_statuses([m.id]))[m.id]
+    assert status is not None
+    assert (status.state, status.delivered, status.node) == (MailboxState.LISTENING, 5, "n1")
+
+
+async def test_seed_only_once(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    assert await store.seed_checkpoint(m.id, "INBOX", Checkpoint(5, 100)) is True
+    assert await store.seed_checkpoint(m.id, "INBOX", Checkpoint(5, 1)) is False
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(5, 100)
+    # Folders are independent.
+    assert await store.get_checkpoint(m.id, "Support") is None
+
+
+async def test_seed_ignored_for_unknown_mailbox(store: Store) -> None:
+    assert await store.seed_checkpoint("gone", "INBOX", Checkpoint(1, 1)) is False
+    assert await store.get_checkpoint("gone", "INBOX") is None
+
+
+async def test_checkpoint_only_moves_forward_within_uidvalidity(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.seed_checkpoint(m.id, "INBOX", Checkpoint(5, 10))
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(5, 12)) is True
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(5, 11)) is False
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(5, 12)) is False
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(5, 12)
+    # A new UIDVALIDITY replaces the checkpoint, even with a lower UID.
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(6, 3)) is True
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(6, 3)
+
+
+async def test_advance_does_not_resurrect_closed_mailbox(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.remove_mailbox(m.id)
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(5, 12)) is False
+    assert await store.get_checkpoint(m.id, "INBOX") is None
+
+
+async def test_change_notifications_reach_every_subscriber(store: Store) -> None:
+    async with store.changes() as first, store.changes() as second:
+        await store.publish_change("a")
+        await store.publish_change("b")
+        with trio.fail_after(5):
+            assert [await anext(first), await anext(first)] == ["a", "b"]
+            assert [await anext(second), await anext(second)] == ["a", "b"]
+
+
+async def test_changes_before_subscribing_are_not_replayed(store: Store) -> None:
+    await store.publish_change("early")
+    async with store.changes() as changes:
+        await store.publish_change("late")
+        with trio.fail_after(5):
+            assert await anext(changes) == "late"
+
+
+async def test_concurrent_advances_keep_the_highest(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.seed_checkpoint(m.id, "INBOX", Checkpoint(9, 0))
+    async with trio.open_nursery() as nursery:
+        for uid in range(1, 51):
+            nursery.start_soon(store.advance_checkpoint, m.id, "INBOX", Checkpoint(9, uid))
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(9, 50)
+
+
+async def test_secrets_not_in_repr() -> None:
+    m = mailbox(password="hunter2-password", access_token="tok-abcdef")
+    assert "hunter2-password" not in repr(m)
+    assert "tok-abcdef" not in repr(m)
