@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -28,6 +29,8 @@ from emlisten.service.readers import ReaderPool
 log = logging.getLogger(__name__)
 
 DrainKey = tuple[str, str]
+
+_THREAD_CONVERT_BYTES = 256 * 1024
 
 
 class _Drainer:
@@ -177,12 +180,15 @@ class DeliveryWorker:
         batch_bytes = 0
         delivered = 0
         for raw in messages:
-            email = to_email(
+            convert = partial(
+                to_email,
                 raw,
                 email_id=email_id(mailbox.id, folder, uidvalidity, raw.uid),
                 max_size=self.settings.max_message_bytes,
             )
             size = len(raw.data)
+            # Big mails take tens of milliseconds to parse: keep them off the event loop.
+            email = await trio.to_thread.run_sync(convert) if size > _THREAD_CONVERT_BYTES else convert()
             if batch and batch_bytes + size > self.settings.batch_max_bytes:
                 delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch)
                 batch, batch_bytes = [], 0
