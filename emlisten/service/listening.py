@@ -97,6 +97,24 @@ class MailboxManager:
             del self._running[mailbox.id]
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _most_significant(exc: BaseException) -> BaseException:
+    """The error that decides what to do when several folder sessions failed together:
+    an authentication failure wins over a connection failure, which wins over anything else."""
+
+    leaves = _leaves(exc)
+    for kind in (MailAuthError, MailSourceError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
 class MailboxSupervisor:
     """Keeps one mailbox listening: connect, listen to every folder, report state, reconnect."""
 
@@ -122,6 +140,12 @@ class MailboxSupervisor:
         mailbox_id = self.mailbox.id
         connect_retry = Retry(settings.reconnect_backoff)
         auth_retry = Retry(settings.auth_backoff)
+        # A restart (e.g. /update with a new password) inherits "Creatio was told it is broken",
+        # so that the recovery is reported too.
+        previous = (await self.m.store.get_statuses([mailbox_id])).get(mailbox_id)
+        self.reported_unavailable = (
+            previous is not None and previous.state is MailboxState.AUTHENTICATION_ERROR
+        )
         while True:
             await self._set_state(MailboxState.CONNECTING)
             started_at = math.inf
@@ -140,32 +164,39 @@ class MailboxSupervisor:
                     auth_retry.reset()
                     if self.reported_unavailable:
                         await self._report(available=True)
-            except MailAuthError as exc:
-                await self._set_state(MailboxState.AUTHENTICATION_ERROR, str(exc))
-                delay = auth_retry.next_delay()
-                log.warning(
-                    "authentication failed, retrying in %.0fs: %s", delay, exc, extra={"mailbox": mailbox_id}
-                )
-                if not self.reported_unavailable:
-                    await self._report(
-                        available=False, error_class="AuthenticationException", message=str(exc)
-                    )
-            except MailSourceError as exc:
-                if trio.current_time() - started_at > _HEALTHY_AFTER_SECONDS:
-                    connect_retry.reset()
-                await self._set_state(MailboxState.CONNECT_ERROR, str(exc))
-                delay = connect_retry.next_delay()
-                log.warning(
-                    "connection lost, reconnecting in %.1fs: %s", delay, exc, extra={"mailbox": mailbox_id}
-                )
-            except Exception as exc:
-                # A bug must not take down the other mailboxes: log it, back off, try again.
-                log.exception("listener failed unexpectedly", extra={"mailbox": mailbox_id})
-                await self._set_state(MailboxState.CONNECT_ERROR, f"internal error: {type(exc).__name__}")
-                delay = connect_retry.next_delay()
-            else:
                 # Listeners only return when the server ended the session cleanly; reconnect.
                 delay = connect_retry.next_delay()
+            except Exception as group:  # classified below; never escapes the supervisor
+                exc = _most_significant(group)
+                if isinstance(exc, MailAuthError):
+                    await self._set_state(MailboxState.AUTHENTICATION_ERROR, str(exc))
+                    delay = auth_retry.next_delay()
+                    log.warning(
+                        "authentication failed, retrying in %.0fs: %s",
+                        delay,
+                        exc,
+                        extra={"mailbox": mailbox_id},
+                    )
+                    if not self.reported_unavailable:
+                        await self._report(
+                            available=False, error_class="AuthenticationException", message=str(exc)
+                        )
+                elif isinstance(exc, MailSourceError):
+                    if trio.current_time() - started_at > _HEALTHY_AFTER_SECONDS:
+                        connect_retry.reset()
+                    await self._set_state(MailboxState.CONNECT_ERROR, str(exc))
+                    delay = (auth_retry if exc.retry_slowly else connect_retry).next_delay()
+                    log.warning(
+                        "connection lost, reconnecting in %.1fs: %s",
+                        delay,
+                        exc,
+                        extra={"mailbox": mailbox_id},
+                    )
+                else:
+                    # A bug must not take down the other mailboxes: log it, back off, try again.
+                    log.error("listener failed unexpectedly", exc_info=exc, extra={"mailbox": mailbox_id})
+                    await self._set_state(MailboxState.CONNECT_ERROR, f"internal error: {type(exc).__name__}")
+                    delay = connect_retry.next_delay()
             await trio.sleep(delay)
 
     async def _listen_folder(
@@ -178,7 +209,7 @@ class MailboxSupervisor:
             # First contact with this folder: a new subscription starts at the current UIDNEXT
             # (history is loaded through /api/email/synchronize), so seed the checkpoint.
             await self.m.store.seed_checkpoint(
-                task.mailbox_id, task.folder, Checkpoint(task.uidvalidity, max(task.uid_hint - 1, 0))
+                task.mailbox_id, task.folder, Checkpoint(task.uidvalidity, task.uid_hint)
             )
         await self.m.queue.publish(task)
 

@@ -105,7 +105,7 @@ async def run_node(
         adapters.store, node_id=settings.node_id, role=role.value, extra_status=extra_status
     )
     app = create_app(control, api_token=settings.api_token)
-    shutdown = shutdown or trio.Event()
+    shutdown = shutdown if shutdown is not None else trio.Event()
     try:
         async with open_asyncio_bridge(), trio.open_nursery() as root:
             if handle_signals:
