@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,19 +90,38 @@ class RunningService:
         return {k: v["State"] for k, v in response.json().items()}
 
 
+@asynccontextmanager
+async def running_service(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, **changes: Any
+) -> AsyncIterator[RunningService]:
+    settings = fast_settings(dovecot, **changes)
+    adapters = build_adapters(settings)
+    shutdown = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        await run_node(settings, adapters, handle_signals=False, shutdown=shutdown, task_status=task_status)
+
+    port = await nursery.start(run)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            yield RunningService(url, http, adapters, dovecot, creatio)
+    finally:
+        shutdown.set()
+
+
 @pytest.fixture
 async def service(
     dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
 ) -> AsyncIterator[RunningService]:
-    settings = fast_settings(dovecot)
-    adapters = build_adapters(settings)
-    shutdown = trio.Event()
-    port = await nursery.start(
-        lambda task_status: run_node(
-            settings, adapters, handle_signals=False, shutdown=shutdown, task_status=task_status
-        )
-    )
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        yield RunningService(url, http, adapters, dovecot, creatio)
-    shutdown.set()
+    async with running_service(dovecot, creatio, nursery) as running:
+        yield running
+
+
+@pytest.fixture
+async def private_service(
+    private_dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
+) -> AsyncIterator[RunningService]:
+    """The service on a Dovecot of the test's own, which the test may stop and restart."""
+    async with running_service(private_dovecot, creatio, nursery) as running:
+        yield running

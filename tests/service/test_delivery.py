@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
 import uuid
 from email.message import EmailMessage
 from email.utils import make_msgid
+
+import trio
 
 from emlisten.models import MailboxState
 from tests.servers.dovecot import MailUser
@@ -198,3 +201,28 @@ async def test_malformed_requests_get_4xx_with_message(service: RunningService, 
     response = await service.create(bad)
     assert response.status_code == 400
     assert "ServiceUrl" in response.text
+
+
+async def test_mail_delivered_while_dovecot_was_down_arrives_after_restart(
+    private_service: RunningService,
+) -> None:
+    dovecot = private_service.dovecot
+    user = dovecot.add_user()
+    creds = private_service.credentials(user)
+    assert (await private_service.create(creds)).status_code == 200
+    await private_service.wait_state(creds["Id"], MailboxState.LISTENING)
+
+    await trio.to_thread.run_sync(dovecot.stop)
+    await private_service.wait_state(creds["Id"], MailboxState.CONNECT_ERROR)
+    # The server is down: deliver the way an MTA would, straight into the Maildir's new/.
+    raw, message_id = rich_message("while down", "delivered into the Maildir\n")
+    maildir_new = dovecot.mail_root / user.name / "Maildir" / "new"
+    delivered = maildir_new / f"{uuid.uuid4().hex}.emlisten-test"
+    delivered.write_bytes(raw)
+    stat = maildir_new.stat()
+    os.chown(delivered, stat.st_uid, stat.st_gid)
+    await trio.to_thread.run_sync(dovecot.start)
+    (email,) = await private_service.creatio.wait_for_emails(creds["Id"], 1, timeout=20)
+    assert email["Subject"] == "while down"
+    assert email["MessageId"] == message_id
+    await private_service.wait_state(creds["Id"], MailboxState.LISTENING)

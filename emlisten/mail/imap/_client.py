@@ -1,0 +1,970 @@
+"""A small Trio-native IMAP client (RFC 3501 / RFC 9051), built for many long IDLE sessions.
+
+One ``ImapClient`` is one connection. It is not safe for concurrent use by several tasks: one
+task issues commands (and IDLE) at a time. Every network wait has a timeout (``fail_after``), so
+a dead connection never hangs a caller; a command interrupted half-way (timeout, cancellation,
+protocol error) leaves the client broken, and only ``aclose()`` is useful then.
+
+Memory matters more than speed here (ten thousand idle sessions per process): slots everywhere,
+reads of at most ``RECEIVE_BYTES``, and no buffers held between responses.
+"""
+
+# Per-call ``timeout`` arguments are deliberate: a timeout must become a MailConnectError that
+# names the command and marks the connection broken, which a caller's fail_after cannot do.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+
+import trio
+
+from emlisten.errors import (
+    ConfigError,
+    FolderNotFoundError,
+    MailAuthError,
+    MailConnectError,
+    MailProtocolError,
+    MailSourceError,
+)
+from emlisten.mail.imap import _tls
+from emlisten.mail.imap._parser import (
+    Response,
+    ResponseKind,
+    ResponseParser,
+    Value,
+    as_text,
+    decode_mailbox_name,
+    encode_mailbox_name,
+    fetch_attributes,
+    parse_internal_date,
+)
+from emlisten.models import FolderInfo, Security, ServerEndpoint
+
+RECEIVE_BYTES = 16 * 1024
+#: SEARCH results of large folders come as one line (~8 bytes per UID).
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_LITERAL_BYTES = 64 * 1024 * 1024
+#: LITERAL- (RFC 7888) allows non-synchronizing literals up to this size.
+_LITERAL_MINUS_MAX = 4096
+#: Response codes of a NO to SELECT that mean "try again later", not "no such folder".
+_TRANSIENT_CODES = frozenset(
+    {"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "CONTACTADMIN", "EXPUNGEISSUED"}
+)
+_AUTH_FAILURE_CODES = frozenset(
+    {"AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "EXPIRED", "PRIVACYREQUIRED"}
+)
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
+_FETCH_MESSAGE_ITEMS = "(UID BODY.PEEK[] INTERNALDATE RFC822.SIZE)"
+
+
+class Literal:
+    """A command argument sent as a literal (``{n}``): 8-bit, CR/LF or long strings."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:  # may be a password: never show the bytes
+        return f"Literal(<{len(self.data)} bytes>)"
+
+
+Argument = bytes | Literal
+
+
+def astring(value: str | bytes) -> Argument:
+    """An IMAP astring: a bare atom, a quoted string, or a literal when quoting cannot carry it."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    if raw and all(0x20 < b < 0x7F and b not in _ATOM_SPECIALS for b in raw):
+        return raw
+    if len(raw) <= 1024 and all(0x20 <= b < 0x7F for b in raw):
+        return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return Literal(raw)
+
+
+def quoted(value: str | bytes) -> Argument:
+    """A string argument that must not be a bare atom (``ID`` values, for instance)."""
+    arg = astring(value)
+    if isinstance(arg, bytes) and not arg.startswith(b'"'):
+        return b'"' + arg + b'"'
+    return arg
+
+
+def mailbox_argument(name: str, *, utf8: bool = False) -> Argument:
+    """A mailbox name: modified UTF-7 unless UTF8=ACCEPT is enabled."""
+    if name.upper() == "INBOX":
+        return b"INBOX"
+    return astring(name.encode("utf-8") if utf8 else encode_mailbox_name(name))
+
+
+def sequence_set(uids: Iterable[int]) -> bytes:
+    """``[1, 2, 3, 7, 9, 10]`` to ``1:3,7,9:10``."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("empty sequence set")
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = uid
+    parts.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(parts).encode("ascii")
+
+
+@dataclass(slots=True)
+class CommandResult:
+    """The tagged completion of a command and the untagged responses received meanwhile."""
+
+    status: Response
+    untagged: list[Response] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedMessage:
+    uid: int
+    body: bytes | None
+    internal_date: datetime | None
+    size: int | None
+    flags: tuple[str, ...] | None
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    name: str
+    delimiter: str | None
+    flags: frozenset[str]
+
+
+class ImapClient:
+    """One IMAP connection: ``async with ImapClient(endpoint) as client: await client.login(...)``.
+
+    ``ca_file`` adds trusted CAs for verified TLS; by default it comes from
+    ``EMLISTEN_TLS_CA_FILE``.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_ca_file",
+        "_idle_tag",
+        "_parser",
+        "_pending",
+        "_stream",
+        "_tag_counter",
+        "capabilities",
+        "command_timeout",
+        "connect_timeout",
+        "endpoint",
+        "utf8_enabled",
+    )
+
+    def __init__(
+        self,
+        endpoint: ServerEndpoint,
+        *,
+        connect_timeout: float = 30.0,
+        command_timeout: float = 60.0,
+        ca_file: str | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_literal_bytes: int = DEFAULT_MAX_LITERAL_BYTES,
+    ) -> None:
+        self.endpoint = endpoint
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._ca_file = ca_file
+        self._parser = ResponseParser(
+            max_line_bytes=max_line_bytes, max_literal_bytes=max_literal_bytes
+        )
+        self._stream: trio.abc.Stream | None = None
+        self._pending: list[Response] = []
+        self._tag_counter = 0
+        self._idle_tag: bytes | None = None
+        self._broken = False
+        self.capabilities: frozenset[str] = frozenset()
+        self.utf8_enabled = False
+
+    def __repr__(self) -> str:
+        return f"ImapClient({self._where})"
+
+    @property
+    def _where(self) -> str:
+        return f"{self.endpoint.host}:{self.endpoint.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None and not self._broken
+
+    @property
+    def is_tls(self) -> bool:
+        return isinstance(self._stream, trio.SSLStream)
+
+    @property
+    def idling(self) -> bool:
+        return self._idle_tag is not None
+
+    def has_capability(self, name: str) -> bool:
+        return name.upper() in self.capabilities
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ImapClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """TCP (+ TLS), greeting, STARTTLS when configured, capabilities."""
+        if self._stream is not None:
+            raise RuntimeError("already connected")
+        endpoint = self.endpoint
+        phase = "TCP connect"
+        try:
+            with trio.fail_after(self.connect_timeout):
+                try:
+                    tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+                except socket.gaierror as exc:
+                    raise MailConnectError(
+                        f"DNS lookup of {endpoint.host} failed: {exc.strerror or exc}"
+                    ) from None
+                except OSError as exc:
+                    raise MailConnectError(
+                        f"TCP connect to {self._where} failed: {_os_error_text(exc)}"
+                    ) from None
+                self._stream = tcp
+                if endpoint.security is Security.SSL_ON_CONNECT:
+                    phase = "TLS handshake"
+                    await self._start_tls()
+                phase = "greeting"
+                greeting = await self._next_response()
+                if greeting.type == "BYE":
+                    raise MailConnectError(
+                        f"{self._where} refused the connection: {greeting.text[:200]}"
+                    )
+                if greeting.kind is not ResponseKind.UNTAGGED or greeting.type not in (
+                    "OK",
+                    "PREAUTH",
+                ):
+                    raise MailProtocolError(f"unexpected greeting from {self._where}")
+                if greeting.code != "CAPABILITY":
+                    await self.capability()
+                if endpoint.security in (Security.STARTTLS, Security.STARTTLS_WHEN_AVAILABLE):
+                    if self.has_capability("STARTTLS"):
+                        phase = "STARTTLS"
+                        await self._starttls()
+                    elif endpoint.security is Security.STARTTLS:
+                        raise MailConnectError(f"{self._where} does not offer STARTTLS")
+        except trio.TooSlowError:
+            await self._abort()
+            raise MailConnectError(
+                f"{phase} to {self._where} timed out after {self.connect_timeout:g}s"
+            ) from None
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _start_tls(self) -> None:
+        assert self._stream is not None
+        try:
+            ca_file = self._ca_file if self._ca_file is not None else _tls.ca_file_from_env()
+            context = _tls.context_for(self.endpoint.verify_certificate, ca_file)
+        except ConfigError as exc:
+            raise MailConnectError(f"TLS setup for {self._where} failed: {exc}") from None
+        tls = trio.SSLStream(self._stream, context, server_hostname=self.endpoint.host)
+        self._stream = tls
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            detail = _ssl_error_text(cause) if cause is not None else "connection closed"
+            raise MailConnectError(f"TLS handshake with {self._where} failed: {detail}") from None
+
+    async def _starttls(self) -> None:
+        result = await self._command(b"STARTTLS", timeout=self.connect_timeout)
+        self._require_ok(result, "STARTTLS")
+        if self._pending or not self._parser.idle:
+            # Bytes after the OK but before the handshake would be a plaintext injection.
+            raise MailProtocolError(f"{self._where} sent data after STARTTLS OK")
+        await self._start_tls()
+        self.capabilities = frozenset()
+        await self.capability()
+
+    async def close(self, *, timeout: float = 5.0) -> None:
+        """LOGOUT (ending IDLE first) when the connection is healthy, then close. Never raises.
+
+        Runs shielded with ``timeout``, so it is safe in ``finally`` blocks of cancelled tasks.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            try:
+                if self.connected:
+                    if self._idle_tag is not None:
+                        await self.idle_done(timeout=timeout)
+                    await self.logout(timeout=timeout)
+            except MailSourceError:
+                pass
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection without LOGOUT. Never raises, never blocks long."""
+        stream, self._stream = self._stream, None
+        self._broken = True
+        self._idle_tag = None
+        self._pending = []
+        if stream is None:
+            return
+        errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0) as scope, suppress(*errors):
+            await stream.aclose()
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+
+    async def _abort(self) -> None:
+        await self.aclose()
+
+    # -- reading and writing ---------------------------------------------------------------
+
+    def _check_usable(self) -> trio.abc.Stream:
+        if self._stream is None or self._broken:
+            self._idle_tag = None
+            raise MailConnectError(f"connection to {self._where} is closed")
+        return self._stream
+
+    async def _send(self, data: bytes) -> None:
+        stream = self._check_usable()
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            self._broken = True
+            raise MailConnectError(
+                f"connection to {self._where} lost while sending: {_exc_text(exc)}"
+            ) from None
+
+    async def _next_response(self) -> Response:
+        """The next response, reading as needed. Cancel-safe between responses."""
+        while not self._pending:
+            stream = self._check_usable()
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+                ssl.SSLError,
+            ) as exc:
+                self._broken = True
+                raise MailConnectError(
+                    f"connection to {self._where} lost: {_exc_text(exc)}"
+                ) from None
+            if not data:
+                self._broken = True
+                raise MailConnectError(f"{self._where} closed the connection")
+            try:
+                self._pending = self._parser.feed(data)
+            except MailProtocolError:
+                self._broken = True
+                raise
+        response = self._pending.pop(0)
+        if response.code == "CAPABILITY" and response.is_status:
+            self._set_capabilities(response.code_args)
+        elif response.type == "CAPABILITY" and response.kind is ResponseKind.UNTAGGED:
+            self._set_capabilities(response.data)
+        return response
+
+    def _set_capabilities(self, values: list[Value]) -> None:
+        self.capabilities = _shared_capabilities(
+            frozenset(as_text(v).upper() for v in values if v is not None)
+        )
+
+    def _new_tag(self) -> bytes:
+        self._tag_counter += 1
+        return b"A%d" % self._tag_counter
+
+    async def _command(
+        self,
+        command: bytes,
+        *args: Argument,
+        timeout: float | None = None,
+        expect_bye: bool = False,
+    ) -> CommandResult:
+        """Send one command and read until its tagged response.
+
+        Any exception (timeout included) leaves the client broken: the exchange is out of step.
+        """
+        self._check_usable()
+        if self._idle_tag is not None:
+            raise RuntimeError("IMAP command issued while in IDLE; call idle_done() first")
+        seconds = self.command_timeout if timeout is None else timeout
+        name = command.split(b" ", 1)[0].decode("ascii", "replace")
+        tag = self._new_tag()
+        try:
+            with trio.fail_after(seconds):
+                return await self._exchange(tag, command, args, expect_bye)
+        except trio.TooSlowError:
+            self._broken = True
+            raise MailConnectError(
+                f"{name}: no answer from {self._where} within {seconds:g}s"
+            ) from None
+        except BaseException:
+            self._broken = True
+            raise
+
+    async def _exchange(
+        self, tag: bytes, command: bytes, args: Sequence[Argument], expect_bye: bool
+    ) -> CommandResult:
+        untagged: list[Response] = []
+        # Split the command at synchronizing literals: after each, wait for "+".
+        chunk = tag + b" " + command
+        literal_plus = self.has_capability("LITERAL+")
+        literal_minus = self.has_capability("LITERAL-")
+        for arg in args:
+            if isinstance(arg, bytes):
+                chunk += b" " + arg
+                continue
+            size = len(arg.data)
+            if literal_plus or (literal_minus and size <= _LITERAL_MINUS_MAX):
+                chunk += b" {%d+}\r\n" % size + arg.data
+                continue
+            await self._send(chunk + b" {%d}\r\n" % size)
+            try:
+                await self._await_continuation(tag, untagged)
+            except _TaggedBeforeContinuation as refused:
+                return refused.result
+            chunk = arg.data
+        await self._send(chunk + b"\r\n")
+        return await self._read_until_tagged(tag, untagged, expect_bye=expect_bye)
+
+    async def _await_continuation(self, tag: bytes, untagged: list[Response]) -> Response:
+        while True:
+            response = await self._next_response()
+            if response.kind is ResponseKind.CONTINUATION:
+                return response
+            if response.kind is ResponseKind.TAGGED:
+                if response.tag.encode() == tag:
+                    # The server refused to go on (e.g. NO to AUTHENTICATE or IDLE).
+                    raise _TaggedBeforeContinuation(CommandResult(response, untagged))
+                raise MailProtocolError(f"unexpected tagged response from {self._where}")
+            self._check_bye(response)
+            untagged.append(response)
+
+    async def _read_until_tagged(
+        self, tag: bytes, untagged: list[Response], *, expect_bye: bool = False
+    ) -> CommandResult:
+        while True:
+            response = await self._next_response()
+            if response.kind is ResponseKind.TAGGED:
+                if response.tag.encode() != tag:
+                    raise MailProtocolError(f"unexpected tagged response from {self._where}")
+                return CommandResult(response, untagged)
+            if response.kind is ResponseKind.CONTINUATION:
+                raise MailProtocolError(f"unexpected continuation request from {self._where}")
+            if not expect_bye:
+                self._check_bye(response)
+            untagged.append(response)
+
+    def _check_bye(self, response: Response) -> None:
+        if response.type == "BYE":
+            self._broken = True
+            raise MailConnectError(f"{self._where} closed the session: {response.text[:200]}")
+
+    def _require_ok(self, result: CommandResult, what: str) -> None:
+        status = result.status
+        if status.type != "OK":
+            raise MailProtocolError(
+                f"{what} failed on {self._where}: {status.type} {_describe(status)}"
+            )
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def capability(self, *, timeout: float | None = None) -> frozenset[str]:
+        result = await self._command(b"CAPABILITY", timeout=timeout)
+        self._require_ok(result, "CAPABILITY")
+        return self.capabilities
+
+    async def noop(self, *, timeout: float | None = None) -> list[Response]:
+        """NOOP; returns the untagged responses it flushed (EXISTS, EXPUNGE, ...)."""
+        result = await self._command(b"NOOP", timeout=timeout)
+        self._require_ok(result, "NOOP")
+        return result.untagged
+
+    async def login(self, user: str, password: str, *, timeout: float | None = None) -> None:
+        if self.has_capability("LOGINDISABLED"):
+            raise MailAuthError(f"{self._where} refuses LOGIN on this connection (LOGINDISABLED)")
+        result = await self._command(
+            b"LOGIN", astring(user), astring(password), timeout=timeout
+        )
+        await self._check_auth(result, "LOGIN", timeout, secret=password)
+
+    async def authenticate_plain(
+        self, user: str, password: str, *, timeout: float | None = None
+    ) -> None:
+        """AUTHENTICATE PLAIN (RFC 4616), with the initial response inline when SASL-IR."""
+        message = b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8")
+        await self.authenticate("PLAIN", message, timeout=timeout, secret=password)
+
+    async def authenticate(
+        self,
+        mechanism: str,
+        initial_response: bytes,
+        *,
+        timeout: float | None = None,
+        secret: str = "",
+    ) -> None:
+        """A one-step SASL exchange (PLAIN; XOAUTH2 and OAUTHBEARER send the same shape).
+
+        If the server answers the response with another challenge, that is an error report
+        (XOAUTH2/OAUTHBEARER send a base64 JSON error this way): reply with an empty line so the
+        server sends its tagged NO, instead of waiting forever.
+        """
+        seconds = self.command_timeout if timeout is None else timeout
+        encoded = base64.b64encode(initial_response) or b"="
+        command = b"AUTHENTICATE " + mechanism.upper().encode("ascii")
+        tag = self._new_tag()
+        untagged: list[Response] = []
+        self._check_usable()
+        try:
+            with trio.fail_after(seconds):
+                try:
+                    if self.has_capability("SASL-IR"):
+                        await self._send(tag + b" " + command + b" " + encoded + b"\r\n")
+                    else:
+                        await self._send(tag + b" " + command + b"\r\n")
+                        await self._await_continuation(tag, untagged)
+                        await self._send(encoded + b"\r\n")
+                    for _ in range(3):
+                        try:
+                            await self._await_continuation(tag, untagged)
+                        except _TaggedBeforeContinuation as done:
+                            result = done.result
+                            break
+                        await self._send(b"\r\n")
+                    else:
+                        raise MailProtocolError(f"AUTHENTICATE on {self._where} does not end")
+                except _TaggedBeforeContinuation as done:
+                    result = done.result
+        except trio.TooSlowError:
+            self._broken = True
+            raise MailConnectError(
+                f"AUTHENTICATE: no answer from {self._where} within {seconds:g}s"
+            ) from None
+        except BaseException:
+            self._broken = True
+            raise
+        await self._check_auth(result, f"AUTHENTICATE {mechanism.upper()}", timeout, secret=secret)
+
+    async def _check_auth(
+        self, result: CommandResult, what: str, timeout: float | None, *, secret: str
+    ) -> None:
+        status = result.status
+        if status.type == "OK":
+            if status.code != "CAPABILITY":
+                # Capabilities change after login (IDLE is often listed only then).
+                await self.capability(timeout=timeout)
+            return
+        # A server could echo the credentials back: never let them into an error message.
+        text = _describe(status)
+        if secret:
+            text = text.replace(secret, "***")
+        if status.type == "NO" or status.code in _AUTH_FAILURE_CODES:
+            raise MailAuthError(f"{what} rejected by {self._where}: {text}")
+        raise MailProtocolError(f"{what} failed on {self._where}: {status.type} {text}")
+
+    async def id(
+        self, fields: Mapping[str, str] | None = None, *, timeout: float | None = None
+    ) -> dict[str, str]:
+        """ID (RFC 2971): tell the server who we are; returns what it says about itself."""
+        args: list[Argument]
+        if fields:
+            parts: list[bytes] = []
+            for key, value in fields.items():
+                for item in (key, value):
+                    arg = quoted(item)
+                    if isinstance(arg, Literal):  # keep ID simple: no literals
+                        arg = quoted(item.encode("ascii", "replace").replace(b"?", b"_"))
+                    assert isinstance(arg, bytes)
+                    parts.append(arg)
+            args = [b"(" + b" ".join(parts) + b")"]
+        else:
+            args = [b"NIL"]
+        result = await self._command(b"ID", *args, timeout=timeout)
+        self._require_ok(result, "ID")
+        server: dict[str, str] = {}
+        for response in result.untagged:
+            if response.type == "ID" and response.data and isinstance(response.data[0], list):
+                items = response.data[0]
+                for i in range(0, len(items) - 1, 2):
+                    if items[i + 1] is not None:
+                        server[as_text(items[i])] = as_text(items[i + 1])
+        return server
+
+    async def enable(self, *capabilities: str, timeout: float | None = None) -> frozenset[str]:
+        """ENABLE (RFC 5161); returns the capabilities the server enabled."""
+        result = await self._command(
+            b"ENABLE", *(c.encode("ascii") for c in capabilities), timeout=timeout
+        )
+        self._require_ok(result, "ENABLE")
+        enabled: set[str] = set()
+        for response in result.untagged:
+            if response.type == "ENABLED":
+                enabled.update(as_text(v).upper() for v in response.data if v is not None)
+        if "UTF8=ACCEPT" in enabled:
+            self.utf8_enabled = True
+        return frozenset(enabled)
+
+    async def select(
+        self, folder: str, *, readonly: bool = False, timeout: float | None = None
+    ) -> FolderInfo:
+        """SELECT (or EXAMINE when ``readonly``). A missing folder raises FolderNotFoundError."""
+        command = b"EXAMINE" if readonly else b"SELECT"
+        result = await self._command(
+            command, mailbox_argument(folder, utf8=self.utf8_enabled), timeout=timeout
+        )
+        status = result.status
+        if status.type == "NO":
+            if status.code in _TRANSIENT_CODES:
+                raise MailProtocolError(
+                    f"{command.decode()} {folder!r} failed on {self._where}: {_describe(status)}"
+                )
+            raise FolderNotFoundError(
+                f"folder {folder!r} cannot be selected on {self._where}: {_describe(status)}"
+            )
+        self._require_ok(result, command.decode())
+        exists = 0
+        uidvalidity: int | None = None
+        uidnext: int | None = None
+        for response in result.untagged:
+            if response.type == "EXISTS" and response.number is not None:
+                exists = response.number
+            elif response.type == "OK" and response.code_args:
+                value = response.code_args[0]
+                if response.code == "UIDVALIDITY" and isinstance(value, int):
+                    uidvalidity = value
+                elif response.code == "UIDNEXT" and isinstance(value, int):
+                    uidnext = value
+        if uidvalidity is None:
+            raise MailProtocolError(f"{self._where} sent no UIDVALIDITY for {folder!r}")
+        if uidnext is None:
+            # Rare (RFC 9051 servers may omit it): the highest UID + 1 is a safe stand-in.
+            highest = await self.uid_search("*", timeout=timeout) if exists else []
+            uidnext = (max(highest) + 1) if highest else 1
+        return FolderInfo(name=folder, uidvalidity=uidvalidity, uidnext=uidnext, exists=exists)
+
+    async def examine(self, folder: str, *, timeout: float | None = None) -> FolderInfo:
+        return await self.select(folder, readonly=True, timeout=timeout)
+
+    async def status(
+        self,
+        folder: str,
+        items: Sequence[str] = ("MESSAGES", "UIDNEXT", "UIDVALIDITY"),
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, int]:
+        result = await self._command(
+            b"STATUS",
+            mailbox_argument(folder, utf8=self.utf8_enabled),
+            b"(" + " ".join(items).encode("ascii") + b")",
+            timeout=timeout,
+        )
+        if result.status.type == "NO":
+            raise FolderNotFoundError(
+                f"STATUS {folder!r} failed on {self._where}: {_describe(result.status)}"
+            )
+        self._require_ok(result, "STATUS")
+        values: dict[str, int] = {}
+        for response in result.untagged:
+            if response.type == "STATUS" and len(response.data) == 2:
+                pairs = response.data[1]
+                if isinstance(pairs, list):
+                    for i in range(0, len(pairs) - 1, 2):
+                        value = pairs[i + 1]
+                        if isinstance(value, int):
+                            values[as_text(pairs[i]).upper()] = value
+        return values
+
+    async def list_folders(
+        self, reference: str = "", pattern: str = "*", *, timeout: float | None = None
+    ) -> list[ListEntry]:
+        result = await self._command(
+            b"LIST",
+            quoted(encode_mailbox_name(reference)),
+            quoted(encode_mailbox_name(pattern)),
+            timeout=timeout,
+        )
+        self._require_ok(result, "LIST")
+        entries: list[ListEntry] = []
+        for response in result.untagged:
+            if response.type != "LIST" or len(response.data) < 3:
+                continue
+            flags, delimiter, name = response.data[:3]
+            if not isinstance(flags, list) or name is None:
+                continue
+            raw_name = as_text(name)
+            entries.append(
+                ListEntry(
+                    name=raw_name if self.utf8_enabled else decode_mailbox_name(raw_name),
+                    delimiter=None if delimiter is None else as_text(delimiter),
+                    flags=frozenset(as_text(f) for f in flags if f is not None),
+                )
+            )
+        return entries
+
+    async def uid_search(self, criteria: str, *, timeout: float | None = None) -> list[int]:
+        """UID SEARCH with ASCII ``criteria`` (e.g. ``"UID 5:*"``); UIDs ascending."""
+        result = await self._command(
+            b"UID SEARCH " + criteria.encode("ascii"), timeout=timeout
+        )
+        self._require_ok(result, "UID SEARCH")
+        uids: set[int] = set()
+        for response in result.untagged:
+            if response.type == "SEARCH":
+                uids.update(v for v in response.data if isinstance(v, int))
+        return sorted(uids)
+
+    async def uid_fetch(
+        self,
+        uids: Iterable[int] | str,
+        items: str = _FETCH_MESSAGE_ITEMS,
+        *,
+        timeout: float | None = None,
+    ) -> list[FetchedMessage]:
+        """UID FETCH; by default the whole message without setting \\Seen (BODY.PEEK[])."""
+        sequence = uids.encode("ascii") if isinstance(uids, str) else sequence_set(uids)
+        result = await self._command(
+            b"UID FETCH " + sequence + b" " + items.encode("ascii"), timeout=timeout
+        )
+        self._require_ok(result, "UID FETCH")
+        messages: list[FetchedMessage] = []
+        for response in result.untagged:
+            if response.type != "FETCH":
+                continue
+            attributes = fetch_attributes(response)
+            uid = attributes.get("UID")
+            if not isinstance(uid, int):
+                continue  # an unsolicited flag update of another message
+            body = attributes.get("BODY[]")
+            date = attributes.get("INTERNALDATE")
+            size = attributes.get("RFC822.SIZE")
+            flags = attributes.get("FLAGS")
+            messages.append(
+                FetchedMessage(
+                    uid=uid,
+                    body=body if isinstance(body, bytes) else None,
+                    internal_date=parse_internal_date(date) if date is not None else None,
+                    size=size if isinstance(size, int) else None,
+                    flags=tuple(as_text(f) for f in flags if f is not None)
+                    if isinstance(flags, list)
+                    else None,
+                    sequence=response.number or 0,
+                )
+            )
+        return messages
+
+    async def logout(self, *, timeout: float | None = None) -> None:
+        result = await self._command(b"LOGOUT", timeout=timeout, expect_bye=True)
+        self._require_ok(result, "LOGOUT")
+        self._broken = True  # the server closes the connection now
+
+    # -- IDLE ------------------------------------------------------------------------------
+
+    async def idle_start(self, *, timeout: float | None = None) -> list[Response]:
+        """Send IDLE and wait for the server's ``+`` (so it is really idling).
+
+        Returns the untagged responses that arrived before the ``+``.
+        """
+        if self._idle_tag is not None:
+            raise RuntimeError("already in IDLE")
+        self._check_usable()
+        seconds = self.command_timeout if timeout is None else timeout
+        tag = self._new_tag()
+        untagged: list[Response] = []
+        try:
+            with trio.fail_after(seconds):
+                await self._send(tag + b" IDLE\r\n")
+                try:
+                    await self._await_continuation(tag, untagged)
+                except _TaggedBeforeContinuation as refused:
+                    raise MailProtocolError(
+                        f"IDLE refused by {self._where}: {_describe(refused.result.status)}"
+                    ) from None
+        except trio.TooSlowError:
+            self._broken = True
+            raise MailConnectError(
+                f"IDLE: no answer from {self._where} within {seconds:g}s"
+            ) from None
+        except BaseException:
+            self._broken = True
+            raise
+        self._idle_tag = tag
+        return untagged
+
+    async def idle_wait(self, timeout: float | None) -> Response | None:
+        """The next untagged response while idling, or None after ``timeout`` seconds of silence.
+
+        Cancel-safe: a timeout or cancellation here does not disturb the connection.
+        A BYE raises MailConnectError.
+        """
+        tag = self._idle_tag
+        if tag is None:
+            raise RuntimeError("not in IDLE")
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            response = await self._next_response()
+            if response.kind is ResponseKind.TAGGED:
+                self._idle_tag = None
+                if response.tag.encode() == tag:
+                    raise MailProtocolError(
+                        f"{self._where} ended IDLE: {response.type} {_describe(response)}"
+                    )
+                raise MailProtocolError(f"unexpected tagged response from {self._where}")
+            if response.kind is ResponseKind.CONTINUATION:
+                return None  # some servers repeat "+ idling" as a keepalive
+            self._check_bye(response)
+            return response
+        return None
+
+    async def idle_done(self, *, timeout: float | None = None) -> list[Response]:
+        """Send DONE and wait for IDLE's tagged OK; returns the untagged responses meanwhile."""
+        tag = self._idle_tag
+        if tag is None:
+            raise RuntimeError("not in IDLE")
+        seconds = self.command_timeout if timeout is None else timeout
+        untagged: list[Response] = []
+        try:
+            with trio.fail_after(seconds):
+                await self._send(b"DONE\r\n")
+                self._idle_tag = None
+                result = await self._read_until_tagged(tag, untagged)
+        except trio.TooSlowError:
+            self._broken = True
+            raise MailConnectError(
+                f"DONE: no answer from {self._where} within {seconds:g}s"
+            ) from None
+        except BaseException:
+            self._broken = True
+            raise
+        self._require_ok(result, "IDLE")
+        return result.untagged
+
+    @asynccontextmanager
+    async def idle(self, *, timeout: float | None = None) -> AsyncIterator[IdleSession]:
+        """``async with client.idle() as session: response = await session.wait(60)``.
+
+        Leaving the block sends DONE (shielded, with a short timeout when leaving on an error).
+        """
+        initial = await self.idle_start(timeout=timeout)
+        session = IdleSession(self, initial)
+        try:
+            yield session
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                try:
+                    if self.connected and self._idle_tag is not None:
+                        session.after = await self.idle_done(timeout=5.0)
+                except MailSourceError:
+                    pass
+            raise
+        if self._idle_tag is not None:
+            session.after = await self.idle_done(timeout=timeout)
+
+
+class IdleSession:
+    """The handle of an ongoing IDLE: responses that came before ``+`` and a way to wait."""
+
+    __slots__ = ("_client", "after", "initial")
+
+    def __init__(self, client: ImapClient, initial: list[Response]) -> None:
+        self._client = client
+        self.initial = initial
+        #: Untagged responses received between DONE and the tagged OK (set on exit).
+        self.after: list[Response] = []
+
+    async def wait(self, timeout: float | None = None) -> Response | None:
+        return await self._client.idle_wait(timeout)
+
+    def __aiter__(self) -> IdleSession:
+        return self
+
+    async def __anext__(self) -> Response:
+        response = await self._client.idle_wait(None)
+        assert response is not None
+        return response
+
+
+#: Servers send the same capability list to every session: keep one copy (it is ~4 KiB, a
+#: large share of an idle session's memory).
+_capability_sets: dict[frozenset[str], frozenset[str]] = {}
+_MAX_CAPABILITY_SETS = 256
+
+
+def _shared_capabilities(capabilities: frozenset[str]) -> frozenset[str]:
+    shared = _capability_sets.get(capabilities)
+    if shared is None:
+        if len(_capability_sets) >= _MAX_CAPABILITY_SETS:
+            _capability_sets.clear()
+        _capability_sets[capabilities] = shared = capabilities
+    return shared
+
+
+class _TaggedBeforeContinuation(Exception):
+    def __init__(self, result: CommandResult) -> None:
+        super().__init__("tagged response instead of continuation")
+        self.result = result
+
+
+def _describe(status: Response) -> str:
+    code = f"[{status.code}] " if status.code else ""
+    return (code + status.text)[:300]
+
+
+def _os_error_text(exc: OSError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    # trio.open_tcp_stream raises an OSError wrapping one error per address tried.
+    return str(exc) or type(exc).__name__
+
+
+def _ssl_error_text(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return _exc_text(exc)
+
+
+def _exc_text(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
+        return _ssl_error_text(cause) if isinstance(cause, ssl.SSLError) else _exc_text(cause)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+__all__ = [
+    "Argument",
+    "CommandResult",
+    "FetchedMessage",
+    "IdleSession",
+    "ImapClient",
+    "ListEntry",
+    "Literal",
+    "astring",
+    "mailbox_argument",
+    "quoted",
+    "sequence_set",
+]
