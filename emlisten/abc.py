@@ -18,6 +18,7 @@ from emlisten.models import (
     FolderInfo,
     MailboxConfig,
     MailboxStatus,
+    NodeInfo,
     RawMessage,
     SyncTask,
 )
@@ -87,6 +88,40 @@ class Store(ABC):
         Only changes published after the subscription was entered are seen.
         """
 
+    @abstractmethod
+    async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
+        """Every folder's checkpoint of one mailbox (for the admin API)."""
+
+    # -- nodes and mailbox leases (ownership across primaries) ---------------------------------
+
+    @abstractmethod
+    async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
+        """Announce that ``node`` is alive for the next ``ttl`` seconds."""
+
+    @abstractmethod
+    async def list_nodes(self) -> list[NodeInfo]:
+        """Nodes whose heartbeat has not expired."""
+
+    @abstractmethod
+    async def remove_node(self, node_id: str) -> None:
+        """Withdraw a node's heartbeat (clean shutdown), so the others rebalance at once."""
+
+    @abstractmethod
+    async def claim_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        """Take the leases that nobody holds (or this node already holds); returns those now held."""
+
+    @abstractmethod
+    async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        """Extend this node's leases; returns those still held (the others were lost)."""
+
+    @abstractmethod
+    async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
+        """Give up leases this node holds (others' leases are untouched)."""
+
+    @abstractmethod
+    async def lease_owners(self, mailbox_ids: Sequence[str]) -> dict[str, str | None]:
+        """Current holder of each mailbox's lease (None when free)."""
+
     async def ping(self) -> None:  # noqa: B027 - optional hook, default: always reachable
         """Raise StoreError when the store cannot be reached."""
 
@@ -95,7 +130,11 @@ class Store(ABC):
 
 
 class TaskDelivery(ABC):
-    """One task handed to a consumer; it must be acked or nacked exactly once."""
+    """One task handed to a consumer; it must be acked or nacked exactly once.
+
+    Once the consumer has gone away (its ``consume`` context exited, or the broker connection
+    dropped) the task is redelivered to someone else, and settling it is a silent no-op.
+    """
 
     task: SyncTask
 

@@ -70,6 +70,14 @@ class Settings:
     #: does not flood the mail servers (or our own CPU with TLS handshakes).
     max_concurrent_connects: int = 64
 
+    # Ownership (several primaries sharing one store)
+    #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead
+    #: node's mailboxes are taken over within about this time.
+    lease_ttl_seconds: float = 6.0
+    lease_renew_seconds: float = 2.0
+    #: Most mailboxes one node listens to (0: no cap beyond the fair share).
+    max_mailboxes: int = 0
+
     # Delivery
     worker_concurrency: int = 256
     batch_max_count: int = 20
@@ -179,9 +187,17 @@ def _check(settings: Settings) -> None:
         "batch_max_bytes",
         "max_message_bytes",
         "max_concurrent_connects",
+        "lease_ttl_seconds",
+        "lease_renew_seconds",
     )
     for name in positive:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{env_name(name)} must be positive")
+    if settings.lease_renew_seconds * 2 > settings.lease_ttl_seconds:
+        raise ConfigError(
+            f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
+        )
+    if settings.max_mailboxes < 0:
+        raise ConfigError(f"{env_name('max_mailboxes')} must be 0 (no cap) or positive")
     if settings.idle_renew_seconds >= 29 * 60:
         raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

@@ -90,6 +90,19 @@ class MailboxStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A live node, as its heartbeat describes it."""
+
+    id: str
+    role: str
+    mailboxes: int = 0
+    #: Wall-clock time (Unix seconds) of the heartbeat.
+    seen_at: float = 0.0
+    started_at: float = 0.0
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """Per (mailbox, folder): the folder's UIDVALIDITY and the highest UID delivered."""
 

@@ -19,25 +19,32 @@ from emlisten.models import SyncTask
 
 
 class _Delivery(TaskDelivery):
-    __slots__ = ("_consumer", "_settled", "seq", "task")
+    __slots__ = ("_consumer", "_settled", "orphaned", "seq", "task")
 
     def __init__(self, consumer: _Consumer, seq: int, task: SyncTask) -> None:
         self._consumer = consumer
         self.seq = seq
         self.task = task
         self._settled = False
+        #: The consumer went away and the task was requeued (as when a RabbitMQ channel closes);
+        #: settling it now is a no-op, since someone else will get the task again.
+        self.orphaned = False
 
-    def _settle(self) -> None:
+    def _settle(self) -> bool:
+        if self.orphaned:
+            return False
         if self._settled:
             raise QueueError("task already acknowledged")
         self._settled = True
         self._consumer.release(self)
+        return True
 
     async def ack(self) -> None:
         self._settle()
 
     async def nack(self, *, requeue: bool = True) -> None:
-        self._settle()
+        if not self._settle():
+            return
         if requeue:
             self._consumer.queue._requeue(self.seq, self.task)
         else:
@@ -101,7 +108,7 @@ class InProcessQueue(TaskQueue):
         finally:
             # The consumer went away: whatever it still held goes back to the queue.
             for delivery in sorted(consumer.unacked.values(), key=lambda d: d.seq, reverse=True):
-                delivery._settled = True
+                delivery.orphaned = True
                 self._requeue(delivery.seq, delivery.task)
             consumer.unacked.clear()
 

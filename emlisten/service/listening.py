@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
 
+from emlisten import __version__
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
-from emlisten.config import Settings
-from emlisten.errors import DeliveryError, MailAuthError, MailSourceError
+from emlisten.config import Role, Settings
+from emlisten.errors import DeliveryError, MailAuthError, MailSourceError, StoreError
 from emlisten.models import (
     Checkpoint,
     FolderInfo,
     MailboxConfig,
     MailboxState,
     MailboxStatus,
+    NodeInfo,
     SyncTask,
 )
 from emlisten.service.backoff import Retry
@@ -43,7 +47,15 @@ class _Running:
 
 
 class MailboxManager:
-    """Runs one supervisor per registered mailbox (single node: all of them)."""
+    """Listens to the mailboxes this node owns, and decides which those are.
+
+    Ownership: every node heartbeats; each mailbox has a lease with a TTL held by one node.
+    A node claims free leases up to its fair share (mailboxes / live primaries, capped by
+    ``max_mailboxes``), renews its leases in one batch per tick, releases surplus when nodes
+    join, and takes over leases that expired when a node died. A node that cannot renew stops
+    its mailboxes before its leases can expire, so no mailbox is listened to twice for longer
+    than one lease TTL. With one node and the in-memory store this degenerates to "all".
+    """
 
     def __init__(
         self, settings: Settings, store: Store, queue: TaskQueue, source: MailSource, sink: Sink
@@ -54,6 +66,10 @@ class MailboxManager:
         self.source = source
         self.sink = sink
         self._running: dict[str, _Running] = {}
+        self._owned: set[str] = set()
+        self._target = 0
+        self._renewed_at = -math.inf
+        self._started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._connect_slots = trio.Semaphore(settings.max_concurrent_connects)
 
@@ -61,19 +77,135 @@ class MailboxManager:
     def running_count(self) -> int:
         return len(self._running)
 
+    @property
+    def owned(self) -> frozenset[str]:
+        return frozenset(self._owned)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.store.changes() as changes, trio.open_nursery() as nursery:
-            self._nursery = nursery
-            # Subscribed to changes before reading the registry, so nothing falls in between.
-            for mailbox_id in await self.store.list_mailbox_ids():
+        try:
+            async with self.store.changes() as changes, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                # Subscribed to changes before the first claim, so nothing falls in between.
+                await self._tick()
+                log.info("owning %d mailbox(es)", len(self._owned))
+                task_status.started()
+                nursery.start_soon(self._ownership_loop)
+                async for mailbox_id in changes:
+                    await self._on_change(mailbox_id)
+        finally:
+            await self._withdraw()
+
+    async def _ownership_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.lease_renew_seconds)
+            try:
+                await self._tick()
+            except StoreError as exc:
+                log.warning("cannot renew leases: %s", exc)
+                if trio.current_time() - self._renewed_at >= self.settings.lease_ttl_seconds * 0.8:
+                    # Our leases may expire any moment and another node take over: step back.
+                    log.error("lost contact with the store: stopping all mailboxes of this node")
+                    self._stop(list(self._owned))
+                    self._owned.clear()
+
+    def _node_info(self) -> NodeInfo:
+        return NodeInfo(
+            id=self.settings.node_id,
+            role=self.settings.role.value,
+            mailboxes=len(self._owned),
+            seen_at=time.time(),
+            started_at=self._started_at,
+            version=__version__,
+        )
+
+    async def _tick(self) -> None:
+        """One round: heartbeat, renew, then claim up to the fair share or release surplus."""
+
+        settings = self.settings
+        node_id, ttl = settings.node_id, settings.lease_ttl_seconds
+        tick_started = trio.current_time()
+        await self.store.heartbeat(self._node_info(), ttl)
+        if self._owned:
+            kept = set(await self.store.renew_leases(node_id, sorted(self._owned), ttl))
+            lost = self._owned - kept
+            if lost:
+                log.warning("lost %d lease(s) to other nodes", len(lost))
+                self._stop(lost)
+                self._owned = kept
+        self._renewed_at = tick_started
+
+        primaries = [n for n in await self.store.list_nodes() if Role(n.role).listens]
+        node_count = max(1, len(primaries) + (0 if any(n.id == node_id for n in primaries) else 1))
+        all_ids = await self.store.list_mailbox_ids()
+        registered = set(all_ids)
+        gone = self._owned - registered
+        if gone:
+            await self._give_up(gone)
+        self._target = math.ceil(len(all_ids) / node_count)
+        if settings.max_mailboxes:
+            self._target = min(self._target, settings.max_mailboxes)
+
+        if len(self._owned) < self._target:
+            owners = await self.store.lease_owners(all_ids)
+            free = [mid for mid, owner in owners.items() if owner is None]
+            random.shuffle(free)  # nodes claiming at once rarely collide
+            wanted = free[: self._target - len(self._owned)]
+            if wanted:
+                claimed = await self.store.claim_leases(node_id, wanted, ttl)
+                self._owned.update(claimed)
+                for mailbox_id in claimed:
+                    await self.reconcile(mailbox_id)
+        elif len(self._owned) > self._target:
+            surplus = sorted(self._owned)[: len(self._owned) - self._target]
+            log.info("releasing %d mailbox(es) to other nodes", len(surplus))
+            await self._give_up(surplus)
+
+    async def _on_change(self, mailbox_id: str) -> None:
+        """A mailbox was created, changed or closed somewhere: react within the second."""
+
+        if mailbox_id in self._owned:
+            if await self.store.get_mailbox(mailbox_id) is None:
+                await self._give_up([mailbox_id])
+            else:
                 await self.reconcile(mailbox_id)
-            log.info("listening to %d registered mailboxes", len(self._running))
-            task_status.started()
-            async for mailbox_id in changes:
+            return
+        # A new mailbox: claim it if we are not above our share (+1, so that a burst of creates
+        # is picked up at once; the next tick rebalances).
+        if len(self._owned) <= self._target and await self.store.get_mailbox(mailbox_id) is not None:
+            claimed = await self.store.claim_leases(
+                self.settings.node_id, [mailbox_id], self.settings.lease_ttl_seconds
+            )
+            if claimed:
+                self._owned.add(mailbox_id)
+                self._target = max(self._target, len(self._owned))
                 await self.reconcile(mailbox_id)
 
+    async def _give_up(self, mailbox_ids: Iterable[str]) -> None:
+        ids = list(mailbox_ids)
+        self._stop(ids)
+        self._owned.difference_update(ids)
+        await self.store.release_leases(self.settings.node_id, ids)
+
+    def _stop(self, mailbox_ids: Iterable[str]) -> None:
+        for mailbox_id in mailbox_ids:
+            running = self._running.pop(mailbox_id, None)
+            if running is not None:
+                running.scope.cancel()
+                log.info("stopped listening", extra={"mailbox": mailbox_id})
+
+    async def _withdraw(self) -> None:
+        """Clean shutdown: hand our mailboxes over at once instead of after the lease TTL."""
+
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.store.release_leases(self.settings.node_id, sorted(self._owned))
+                await self.store.remove_node(self.settings.node_id)
+            except StoreError as exc:
+                log.warning("could not release leases on shutdown: %s", exc)
+        self._owned.clear()
+
     async def reconcile(self, mailbox_id: str) -> None:
-        """Make what runs for this mailbox match the store: start, restart or stop."""
+        """Make what runs for an owned mailbox match the store: start, restart or stop."""
 
         assert self._nursery is not None
         mailbox = await self.store.get_mailbox(mailbox_id)
@@ -84,7 +216,7 @@ class MailboxManager:
             running.scope.cancel()
             del self._running[mailbox_id]
             log.info("stopped listening" if mailbox is None else "restarting", extra={"mailbox": mailbox_id})
-        if mailbox is not None:
+        if mailbox is not None and mailbox_id in self._owned:
             scope = trio.CancelScope()
             self._running[mailbox_id] = _Running(mailbox, scope)
             self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox_id}")

@@ -4,13 +4,14 @@ state is lost when the process exits (say so at start-up)."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
 from emlisten.abc import Store
-from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus
+from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo
 
 
 class MemoryStore(Store):
@@ -21,6 +22,9 @@ class MemoryStore(Store):
         self._statuses: dict[str, MailboxStatus] = {}
         self._checkpoints: dict[tuple[str, str], Checkpoint] = {}
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
+        # Expiry times are wall-clock (time.time()), as Redis TTLs are.
+        self._nodes: dict[str, tuple[NodeInfo, float]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
 
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:
         self._mailboxes[mailbox.id] = mailbox
@@ -30,6 +34,7 @@ class MemoryStore(Store):
 
     async def remove_mailbox(self, mailbox_id: str) -> bool:
         existed = self._mailboxes.pop(mailbox_id, None) is not None
+        self._leases.pop(mailbox_id, None)
         for key in [k for k in self._checkpoints if k[0] == mailbox_id]:
             del self._checkpoints[key]
         previous = self._statuses.get(mailbox_id)
@@ -77,6 +82,51 @@ class MemoryStore(Store):
             return False
         self._checkpoints[key] = checkpoint
         return True
+
+    async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
+        return {folder: cp for (mid, folder), cp in self._checkpoints.items() if mid == mailbox_id}
+
+    async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
+        self._nodes[node.id] = (node, time.time() + ttl)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        now = time.time()
+        return [node for node, expires in self._nodes.values() if expires > now]
+
+    async def remove_node(self, node_id: str) -> None:
+        self._nodes.pop(node_id, None)
+
+    def _holder(self, mailbox_id: str, now: float) -> str | None:
+        lease = self._leases.get(mailbox_id)
+        return lease[0] if lease is not None and lease[1] > now else None
+
+    async def claim_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        now = time.time()
+        held = []
+        for mailbox_id in mailbox_ids:
+            if self._holder(mailbox_id, now) in (None, node_id):
+                self._leases[mailbox_id] = (node_id, now + ttl)
+                held.append(mailbox_id)
+        return held
+
+    async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        now = time.time()
+        held = []
+        for mailbox_id in mailbox_ids:
+            if self._holder(mailbox_id, now) == node_id:
+                self._leases[mailbox_id] = (node_id, now + ttl)
+                held.append(mailbox_id)
+        return held
+
+    async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
+        now = time.time()
+        for mailbox_id in mailbox_ids:
+            if self._holder(mailbox_id, now) == node_id:
+                del self._leases[mailbox_id]
+
+    async def lease_owners(self, mailbox_ids: Sequence[str]) -> dict[str, str | None]:
+        now = time.time()
+        return {mailbox_id: self._holder(mailbox_id, now) for mailbox_id in mailbox_ids}
 
     async def publish_change(self, mailbox_id: str) -> None:
         for channel in list(self._subscribers):
