@@ -47,6 +47,15 @@ class Store(ABC):
     @abstractmethod
     async def list_mailbox_ids(self) -> list[str]: ...
 
+    async def get_mailboxes(self, mailbox_ids: Sequence[str]) -> dict[str, MailboxConfig]:
+        """Several mailboxes at once (adapters batch this); unknown ids are left out."""
+        found = {}
+        for mailbox_id in mailbox_ids:
+            mailbox = await self.get_mailbox(mailbox_id)
+            if mailbox is not None:
+                found[mailbox_id] = mailbox
+        return found
+
     @abstractmethod
     async def existing(self, mailbox_ids: Iterable[str]) -> set[str]:
         """Which of these mailboxes are registered (one round trip, for subscriptionsstate)."""

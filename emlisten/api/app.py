@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import quart_trio
-from quart import Response, request
+from quart import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
 import emlisten
@@ -40,7 +40,7 @@ STATE_CLOSED = "closed"
 _PUBLIC_ROUTES = frozenset(
     (method, path)
     for method in ("GET", "HEAD")
-    for path in ("/api/listeners/status", "/api/listeners/exists")
+    for path in ("/api/listeners/status", "/api/listeners/exists", "/readyz", "/metrics")
 )
 
 
@@ -94,6 +94,7 @@ def create_app(
     *,
     api_token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    blueprints: Sequence[Blueprint] = (),
 ) -> quart_trio.QuartTrio:
     """Build the API app. With ``api_token`` every route but GET status/exists needs
     ``Authorization: Bearer <api_token>``."""
@@ -103,6 +104,8 @@ def create_app(
     # Always turn route exceptions into our JSON 500, even in debug/testing mode.
     app.config["PROPAGATE_EXCEPTIONS"] = False
     expected_token = api_token.encode("utf-8") if api_token else None
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
 
     @app.before_request
     async def require_token() -> Response | None:

@@ -27,3 +27,16 @@ class ListenerControl(Protocol):
 
     async def service_status(self) -> dict[str, Any]:
         """Body of ``GET /api/listeners/status`` (ServiceStatus, Version, Connections...)."""
+
+
+class AdminView(Protocol):
+    """What the native admin API (``/v1/...``, ``/readyz``) and ``emlisten status`` read."""
+
+    async def mailboxes(self) -> list[dict[str, Any]]:
+        """Per mailbox: id, email, state, node, folders (UIDVALIDITY, last UID), last_error, delivered."""
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Per live node: id, role, mailboxes, heartbeat_age_seconds, version."""
+
+    async def readiness(self) -> dict[str, str]:
+        """``{"store": "ok" | error, "queue": "ok" | error}``."""

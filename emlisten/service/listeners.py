@@ -12,22 +12,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from emlisten import __version__
-from emlisten.abc import Store
+from emlisten.abc import Store, TaskQueue
+from emlisten.errors import QueueError, StoreError
 from emlisten.models import MailboxConfig, MailboxState, MailboxStatus
 
 log = logging.getLogger(__name__)
 
 
 class StoreListenerControl:
+    """Implements both ListenerControl (Creatio's API) and AdminView (the native API)."""
+
     def __init__(
         self,
         store: Store,
+        queue: TaskQueue | None = None,
         *,
         node_id: str,
         role: str,
         extra_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
+        self.queue = queue
         self.node_id = node_id
         self.role = role
         self._extra_status = extra_status
@@ -49,12 +54,12 @@ class StoreListenerControl:
     async def create(self, mailboxes: Sequence[MailboxConfig]) -> None:
         for mailbox in mailboxes:
             await self._register(mailbox, restart=False)
-        log.info("create: %d mailbox(es)", len(mailboxes))
+        log.debug("create: %d mailbox(es)", len(mailboxes))
 
     async def recreate(self, mailboxes: Sequence[MailboxConfig]) -> None:
         for mailbox in mailboxes:
             await self._register(mailbox, restart=True)
-        log.info("recreate: %d mailbox(es)", len(mailboxes))
+        log.debug("recreate: %d mailbox(es)", len(mailboxes))
 
     async def update(self, mailboxes: Sequence[MailboxConfig]) -> list[str]:
         known = await self.store.existing(m.id for m in mailboxes)
@@ -62,14 +67,14 @@ class StoreListenerControl:
             if mailbox.id in known:
                 await self._register(mailbox, restart=False)
         unknown = [m.id for m in mailboxes if m.id not in known]
-        log.info("update: %d mailbox(es), %d unknown", len(mailboxes) - len(unknown), len(unknown))
+        log.debug("update: %d mailbox(es), %d unknown", len(mailboxes) - len(unknown), len(unknown))
         return unknown
 
     async def close(self, mailbox_ids: Sequence[str]) -> None:
         for mailbox_id in mailbox_ids:
             await self.store.remove_mailbox(mailbox_id)
             await self.store.publish_change(mailbox_id)
-        log.info("close: %d mailbox(es)", len(mailbox_ids))
+        log.debug("close: %d mailbox(es)", len(mailbox_ids))
 
     async def subscription_states(self, mailbox_ids: Sequence[str]) -> dict[str, str]:
         existing = await self.store.existing(mailbox_ids)
@@ -93,3 +98,69 @@ class StoreListenerControl:
         if self._extra_status is not None:
             body.update(self._extra_status())
         return body
+
+    # -- AdminView -------------------------------------------------------------------------------
+
+    async def mailboxes(self) -> list[dict[str, Any]]:
+        ids = sorted(await self.store.list_mailbox_ids())
+        configs = await self.store.get_mailboxes(ids)
+        statuses = await self.store.get_statuses(ids)
+        owners = await self.store.lease_owners(ids)
+        result = []
+        for mailbox_id in ids:
+            config = configs.get(mailbox_id)
+            if config is None:
+                continue  # closed meanwhile
+            status = statuses.get(mailbox_id)
+            checkpoints = await self.store.get_checkpoints(mailbox_id)
+            result.append(
+                {
+                    "id": mailbox_id,
+                    "email": config.sender_email or config.user_name,
+                    "server": f"{config.imap.host}:{config.imap.port}",
+                    "state": (status.state if status else MailboxState.STARTING).value,
+                    "node": owners.get(mailbox_id),
+                    "folders": [
+                        {
+                            "name": folder,
+                            "uidvalidity": cp.uidvalidity if cp else None,
+                            "last_uid": cp.last_uid if cp else None,
+                        }
+                        for folder in config.folders
+                        for cp in [checkpoints.get(folder)]
+                    ],
+                    "last_error": status.last_error if status else None,
+                    "delivered": status.delivered if status else 0,
+                    "updated_at": status.updated_at if status else None,
+                }
+            )
+        return result
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            {
+                "id": node.id,
+                "role": node.role,
+                "mailboxes": node.mailboxes,
+                "heartbeat_age_seconds": round(max(0.0, now - node.seen_at), 3),
+                "uptime_seconds": round(max(0.0, now - node.started_at), 1) if node.started_at else None,
+                "version": node.version,
+            }
+            for node in sorted(await self.store.list_nodes(), key=lambda n: n.id)
+        ]
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except StoreError as exc:
+            checks["store"] = str(exc) or type(exc).__name__
+        if self.queue is not None:
+            try:
+                await self.queue.ping()
+                checks["queue"] = "ok"
+            except QueueError as exc:
+                checks["queue"] = str(exc) or type(exc).__name__
+        return checks

@@ -124,7 +124,6 @@ class MailboxManager:
         settings = self.settings
         node_id, ttl = settings.node_id, settings.lease_ttl_seconds
         tick_started = trio.current_time()
-        await self.store.heartbeat(self._node_info(), ttl)
         if self._owned:
             kept = set(await self.store.renew_leases(node_id, sorted(self._owned), ttl))
             lost = self._owned - kept
@@ -159,6 +158,8 @@ class MailboxManager:
             surplus = sorted(self._owned)[: len(self._owned) - self._target]
             log.info("releasing %d mailbox(es) to other nodes", len(surplus))
             await self._give_up(surplus)
+        # Last, so the heartbeat carries this round's mailbox count.
+        await self.store.heartbeat(self._node_info(), ttl)
 
     async def _on_change(self, mailbox_id: str) -> None:
         """A mailbox was created, changed or closed somewhere: react within the second."""

@@ -20,6 +20,7 @@ import trio
 
 from emlisten._bridge import open_asyncio_bridge
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
+from emlisten.api.admin import admin_blueprint
 from emlisten.api.app import create_app
 from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
@@ -102,9 +103,9 @@ async def run_node(
         return {"Listeners": manager.running_count, "Draining": worker.busy, "Readers": readers.open_count}
 
     control = StoreListenerControl(
-        adapters.store, node_id=settings.node_id, role=role.value, extra_status=extra_status
+        adapters.store, adapters.queue, node_id=settings.node_id, role=role.value, extra_status=extra_status
     )
-    app = create_app(control, api_token=settings.api_token)
+    app = create_app(control, api_token=settings.api_token, blueprints=[admin_blueprint(control)])
     shutdown = shutdown if shutdown is not None else trio.Event()
     try:
         async with open_asyncio_bridge(), trio.open_nursery() as root:

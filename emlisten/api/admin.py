@@ -1,0 +1,36 @@
+"""emlisten's own API, for operators and ``emlisten status``: ``/v1/mailboxes``, ``/v1/nodes``,
+``/readyz`` (store and queue reachable; liveness stays on ``/api/listeners/status``)."""
+
+from __future__ import annotations
+
+import json
+
+from quart import Blueprint, Response
+
+from emlisten.service.control import AdminView
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False), status=status, content_type="application/json")
+
+
+def admin_blueprint(view: AdminView) -> Blueprint:
+    blueprint = Blueprint("admin", __name__)
+
+    @blueprint.get("/v1/mailboxes")
+    async def mailboxes() -> Response:
+        items = await view.mailboxes()
+        return _json({"mailboxes": items, "count": len(items)})
+
+    @blueprint.get("/v1/nodes")
+    async def nodes() -> Response:
+        items = await view.nodes()
+        return _json({"nodes": items, "count": len(items)})
+
+    @blueprint.get("/readyz")
+    async def readyz() -> Response:
+        checks = await view.readiness()
+        ready = all(value == "ok" for value in checks.values())
+        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+    return blueprint
