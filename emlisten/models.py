@@ -123,6 +123,8 @@ class SyncTask:
     uidvalidity: int = 0
     uid_hint: int = 0
     reason: str = "exists"
+    #: Wall-clock time the listener saw the new mail (for the seen-to-delivered latency metric).
+    seen_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +137,7 @@ class SyncTask:
             uidvalidity=int(data.get("uidvalidity", 0)),
             uid_hint=int(data.get("uid_hint", 0)),
             reason=str(data.get("reason", "exists")),
+            seen_at=float(data.get("seen_at", 0.0)),
         )
 
 

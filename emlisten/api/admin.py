@@ -7,6 +7,7 @@ import json
 
 from quart import Blueprint, Response
 
+from emlisten.metrics import CONTENT_TYPE, Metrics
 from emlisten.service.control import AdminView
 
 
@@ -14,8 +15,14 @@ def _json(payload: object, status: int = 200) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False), status=status, content_type="application/json")
 
 
-def admin_blueprint(view: AdminView) -> Blueprint:
+def admin_blueprint(view: AdminView, metrics: Metrics | None = None) -> Blueprint:
     blueprint = Blueprint("admin", __name__)
+
+    if metrics is not None:
+
+        @blueprint.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(metrics.render(), status=200, content_type=CONTENT_TYPE)
 
     @blueprint.get("/v1/mailboxes")
     async def mailboxes() -> Response:

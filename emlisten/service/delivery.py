@@ -20,8 +20,9 @@ import trio
 
 from emlisten.abc import Sink, Store, TaskDelivery, TaskQueue
 from emlisten.config import Settings
-from emlisten.errors import DeliveryError, MailSourceError
+from emlisten.errors import DeliveryError, MailSourceError, QueueError
 from emlisten.mail.mime import to_email
+from emlisten.metrics import Metrics
 from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, email_id, message_key
 from emlisten.service.backoff import Retry
 from emlisten.service.readers import ReaderPool
@@ -43,8 +44,16 @@ class _Drainer:
 
 class DeliveryWorker:
     def __init__(
-        self, settings: Settings, store: Store, queue: TaskQueue, readers: ReaderPool, sink: Sink
+        self,
+        settings: Settings,
+        store: Store,
+        queue: TaskQueue,
+        readers: ReaderPool,
+        sink: Sink,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.store = store
         self.queue = queue
@@ -94,9 +103,11 @@ class DeliveryWorker:
             while drainer.pending:
                 taken = drainer.pending
                 drainer.pending = []
+                seen = [d.task.seen_at for d in taken if d.task.reason == "exists" and d.task.seen_at]
+                seen_at = min(seen) if seen else 0.0
                 while True:
                     try:
-                        await self.sync_folder(*drainer.key)
+                        await self.sync_folder(*drainer.key, seen_at=seen_at)
                         break
                     except (DeliveryError, MailSourceError) as exc:
                         delay = retry.next_delay()
@@ -128,9 +139,14 @@ class DeliveryWorker:
     @staticmethod
     async def _ack_all(deliveries: Sequence[TaskDelivery]) -> None:
         for delivery in deliveries:
-            await delivery.ack()
+            try:
+                await delivery.ack()
+            except QueueError as exc:
+                # Harmless: an unacked task comes back, and syncing again from the checkpoint
+                # delivers nothing twice.
+                log.warning("could not acknowledge a task: %s", exc)
 
-    async def sync_folder(self, mailbox_id: str, folder: str) -> int:
+    async def sync_folder(self, mailbox_id: str, folder: str, *, seen_at: float = 0.0) -> int:
         """Deliver everything after the checkpoint, in UID order. Returns how many were delivered."""
 
         mailbox = await self.store.get_mailbox(mailbox_id)
@@ -163,7 +179,9 @@ class DeliveryWorker:
             for start in range(0, len(uids), self.settings.batch_max_count):
                 chunk = uids[start : start + self.settings.batch_max_count]
                 messages = await reader.fetch(chunk)
-                delivered += await self._deliver_messages(mailbox, folder, info.uidvalidity, messages)
+                delivered += await self._deliver_messages(
+                    mailbox, folder, info.uidvalidity, messages, seen_at
+                )
                 if not messages:
                     # All vanished (expunged before we fetched): move past them.
                     await self.store.advance_checkpoint(
@@ -172,7 +190,12 @@ class DeliveryWorker:
         return delivered
 
     async def _deliver_messages(
-        self, mailbox: MailboxConfig, folder: str, uidvalidity: int, messages: Sequence[RawMessage]
+        self,
+        mailbox: MailboxConfig,
+        folder: str,
+        uidvalidity: int,
+        messages: Sequence[RawMessage],
+        seen_at: float,
     ) -> int:
         """Deliver in batches bounded by count and bytes; checkpoint after each accepted batch."""
 
@@ -190,12 +213,12 @@ class DeliveryWorker:
             # Big mails take tens of milliseconds to parse: keep them off the event loop.
             email = await trio.to_thread.run_sync(convert) if size > _THREAD_CONVERT_BYTES else convert()
             if batch and batch_bytes + size > self.settings.batch_max_bytes:
-                delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch)
+                delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch, seen_at)
                 batch, batch_bytes = [], 0
             batch.append((raw, email))
             batch_bytes += size
         if batch:
-            delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch)
+            delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch, seen_at)
         return delivered
 
     async def _deliver_batch(
@@ -204,6 +227,7 @@ class DeliveryWorker:
         folder: str,
         uidvalidity: int,
         batch: Sequence[tuple[RawMessage, Email]],
+        seen_at: float,
     ) -> int:
         first, last = batch[0][0].uid, batch[-1][0].uid
         key = message_key(mailbox.id, folder, uidvalidity, first) + (f"-{last}" if last != first else "")
@@ -212,7 +236,17 @@ class DeliveryWorker:
             with trio.fail_after(self.settings.delivery_timeout_seconds):
                 await self.sink.deliver(mailbox, emails, idempotency_key=key)
         except trio.TooSlowError:
+            self.metrics.deliveries.labels(outcome="failure").inc()
             raise DeliveryError("ProcessFullEmail: no answer within the delivery timeout") from None
+        except DeliveryError:
+            self.metrics.deliveries.labels(outcome="failure").inc()
+            raise
+        self.metrics.deliveries.labels(outcome="success").inc()
+        self.metrics.delivered_emails.inc(len(batch))
+        if seen_at:
+            latency = max(0.0, time.time() - seen_at)
+            for _ in batch:
+                self.metrics.delivery_latency.observe(latency)
         # Shielded: Creatio has the mail; losing the checkpoint now would deliver it twice.
         with trio.CancelScope(shield=True):
             await self.store.advance_checkpoint(mailbox.id, folder, Checkpoint(uidvalidity, last))

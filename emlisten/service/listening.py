@@ -10,6 +10,7 @@ A failing mailbox only ever affects its own scope.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -23,6 +24,7 @@ from emlisten import __version__
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
 from emlisten.config import Role, Settings
 from emlisten.errors import DeliveryError, MailAuthError, MailSourceError, StoreError
+from emlisten.metrics import Metrics
 from emlisten.models import (
     Checkpoint,
     FolderInfo,
@@ -58,13 +60,23 @@ class MailboxManager:
     """
 
     def __init__(
-        self, settings: Settings, store: Store, queue: TaskQueue, source: MailSource, sink: Sink
+        self,
+        settings: Settings,
+        store: Store,
+        queue: TaskQueue,
+        source: MailSource,
+        sink: Sink,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.queue = queue
         self.source = source
         self.sink = sink
+        self.metrics = metrics or Metrics()
+        #: State of each mailbox this node runs, for metrics (the store has everyone's).
+        self.local_states: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
         self._owned: set[str] = set()
         self._target = 0
@@ -223,11 +235,14 @@ class MailboxManager:
             self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox_id}")
 
     async def _supervise_in_scope(self, mailbox: MailboxConfig, scope: trio.CancelScope) -> None:
-        with scope:
-            await MailboxSupervisor(self, mailbox).run()
-        running = self._running.get(mailbox.id)
-        if running is not None and running.scope is scope:
-            del self._running[mailbox.id]
+        try:
+            with scope:
+                await MailboxSupervisor(self, mailbox).run()
+        finally:
+            running = self._running.get(mailbox.id)
+            if running is None or running.scope is scope:
+                self._running.pop(mailbox.id, None)
+                self.local_states.pop(mailbox.id, None)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -258,6 +273,7 @@ class MailboxSupervisor:
         self.delivered = 0
 
     async def _set_state(self, state: MailboxState, error: str | None = None) -> None:
+        self.m.local_states[self.mailbox.id] = state.value
         current = (await self.m.store.get_statuses([self.mailbox.id])).get(self.mailbox.id)
         status = MailboxStatus(
             state,
@@ -279,6 +295,8 @@ class MailboxSupervisor:
         self.reported_unavailable = (
             previous is not None and previous.state is MailboxState.AUTHENTICATION_ERROR
         )
+        failed_before = False
+        last_failure = ""
         while True:
             await self._set_state(MailboxState.CONNECTING)
             started_at = math.inf
@@ -293,6 +311,8 @@ class MailboxSupervisor:
                             )
                     started_at = trio.current_time()
                     await self._set_state(MailboxState.LISTENING)
+                    if failed_before:
+                        self.m.metrics.reconnects.labels(reason=last_failure).inc()
                     log.info("listening", extra={"mailbox": mailbox_id, "folders": len(self.mailbox.folders)})
                     auth_retry.reset()
                     if self.reported_unavailable:
@@ -301,7 +321,10 @@ class MailboxSupervisor:
                 delay = connect_retry.next_delay()
             except Exception as group:  # classified below; never escapes the supervisor
                 exc = _most_significant(group)
+                last_failure = type(exc).__name__
+                failed_before = True
                 if isinstance(exc, MailAuthError):
+                    self.m.metrics.auth_failures.inc()
                     await self._set_state(MailboxState.AUTHENTICATION_ERROR, str(exc))
                     delay = auth_retry.next_delay()
                     log.warning(
@@ -338,6 +361,8 @@ class MailboxSupervisor:
         await self.m.source.listen(self.mailbox, folder, self._on_new_mail, task_status=task_status)
 
     async def _on_new_mail(self, task: SyncTask) -> None:
+        if not task.seen_at:
+            task = dataclasses.replace(task, seen_at=time.time())
         if task.reason == "catch-up":
             # First contact with this folder: a new subscription starts at the current UIDNEXT
             # (history is loaded through /api/email/synchronize), so seed the checkpoint.

@@ -26,6 +26,7 @@ from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError
 from emlisten.mail.imap import ImapSource
+from emlisten.metrics import Metrics
 from emlisten.queue.inprocess import InProcessQueue
 from emlisten.service.delivery import DeliveryWorker
 from emlisten.service.listeners import StoreListenerControl
@@ -95,9 +96,19 @@ async def run_node(
     )
     if adapters.store.name == "memory":
         log.warning("in-memory store: subscriptions and checkpoints are lost when this process exits")
-    manager = MailboxManager(settings, adapters.store, adapters.queue, adapters.source, adapters.sink)
+    metrics = Metrics()
+    manager = MailboxManager(
+        settings, adapters.store, adapters.queue, adapters.source, adapters.sink, metrics=metrics
+    )
     readers = ReaderPool(adapters.source, idle_seconds=settings.reader_idle_seconds)
-    worker = DeliveryWorker(settings, adapters.store, adapters.queue, readers, adapters.sink)
+    worker = DeliveryWorker(settings, adapters.store, adapters.queue, readers, adapters.sink, metrics=metrics)
+    depth = getattr(adapters.queue, "depth", None)
+    metrics.watch(
+        settings.node_id,
+        states=lambda: manager.local_states,
+        leases=lambda: len(manager.owned),
+        queue_depth=depth if callable(depth) else lambda: None,
+    )
 
     def extra_status() -> dict[str, object]:
         return {"Listeners": manager.running_count, "Draining": worker.busy, "Readers": readers.open_count}
@@ -105,7 +116,7 @@ async def run_node(
     control = StoreListenerControl(
         adapters.store, adapters.queue, node_id=settings.node_id, role=role.value, extra_status=extra_status
     )
-    app = create_app(control, api_token=settings.api_token, blueprints=[admin_blueprint(control)])
+    app = create_app(control, api_token=settings.api_token, blueprints=[admin_blueprint(control, metrics)])
     shutdown = shutdown if shutdown is not None else trio.Event()
     try:
         async with open_asyncio_bridge(), trio.open_nursery() as root:
