@@ -1,4 +1,4 @@
-"""The TaskQueue contract, written once and run against every adapter (RabbitMQ joins later)."""
+"""The TaskQueue contract, written once and run against every adapter (in-process, and RabbitMQ for real)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ import trio
 from emlisten.abc import TaskDelivery, TaskQueue
 from emlisten.models import SyncTask
 from emlisten.queue.inprocess import InProcessQueue
+from tests.contract.backends import rabbitmq_queue
 
 
-@pytest.fixture(params=["in-process"])
+@pytest.fixture(params=["in-process", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 async def queue(request: pytest.FixtureRequest) -> AsyncIterator[TaskQueue]:
-    adapter: TaskQueue = InProcessQueue()
-    yield adapter
-    await adapter.aclose()
+    if request.param == "rabbitmq":
+        async with rabbitmq_queue() as adapter:
+            yield adapter
+        return
+    in_process: TaskQueue = InProcessQueue()
+    yield in_process
+    await in_process.aclose()
 
 
 def task(n: int) -> SyncTask:
@@ -125,3 +130,14 @@ async def test_double_ack_is_an_error(queue: TaskQueue) -> None:
         await d.ack()
         with pytest.raises(QueueError):
             await d.ack()
+
+
+async def test_settling_after_the_consumer_left_is_harmless(queue: TaskQueue) -> None:
+    await queue.publish(task(1))
+    async with queue.consume(prefetch=5) as deliveries:
+        (held,) = await take(deliveries, 1)
+    await held.ack()  # the consumer is gone: no error, and the task is not lost
+    async with queue.consume(prefetch=5) as deliveries:
+        (again,) = await take(deliveries, 1)
+        assert again.task == task(1)
+        await again.ack()

@@ -1,4 +1,4 @@
-"""The Store contract, written once and run against every adapter (Redis joins in a later issue)."""
+"""The Store contract, written once and run against every adapter (memory, and Redis for real)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,23 @@ from emlisten.models import (
     MailboxConfig,
     MailboxState,
     MailboxStatus,
+    NodeInfo,
     Security,
     ServerEndpoint,
 )
 from emlisten.store.memory import MemoryStore
+from tests.contract.backends import redis_store
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    adapter: Store = MemoryStore()
-    yield adapter
-    await adapter.aclose()
+    if request.param == "redis":
+        async with redis_store() as adapter:
+            yield adapter
+        return
+    memory: Store = MemoryStore()
+    yield memory
+    await memory.aclose()
 
 
 def mailbox(mailbox_id: str = "11111111-1111-1111-1111-111111111111", **changes: object) -> MailboxConfig:
@@ -155,3 +161,46 @@ async def test_secrets_not_in_repr() -> None:
     m = mailbox(password="hunter2-password", access_token="tok-abcdef")
     assert "hunter2-password" not in repr(m)
     assert "tok-abcdef" not in repr(m)
+
+
+# Ownership (heartbeats, leases) is in test_store_ownership.py; these add the edges.
+
+
+async def test_removed_mailbox_has_no_checkpoints_left(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.seed_checkpoint(m.id, "INBOX", Checkpoint(5, 10))
+    await store.seed_checkpoint(m.id, "Support", Checkpoint(6, 2))
+    await store.remove_mailbox(m.id)
+    assert await store.get_checkpoints(m.id) == {}
+
+
+async def test_a_later_heartbeat_replaces_the_node_info(store: Store) -> None:
+    await store.heartbeat(NodeInfo("node-1", "primary", mailboxes=3, seen_at=1.0), 30)
+    await store.heartbeat(NodeInfo("node-1", "primary", mailboxes=4, seen_at=2.0), 30)
+    await store.remove_node("never-seen")
+    nodes = [n for n in await store.list_nodes() if n.id == "node-1"]
+    assert [(n.mailboxes, n.seen_at) for n in nodes] == [(4, 2.0)]
+
+
+async def test_lease_calls_with_no_mailboxes(store: Store) -> None:
+    assert await store.claim_leases("n", [], 30) == []
+    assert await store.renew_leases("n", [], 30) == []
+    await store.release_leases("n", [])
+    assert await store.lease_owners([]) == {}
+
+
+async def test_concurrent_batch_claims_give_each_lease_to_one_node(store: Store) -> None:
+    ids = [f"m{i}" for i in range(20)]
+    won: dict[str, list[str]] = {}
+
+    async def claim(node: str) -> None:
+        won[node] = await store.claim_leases(node, ids, 30)
+
+    async with trio.open_nursery() as nursery:
+        for node in ("n1", "n2", "n3"):
+            nursery.start_soon(claim, node)
+    assert sorted(mid for held in won.values() for mid in held) == sorted(ids)
+    owners = await store.lease_owners(ids)
+    for node, held in won.items():
+        assert all(owners[mid] == node for mid in held)

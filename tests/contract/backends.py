@@ -1,0 +1,118 @@
+"""Real-server adapters for the contract suites, each isolated per test and cleaned up after.
+
+Redis: a uuid key prefix per test, every key under it deleted at the end (SCAN + DEL).
+RabbitMQ: a uuid queue name per test, its queues deleted at the end.
+Both open the asyncio bridge loop themselves, as the service's root nursery does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from redis.asyncio import Redis
+
+from emlisten._bridge import open_asyncio_bridge, run_asyncio
+from emlisten.queue.rabbitmq import RabbitMQQueue
+from emlisten.store.redis import RedisStore
+
+REDIS_URL = os.environ.get("EMLISTEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("EMLISTEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TEST_SECRET_KEY = "contract-test-secret-key"
+
+
+def unique_prefix() -> str:
+    return f"emlisten-test:{uuid.uuid4().hex}:"
+
+
+def unique_queue_name() -> str:
+    return f"emlisten-test.{uuid.uuid4().hex}"
+
+
+async def delete_redis_keys(prefix: str) -> int:
+    """Delete every key under ``prefix`` (inside a bridge loop). Returns how many were deleted."""
+
+    async def purge() -> int:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            deleted = 0
+            async for key in client.scan_iter(match=f"{prefix}*", count=500):
+                deleted += await client.delete(key)
+            return deleted
+        finally:
+            await client.aclose()
+
+    return await run_asyncio(purge)
+
+
+async def redis_key_count(prefix: str) -> int:
+    async def count() -> int:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            return len([key async for key in client.scan_iter(match=f"{prefix}*", count=500)])
+        finally:
+            await client.aclose()
+
+    return await run_asyncio(count)
+
+
+@asynccontextmanager
+async def redis_store(
+    *, prefix: str | None = None, secret_key: str = TEST_SECRET_KEY
+) -> AsyncIterator[RedisStore]:
+    prefix = prefix or unique_prefix()
+    async with open_asyncio_bridge():
+        try:
+            async with RedisStore.open(REDIS_URL, prefix=prefix, secret_key=secret_key) as store:
+                yield store
+        finally:
+            await delete_redis_keys(prefix)
+
+
+@asynccontextmanager
+async def rabbitmq_queue(
+    *, name: str | None = None, quorum: bool = False, connection_name: str | None = None
+) -> AsyncIterator[RabbitMQQueue]:
+    """A queue of this test's own (named ``name`` or a fresh uuid name), deleted at the end.
+
+    Opens its own bridge loop; the connection is named ``connection_name`` (default: the queue
+    name) so :func:`close_broker_connections` can find it.
+    """
+    name = name or unique_queue_name()
+    async with (
+        open_asyncio_bridge(),
+        RabbitMQQueue.open(
+            AMQP_URL, queue_name=name, quorum=quorum, connection_name=connection_name or name
+        ) as queue,
+    ):
+        try:
+            yield queue
+        finally:
+            await queue.delete_queues()
+
+
+def _rabbitmqctl() -> str:
+    for candidate in ("rabbitmqctl", "/usr/sbin/rabbitmqctl"):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    raise RuntimeError("rabbitmqctl not found: run scripts/install-test-deps")
+
+
+async def close_broker_connections(connection_name: str, reason: str = "test") -> int:
+    """Make the broker close every connection named ``connection_name`` (as if it restarted)."""
+    ctl = _rabbitmqctl()
+    listing = await trio.run_process(
+        [ctl, "list_connections", "pid", "client_properties", "-q"], capture_stdout=True
+    )
+    closed = 0
+    for line in listing.stdout.decode().splitlines():
+        pid, _, properties = line.partition("\t")
+        if f'{{"connection_name","{connection_name}"}}' in properties:
+            await trio.run_process([ctl, "close_connection", pid, reason], capture_stdout=True)
+            closed += 1
+    return closed
