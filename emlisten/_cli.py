@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +18,6 @@ from emlisten.errors import ConfigError
 log = logging.getLogger("emlisten")
 
 EXIT_OK = 0
-EXIT_DEGRADED = 1
-EXIT_UNREACHABLE = 2
 EXIT_CONFIG = 2
 
 
@@ -38,9 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env EMLISTEN_LOG_LEVEL)")
     serve.add_argument("--log-format", choices=["text", "json"], help="(env EMLISTEN_LOG_FORMAT)")
 
-    status = commands.add_parser("status", help="show what a running node is doing")
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="a node's API base URL")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status = commands.add_parser(
+        "status",
+        help="show what the cluster is doing (exit 0 healthy, 1 degraded, 2 unreachable)",
+    )
+    status.add_argument(
+        "--url",
+        default=os.environ.get("EMLISTEN_URL", "http://127.0.0.1:8080"),
+        help="any node's API base URL (env EMLISTEN_URL)",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, help="refresh every N seconds (default 2)"
+    )
+    status.add_argument("--limit", type=int, default=50, help="mailbox rows to show (default 50)")
     return parser
 
 
@@ -81,22 +90,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import httpx
+    from emlisten._status import run
 
-    url = args.url.rstrip("/") + "/api/listeners/status"
-    try:
-        response = httpx.get(url, timeout=10)
-        response.raise_for_status()
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"emlisten: cannot reach {url}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if args.json:
-        print(json.dumps(body, indent=2))
-    else:
-        connections = body.get("Connections", {})
-        print(f"node {body.get('Node')} ({body.get('Role')}), version {body.get('Version')}")
-        for state, count in sorted(connections.items()):
-            print(f"  {state:<22} {count}")
-    failing = sum(v for k, v in body.get("Connections", {}).items() if k.endswith("Error"))
-    return EXIT_DEGRADED if failing else EXIT_OK
+    return run(
+        args.url,
+        as_json=args.json,
+        watch=args.watch,
+        token=os.environ.get("EMLISTEN_API_TOKEN") or None,
+        limit=args.limit,
+    )

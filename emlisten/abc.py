@@ -61,7 +61,8 @@ class Store(ABC):
         """Which of these mailboxes are registered (one round trip, for subscriptionsstate)."""
 
     @abstractmethod
-    async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None: ...
+    async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None:
+        """Record the state; ``status.delivered`` is ignored (only add_delivered moves it)."""
 
     @abstractmethod
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]: ...

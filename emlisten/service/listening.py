@@ -274,14 +274,7 @@ class MailboxSupervisor:
 
     async def _set_state(self, state: MailboxState, error: str | None = None) -> None:
         self.m.local_states[self.mailbox.id] = state.value
-        current = (await self.m.store.get_statuses([self.mailbox.id])).get(self.mailbox.id)
-        status = MailboxStatus(
-            state,
-            last_error=error,
-            updated_at=time.time(),
-            delivered=current.delivered if current else 0,
-            node=self.m.settings.node_id,
-        )
+        status = MailboxStatus(state, last_error=error, updated_at=time.time(), node=self.m.settings.node_id)
         await self.m.store.set_status(self.mailbox.id, status)
 
     async def run(self) -> None:

@@ -3,6 +3,7 @@ state is lost when the process exits (say so at start-up)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -50,7 +51,10 @@ class MemoryStore(Store):
         return {mid for mid in mailbox_ids if mid in self._mailboxes}
 
     async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None:
-        self._statuses[mailbox_id] = status
+        previous = self._statuses.get(mailbox_id)
+        self._statuses[mailbox_id] = dataclasses.replace(
+            status, delivered=previous.delivered if previous else 0
+        )
 
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:
         return {mid: self._statuses.get(mid) for mid in mailbox_ids}

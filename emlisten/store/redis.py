@@ -165,10 +165,11 @@ return 1
 # Small multi-command operations are Lua rather than MULTI/pipelines: from Trio, one EVALSHA
 # measured ~400 us against ~650-750 us for a two-command MULTI or pipeline (redis-py overhead).
 
-# KEYS[1] status hash, KEYS[2] delivered hash; ARGV[1] mailbox id, ARGV[2] status JSON, ARGV[3] count.
+# KEYS[1] status hash, KEYS[2] delivered hash; ARGV[1] mailbox id, ARGV[2] status JSON.
+# The delivered counter is left alone: only add_delivered moves it, so a status write racing
+# a delivery cannot lose a count.
 _SET_STATUS = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
 
@@ -382,7 +383,7 @@ class RedisStore(Store):
 
     async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None:
         keys = [self._status_key, self._delivered_key]
-        args: list[str | bytes | int] = [mailbox_id, encode_status(status), status.delivered]
+        args: list[str | bytes | int] = [mailbox_id, encode_status(status)]
         await self._run(lambda: self._set_status(keys=keys, args=args))
 
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:

@@ -106,8 +106,8 @@ async def test_every_key_is_under_the_prefix_and_cleanup_removes_them() -> None:
 async def test_remove_keeps_delivered_count() -> None:
     async with redis_store() as store:
         await store.put_mailbox(mailbox())
-        await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING, delivered=2))
-        await store.add_delivered("m-1", 5)
+        await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING))
+        await store.add_delivered("m-1", 7)
         assert await store.remove_mailbox("m-1") is True
         status = (await store.get_statuses(["m-1"]))["m-1"]
         assert status is not None
@@ -142,7 +142,8 @@ async def test_statuses_of_many_mailboxes_in_one_call() -> None:
     async with redis_store() as store:
         ids = [f"m-{n}" for n in range(5000)]
         for mid in ids[::1000]:
-            await store.set_status(mid, MailboxStatus(MailboxState.LISTENING, delivered=7))
+            await store.set_status(mid, MailboxStatus(MailboxState.LISTENING))
+            await store.add_delivered(mid, 7)
         statuses = await store.get_statuses(ids)
         assert len(statuses) == 5000
         assert {mid for mid, status in statuses.items() if status is not None} == set(ids[::1000])

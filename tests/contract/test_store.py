@@ -94,6 +94,17 @@ async def test_status_and_delivered_counter(store: Store) -> None:
     assert (status.state, status.delivered, status.node) == (MailboxState.LISTENING, 5, "n1")
 
 
+async def test_status_writes_never_reset_the_delivered_counter(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.set_status(m.id, MailboxStatus(MailboxState.LISTENING))
+    await store.add_delivered(m.id, 4)
+    await store.set_status(m.id, MailboxStatus(MailboxState.CONNECT_ERROR, delivered=0))
+    status = (await store.get_statuses([m.id]))[m.id]
+    assert status is not None
+    assert (status.state, status.delivered) == (MailboxState.CONNECT_ERROR, 4)
+
+
 async def test_seed_only_once(store: Store) -> None:
     m = mailbox()
     await store.put_mailbox(m)
