@@ -13,12 +13,14 @@ import trio
 from emlisten import __version__
 from emlisten._logging import configure
 from emlisten.config import Role, load_settings
-from emlisten.errors import ConfigError
+from emlisten.errors import ConfigError, EmlistenError, QueueError, StoreError
 
 log = logging.getLogger("emlisten")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+#: The store or queue could not be reached at start-up.
+EXIT_UNAVAILABLE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,17 +78,36 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"emlisten: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(settings.log_level, settings.log_format, settings.node_id)
-    from emlisten.service.node import run_node
+    from emlisten.service.node import check_topology, run_node
 
     try:
+        check_topology(settings)
         trio.run(run_node, settings)
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
+    except Exception as exc:
+        # Start-up failures arrive wrapped in exception groups by the nurseries: report the
+        # cause in one line, not a traceback, when it is a known one.
+        cause = _known_cause(exc)
+        if cause is None:
+            raise
+        log.error(
+            "%s: %s", "configuration error" if isinstance(cause, ConfigError) else "cannot start", cause
+        )
+        return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _known_cause(exc: BaseException) -> EmlistenError | None:
+    if isinstance(exc, (ConfigError, StoreError, QueueError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            cause = _known_cause(inner)
+            if cause is not None:
+                return cause
+    return None
 
 
 def _status(args: argparse.Namespace) -> int:

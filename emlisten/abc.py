@@ -102,7 +102,9 @@ class Store(ABC):
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         """Every folder's checkpoint of one mailbox (for the admin API)."""
 
-    # -- nodes and mailbox leases (ownership across primaries) ---------------------------------
+    # -- nodes and leases ------------------------------------------------------------------------
+    # Leases are named, exclusive and expire: a mailbox id names its ownership lease, and
+    # "sync/<mailbox>/<folder>" names the lease a worker holds while it delivers that folder.
 
     @abstractmethod
     async def heartbeat(self, node: NodeInfo, ttl: float) -> None:

@@ -46,9 +46,16 @@ class Settings:
     port: int = 8080
     node_id: str = field(default_factory=socket.gethostname)
     redis_url: str | None = None
+    #: Every Redis key starts with this, so several deployments can share one database.
+    redis_prefix: str = "emlisten:"
     amqp_url: str | None = None
+    amqp_queue: str = "emlisten.sync"
+    #: Declare the queue as a quorum queue (replicated; needs a RabbitMQ cluster to pay off).
+    amqp_quorum: bool = False
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
+    #: Largest API request body: a /apiv2/email/send with base64 attachments is the big one.
+    max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "text"
     #: Seconds in-flight deliveries get to finish on SIGTERM before they are cut.
@@ -187,6 +194,7 @@ def _check(settings: Settings) -> None:
         "batch_max_bytes",
         "max_message_bytes",
         "max_concurrent_connects",
+        "max_request_bytes",
         "lease_ttl_seconds",
         "lease_renew_seconds",
     )

@@ -60,3 +60,8 @@ class StoreError(EmlistenError):
 
 class QueueError(EmlistenError):
     """The task queue is unreachable or failed."""
+
+
+class MailTokenRejectedError(MailAuthError):
+    """The server rejected an OAuth access token (expired or revoked): ask for a fresh one
+    (Creatio's ``RefreshToken``) rather than only reporting the mailbox as failing."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from functools import partial
 
@@ -20,7 +21,7 @@ import trio
 
 from emlisten.abc import Sink, Store, TaskDelivery, TaskQueue
 from emlisten.config import Settings
-from emlisten.errors import DeliveryError, MailSourceError, QueueError
+from emlisten.errors import DeliveryError, MailSourceError, QueueError, StoreError
 from emlisten.mail.mime import to_email
 from emlisten.metrics import Metrics
 from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, email_id, message_key
@@ -55,6 +56,8 @@ class DeliveryWorker:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.settings = settings
+        # Unique per process even when two processes share a node id by mistake.
+        self._lock_owner = f"{settings.node_id}/worker/{uuid.uuid4().hex[:12]}"
         self.store = store
         self.queue = queue
         self.readers = readers
@@ -77,6 +80,10 @@ class DeliveryWorker:
                     async for delivery in deliveries:
                         self._dispatch(nursery, delivery)
             # Intake stopped (shutdown): the nursery waits for running drainers to finish.
+
+    def reset_intake(self) -> None:
+        """Allow ``run`` again after ``stop_intake`` (a primary standing in more than once)."""
+        self._intake = trio.CancelScope()
 
     def stop_intake(self) -> None:
         """Take no new tasks; drainers finish what they hold (the caller bounds how long)."""
@@ -107,9 +114,9 @@ class DeliveryWorker:
                 seen_at = min(seen) if seen else 0.0
                 while True:
                     try:
-                        await self.sync_folder(*drainer.key, seen_at=seen_at)
+                        await self._sync_exclusively(drainer.key, seen_at)
                         break
-                    except (DeliveryError, MailSourceError) as exc:
+                    except (DeliveryError, MailSourceError, StoreError) as exc:
                         delay = retry.next_delay()
                         log.warning(
                             "delivery failed, retrying in %.1fs: %s",
@@ -135,6 +142,36 @@ class DeliveryWorker:
             del self._drainers[drainer.key]
             if not self._drainers:
                 self._idle.set()
+
+    async def _sync_exclusively(self, key: DrainKey, seen_at: float) -> None:
+        """Sync one folder while holding its sync lease, so that two workers (two secondaries, or
+        a primary standing in) never deliver the same folder at once: that would double mail.
+
+        The lease is the store's generic named lease, renewed while the sync runs."""
+
+        name = f"sync/{key[0]}/{key[1]}"
+        ttl = self.settings.lease_ttl_seconds
+        wait = 0.01
+        while not await self.store.claim_leases(self._lock_owner, [name], ttl):
+            # Another worker is syncing this folder; it may miss mail that arrived after its
+            # UID SEARCH, so wait for it and sync again rather than dropping this task.
+            await trio.sleep(wait)
+            wait = min(wait * 2, 0.5)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_lease, name, ttl)
+                await self.sync_folder(*key, seen_at=seen_at)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.store.release_leases(self._lock_owner, [name])
+
+    async def _keep_lease(self, name: str, ttl: float) -> None:
+        while True:
+            await trio.sleep(ttl / 3)
+            if not await self.store.renew_leases(self._lock_owner, [name], ttl):
+                log.warning("lost the sync lease %s: another worker may deliver in parallel", name)
+                return
 
     @staticmethod
     async def _ack_all(deliveries: Sequence[TaskDelivery]) -> None:

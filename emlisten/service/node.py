@@ -2,11 +2,12 @@
 
 ```
 root nursery
-  asyncio bridge loop
+  asyncio bridge loop            (redis-py, aio-pika live here)
+  signal watcher
+  reader pool + delivery worker  (secondary, all; a primary stands in while no secondary lives)
   front scope (cancelled first on shutdown)
     http server
-    mailbox manager            (primary, all)
-  reader pool + delivery worker  (secondary, all; given a grace period on shutdown)
+    mailbox manager              (primary, all: ownership + one supervisor per owned mailbox)
 ```
 """
 
@@ -14,25 +15,32 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import trio
+from quart import Blueprint
 
+from emlisten import __version__
 from emlisten._bridge import open_asyncio_bridge
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
 from emlisten.api.admin import admin_blueprint
 from emlisten.api.app import create_app
 from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
-from emlisten.errors import ConfigError
+from emlisten.errors import ConfigError, StoreError
 from emlisten.mail.imap import ImapSource
 from emlisten.metrics import Metrics
+from emlisten.models import NodeInfo
 from emlisten.queue.inprocess import InProcessQueue
 from emlisten.service.delivery import DeliveryWorker
 from emlisten.service.listeners import StoreListenerControl
 from emlisten.service.listening import MailboxManager
 from emlisten.service.readers import ReaderPool
 from emlisten.sink.creatio import CreatioSink
+from emlisten.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +53,27 @@ class Adapters:
     sink: Sink
 
 
-def build_adapters(settings: Settings) -> Adapters:
-    if settings.redis_url:
-        raise ConfigError("EMLISTEN_REDIS_URL is set, but the Redis store is not available in this version")
-    if settings.amqp_url:
-        raise ConfigError("EMLISTEN_AMQP_URL is set, but the RabbitMQ queue is not available in this version")
-    if settings.role is Role.SECONDARY:
+def check_topology(settings: Settings) -> None:
+    """Refuse combinations that would silently lose or strand mail."""
+
+    if settings.amqp_url and not settings.redis_url:
+        raise ConfigError(
+            "EMLISTEN_AMQP_URL needs EMLISTEN_REDIS_URL: workers on other nodes must read the "
+            "mailboxes and checkpoints from the shared store"
+        )
+    if settings.role is Role.SECONDARY and not (settings.redis_url and settings.amqp_url):
         raise ConfigError(
             "--role=secondary needs the shared Redis store and RabbitMQ queue "
             "(EMLISTEN_REDIS_URL, EMLISTEN_AMQP_URL); use --role=all for a single process"
         )
-    from emlisten.store.memory import MemoryStore
+    if settings.redis_url and not settings.secret_key:
+        raise ConfigError(
+            "EMLISTEN_SECRET_KEY is required with Redis: mailbox credentials are encrypted at rest"
+        )
+
+
+def build_local_adapters(settings: Settings) -> Adapters:
+    """Source and sink of this process, with the in-memory store and in-process queue."""
 
     source = ImapSource(
         idle_renew_seconds=settings.idle_renew_seconds,
@@ -73,6 +91,39 @@ def build_adapters(settings: Settings) -> Adapters:
     )
 
 
+# Kept for callers (tests, bench) that build the single-process adapters up front.
+build_adapters = build_local_adapters
+
+
+@asynccontextmanager
+async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:
+    """The configured adapters; Redis and RabbitMQ need the asyncio bridge to be open."""
+
+    check_topology(settings)
+    local = build_local_adapters(settings)
+    async with AsyncExitStack() as stack:
+        store: Store = local.store
+        queue: TaskQueue = local.queue
+        if settings.redis_url:
+            from emlisten.store.redis import RedisStore
+
+            assert settings.secret_key is not None
+            store = await stack.enter_async_context(
+                RedisStore.open(
+                    settings.redis_url, secret_key=settings.secret_key, prefix=settings.redis_prefix
+                )
+            )
+        if settings.amqp_url:
+            from emlisten.queue.rabbitmq import RabbitMQQueue
+
+            queue = await stack.enter_async_context(
+                RabbitMQQueue.open(
+                    settings.amqp_url, queue_name=settings.amqp_queue, quorum=settings.amqp_quorum
+                )
+            )
+        yield Adapters(store, queue, local.source, local.sink)
+
+
 async def run_node(
     settings: Settings,
     adapters: Adapters | None = None,
@@ -81,14 +132,32 @@ async def run_node(
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled, signalled or ``shutdown`` is set. ``started(port)`` once the API listens."""
+    """Run until cancelled, signalled or ``shutdown`` is set. ``started(port)`` once the API listens.
 
-    adapters = adapters or build_adapters(settings)
+    ``adapters`` (tests, benchmarks) replaces the configured ones; they are still closed here.
+    """
+
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    async with open_asyncio_bridge():
+        if adapters is None:
+            async with open_adapters(settings) as opened:
+                await _run(settings, opened, handle_signals, shutdown, task_status)
+        else:
+            await _run(settings, adapters, handle_signals, shutdown, task_status)
+
+
+async def _run(
+    settings: Settings,
+    adapters: Adapters,
+    handle_signals: bool,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[int],
+) -> None:
     role = settings.role
-    # Single-process mode without a secondary: the primary delivers itself.
-    works = role.works or isinstance(adapters.queue, InProcessQueue)
+    shared_queue = not isinstance(adapters.queue, InProcessQueue)
     log.info(
-        "emlisten starting: node=%s role=%s store=%s queue=%s",
+        "emlisten %s starting: node=%s role=%s store=%s queue=%s",
+        __version__,
         settings.node_id,
         role.value,
         adapters.store.name,
@@ -107,7 +176,7 @@ async def run_node(
         settings.node_id,
         states=lambda: manager.local_states,
         leases=lambda: len(manager.owned),
-        queue_depth=depth if callable(depth) else lambda: None,
+        queue_depth=depth if callable(depth) and not shared_queue else lambda: None,
     )
 
     def extra_status() -> dict[str, object]:
@@ -116,15 +185,24 @@ async def run_node(
     control = StoreListenerControl(
         adapters.store, adapters.queue, node_id=settings.node_id, role=role.value, extra_status=extra_status
     )
-    app = create_app(control, api_token=settings.api_token, blueprints=[admin_blueprint(control, metrics)])
-    shutdown = shutdown if shutdown is not None else trio.Event()
+    app = create_app(
+        control,
+        api_token=settings.api_token,
+        max_body_bytes=settings.max_request_bytes,
+        blueprints=_feature_blueprints(settings, adapters, control, metrics),
+    )
     try:
-        async with open_asyncio_bridge(), trio.open_nursery() as root:
+        async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
-            if works:
-                await root.start(readers.run)
+            await root.start(readers.run)
+            if role.works or not shared_queue:
+                # Secondaries always work; so does any node whose queue is its own.
                 await root.start(worker.run)
+            else:
+                root.start_soon(_stand_in_worker, settings, adapters.store, worker)
+            if not role.listens:
+                root.start_soon(_heartbeat, settings, adapters.store)
             front = trio.CancelScope()
             port: int = await root.start(_run_front, front, settings, manager, app, role)
             log.info("ready: API on %s:%d", settings.host, port)
@@ -140,10 +218,30 @@ async def run_node(
             root.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if not role.listens:
+                with suppress(StoreError):
+                    await adapters.store.remove_node(settings.node_id)
             await adapters.sink.aclose()
             await adapters.queue.aclose()
             await adapters.store.aclose()
         log.info("stopped")
+
+
+def _feature_blueprints(
+    settings: Settings, adapters: Adapters, control: StoreListenerControl, metrics: Metrics
+) -> list[Blueprint]:
+    # Imported here: these modules import the app module's helpers.
+    from emlisten.api.mailbox import mailbox_blueprint
+    from emlisten.api.send import send_blueprint
+    from emlisten.sender.smtp import SmtpSender
+
+    source = adapters.source if isinstance(adapters.source, ImapSource) else None
+    sender = SmtpSender(ca_file=settings.tls_ca_file, imap_source=source)
+    return [
+        admin_blueprint(control, metrics),
+        mailbox_blueprint(source),
+        send_blueprint(lambda: sender),
+    ]
 
 
 async def _run_front(
@@ -161,6 +259,53 @@ async def _run_front(
                 await nursery.start(manager.run)
             port: int = await nursery.start(serve_api, app, settings.host, settings.port)
             task_status.started(port)
+
+
+async def _heartbeat(settings: Settings, store: Store) -> None:
+    """Secondaries announce themselves, so primaries know someone consumes the queue."""
+
+    started_at = time.time()
+    while True:
+        node = NodeInfo(settings.node_id, settings.role.value, 0, time.time(), started_at, __version__)
+        try:
+            await store.heartbeat(node, settings.lease_ttl_seconds)
+        except StoreError as exc:
+            log.warning("heartbeat failed: %s", exc)
+        await trio.sleep(settings.lease_renew_seconds)
+
+
+async def _stand_in_worker(settings: Settings, store: Store, worker: DeliveryWorker) -> None:
+    """A primary with a shared queue delivers itself while no secondary is alive."""
+
+    while True:
+        await _until_workers_alive(settings, store, alive=False)
+        log.warning("no secondary alive: this primary downloads and delivers until one returns")
+        worker.reset_intake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await _until_workers_alive(settings, store, alive=True)
+            log.info("a secondary is alive again: handing delivery back")
+            worker.stop_intake()
+            with trio.move_on_after(settings.shutdown_grace_seconds):
+                await worker.wait_idle()
+            # Unfinished tasks go back to the queue for the secondary.
+            nursery.cancel_scope.cancel()
+
+
+async def _until_workers_alive(settings: Settings, store: Store, *, alive: bool) -> None:
+    while True:
+        if await _workers_alive(settings, store) == alive:
+            return
+        await trio.sleep(settings.lease_renew_seconds)
+
+
+async def _workers_alive(settings: Settings, store: Store) -> bool:
+    try:
+        nodes = await store.list_nodes()
+    except StoreError as exc:
+        log.warning("cannot see the other nodes: %s", exc)
+        return True  # keep the current arrangement rather than flapping
+    return any(Role(n.role).works for n in nodes if n.id != settings.node_id)
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

@@ -170,10 +170,15 @@ class Dovecot:
         domain: str = "example.test",
         extra_config: str = "",
         hibernate_timeout: str | None = None,
+        oauth2_tokeninfo_url: str | None = None,
     ) -> None:
         """``extra_config`` is appended to the generated dovecot.conf. ``hibernate_timeout``
         (e.g. "1s") moves IDLE sessions into imap-hibernate after that long, which keeps
-        thousands of IDLE connections cheap (a process per connection otherwise)."""
+        thousands of IDLE connections cheap (a process per connection otherwise).
+
+        ``oauth2_tokeninfo_url`` (e.g. ``TokenInfoServer.url``) adds XOAUTH2 and OAUTHBEARER
+        logins checked by an ``oauth2`` passdb against that URL (the token is appended), next to
+        the usual password users. Any user name with a valid token can log in."""
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="emlisten-dovecot-")) if root is None else root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -183,6 +188,8 @@ class Dovecot:
         self.domain = domain
         self.extra_config = extra_config
         self.hibernate_timeout = hibernate_timeout
+        self.oauth2_tokeninfo_url = oauth2_tokeninfo_url
+        self.oauth2_config_file = self.root / "dovecot-oauth2.conf.ext"
         self.imap_port = free_port(host)
         self.imaps_port = free_port(host)
         self.base_dir = self.root / "run"
@@ -317,8 +324,41 @@ class Dovecot:
               }}
             }}
             """
-        text = textwrap.dedent(config) + self.extra_config + "\n"
+        text = textwrap.dedent(config)
+        if self.oauth2_tokeninfo_url is not None:
+            text = self._with_oauth2(text)
+        text += self.extra_config + "\n"
         self.config_file.write_text(text)
+
+    def _with_oauth2(self, config: str) -> str:
+        """OAuth logins (Dovecot 2.3 ``oauth2`` passdb) next to the password users.
+
+        The mechanisms verify the token as a "password" through the passdb chain: the dict
+        passdb is limited to PLAIN/LOGIN so a token is never compared with a user's password,
+        and the oauth2 passdb to the OAuth mechanisms so a password is never sent to tokeninfo.
+        """
+        self.oauth2_config_file.write_text(
+            f"tokeninfo_url = {self.oauth2_tokeninfo_url}\n"
+            "introspection_mode = get\n"
+            "username_attribute = email\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "scope = https://mail.example.test/\n"
+        )
+        config = config.replace(
+            "auth_mechanisms = plain login\n",
+            "auth_mechanisms = plain login oauthbearer xoauth2\n",
+        )
+        config = config.replace(
+            f"passdb {{\n  driver = dict\n  args = {self.auth_dict_file}\n}}\n",
+            f"passdb {{\n  driver = dict\n  args = {self.auth_dict_file}\n"
+            "  mechanisms = plain login\n}\n"
+            "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            f"  args = {self.oauth2_config_file}\n}}\n",
+        )
+        if "driver = oauth2" not in config:
+            raise DovecotError("could not add the oauth2 passdb to the generated config")
+        return config
 
     def _prepare_dirs(self) -> None:
         for directory in (self.base_dir, self.state_dir):

@@ -16,6 +16,8 @@ reads of at most ``RECEIVE_BYTES``, and no buffers held between responses.
 from __future__ import annotations
 
 import base64
+import binascii
+import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -33,6 +35,7 @@ from emlisten.errors import (
     MailConnectError,
     MailProtocolError,
     MailSourceError,
+    MailTokenRejectedError,
 )
 from emlisten.mail.imap import _tls
 from emlisten.mail.imap._parser import (
@@ -63,6 +66,16 @@ _AUTH_FAILURE_CODES = frozenset(
 )
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
 _FETCH_MESSAGE_ITEMS = "(UID BODY.PEEK[] INTERNALDATE RFC822.SIZE)"
+_STORE_ACTIONS = frozenset(
+    f"{sign}FLAGS{silent}" for sign in ("", "+", "-") for silent in ("", ".SILENT")
+)
+#: atom-specials plus the flag-specific ones (RFC 3501 flag-keyword is an atom).
+_FLAG_SPECIALS = frozenset('(){ %*"\\]')
+
+
+def _is_flag(flag: str) -> bool:
+    name = flag[1:] if flag.startswith("\\") else flag
+    return bool(name) and all(0x20 < ord(c) < 0x7F and c not in _FLAG_SPECIALS for c in name)
 
 
 class Literal:
@@ -525,12 +538,16 @@ class ImapClient:
         *,
         timeout: float | None = None,
         secret: str = "",
+        error_response: bytes = b"",
+        challenges: list[bytes] | None = None,
     ) -> None:
         """A one-step SASL exchange (PLAIN; XOAUTH2 and OAUTHBEARER send the same shape).
 
         If the server answers the response with another challenge, that is an error report
-        (XOAUTH2/OAUTHBEARER send a base64 JSON error this way): reply with an empty line so the
-        server sends its tagged NO, instead of waiting forever.
+        (XOAUTH2/OAUTHBEARER send a base64 JSON error this way): reply with ``error_response``
+        (an empty line by default; RFC 7628 wants ``\x01`` for OAUTHBEARER) so the server sends
+        its tagged NO, instead of waiting forever. Those challenges, base64-decoded, are appended
+        to ``challenges`` when given.
         """
         seconds = self.command_timeout if timeout is None else timeout
         encoded = base64.b64encode(initial_response) or b"="
@@ -549,11 +566,15 @@ class ImapClient:
                         await self._send(encoded + b"\r\n")
                     for _ in range(3):
                         try:
-                            await self._await_continuation(tag, untagged)
+                            challenge = await self._await_continuation(tag, untagged)
                         except _TaggedBeforeContinuation as done:
                             result = done.result
                             break
-                        await self._send(b"\r\n")
+                        if challenges is not None:
+                            challenges.append(_b64decode_lenient(challenge.text))
+                        await self._send(
+                            (base64.b64encode(error_response) if error_response else b"") + b"\r\n"
+                        )
                     else:
                         raise MailProtocolError(f"AUTHENTICATE on {self._where} does not end")
                 except _TaggedBeforeContinuation as done:
@@ -567,6 +588,54 @@ class ImapClient:
             self._broken = True
             raise
         await self._check_auth(result, f"AUTHENTICATE {mechanism.upper()}", timeout, secret=secret)
+
+    async def authenticate_xoauth2(
+        self, user: str, token: str, *, timeout: float | None = None
+    ) -> None:
+        """AUTHENTICATE XOAUTH2 (Google/Microsoft). A rejected token raises
+        MailTokenRejectedError carrying the server's JSON error (status, scope), never the token."""
+        message = b"user=" + user.encode("utf-8") + b"\x01auth=Bearer " + token.encode("utf-8")
+        await self._authenticate_oauth("XOAUTH2", message + b"\x01\x01", token, b"", timeout)
+
+    async def authenticate_oauthbearer(
+        self, user: str, token: str, host: str, port: int, *, timeout: float | None = None
+    ) -> None:
+        """AUTHENTICATE OAUTHBEARER (RFC 7628); errors as for :meth:`authenticate_xoauth2`."""
+        gs2_header = b"n,a=" + _sasl_name(user) + b","
+        message = (
+            gs2_header
+            + b"\x01host="
+            + host.encode("utf-8")
+            + b"\x01port=%d" % port
+            + b"\x01auth=Bearer "
+            + token.encode("utf-8")
+            + b"\x01\x01"
+        )
+        # RFC 7628 3.2.3: after an error challenge the client sends a single %x01.
+        await self._authenticate_oauth("OAUTHBEARER", message, token, b"\x01", timeout)
+
+    async def _authenticate_oauth(
+        self,
+        mechanism: str,
+        message: bytes,
+        token: str,
+        error_response: bytes,
+        timeout: float | None,
+    ) -> None:
+        challenges: list[bytes] = []
+        try:
+            await self.authenticate(
+                mechanism,
+                message,
+                timeout=timeout,
+                secret=token,
+                error_response=error_response,
+                challenges=challenges,
+            )
+        except MailAuthError as exc:
+            summary = _oauth_error_summary(challenges, token)
+            detail = str(exc) + (f" ({summary})" if summary else "")
+            raise MailTokenRejectedError(detail) from None
 
     async def _check_auth(
         self, result: CommandResult, what: str, timeout: float | None, *, secret: str
@@ -775,6 +844,79 @@ class ImapClient:
             )
         return messages
 
+    async def uid_store(
+        self,
+        uids: Iterable[int],
+        action: str,
+        flags: Iterable[str],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """UID STORE, e.g. ``uid_store([5, 6], "+FLAGS.SILENT", ["$CreatioSynced"])``.
+
+        Needs a folder selected read-write (SELECT, not EXAMINE). ``flags`` are system flags
+        (``\\Seen``) or keywords (atoms).
+        """
+        if action.upper() not in _STORE_ACTIONS:
+            raise ValueError(f"unsupported STORE action {action!r}")
+        flag_list = list(flags)
+        for flag in flag_list:
+            if not _is_flag(flag):
+                raise ValueError(f"not a valid IMAP flag or keyword: {flag!r}")
+        result = await self._command(
+            b"UID STORE "
+            + sequence_set(uids)
+            + b" "
+            + action.upper().encode("ascii")
+            + b" ("
+            + " ".join(flag_list).encode("ascii")
+            + b")",
+            timeout=timeout,
+        )
+        self._require_ok(result, "UID STORE")
+
+    async def append(
+        self,
+        folder: str,
+        message: bytes,
+        *,
+        flags: Sequence[str] = ("\\Seen",),
+        internal_date: datetime | None = None,
+        timeout: float | None = None,
+    ) -> int | None:
+        """APPEND ``message`` to ``folder``; returns its UID when the server says (UIDPLUS).
+
+        A missing folder (``NO [TRYCREATE]``) raises FolderNotFoundError; other refusals
+        MailProtocolError. ``internal_date`` must be timezone-aware (default: the server's now).
+        """
+        args: list[Argument] = [mailbox_argument(folder, utf8=self.utf8_enabled)]
+        for flag in flags:
+            body = flag[1:] if flag.startswith("\\") else flag
+            if not body or not all(0x20 < ord(c) < 0x7F and ord(c) not in _ATOM_SPECIALS for c in body):
+                raise ValueError(f"not a valid IMAP flag or keyword: {flag!r}")
+        args.append(b"(" + " ".join(flags).encode("ascii") + b")")
+        if internal_date is not None:
+            if internal_date.utcoffset() is None:
+                raise ValueError("internal_date must be timezone-aware")
+            months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+            text = internal_date.strftime(
+                f"%d-{months[internal_date.month - 1]}-%Y %H:%M:%S %z"
+            )
+            args.append(b'"' + text.encode("ascii") + b'"')
+        args.append(Literal(message))
+        result = await self._command(b"APPEND", *args, timeout=timeout)
+        status = result.status
+        if status.type == "NO" and status.code == "TRYCREATE":
+            raise FolderNotFoundError(
+                f"APPEND: folder {folder!r} does not exist on {self._where}: {_describe(status)}"
+            )
+        self._require_ok(result, "APPEND")
+        if status.code == "APPENDUID" and len(status.code_args) >= 2:
+            uid = status.code_args[1]
+            if isinstance(uid, int):
+                return uid
+        return None
+
     async def logout(self, *, timeout: float | None = None) -> None:
         result = await self._command(b"LOGOUT", timeout=timeout, expect_bye=True)
         self._require_ok(result, "LOGOUT")
@@ -926,6 +1068,37 @@ class _TaggedBeforeContinuation(Exception):
         self.result = result
 
 
+def _b64decode_lenient(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return text.encode("utf-8", "replace")
+
+
+def _sasl_name(user: str) -> bytes:
+    """RFC 5801 saslname: ``,`` and ``=`` escaped."""
+    return user.replace("=", "=3D").replace(",", "=2C").encode("utf-8")
+
+
+def _oauth_error_summary(challenges: Sequence[bytes], token: str) -> str:
+    """``status=401 scope=mail`` from the server's JSON error challenge (RFC 7628 3.2.2)."""
+    for raw in challenges:
+        try:
+            error = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(error, dict):
+            continue
+        parts = [
+            f"{key}={str(error[key])[:100]}"
+            for key in ("status", "scope", "schemes")
+            if isinstance(error.get(key), str | int)
+        ]
+        summary = " ".join(parts)
+        return summary.replace(token, "***") if token else summary
+    return ""
+
+
 def _describe(status: Response) -> str:
     code = f"[{status.code}] " if status.code else ""
     return (code + status.text)[:300]
@@ -934,7 +1107,15 @@ def _describe(status: Response) -> str:
 def _os_error_text(exc: OSError) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    # trio.open_tcp_stream raises an OSError wrapping one error per address tried.
+    # trio.open_tcp_stream raises an OSError caused by a group of one error per address tried:
+    # name those ("Connection refused"), not just "all attempts ... failed".
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = dict.fromkeys(
+            e.strerror for e in cause.exceptions if isinstance(e, OSError) and e.strerror
+        )
+        if reasons:
+            return "; ".join(reasons)
     return str(exc) or type(exc).__name__
 
 

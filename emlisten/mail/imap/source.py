@@ -1,4 +1,18 @@
-"""The IMAP ``MailSource``: IDLE listeners and message readers on emlisten's own client."""
+"""The IMAP ``MailSource``: IDLE listeners and message readers on emlisten's own client.
+
+Authentication: LOGIN / AUTHENTICATE PLAIN with the password, or, when ``MailboxConfig.use_oauth``,
+OAUTHBEARER (RFC 7628) when the server offers it, else XOAUTH2, with ``access_token``. A rejected
+token raises :class:`emlisten.errors.MailTokenRejectedError` (a ``MailAuthError``), whose message
+summarises the server's JSON error (status, scope) and never contains the token: the service
+should then ask Creatio for a fresh token (``RefreshToken``).
+
+Marking mail as synchronized (Creatio's ``FeatureValues.MarkEmailsAsSynchronized``):
+``ImapReader.mark(uids)`` adds the keyword :data:`SYNCED_KEYWORD` (``$CreatioSynced``) with
+``UID STORE +FLAGS.SILENT``. A keyword, not ``\\Seen``: the mailbox owner still sees the mail as
+unread. Readers EXAMINE folders (read-only) by default; ``mark`` re-opens the selected folder
+with SELECT first (and refuses when its UIDVALIDITY changed meanwhile). Servers that do not allow
+new keywords (no ``\\*`` in PERMANENTFLAGS) answer STORE with NO: ``MailProtocolError``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from emlisten.abc import MailReader, MailSource, NewMailCallback
-from emlisten.errors import MailAuthError, MailProtocolError
+from emlisten.errors import MailAuthError, MailProtocolError, MailTokenRejectedError
 from emlisten.mail.imap._client import ImapClient
 from emlisten.mail.imap._parser import Response
 from emlisten.models import FolderInfo, MailboxConfig, RawMessage, SyncTask
@@ -18,6 +32,10 @@ from emlisten.models import FolderInfo, MailboxConfig, RawMessage, SyncTask
 DEFAULT_IDLE_RENEW_SECONDS = 25 * 60
 #: UIDs per UID FETCH command (keeps command lines and responses reasonably sized).
 FETCH_BATCH = 200
+#: Keyword set by ``ImapReader.mark`` for Creatio's ``FeatureValues.MarkEmailsAsSynchronized``:
+#: a ``$`` keyword (RFC 5788 style) that mail clients do not show, unlike ``\Seen`` which
+#: would hide the mail from its owner's "unread" view.
+SYNCED_KEYWORD = "$CreatioSynced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +149,30 @@ class ImapSource(MailSource):
 
 async def _authenticate(client: ImapClient, mailbox: MailboxConfig) -> None:
     if mailbox.use_oauth:
-        # XOAUTH2/OAUTHBEARER: ImapClient.authenticate() is ready; token refresh is not yet.
-        raise MailAuthError("OAuth authentication for IMAP is not supported yet")
+        await _authenticate_oauth(client, mailbox)
+        return
     if client.has_capability("AUTH=PLAIN") and not client.has_capability("LOGINDISABLED"):
         await client.authenticate_plain(mailbox.user_name, mailbox.password)
     else:
         await client.login(mailbox.user_name, mailbox.password)
+
+
+async def _authenticate_oauth(client: ImapClient, mailbox: MailboxConfig) -> None:
+    """OAUTHBEARER (the standard) when offered, else XOAUTH2. A rejected token raises
+    MailTokenRejectedError: the caller asks for a fresh token (Creatio's RefreshToken)."""
+    if not mailbox.access_token:
+        raise MailTokenRejectedError(f"no OAuth access token for {mailbox.user_name!r}")
+    if client.has_capability("AUTH=OAUTHBEARER"):
+        endpoint = client.endpoint
+        await client.authenticate_oauthbearer(
+            mailbox.user_name, mailbox.access_token, endpoint.host, endpoint.port
+        )
+    elif client.has_capability("AUTH=XOAUTH2"):
+        await client.authenticate_xoauth2(mailbox.user_name, mailbox.access_token)
+    else:
+        raise MailAuthError(
+            f"{client.endpoint.host}:{client.endpoint.port} offers neither OAUTHBEARER nor XOAUTH2"
+        )
 
 
 class _Listener:
@@ -218,22 +254,44 @@ class _Listener:
 
 
 class ImapReader(MailReader):
-    """A ``MailReader`` over one authenticated client (folders are opened read-only)."""
+    """A ``MailReader`` over one authenticated client.
 
-    __slots__ = ("_client", "_close_timeout", "_selected")
+    Folders are opened read-only (EXAMINE) by default; :meth:`mark` re-opens the selected folder
+    read-write (SELECT) when it has to set a keyword.
+    """
+
+    __slots__ = ("_client", "_close_timeout", "_selected", "_writable")
 
     def __init__(self, client: ImapClient, *, close_timeout: float = 5.0) -> None:
         self._client = client
         self._close_timeout = close_timeout
         self._selected: FolderInfo | None = None
+        self._writable = False
 
     @property
     def client(self) -> ImapClient:
         return self._client
 
-    async def select(self, folder: str) -> FolderInfo:
-        self._selected = await self._client.examine(folder)
+    async def select(self, folder: str, *, writable: bool = False) -> FolderInfo:
+        """EXAMINE ``folder`` (SELECT when ``writable``)."""
+        self._selected = await self._client.select(folder, readonly=not writable)
+        self._writable = writable
         return self._selected
+
+    async def mark(self, uids: Sequence[int], keyword: str = SYNCED_KEYWORD) -> None:
+        """Add ``keyword`` to these messages of the selected folder (``UID STORE +FLAGS.SILENT``),
+        leaving every other flag (``\\Seen`` included) as it is. Vanished UIDs are ignored."""
+        self._require_selected()
+        if not uids:
+            return
+        assert self._selected is not None
+        if not self._writable:
+            folder = self._selected.name
+            reopened = await self.select(folder, writable=True)
+            if reopened.uidvalidity != self._selected.uidvalidity:
+                raise MailProtocolError(f"UIDVALIDITY of {folder!r} changed: not marking")
+        for start in range(0, len(uids), FETCH_BATCH):
+            await self._client.uid_store(uids[start : start + FETCH_BATCH], "+FLAGS.SILENT", [keyword])
 
     def _require_selected(self) -> None:
         if self._selected is None:
@@ -269,5 +327,5 @@ class ImapReader(MailReader):
         await self._client.close(timeout=self._close_timeout)
 
 
-__all__ = ["DEFAULT_IDLE_RENEW_SECONDS", "ImapReader", "ImapSettings", "ImapSource"]
+__all__ = ["DEFAULT_IDLE_RENEW_SECONDS", "SYNCED_KEYWORD", "ImapReader", "ImapSettings", "ImapSource"]
 
