@@ -190,18 +190,20 @@ NewMailCallback = Callable[[SyncTask], Awaitable[None]]
 
 
 class MailReader(ABC):
-    """An authenticated session used to read messages (one folder selected at a time)."""
+    """An authenticated session used to read new messages, folder by folder."""
 
     @abstractmethod
-    async def select(self, folder: str) -> FolderInfo: ...
+    async def current_position(self, folder: str) -> Checkpoint:
+        """The checkpoint meaning "everything up to now" (where a new subscription starts)."""
 
     @abstractmethod
-    async def uids_after(self, uid: int) -> list[int]:
-        """UIDs greater than ``uid`` in the selected folder, ascending."""
-
-    @abstractmethod
-    async def fetch(self, uids: Sequence[int]) -> list[RawMessage]:
-        """The full messages (not marking them seen), in the order of ``uids``; vanished ones skipped."""
+    async def fetch_new(
+        self, folder: str, checkpoint: Checkpoint, *, limit: int
+    ) -> tuple[list[RawMessage], Checkpoint]:
+        """Up to ``limit`` messages after ``checkpoint``, oldest first, and the checkpoint just
+        past them. No messages and the same checkpoint: nothing new. No messages and another
+        checkpoint: move on without delivering (e.g. vanished messages, a rebuilt folder).
+        Messages are read without marking them seen."""
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -104,10 +104,16 @@ class NodeInfo:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Per (mailbox, folder): the folder's UIDVALIDITY and the highest UID delivered."""
+    """Per (mailbox, folder): how far delivery got.
+
+    IMAP: the folder's UIDVALIDITY and the highest UID delivered. Protocols without UIDs (EWS
+    SyncState, Graph deltaLink) keep their position in ``cursor`` and count ``last_uid`` up by
+    one per accepted batch, so "only forward" means the same thing for every protocol.
+    """
 
     uidvalidity: int
     last_uid: int
+    cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,9 @@ class SyncTask:
     reason: str = "exists"
     #: Wall-clock time the listener saw the new mail (for the seen-to-delivered latency metric).
     seen_at: float = 0.0
+    #: With reason "catch-up": the protocol's position at subscription time (e.g. an EWS
+    #: SyncState), stored as the checkpoint's cursor when the folder has no checkpoint yet.
+    seed_cursor: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,6 +147,7 @@ class SyncTask:
             uid_hint=int(data.get("uid_hint", 0)),
             reason=str(data.get("reason", "exists")),
             seen_at=float(data.get("seen_at", 0.0)),
+            seed_cursor=str(data.get("seed_cursor", "")),
         )
 
 
@@ -153,12 +163,19 @@ class FolderInfo:
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """One message as fetched from the server."""
+    """One message as fetched from the server.
+
+    ``key`` identifies it within its folder for good (IMAP: "UIDVALIDITY/UID"; Exchange: the
+    item id); ``position`` is the checkpoint just past it when the protocol can resume there
+    (IMAP can after every message; a sync token only after the whole batch).
+    """
 
     uid: int
     data: bytes
     internal_date: datetime | None = None
     size: int | None = None
+    key: str = ""
+    position: Checkpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,19 +219,19 @@ class Email:
     truncated: bool = False
 
 
-def message_key(mailbox_id: str, folder: str, uidvalidity: int, uid: int) -> str:
+def message_key(mailbox_id: str, folder: str, key: str) -> str:
     """Stable identity of a message: the same mail always gets the same key (and Email.Id)."""
 
-    return f"{mailbox_id}/{folder}/{uidvalidity}/{uid}"
+    return f"{mailbox_id}/{folder}/{key}"
 
 
 _EMAIL_ID_NAMESPACE = uuid.UUID("6f1d3c2e-9b7a-4f53-8d2e-3a1c5e7b9f00")
 
 
-def email_id(mailbox_id: str, folder: str, uidvalidity: int, uid: int) -> str:
+def email_id(mailbox_id: str, folder: str, key: str) -> str:
     """Deterministic GUID for a message, so a redelivery carries the same ``Email.Id``."""
 
-    return str(uuid.uuid5(_EMAIL_ID_NAMESPACE, message_key(mailbox_id, folder, uidvalidity, uid)))
+    return str(uuid.uuid5(_EMAIL_ID_NAMESPACE, message_key(mailbox_id, folder, key)))
 
 
 def folders_or_inbox(folders: Sequence[str]) -> tuple[str, ...]:

@@ -184,7 +184,7 @@ class DeliveryWorker:
                 log.warning("could not acknowledge a task: %s", exc)
 
     async def sync_folder(self, mailbox_id: str, folder: str, *, seen_at: float = 0.0) -> int:
-        """Deliver everything after the checkpoint, in UID order. Returns how many were delivered."""
+        """Deliver everything after the checkpoint, oldest first. Returns how many were delivered."""
 
         mailbox = await self.store.get_mailbox(mailbox_id)
         if mailbox is None:
@@ -192,49 +192,36 @@ class DeliveryWorker:
         checkpoint = await self.store.get_checkpoint(mailbox_id, folder)
         delivered = 0
         async with self.readers.reader(mailbox) as reader:
-            info = await reader.select(folder)
             if checkpoint is None:
                 # The listener seeds the checkpoint before it publishes; none means the mailbox
                 # was closed (or re-created) meanwhile. Seed defensively and deliver nothing older.
-                await self.store.seed_checkpoint(
-                    mailbox_id, folder, Checkpoint(info.uidvalidity, info.uidnext - 1)
-                )
+                await self.store.seed_checkpoint(mailbox_id, folder, await reader.current_position(folder))
                 return 0
-            if checkpoint.uidvalidity != info.uidvalidity:
-                log.warning(
-                    "UIDVALIDITY changed (%d -> %d): folder was rebuilt on the server; continuing "
-                    "from its current end (load older mail with /api/email/synchronize)",
-                    checkpoint.uidvalidity,
-                    info.uidvalidity,
-                    extra={"mailbox": mailbox_id, "folder": folder},
+            while True:
+                messages, after = await reader.fetch_new(
+                    folder, checkpoint, limit=self.settings.batch_max_count
                 )
-                await self.store.advance_checkpoint(
-                    mailbox_id, folder, Checkpoint(info.uidvalidity, info.uidnext - 1)
-                )
-                return 0
-            uids = await reader.uids_after(checkpoint.last_uid)
-            for start in range(0, len(uids), self.settings.batch_max_count):
-                chunk = uids[start : start + self.settings.batch_max_count]
-                messages = await reader.fetch(chunk)
-                delivered += await self._deliver_messages(
-                    mailbox, folder, info.uidvalidity, messages, seen_at
-                )
-                if not messages:
-                    # All vanished (expunged before we fetched): move past them.
-                    await self.store.advance_checkpoint(
-                        mailbox_id, folder, Checkpoint(info.uidvalidity, chunk[-1])
-                    )
-        return delivered
+                if messages:
+                    delivered += await self._deliver_messages(mailbox, folder, messages, after, seen_at)
+                elif after != checkpoint:
+                    await self.store.advance_checkpoint(mailbox_id, folder, after)
+                else:
+                    return delivered
+                checkpoint = after
 
     async def _deliver_messages(
         self,
         mailbox: MailboxConfig,
         folder: str,
-        uidvalidity: int,
         messages: Sequence[RawMessage],
+        after: Checkpoint,
         seen_at: float,
     ) -> int:
-        """Deliver in batches bounded by count and bytes; checkpoint after each accepted batch."""
+        """Deliver in calls bounded by bytes, checkpointing after each accepted call.
+
+        A call may only end where the protocol can resume (a message with a ``position``); the
+        last call ends at ``after``.
+        """
 
         batch: list[tuple[RawMessage, Email]] = []
         batch_bytes = 0
@@ -243,31 +230,38 @@ class DeliveryWorker:
             convert = partial(
                 to_email,
                 raw,
-                email_id=email_id(mailbox.id, folder, uidvalidity, raw.uid),
+                email_id=email_id(mailbox.id, folder, raw.key or str(raw.uid)),
                 max_size=self.settings.max_message_bytes,
             )
             size = len(raw.data)
             # Big mails take tens of milliseconds to parse: keep them off the event loop.
             email = await trio.to_thread.run_sync(convert) if size > _THREAD_CONVERT_BYTES else convert()
-            if batch and batch_bytes + size > self.settings.batch_max_bytes:
-                delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch, seen_at)
+            previous = batch[-1][0] if batch else None
+            if (
+                previous is not None
+                and previous.position is not None
+                and batch_bytes + size > self.settings.batch_max_bytes
+            ):
+                delivered += await self._deliver_batch(mailbox, folder, batch, previous.position, seen_at)
                 batch, batch_bytes = [], 0
             batch.append((raw, email))
             batch_bytes += size
         if batch:
-            delivered += await self._deliver_batch(mailbox, folder, uidvalidity, batch, seen_at)
+            delivered += await self._deliver_batch(mailbox, folder, batch, after, seen_at)
         return delivered
 
     async def _deliver_batch(
         self,
         mailbox: MailboxConfig,
         folder: str,
-        uidvalidity: int,
         batch: Sequence[tuple[RawMessage, Email]],
+        checkpoint: Checkpoint,
         seen_at: float,
     ) -> int:
-        first, last = batch[0][0].uid, batch[-1][0].uid
-        key = message_key(mailbox.id, folder, uidvalidity, first) + (f"-{last}" if last != first else "")
+        first, last = batch[0][0], batch[-1][0]
+        key = message_key(mailbox.id, folder, first.key or str(first.uid))
+        if last is not first:
+            key += f"..{last.key or last.uid}"
         emails = [email for _raw, email in batch]
         try:
             with trio.fail_after(self.settings.delivery_timeout_seconds):
@@ -286,14 +280,14 @@ class DeliveryWorker:
                 self.metrics.delivery_latency.observe(latency)
         # Shielded: Creatio has the mail; losing the checkpoint now would deliver it twice.
         with trio.CancelScope(shield=True):
-            await self.store.advance_checkpoint(mailbox.id, folder, Checkpoint(uidvalidity, last))
+            await self.store.advance_checkpoint(mailbox.id, folder, checkpoint)
             await self.store.add_delivered(mailbox.id, len(batch))
         self.delivered_total += len(batch)
         log.info(
             "delivered %d email(s), uid %d..%d",
             len(batch),
-            first,
-            last,
+            first.uid,
+            last.uid,
             extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)

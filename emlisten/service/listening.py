@@ -360,7 +360,7 @@ class MailboxSupervisor:
             # First contact with this folder: a new subscription starts at the current UIDNEXT
             # (history is loaded through /api/email/synchronize), so seed the checkpoint.
             await self.m.store.seed_checkpoint(
-                task.mailbox_id, task.folder, Checkpoint(task.uidvalidity, task.uid_hint)
+                task.mailbox_id, task.folder, Checkpoint(task.uidvalidity, task.uid_hint, task.seed_cursor)
             )
         await self.m.queue.publish(task)
 

@@ -161,13 +161,20 @@ def decode_status(data: bytes | str) -> MailboxStatus:
 
 
 def checkpoint_to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
-    # No "v" here: the Lua scripts read these two fields, and a checkpoint is too small to evolve.
-    return {"uidvalidity": checkpoint.uidvalidity, "last_uid": checkpoint.last_uid}
+    # No "v" here: the Lua scripts read the first two fields; "cursor" is optional (IMAP has none).
+    data: dict[str, Any] = {"uidvalidity": checkpoint.uidvalidity, "last_uid": checkpoint.last_uid}
+    if checkpoint.cursor:
+        data["cursor"] = checkpoint.cursor
+    return data
 
 
 def checkpoint_from_dict(data: Mapping[str, Any]) -> Checkpoint:
     try:
-        return Checkpoint(uidvalidity=int(data["uidvalidity"]), last_uid=int(data["last_uid"]))
+        return Checkpoint(
+            uidvalidity=int(data["uidvalidity"]),
+            last_uid=int(data["last_uid"]),
+            cursor=str(data.get("cursor", "")),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise CodecError(f"bad checkpoint document: {exc.__class__.__name__}") from None
 

@@ -133,6 +133,15 @@ async def test_checkpoint_only_moves_forward_within_uidvalidity(store: Store) ->
     assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(6, 3)
 
 
+async def test_cursor_travels_with_the_checkpoint(store: Store) -> None:
+    m = mailbox()
+    await store.put_mailbox(m)
+    await store.seed_checkpoint(m.id, "INBOX", Checkpoint(1, 0, "sync-state-0"))
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(1, 1, "sync-state-1")) is True
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(1, 1, "sync-state-1")
+    assert await store.get_checkpoints(m.id) == {"INBOX": Checkpoint(1, 1, "sync-state-1")}
+
+
 async def test_advance_does_not_resurrect_closed_mailbox(store: Store) -> None:
     m = mailbox()
     await store.put_mailbox(m)

@@ -16,6 +16,7 @@ new keywords (no ``\\*`` in PERMANENTFLAGS) answer STORE with NO: ``MailProtocol
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from emlisten.abc import MailReader, MailSource, NewMailCallback
 from emlisten.errors import MailAuthError, MailProtocolError, MailTokenRejectedError
 from emlisten.mail.imap._client import ImapClient
 from emlisten.mail.imap._parser import Response
-from emlisten.models import FolderInfo, MailboxConfig, RawMessage, SyncTask
+from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
+
+log = logging.getLogger(__name__)
 
 #: RFC 2177: servers may drop an IDLE after 30 minutes without a client command.
 DEFAULT_IDLE_RENEW_SECONDS = 25 * 60
@@ -315,17 +318,43 @@ class ImapReader(MailReader):
             for message in await self._client.uid_fetch(batch):
                 if message.body is None or message.uid not in batch_set:
                     continue
+                assert self._selected is not None
+                uidvalidity = self._selected.uidvalidity
                 found[message.uid] = RawMessage(
                     uid=message.uid,
                     data=message.body,
                     internal_date=message.internal_date,
                     size=message.size,
+                    key=f"{uidvalidity}/{message.uid}",
+                    position=Checkpoint(uidvalidity, message.uid),
                 )
         return [found[uid] for uid in wanted if uid in found]
+
+    async def current_position(self, folder: str) -> Checkpoint:
+        info = await self.select(folder)
+        return Checkpoint(info.uidvalidity, info.uidnext - 1)
+
+    async def fetch_new(
+        self, folder: str, checkpoint: Checkpoint, *, limit: int
+    ) -> tuple[list[RawMessage], Checkpoint]:
+        info = await self.select(folder)
+        if info.uidvalidity != checkpoint.uidvalidity:
+            log.warning(
+                "UIDVALIDITY of %r changed (%d -> %d): the folder was rebuilt on the server; "
+                "continuing from its current end (load older mail with /api/email/synchronize)",
+                folder,
+                checkpoint.uidvalidity,
+                info.uidvalidity,
+            )
+            return [], Checkpoint(info.uidvalidity, info.uidnext - 1)
+        uids = (await self.uids_after(checkpoint.last_uid))[:limit]
+        if not uids:
+            return [], checkpoint
+        # Past the last UID asked for, even if some vanished (expunged) before the FETCH.
+        return await self.fetch(uids), Checkpoint(info.uidvalidity, uids[-1])
 
     async def aclose(self) -> None:
         await self._client.close(timeout=self._close_timeout)
 
 
 __all__ = ["DEFAULT_IDLE_RENEW_SECONDS", "SYNCED_KEYWORD", "ImapReader", "ImapSettings", "ImapSource"]
-
