@@ -44,6 +44,7 @@ class MailboxConfig:
 
     id: str
     user_name: str
+    #: The incoming server (for Exchange: the EWS/Graph host, port 443, for display and probes).
     imap: ServerEndpoint
     bpm_endpoint: str
     password: str = field(default="", repr=False)
@@ -61,6 +62,10 @@ class MailboxConfig:
     #: Everything Creatio sent, minus secrets, kept so later features can use fields we do not
     #: model yet (e.g. ``ServerTypeId``, ``PersonalMetrics``) without a migration.
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: Which MailSource serves the mailbox: "imap", "ews" or "graph" (see docs/protocols.md).
+    protocol: str = "imap"
+    #: Exchange: the full service URL (EWS endpoint, or Graph base URL); empty for IMAP.
+    service_url: str = ""
     #: Bumped by the service whenever the subscription must be restarted (recreate, changed
     #: credentials); running listeners compare it to know they are stale.
     revision: int = 0

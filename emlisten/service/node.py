@@ -32,6 +32,7 @@ from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError, StoreError
 from emlisten.mail.imap import ImapSource
+from emlisten.mail.router import RoutingSource
 from emlisten.metrics import Metrics
 from emlisten.models import NodeInfo
 from emlisten.queue.inprocess import InProcessQueue
@@ -75,7 +76,7 @@ def check_topology(settings: Settings) -> None:
 def build_local_adapters(settings: Settings) -> Adapters:
     """Source and sink of this process, with the in-memory store and in-process queue."""
 
-    source = ImapSource(
+    imap = ImapSource(
         idle_renew_seconds=settings.idle_renew_seconds,
         keepalive_seconds=settings.keepalive_seconds,
         poll_seconds=settings.poll_seconds,
@@ -83,6 +84,7 @@ def build_local_adapters(settings: Settings) -> Adapters:
         command_timeout=settings.command_timeout_seconds,
         ca_file=settings.tls_ca_file,
     )
+    source = RoutingSource({"imap": imap})
     return Adapters(
         store=MemoryStore(),
         queue=InProcessQueue(),
@@ -235,11 +237,14 @@ def _feature_blueprints(
     from emlisten.api.send import send_blueprint
     from emlisten.sender.smtp import SmtpSender
 
-    source = adapters.source if isinstance(adapters.source, ImapSource) else None
-    sender = SmtpSender(ca_file=settings.tls_ca_file, imap_source=source)
+    source = adapters.source
+    if isinstance(source, RoutingSource):
+        source = source.sources.get("imap", source)
+    imap = source if isinstance(source, ImapSource) else None
+    sender = SmtpSender(ca_file=settings.tls_ca_file, imap_source=imap)
     return [
         admin_blueprint(control, metrics),
-        mailbox_blueprint(source),
+        mailbox_blueprint(imap),
         send_blueprint(lambda: sender),
     ]
 

@@ -87,7 +87,8 @@ class ReaderPool:
             finally:
                 if self._held.get(mailbox.id) is held:
                     del self._held[mailbox.id]
-                # Wait for a current user to finish before the session is logged out.
-                with trio.move_on_after(30):
+                # Wait (briefly, even when cancelled) for a current user to finish before the
+                # session is logged out under it.
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
                     async with held.lock:
                         pass

@@ -330,7 +330,9 @@ class ImapClient:
                     if self._idle_tag is not None:
                         await self.idle_done(timeout=timeout)
                     await self.logout(timeout=timeout)
-            except MailSourceError:
+            except (MailSourceError, trio.BusyResourceError):
+                # Busy: another task is still mid-command on this connection (it is being
+                # cancelled too); skip the polite LOGOUT and just close.
                 pass
         await self.aclose()
 
