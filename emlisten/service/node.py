@@ -76,7 +76,19 @@ def check_topology(settings: Settings) -> None:
 def build_local_adapters(settings: Settings) -> Adapters:
     """Source and sink of this process, with the in-memory store and in-process queue."""
 
-    imap = ImapSource(
+    return Adapters(
+        store=MemoryStore(),
+        queue=InProcessQueue(),
+        source=RoutingSource(mail_sources(settings)),
+        sink=CreatioSink(timeout=settings.delivery_timeout_seconds),
+    )
+
+
+def mail_sources(settings: Settings) -> dict[str, MailSource]:
+    """One MailSource per protocol; a mailbox's ``protocol`` picks one (docs/protocols.md)."""
+
+    sources: dict[str, MailSource] = {}
+    sources["imap"] = ImapSource(
         idle_renew_seconds=settings.idle_renew_seconds,
         keepalive_seconds=settings.keepalive_seconds,
         poll_seconds=settings.poll_seconds,
@@ -84,13 +96,7 @@ def build_local_adapters(settings: Settings) -> Adapters:
         command_timeout=settings.command_timeout_seconds,
         ca_file=settings.tls_ca_file,
     )
-    source = RoutingSource({"imap": imap})
-    return Adapters(
-        store=MemoryStore(),
-        queue=InProcessQueue(),
-        source=source,
-        sink=CreatioSink(timeout=settings.delivery_timeout_seconds),
-    )
+    return sources
 
 
 # Kept for callers (tests, bench) that build the single-process adapters up front.
