@@ -134,6 +134,25 @@ class Store(ABC):
     async def lease_owners(self, mailbox_ids: Sequence[str]) -> dict[str, str | None]:
         """Current holder of each mailbox's lease (None when free)."""
 
+    # -- history loads (/api/email/synchronize) --------------------------------------------------
+    # The "history floor" of a folder is the checkpoint seeded when its subscription started
+    # (seed_checkpoint records it in the same atomic step; advance_checkpoint replaces it when the
+    # UIDVALIDITY changes). Live delivery covers UIDs above it, history loads UIDs at or below it.
+
+    @abstractmethod
+    async def get_history_floor(self, mailbox_id: str, folder: str) -> Checkpoint | None:
+        """The folder's history floor (UIDVALIDITY and the last UID that predates live delivery)."""
+
+    @abstractmethod
+    async def mark_history_delivered(
+        self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]
+    ) -> None:
+        """Record that a history load delivered these UIDs (nothing for an unknown mailbox)."""
+
+    @abstractmethod
+    async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
+        """UIDs of the folder (within this UIDVALIDITY) that history loads delivered."""
+
     async def ping(self) -> None:  # noqa: B027 - optional hook, default: always reachable
         """Raise StoreError when the store cannot be reached."""
 
@@ -251,6 +270,11 @@ class Sink(ABC):
         self, mailbox: MailboxConfig, *, available: bool, error_class: str = "", message: str = ""
     ) -> None:
         """Tell the receiver whether the mailbox works (Creatio's ``ProcessMailboxState``)."""
+
+    @abstractmethod
+    async def request_token_refresh(self, mailbox: MailboxConfig) -> None:
+        """Ask the receiver for a new OAuth token (Creatio's ``RefreshToken``); it arrives later
+        through ``/api/listeners/update``."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

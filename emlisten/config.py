@@ -73,6 +73,9 @@ class Settings:
     reconnect_cap_seconds: float = 300.0
     auth_retry_base_seconds: float = 60.0
     auth_retry_cap_seconds: float = 1800.0
+    #: OAuth: how long to wait for Creatio's new token (via /update) after a RefreshToken call
+    #: before the mailbox is reported unavailable.
+    token_refresh_wait_seconds: float = 120.0
     #: Concurrent connection attempts per process, so a cold start with thousands of mailboxes
     #: does not flood the mail servers (or our own CPU with TLS handshakes).
     max_concurrent_connects: int = 64

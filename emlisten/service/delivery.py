@@ -19,7 +19,7 @@ from functools import partial
 
 import trio
 
-from emlisten.abc import Sink, Store, TaskDelivery, TaskQueue
+from emlisten.abc import MailReader, Sink, Store, TaskDelivery, TaskQueue
 from emlisten.config import Settings
 from emlisten.errors import DeliveryError, MailSourceError, QueueError, StoreError
 from emlisten.mail.mime import to_email
@@ -203,11 +203,31 @@ class DeliveryWorker:
                 )
                 if messages:
                     delivered += await self._deliver_messages(mailbox, folder, messages, after, seen_at)
+                    await self._mark_synchronized(mailbox, reader, messages)
                 elif after != checkpoint:
                     await self.store.advance_checkpoint(mailbox_id, folder, after)
                 else:
                     return delivered
                 checkpoint = after
+
+    async def _mark_synchronized(
+        self, mailbox: MailboxConfig, reader: MailReader, messages: Sequence[RawMessage]
+    ) -> None:
+        """Creatio's ``FeatureValues.MarkEmailsAsSynchronized``: flag delivered mail on the server.
+
+        Best effort: the mail is already delivered, so a failure is logged, not retried."""
+
+        if not _feature_enabled(mailbox, "MarkEmailsAsSynchronized"):
+            return
+        mark = getattr(reader, "mark", None)
+        if mark is None:
+            return
+        try:
+            await mark([raw.uid for raw in messages])
+        except MailSourceError as exc:
+            log.warning(
+                "could not mark delivered mail as synchronized: %s", exc, extra={"mailbox": mailbox.id}
+            )
 
     async def _deliver_messages(
         self,
@@ -265,7 +285,11 @@ class DeliveryWorker:
         emails = [email for _raw, email in batch]
         try:
             with trio.fail_after(self.settings.delivery_timeout_seconds):
-                await self.sink.deliver(mailbox, emails, idempotency_key=key)
+                if mailbox.use_full_email:
+                    await self.sink.deliver(mailbox, emails, idempotency_key=key)
+                else:
+                    # UseFullEmail=false: Creatio gets the message ids and loads the mail itself.
+                    await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
         except trio.TooSlowError:
             self.metrics.deliveries.labels(outcome="failure").inc()
             raise DeliveryError("ProcessFullEmail: no answer within the delivery timeout") from None
@@ -291,6 +315,14 @@ class DeliveryWorker:
             extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
+
+
+def _feature_enabled(mailbox: MailboxConfig, name: str) -> bool:
+    wanted = name.lower()
+    for key, value in mailbox.feature_values.items():
+        if key.lower() == wanted:
+            return value is True or (isinstance(value, (int, str)) and str(value).lower() in ("1", "true"))
+    return False
 
 
 def _age_ms(batch: Sequence[tuple[RawMessage, Email]]) -> int | None:

@@ -23,7 +23,13 @@ import trio
 from emlisten import __version__
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
 from emlisten.config import Role, Settings
-from emlisten.errors import DeliveryError, MailAuthError, MailSourceError, StoreError
+from emlisten.errors import (
+    DeliveryError,
+    MailAuthError,
+    MailSourceError,
+    MailTokenRejectedError,
+    StoreError,
+)
 from emlisten.metrics import Metrics
 from emlisten.models import (
     Checkpoint,
@@ -270,6 +276,7 @@ class MailboxSupervisor:
         self.m = manager
         self.mailbox = mailbox
         self.reported_unavailable = False
+        self.refresh_requested_at: float | None = None
         self.delivered = 0
 
     async def _set_state(self, state: MailboxState, error: str | None = None) -> None:
@@ -316,7 +323,10 @@ class MailboxSupervisor:
                 exc = _most_significant(group)
                 last_failure = type(exc).__name__
                 failed_before = True
-                if isinstance(exc, MailAuthError):
+                if isinstance(exc, MailTokenRejectedError) and self.mailbox.use_oauth:
+                    self.m.metrics.auth_failures.inc()
+                    delay = await self._token_rejected(exc, auth_retry)
+                elif isinstance(exc, MailAuthError):
                     self.m.metrics.auth_failures.inc()
                     await self._set_state(MailboxState.AUTHENTICATION_ERROR, str(exc))
                     delay = auth_retry.next_delay()
@@ -347,6 +357,39 @@ class MailboxSupervisor:
                     await self._set_state(MailboxState.CONNECT_ERROR, f"internal error: {type(exc).__name__}")
                     delay = connect_retry.next_delay()
             await trio.sleep(delay)
+
+    async def _token_rejected(self, exc: MailTokenRejectedError, auth_retry: Retry) -> float:
+        """OAuth: ask Creatio for a new token (it comes back through /update, which restarts this
+        supervisor); report the mailbox unavailable only if none arrives in time."""
+
+        settings = self.m.settings
+        now = trio.current_time()
+        await self._set_state(MailboxState.AUTHENTICATION_ERROR, f"{exc}; a new token was requested")
+        first = self.refresh_requested_at is None
+        if first:
+            self.refresh_requested_at = now
+        waited = now - (self.refresh_requested_at or now)
+        if first or waited >= settings.token_refresh_wait_seconds:
+            try:
+                with trio.fail_after(30):
+                    await self.m.sink.request_token_refresh(self.mailbox)
+                log.info(
+                    "OAuth token rejected: asked Creatio for a new one", extra={"mailbox": self.mailbox.id}
+                )
+            except (DeliveryError, trio.TooSlowError) as error:
+                log.warning(
+                    "could not ask Creatio for a new token: %s", error, extra={"mailbox": self.mailbox.id}
+                )
+        if waited >= settings.token_refresh_wait_seconds:
+            if not self.reported_unavailable:
+                await self._report(
+                    available=False,
+                    error_class="AuthenticationException",
+                    message=f"{exc}; no new token within {settings.token_refresh_wait_seconds:.0f}s",
+                )
+            return auth_retry.next_delay()
+        # Until the deadline, wake up at it (a new token restarts us sooner).
+        return max(0.05, settings.token_refresh_wait_seconds - waited)
 
     async def _listen_folder(
         self, folder: str, *, task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED

@@ -140,6 +140,15 @@ class CreatioSink(Sink):
         url = sibling_method_url(mailbox.bpm_endpoint, "ProcessMailboxState")
         await self._post(url, body, what="ProcessMailboxState")
 
+    async def request_token_refresh(self, mailbox: MailboxConfig) -> None:
+        body = {
+            "MailboxId": mailbox.id,
+            "SenderEmailAddress": mailbox.sender_email or mailbox.user_name,
+            "BpmUserName": mailbox.bpm_user,
+            "BpmUserWorkspace": mailbox.bpm_user_workspace,
+        }
+        await self._post(sibling_method_url(mailbox.bpm_endpoint, "RefreshToken"), body, what="RefreshToken")
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
