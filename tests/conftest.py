@@ -8,10 +8,29 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import trio
 
+from tests.secret_scan import (  # the scan's hooks run from here
+    pytest_configure,  # noqa: F401
+    pytest_sessionfinish,  # noqa: F401
+    register_secret,
+)
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
 
 MakeMailUser = Callable[..., MailUser]
+
+# Strings the tests use as wrong or extra secrets: they must not show up in any log either.
+for _secret in (
+    "definitely-wrong",
+    "nope-not-it",
+    "bad-password",
+    "wrong-password",
+    "hunter2-password",
+    "wrong-password-123",
+    "smtp-only-password",
+    "cluster-test-key",
+    "contract-test-secret-key",
+):
+    register_secret(_secret)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +48,7 @@ def dovecot() -> Iterator[Dovecot]:
 
 @pytest.fixture
 def make_mail_user(dovecot: Dovecot) -> MakeMailUser:
-    """``make_mail_user(name=None, password="secret-pw")``: a new user on the shared Dovecot."""
+    """``make_mail_user(name=None, password=<unique>)``: a new user on the shared Dovecot."""
     return dovecot.add_user
 
 

@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from tests.contract.backends import AMQP_URL, REDIS_URL
+from tests.secret_scan import scan_text
 from tests.servers.dovecot import Dovecot, free_port
 
 
@@ -62,6 +63,7 @@ class Cluster:
     def stop_all(self) -> None:
         for node in self.nodes.values():
             node.kill()
+            scan_text(node.log_text())
 
 
 class NodeProcess:

@@ -33,6 +33,8 @@ from typing import Any
 
 import trio
 
+from tests.secret_scan import register_secret
+
 log = logging.getLogger(__name__)
 
 DOVECOT_BIN = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -484,8 +486,13 @@ class Dovecot:
         tmp.write_text(json.dumps({"password": user.password}))
         tmp.replace(path)
 
-    def add_user(self, name: str | None = None, password: str = "secret-pw") -> MailUser:
-        """Create a mail user (unique name when None); it can log in at once, no restart."""
+    def add_user(self, name: str | None = None, password: str | None = None) -> MailUser:
+        """Create a mail user (unique name and password when None); it can log in at once.
+
+        The password is registered with the secret scan: it must never appear in a log."""
+        if password is None:
+            password = f"pw-{uuid.uuid4().hex[:16]}"
+        register_secret(password)
         if name is None:
             name = f"u{os.getpid()}x{next(self._counter)}x{uuid.uuid4().hex[:6]}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@+-]*", name) or ".." in name:
@@ -499,6 +506,7 @@ class Dovecot:
         return user
 
     def set_password(self, user: MailUser, password: str) -> MailUser:
+        register_secret(password)
         """Change a user's password (e.g. to provoke auth failures); returns the updated user."""
         updated = MailUser(name=user.name, password=password, email=user.email)
         with self._users_lock:

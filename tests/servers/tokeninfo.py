@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
+from tests.secret_scan import register_secret
+
 TOKENINFO_PATH = "/tokeninfo"
 DEFAULT_SCOPE = "https://mail.example.test/"
 
@@ -56,7 +58,7 @@ class TokenInfoServer:
     # -- tokens ----------------------------------------------------------------------------
 
     def issue(self, user: str, *, lifetime: float = 3600.0) -> str:
-        token = "tok-" + secrets.token_urlsafe(24)
+        token = register_secret("tok-" + secrets.token_urlsafe(24))
         with self._lock:
             self._tokens[token] = IssuedToken(user=user, expires_at=time.time() + lifetime)
         return token

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.secret_scan import scan_text
 from tests.servers.dovecot import free_port
 
 EMLISTEN = [sys.executable, "-m", "emlisten"]
@@ -63,7 +64,9 @@ def test_serve_all_on_embedded_defaults_then_sigterm_exits_0(node_env: dict[str,
         code = proc.wait(timeout=15)
     assert code == 0
     assert proc.stderr is not None
-    assert "stopped" in proc.stderr.read()
+    rest = proc.stderr.read()
+    scan_text("".join(lines) + rest)
+    assert "stopped" in rest
 
 
 def test_sigint_also_exits_0(node_env: dict[str, str]) -> None:
