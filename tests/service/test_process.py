@@ -104,3 +104,17 @@ def test_secondary_without_shared_services_is_refused(node_env: dict[str, str]) 
     )
     assert result.returncode == 2
     assert "EMLISTEN_AMQP_URL" in result.stderr
+
+
+def test_json_logs_one_object_per_line(node_env: dict[str, str]) -> None:
+    import json
+
+    node_env["EMLISTEN_LOG_FORMAT"] = "json"
+    proc, _port, lines = start(node_env)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert proc.stderr is not None
+    records = [json.loads(line) for line in [*lines, *proc.stderr.read().splitlines()] if line.strip()]
+    assert records, "no log lines"
+    assert all(r["node"] == "proc-test" and r["level"] and r["msg"] for r in records)
+    assert any("ready: API on" in r["msg"] for r in records)
