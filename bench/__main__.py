@@ -1,0 +1,52 @@
+"""``python -m bench <scenario> [options]``: run one benchmark scenario and write its results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench import burst, failover, idle, latency
+from bench._harness import BenchError, print_table, write_results
+
+SCENARIOS = {
+    "idle": (idle, "memory per mailbox, idle CPU and cold start of N listening mailboxes"),
+    "latency": (latency, "APPEND-done to callback, next to a bare IDLE client's EXISTS (the floor)"),
+    "burst": (burst, "drain rate, losses and duplicates after a backlog built while emlisten was frozen"),
+    "failover": (failover, "takeover time when a node dies (not available yet)"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = root.add_subparsers(dest="scenario", required=True)
+    for name, (module, help_text) in SCENARIOS.items():
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    module, _ = SCENARIOS[args.scenario]
+    try:
+        result = module.run(args)
+    except BenchError as exc:
+        print(f"bench {args.scenario}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {args.scenario}: interrupted", file=sys.stderr)
+        return 130
+    print_table(result)
+    json_path, md_path = write_results(result, args.results_dir)
+    print(f"\nresults: {json_path}\n         {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,826 @@
+"""What every benchmark scenario shares.
+
+A tuned private Dovecot (from ``tests/servers``), one mail user per mailbox, the Creatio stand-in
+in the bench's own Trio loop, and emlisten as a separate process (``python -m emlisten serve``)
+whose RSS and CPU are read from ``/proc``. Results go to ``bench/results/<scenario>-<ts>.{json,md}``
+together with the facts of the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from bench._rawimap import RawImap
+from tests.servers.creatio import CreatioStandIn, get_ci
+from tests.servers.dovecot import DOVECOT_BIN, Dovecot, MailUser, free_port
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Appended to the fixture's config: many more login/IDLE sessions than a test ever opens.
+DOVECOT_EXTRA_CONFIG = """
+service imap-login {
+  vsz_limit = 2G
+}
+service imap-hibernate {
+  vsz_limit = 2G
+}
+service auth {
+  client_limit = 20000
+}
+"""
+
+
+class BenchError(RuntimeError):
+    """The run could not produce a figure (setup failed, timeout): said plainly, no fake result."""
+
+
+# -- small utilities ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/max/min/mean in milliseconds, rounded to 0.1 ms."""
+    if not seconds:
+        return {}
+    ms = [s * 1000 for s in seconds]
+    return {
+        "count": len(ms),
+        "p50": round(percentile(ms, 50), 1),
+        "p90": round(percentile(ms, 90), 1),
+        "p99": round(percentile(ms, 99), 1),
+        "max": round(max(ms), 1),
+        "min": round(min(ms), 1),
+        "mean": round(sum(ms) / len(ms), 1),
+    }
+
+
+class Progress:
+    """One self-overwriting stderr line on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = total
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last < (0.2 if self._tty else 5.0) and done < self.total:
+            return
+        self._last = now
+        line = f"{self.label}: {done}/{self.total} {now - self.started:6.1f}s {extra}"
+        if self._tty:
+            sys.stderr.write("\r\x1b[2K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self, done: int, extra: str = "") -> None:
+        self._last = 0.0
+        self.update(self.total if done >= self.total else done, extra)
+        if self._tty:
+            sys.stderr.write("\n")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- machine facts -----------------------------------------------------------------------------
+
+
+def _first_match(path: str, pattern: str) -> str:
+    with contextlib.suppress(OSError):
+        match = re.search(pattern, Path(path).read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return "unknown"
+
+
+def machine_facts() -> dict[str, Any]:
+    mem_kib = _first_match("/proc/meminfo", r"^MemTotal:\s+(\d+)")
+    try:
+        dovecot = subprocess.run(
+            [DOVECOT_BIN, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        dovecot = "unknown"
+    from emlisten import __version__
+
+    commit = "unknown"
+    with contextlib.suppress(OSError):
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+        commit = result.stdout.strip() or "unknown"
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": _first_match("/proc/cpuinfo", r"^model name\s*:\s*(.+)$"),
+        "cores": os.cpu_count(),
+        "ram_gib": round(int(mem_kib) / 1024 / 1024, 1) if mem_kib.isdigit() else "unknown",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "dovecot": dovecot,
+        "emlisten": __version__,
+        "git_commit": commit,
+        "load_avg_when_written": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the result table. ``ok`` is None when the figure has no target."""
+
+    metric: str
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+
+@dataclass
+class Result:
+    scenario: str
+    params: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, metric: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        self.rows.append(Row(metric, value, target, ok))
+
+
+def _verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("yes" if ok else "**NO**")
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    lines = ["| figure | value | target | met |", "|---|---|---|---|"]
+    lines += [f"| {r.metric} | {r.value} | {r.target} | {_verdict(r.ok)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(result: Result, machine: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items())
+    parts = [
+        f"# emlisten benchmark: {result.scenario}",
+        "",
+        f"{machine['date']}, parameters: {params}",
+        "",
+        render_table(result.rows),
+        "",
+    ]
+    if result.notes:
+        parts += ["Notes:", "", *[f"- {n}" for n in result.notes], ""]
+    parts += [
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "date"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_results(result: Result, results_dir: Path) -> tuple[Path, Path]:
+    machine = machine_facts()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = results_dir / f"{result.scenario}-{stamp}"
+    body = {
+        "scenario": result.scenario,
+        "params": result.params,
+        "machine": machine,
+        "metrics": result.metrics,
+        "table": [r.__dict__ for r in result.rows],
+        "notes": result.notes,
+    }
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(body, indent=2) + "\n")
+    md_path.write_text(render_markdown(result, machine))
+    return json_path, md_path
+
+
+def print_table(result: Result) -> None:
+    headers = ("figure", "value", "target", "met")
+    cells = [(r.metric, r.value, r.target, _verdict(r.ok).strip("*")) for r in result.rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print()
+    print(f"== {result.scenario} ==")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, mailboxes: int) -> None:
+    parser.add_argument("--mailboxes", type=int, default=mailboxes, help=f"default {mailboxes}")
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument("--tls", dest="tls", action="store_true", default=True, help="IMAPS (default)")
+    security.add_argument("--plain", dest="tls", action="store_false", help="plain IMAP")
+    parser.add_argument(
+        "--hibernate-timeout",
+        default="2s",
+        help="Dovecot imap_hibernate_timeout ('none' to keep one imap process per session); default 2s",
+    )
+    parser.add_argument("--chunk", type=int, default=500, help="mailboxes per /api/listeners/create call")
+    parser.add_argument(
+        "--listen-timeout", type=float, default=0.0, help="seconds to wait for all listening (0: auto)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the emlisten process (repeatable), e.g. EMLISTEN_READER_IDLE_SECONDS=1",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=120.0,
+        help="max wait for the fetch sessions opened by the start-up catch-up to close, where the "
+        "scenario waits for them (they close after EMLISTEN_READER_IDLE_SECONDS, 60 by default)",
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+
+
+def common_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "mailboxes": args.mailboxes,
+        "security": "tls" if args.tls else "plain",
+        "hibernate_timeout": args.hibernate_timeout,
+        "emlisten_env": list(args.env),
+    }
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BenchError(f"--env wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+# -- the mail server ---------------------------------------------------------------------------
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextlib.contextmanager
+def bench_dovecot(args: argparse.Namespace) -> Iterator[Dovecot]:
+    hibernate = None if str(args.hibernate_timeout).lower() in ("", "none", "off") else args.hibernate_timeout
+    raise_fd_limit()
+    with Dovecot(hibernate_timeout=hibernate, extra_config=DOVECOT_EXTRA_CONFIG) as dovecot:
+        yield dovecot
+
+
+def create_users(dovecot: Dovecot, count: int) -> list[MailUser]:
+    progress = Progress("creating mail users", count)
+    users = []
+    for i in range(count):
+        users.append(dovecot.add_user(f"bench{i}x{uuid.uuid4().hex[:8]}"))
+        progress.update(i + 1)
+    progress.close(count)
+    return users
+
+
+# -- the emlisten process ----------------------------------------------------------------------
+
+
+def _preexec_raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return inodes
+
+
+def established_connections(pid: int, remote_ports: Sequence[int]) -> int:
+    """TCP connections of ``pid`` in ESTABLISHED state to any of ``remote_ports``."""
+    inodes = _socket_inodes(pid)
+    wanted = {f"{p:04X}" for p in remote_ports}
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "01" and fields[2].rsplit(":", 1)[1] in wanted and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def session_cpu_seconds(session_id: int) -> float:
+    """CPU (user + system, including reaped children) of every process in a session: Dovecot
+    runs in a session of its own, so this is the whole mail server's CPU."""
+    total = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = stat_path.read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == session_id:
+                total += sum(int(f) for f in fields[11:15])
+    return total / CLOCK_TICKS
+
+
+class EmlistenProcess:
+    """``python -m emlisten serve --role=all`` as a child process with its own log file."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.extra_env = env
+        self.log_dir = log_dir
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = log_dir / "emlisten-0.log"
+        self._starts = 0
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise BenchError("emlisten is not running")
+        return self.process.pid
+
+    def spawn(self) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMLISTEN_")}
+        env.update(self.extra_env)
+        self.log_path = self.log_dir / f"emlisten-{self._starts}.log"
+        self._starts += 1
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "emlisten",
+                    "serve",
+                    "--role=all",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_preexec_raise_fd_limit,  # noqa: PLW1509 - no threads started yet here
+                start_new_session=True,
+            )
+        say(f"emlisten pid {self.process.pid}, port {self.port}, log {self.log_path}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def log_problems(self) -> int:
+        """Lines at WARNING or above in the current log (the process runs at WARNING)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return sum(
+            1
+            for line in text.splitlines()
+            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line) and "in-memory store" not in line
+        )
+
+    async def wait_ready(self, http: httpx.AsyncClient, within: float = 30.0) -> None:
+        deadline = trio.current_time() + within
+        while trio.current_time() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise BenchError(f"emlisten exited during start:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                response = await http.get(f"{self.url}/api/listeners/exists", timeout=2)
+                if response.status_code == 200:
+                    return
+            await trio.sleep(0.02)
+        raise BenchError(f"emlisten did not answer within {within}s:\n{self.log_tail()}")
+
+    def rss_kib(self) -> int:
+        match = re.search(r"^VmRSS:\s+(\d+)", Path(f"/proc/{self.pid}/status").read_text(), re.MULTILINE)
+        if match is None:
+            raise BenchError("no VmRSS for the emlisten process")
+        return int(match.group(1))
+
+    def cpu_seconds(self) -> float:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def connections_to(self, ports: Sequence[int]) -> int:
+        return established_connections(self.pid, ports)
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    async def stop(self, within: float = 60.0) -> float:
+        """SIGTERM and wait; returns the seconds the graceful shutdown took (SIGKILL after ``within``)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return 0.0
+        started = time.monotonic()
+        process.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(within):
+            while process.poll() is None:  # noqa: ASYNC110 - a child's exit is no Trio event
+                await trio.sleep(0.02)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            say(f"emlisten did not stop within {within}s; killed")
+        return time.monotonic() - started
+
+
+# -- the whole stack ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    dovecot: Dovecot
+    standin: CreatioStandIn
+    emlisten: EmlistenProcess
+    http: httpx.AsyncClient
+    tls: bool
+    listen_timeout: float
+    chunk: int
+
+    def dovecot_cpu_seconds(self) -> float:
+        master_pid = int((self.dovecot.base_dir / "master.pid").read_text().split()[0])
+        return session_cpu_seconds(master_pid)
+
+    @property
+    def mail_ports(self) -> tuple[int, int]:
+        return (self.dovecot.imap_port, self.dovecot.imaps_port)
+
+    def credentials(self, user: MailUser) -> dict[str, Any]:
+        """One Creatio ``SynchronizationCredentials`` element, as tests/service/conftest.py builds it."""
+        return {
+            "Id": str(uuid.uuid4()),
+            "UserName": user.name,
+            "Password": user.password,
+            "SenderEmailAddress": user.email,
+            "ServiceUrl": self.dovecot.host,
+            "Port": self.dovecot.imaps_port if self.tls else self.dovecot.imap_port,
+            "UseSsl": self.tls,
+            "SecureOption": 2 if self.tls else 0,
+            "BpmEndpoint": self.standin.endpoint(),
+            "BpmUser": "Supervisor",
+            "BpmUserWorkspace": "Default",
+            "BpmUserTimeZone": "UTC",
+            "FolderIds": [],
+            "UseFullEmail": True,
+        }
+
+    async def register(self, credentials: Sequence[dict[str, Any]]) -> None:
+        """POST /api/listeners/create in chunks; every element must be accepted."""
+        for start in range(0, len(credentials), self.chunk):
+            chunk = list(credentials[start : start + self.chunk])
+            response = await self.http.post(
+                f"{self.emlisten.url}/api/listeners/create", json=chunk, timeout=120
+            )
+            if response.status_code != 200 or len(response.json().get("Accepted", [])) != len(chunk):
+                raise BenchError(f"create refused: {response.status_code} {response.text[:500]}")
+
+    async def status_counts(self) -> dict[str, int]:
+        response = await self.http.get(f"{self.emlisten.url}/api/listeners/status", timeout=30)
+        response.raise_for_status()
+        connections = response.json().get("Connections", {})
+        return {k: int(v) for k, v in connections.items()}
+
+    async def wait_listening(self, count: int, label: str = "listening") -> dict[str, int]:
+        """Poll the status every 50 ms until ``count`` mailboxes are listening."""
+        timeout = self.listen_timeout or max(60.0, count * 0.1)
+        progress = Progress(label, count)
+        counts: dict[str, int] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                counts = await self.status_counts()
+                listening = counts.get("listening", 0)
+                progress.update(listening, _states(counts))
+                if listening >= count:
+                    progress.close(listening)
+                    return counts
+                await trio.sleep(0.05)
+        progress.close(counts.get("listening", 0))
+        raise BenchError(
+            f"only {counts.get('listening', 0)}/{count} listening after {timeout:.0f}s ({_states(counts)});"
+            f" emlisten log:\n{self.emlisten.log_tail()}"
+        )
+
+    async def wait_connections(self, count: int, within: float) -> tuple[bool, float]:
+        """Wait until emlisten holds exactly ``count`` mail connections (the fetch sessions opened
+        by the catch-up after connect have closed). Returns (reached, seconds waited)."""
+        started = time.monotonic()
+        progress = Progress("waiting for idle fetch sessions to close", count)
+        with trio.move_on_after(within):
+            while True:
+                now = self.emlisten.connections_to(self.mail_ports)
+                progress.update(count if now <= count else 0, f"{now} mail connections, want {count}")
+                if now <= count:
+                    progress.close(count)
+                    return True, time.monotonic() - started
+                await trio.sleep(0.5)
+        progress.close(0, "timed out")
+        return False, time.monotonic() - started
+
+    async def start_listening(self, users: Sequence[MailUser]) -> ColdStart:
+        """Register one mailbox per user and wait until all listen."""
+        credentials = [self.credentials(u) for u in users]
+        emlisten_cpu, dovecot_cpu = self.emlisten.cpu_seconds(), self.dovecot_cpu_seconds()
+        started = time.monotonic()
+        await self.register(credentials)
+        registered = time.monotonic() - started
+        await self.wait_listening(len(credentials))
+        return ColdStart(
+            mailbox_ids=[c["Id"] for c in credentials],
+            seconds=time.monotonic() - started,
+            create_calls_seconds=registered,
+            emlisten_cpu_seconds=self.emlisten.cpu_seconds() - emlisten_cpu,
+            dovecot_cpu_seconds=self.dovecot_cpu_seconds() - dovecot_cpu,
+        )
+
+
+@dataclass
+class ColdStart:
+    mailbox_ids: list[str]
+    seconds: float  # first create call -> all listening
+    create_calls_seconds: float
+    emlisten_cpu_seconds: float
+    dovecot_cpu_seconds: float
+
+    def as_metrics(self, prefix: str = "cold_start") -> dict[str, float]:
+        return {
+            f"{prefix}_seconds": round(self.seconds, 3),
+            f"{prefix}_create_calls_seconds": round(self.create_calls_seconds, 3),
+            f"{prefix}_emlisten_cpu_seconds": round(self.emlisten_cpu_seconds, 2),
+            f"{prefix}_dovecot_cpu_seconds": round(self.dovecot_cpu_seconds, 2),
+        }
+
+    def cpu_text(self) -> str:
+        share = 100 * self.emlisten_cpu_seconds / self.seconds
+        return (
+            f"emlisten {self.emlisten_cpu_seconds:.1f} s ({share:.0f} % of a core),"
+            f" Dovecot {self.dovecot_cpu_seconds:.1f} s"
+        )
+
+
+def _states(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "Total")
+
+
+@contextlib.asynccontextmanager
+async def open_stack(args: argparse.Namespace, dovecot: Dovecot) -> AsyncIterator[Stack]:
+    """The Creatio stand-in (in this Trio loop) and a started, answering emlisten process."""
+    env = {
+        "EMLISTEN_TLS_CA_FILE": str(dovecot.ca_file),
+        "EMLISTEN_LOG_LEVEL": "WARNING",
+        "EMLISTEN_NODE_ID": "bench",
+        **parse_env(args.env),
+    }
+    log_dir = Path(tempfile.mkdtemp(prefix="emlisten-bench-"))
+    standin = CreatioStandIn()
+    emlisten = EmlistenProcess(env, log_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(standin.serve)
+        # No keep-alive: an open idle connection holds up emlisten's graceful shutdown by
+        # Hypercorn's graceful timeout, which would be counted in the shutdown figure.
+        limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits) as http:
+            emlisten.spawn()
+            try:
+                await emlisten.wait_ready(http)
+                yield Stack(dovecot, standin, emlisten, http, args.tls, args.listen_timeout, args.chunk)
+            finally:
+                await emlisten.stop()
+        nursery.cancel_scope.cancel()
+    say(f"emlisten logs: {log_dir}")
+
+
+# -- the mail that goes through --------------------------------------------------------------
+
+_SUBJECT = re.compile(r"^bench (\w+) (\d+)$")
+
+
+def bench_message(run: str, index: int, size: int = 0) -> bytes:
+    """A valid message whose Subject carries (run, index); padded to about ``size`` bytes."""
+    filler = ""
+    if size > 0:
+        line = "The quick brown fox jumps over the lazy dog, again and again. 0123456789\r\n"
+        filler = line * max(0, (size - 400) // len(line))
+    lines = [
+        "From: Bench Sender <sender@example.test>",
+        "To: rcpt@example.test",
+        f"Subject: bench {run} {index}",
+        "Date: Mon, 02 Jan 2023 10:00:00 +0000",
+        f"Message-ID: <bench-{run}-{index}@example.test>",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        f"Benchmark message {index}.\r\n{filler}",
+    ]
+    return "\r\n".join(lines).encode()
+
+
+class CallbackIndex:
+    """Reads the stand-in's ProcessFullEmail calls incrementally: first receive time per message
+    index of one run, and how often each Email.Id was seen (to count duplicates)."""
+
+    def __init__(self, standin: CreatioStandIn, run: str) -> None:
+        self.standin = standin
+        self.run = run
+        self.first_seen: dict[int, float] = {}
+        self.email_ids: Counter[str] = Counter()
+        self.calls = 0
+        self.emails = 0
+        self.last_received = 0.0
+        self._consumed = 0
+
+    def update(self) -> None:
+        calls = self.standin.calls()
+        for call in calls[self._consumed :]:
+            if call.method != "ProcessFullEmail" or not call.accepted:
+                continue
+            self.calls += 1
+            emails = get_ci(call.body, "Emails")
+            for email in emails if isinstance(emails, list) else []:
+                match = _SUBJECT.match(str(get_ci(email, "Subject") or ""))
+                if match is None or match.group(1) != self.run:
+                    continue
+                self.emails += 1
+                self.email_ids[str(get_ci(email, "Id"))] += 1
+                self.first_seen.setdefault(int(match.group(2)), call.received_at)
+                self.last_received = max(self.last_received, call.received_at)
+        self._consumed = len(calls)
+
+    @property
+    def duplicated(self) -> int:
+        return sum(n - 1 for n in self.email_ids.values() if n > 1)
+
+    async def wait_for(self, count: int, stall_timeout: float, label: str) -> bool:
+        """Wait until ``count`` distinct messages arrived; False once no call at all came for
+        ``stall_timeout`` seconds (event driven: woken by each call the stand-in records)."""
+        progress = Progress(label, count)
+        while True:
+            self.update()
+            progress.update(len(self.first_seen))
+            if len(self.first_seen) >= count:
+                progress.close(count)
+                return True
+            try:
+                await self.standin.wait_until(lambda: True if self._has_new() else None, stall_timeout, label)
+            except AssertionError:
+                progress.close(len(self.first_seen), "stalled")
+                return False
+
+    def _has_new(self) -> bool:
+        return len(self.standin.calls()) > self._consumed
+
+
+async def prepare_mailboxes(dovecot: Dovecot, users: Sequence[MailUser]) -> None:
+    """Log every user in once, so Dovecot has created its Maildir and indexes before the
+    measurement (a real server's mailboxes exist already; creating them is not emlisten's cost)."""
+    progress = Progress("creating the users' mailboxes on the server", len(users))
+    done = 0
+
+    async def one(user: MailUser, limiter: trio.CapacityLimiter) -> None:
+        nonlocal done
+        async with limiter:
+            client = await RawImap.connect(dovecot.host, dovecot.imap_port)
+            try:
+                await client.login(user.name, user.password)
+                await client.select("INBOX")
+                await client.command(b"LOGOUT")
+            finally:
+                await client.aclose()
+        done += 1
+        progress.update(done)
+
+    limiter = trio.CapacityLimiter(16)
+    async with trio.open_nursery() as nursery:
+        for user in users:
+            nursery.start_soon(one, user, limiter)
+    progress.close(done)
+
+
+async def bare_client_cold_start(
+    dovecot: Dovecot,
+    users: Sequence[MailUser],
+    *,
+    tls: bool,
+    sessions_per_user: int = 1,
+    concurrency: int = 64,
+) -> float:
+    """Seconds for the bench's bare client to bring ``sessions_per_user`` IDLE sessions per user
+    up (connect, TLS, LOGIN, SELECT, IDLE), ``concurrency`` at a time: the server's cold-start
+    floor for a Python client. The sessions are closed afterwards."""
+    context = dovecot.client_ssl_context() if tls else None
+    port = dovecot.imaps_port if tls else dovecot.imap_port
+    clients: list[RawImap] = []
+    total = len(users) * sessions_per_user
+    progress = Progress(f"bare client: {total} IDLE sessions", total)
+
+    async def one(user: MailUser, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            client = await RawImap.connect(dovecot.host, port, context)
+            clients.append(client)
+            await client.login(user.name, user.password)
+            await client.select("INBOX")
+            await client.idle_start()
+        progress.update(len(clients))
+
+    started = time.monotonic()
+    limiter = trio.CapacityLimiter(concurrency)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(sessions_per_user):
+                for user in users:
+                    nursery.start_soon(one, user, limiter)
+        return time.monotonic() - started
+    finally:
+        progress.close(len(clients))
+        await close_all(clients)
+
+
+async def connect_appenders(stack: Stack, users: Sequence[MailUser]) -> list[RawImap]:
+    """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
+    clients: list[RawImap | None] = [None] * len(users)
+
+    async def one(i: int, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            client = await RawImap.connect(stack.dovecot.host, stack.dovecot.imap_port)
+            await client.login(users[i].name, users[i].password)
+            clients[i] = client
+
+    limiter = trio.CapacityLimiter(32)
+    async with trio.open_nursery() as nursery:
+        for i in range(len(users)):
+            nursery.start_soon(one, i, limiter)
+    return [c for c in clients if c is not None]
+
+
+async def close_all(clients: Sequence[RawImap]) -> None:
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(client.aclose)

@@ -1,0 +1,145 @@
+"""A deliberately tiny IMAP client on raw Trio streams, independent of emlisten.
+
+The benchmarks use it for the two things they must not borrow from the code under test: appending
+mail (so "APPEND done" is timed in the bench's own event loop) and the latency floor probe (a bare
+IDLE session that timestamps ``* n EXISTS`` as soon as the bytes arrive). It handles only what
+Dovecot answers to LOGIN, SELECT, APPEND and IDLE: line-based responses without literals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+
+import trio
+
+
+class RawImapError(RuntimeError):
+    pass
+
+
+def _quoted(text: str) -> bytes:
+    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+
+
+class RawImap:
+    """One connection. Not safe for concurrent commands: give each task its own."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._tags = 0
+        self.capabilities: set[str] = set()
+
+    @classmethod
+    async def connect(cls, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> RawImap:
+        tcp = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = tcp
+        if ssl_context is not None:
+            tls = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+            await tls.do_handshake()
+            stream = tls
+        client = cls(stream)
+        greeting = await client.read_line()
+        if not greeting.startswith(b"* OK"):
+            await client.aclose()
+            raise RawImapError(f"unexpected greeting {greeting[:80]!r}")
+        client._note_capabilities(greeting)
+        return client
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stream.aclose()
+
+    def _note_capabilities(self, line: bytes) -> None:
+        text = line.decode(errors="replace")
+        start = text.find("[CAPABILITY ")
+        if start >= 0:
+            end = text.find("]", start)
+            self.capabilities = set(text[start + 12 : end].upper().split())
+        elif text.startswith("* CAPABILITY "):
+            self.capabilities = set(text[13:].upper().split())
+
+    async def read_line(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 2]
+                return line
+            data = await self._stream.receive_some(65536)
+            if not data:
+                raise RawImapError("connection closed by the server")
+            self._buffer += data
+
+    def _next_tag(self) -> bytes:
+        self._tags += 1
+        return b"b%d" % self._tags
+
+    async def _finish(self, tag: bytes) -> tuple[list[bytes], bytes]:
+        untagged: list[bytes] = []
+        while True:
+            line = await self.read_line()
+            if line.startswith(tag + b" "):
+                if not line[len(tag) + 1 :].startswith(b"OK"):
+                    raise RawImapError(f"command failed: {line[:200]!r}")
+                return untagged, line
+            self._note_capabilities(line)
+            untagged.append(line)
+
+    async def command(self, text: bytes) -> tuple[list[bytes], bytes]:
+        tag = self._next_tag()
+        await self._stream.send_all(tag + b" " + text + b"\r\n")
+        return await self._finish(tag)
+
+    async def login(self, user: str, password: str) -> None:
+        await self.command(b"LOGIN " + _quoted(user) + b" " + _quoted(password))
+
+    async def select(self, folder: str = "INBOX") -> int:
+        """SELECT the folder; returns its EXISTS count."""
+        untagged, _ = await self.command(b"SELECT " + _quoted(folder))
+        for line in untagged:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == b"EXISTS":
+                return int(parts[1])
+        return 0
+
+    async def append(self, message: bytes, folder: str = "INBOX") -> bytes:
+        """APPEND; returns the tagged OK line (with APPENDUID) once the server confirmed it."""
+        tag = self._next_tag()
+        head = tag + b" APPEND " + _quoted(folder) + b" "
+        if "LITERAL+" in self.capabilities:
+            await self._stream.send_all(head + b"{%d+}\r\n" % len(message) + message + b"\r\n")
+        else:
+            await self._stream.send_all(head + b"{%d}\r\n" % len(message))
+            while not (line := await self.read_line()).startswith(b"+"):
+                if line.startswith(tag + b" "):
+                    raise RawImapError(f"APPEND refused: {line[:200]!r}")
+            await self._stream.send_all(message + b"\r\n")
+        _, tagged = await self._finish(tag)
+        return tagged
+
+    async def idle_start(self) -> bytes:
+        """Send IDLE and return the tag once the server's ``+`` continuation arrived."""
+        tag = self._next_tag()
+        await self._stream.send_all(tag + b" IDLE\r\n")
+        while not (line := await self.read_line()).startswith(b"+"):
+            if line.startswith(tag + b" "):
+                raise RawImapError(f"IDLE refused: {line[:200]!r}")
+        return tag
+
+    async def watch(self, idle_tag: bytes, on_exists: Callable[[int, float], None]) -> None:
+        """After ``idle_start``: call ``on_exists(count, monotonic_time)`` for each ``* n EXISTS``
+        until cancelled. (Dovecot ends IDLE only after 30 min of silence, longer than any run.)"""
+        while True:
+            line = await self.read_line()
+            seen_at = time.monotonic()
+            if line.startswith(idle_tag + b" "):
+                raise RawImapError(f"IDLE ended: {line[:200]!r}")
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"*" and parts[2] == b"EXISTS":
+                on_exists(int(parts[1]), seen_at)

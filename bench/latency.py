@@ -1,0 +1,255 @@
+"""Scenario ``latency``: from APPEND done to the Creatio callback, next to the server's own floor.
+
+With N mailboxes listening, M mails are appended one at a time (round-robin over the mailboxes,
+one every ``--spacing`` seconds) on plain-IMAP connections held by the bench. For each mail:
+
+- emlisten: stand-in receive time - time the APPEND's tagged OK was read;
+- floor: the time a bare IDLE client (bench/_rawimap.py, same TLS setting, same mailbox, same
+  process and clock) saw ``* n EXISTS`` - the same APPEND-done time. That is how fast anything
+  can learn of the mail from this Dovecot; emlisten's figure adds fetching and the callback.
+
+By default the run waits first until the fetch sessions opened by the start-up catch-up have
+closed, so each mailbox's first mail is delivered on a cold fetch session (connect + login),
+as for a mailbox that receives mail rarely; later mails reuse the pooled session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+import trio
+
+from bench._harness import (
+    CallbackIndex,
+    Result,
+    Stack,
+    add_common_arguments,
+    bench_dovecot,
+    bench_message,
+    close_all,
+    common_params,
+    connect_appenders,
+    create_users,
+    open_stack,
+    prepare_mailboxes,
+    say,
+    summary_ms,
+)
+from bench._rawimap import RawImap
+from tests.servers.dovecot import Dovecot, MailUser
+
+TARGET_P50_OVER_FLOOR_MS = 5.0
+TARGET_P99_MS = 100.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, mailboxes=100)
+    parser.add_argument("--mails", type=int, default=200, help="mails to append (default 200)")
+    parser.add_argument("--spacing", type=float, default=0.02, help="seconds between APPENDs (default 0.02)")
+    parser.add_argument(
+        "--no-settle",
+        dest="settle",
+        action="store_false",
+        help="do not wait for the start-up fetch sessions to close (all mails then find a warm session)",
+    )
+    parser.add_argument(
+        "--callback-timeout",
+        type=float,
+        default=30.0,
+        help="give up when no callback arrived for this long (default 30)",
+    )
+
+
+def run(args: argparse.Namespace) -> Result:
+    with bench_dovecot(args) as dovecot:
+        users = create_users(dovecot, args.mailboxes)
+        return trio.run(_measure, args, dovecot, users)
+
+
+def _hibernate_seconds(value: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|msecs?|s|secs?|m|mins?)?\s*", str(value))
+    if match is None:
+        return 0.0
+    number = float(match.group(1))
+    unit = match.group(2) or "s"
+    return number / 1000 if unit.startswith("ms") else number * 60 if unit.startswith("m") else number
+
+
+class FloorProbe:
+    """A bare IDLE session on one mailbox that timestamps each new EXISTS count once."""
+
+    def __init__(self) -> None:
+        self.initial = 0
+        self.seen: dict[int, float] = {}
+
+    def _record(self, count: int, seen_at: float) -> None:
+        self.seen.setdefault(count, seen_at)
+
+    def first_reaching(self, count: int) -> float | None:
+        """When an EXISTS of at least ``count`` was first seen (Dovecot may report several new
+        mails in one EXISTS, skipping the counts in between)."""
+        times = [at for seen_count, at in self.seen.items() if seen_count >= count]
+        return min(times) if times else None
+
+    async def run(self, stack: Stack, user: MailUser, *, task_status: trio.TaskStatus[None]) -> None:
+        context = stack.dovecot.client_ssl_context() if stack.tls else None
+        port = stack.dovecot.imaps_port if stack.tls else stack.dovecot.imap_port
+        client = await RawImap.connect(stack.dovecot.host, port, context)
+        try:
+            await client.login(user.name, user.password)
+            self.initial = await client.select("INBOX")
+            tag = await client.idle_start()
+            task_status.started()
+            await client.watch(tag, self._record)
+        finally:
+            await client.aclose()
+
+
+async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
+    n, m = len(users), args.mails
+    hibernate = _hibernate_seconds(args.hibernate_timeout)
+    run_tag = uuid.uuid4().hex[:8]
+    result = Result(
+        "latency", {**common_params(args), "mails": m, "spacing_s": args.spacing, "settle": args.settle}
+    )
+    await prepare_mailboxes(dovecot, users)
+    async with open_stack(args, dovecot) as stack:
+        await stack.start_listening(users)
+        settled = False
+        if args.settle:
+            settled, _ = await stack.wait_connections(n, args.settle_timeout)
+        probes = [FloorProbe() for _ in users]
+        appenders = await connect_appenders(stack, users)
+        async with trio.open_nursery() as nursery:
+            for probe, user in zip(probes, users, strict=True):
+                await nursery.start(probe.run, stack, user)
+            # Let the fresh probe sessions hibernate too, so both sides take the same server path.
+            await trio.sleep(hibernate + 1.0 if hibernate else 0.5)
+
+            index = CallbackIndex(stack.standin, run_tag)
+            appended_at: list[float] = []
+            say(f"appending {m} mails, one every {args.spacing * 1000:g} ms")
+            cpu_before = stack.emlisten.cpu_seconds()
+            # With hibernation, a mail arriving while its session is being handed to
+            # imap-hibernate can go unannounced (seen here for bare clients and emlisten alike):
+            # each round of N mails is followed by a pause that lets every session hibernate again.
+            pause = hibernate + 1.5 if hibernate else 0.0
+            start = trio.current_time()
+            for i in range(m):
+                if pause and i and i % n == 0:
+                    await trio.sleep(pause)
+                    start = trio.current_time() - i * args.spacing
+                await appenders[i % n].append(bench_message(run_tag, i))
+                appended_at.append(time.monotonic())
+                await trio.sleep_until(start + (i + 1) * args.spacing)
+            complete = await index.wait_for(m, args.callback_timeout, "callbacks")
+            cpu_used = stack.emlisten.cpu_seconds() - cpu_before
+            nursery.cancel_scope.cancel()
+        await close_all(appenders)
+
+    emlisten_s: list[float] = []
+    floor_s: list[float] = []
+    over_floor_s: list[float] = []
+    first_s: list[float] = []
+    later_s: list[float] = []
+    first_floor_s: list[float] = []
+    later_floor_s: list[float] = []
+    per_mail: list[dict[str, float | int | None]] = []
+    floor_missing = 0
+    for i, done in enumerate(appended_at):
+        k, nth = i % n, i // n + 1
+        received = index.first_seen.get(i)
+        seen = probes[k].first_reaching(probes[k].initial + nth)
+        if seen is None:
+            floor_missing += 1
+        else:
+            floor_s.append(seen - done)
+            (first_floor_s if nth == 1 else later_floor_s).append(seen - done)
+        per_mail.append(
+            {
+                "mailbox": k,
+                "nth": nth,
+                "callback_ms": None if received is None else round(1000 * (received - done), 2),
+                "exists_ms": None if seen is None else round(1000 * (seen - done), 2),
+            }
+        )
+        if received is None:
+            continue
+        emlisten_s.append(received - done)
+        (first_s if nth == 1 else later_s).append(received - done)
+        if seen is not None:
+            over_floor_s.append(received - seen)
+
+    lost = m - len(index.first_seen)
+    em, fl, over = summary_ms(emlisten_s), summary_ms(floor_s), summary_ms(over_floor_s)
+    result.metrics.update(
+        {
+            "emlisten_ms": em,
+            "floor_ms": fl,
+            "emlisten_minus_floor_per_mail_ms": over,
+            "first_mail_per_mailbox_ms": summary_ms(first_s),
+            "later_mails_ms": summary_ms(later_s),
+            "floor_first_mail_per_mailbox_ms": summary_ms(first_floor_s),
+            "floor_later_mails_ms": summary_ms(later_floor_s),
+            "per_mail": per_mail,
+            "settled_before_run": settled,
+            "delivered": len(index.first_seen),
+            "not_delivered": lost,
+            "duplicated": index.duplicated,
+            "floor_missing": floor_missing,
+            "callbacks": index.calls,
+            "emlisten_cpu_seconds_per_mail": round(cpu_used / m, 5) if m else None,
+            "complete": complete,
+        }
+    )
+    if not em or not fl:
+        result.notes.append("no latency figure: nothing was delivered or no EXISTS was seen")
+        return result
+    for q in ("p50", "p90", "p99", "max"):
+        target, ok = "", None
+        if q == "p50":
+            target = f"<= floor + {TARGET_P50_OVER_FLOOR_MS:g} ms"
+            ok = em["p50"] - fl["p50"] <= TARGET_P50_OVER_FLOOR_MS
+        elif q == "p99":
+            target, ok = f"< {TARGET_P99_MS:g} ms", em["p99"] < TARGET_P99_MS
+        result.row(
+            f"APPEND -> callback {q} (floor: APPEND -> EXISTS)", f"{em[q]} ms (floor {fl[q]} ms)", target, ok
+        )
+    if over:
+        result.row("per-mail callback - EXISTS, p50 / p99", f"{over['p50']} / {over['p99']} ms")
+    if first_s and later_s and first_floor_s and later_floor_s:
+        result.row(
+            "p50 first mail per mailbox / later mails",
+            f"{summary_ms(first_s)['p50']} / {summary_ms(later_s)['p50']} ms (floor "
+            f"{summary_ms(first_floor_s)['p50']} / {summary_ms(later_floor_s)['p50']} ms)",
+        )
+    result.row(
+        "delivered / lost / duplicated",
+        f"{len(index.first_seen)} / {lost} / {index.duplicated}",
+        "all / 0 / 0",
+        lost == 0 and index.duplicated == 0,
+    )
+    result.row("emlisten CPU per mail", f"{1000 * cpu_used / m:.2f} ms")
+    if settled:
+        result.notes.append(
+            "Each mailbox's first mail went to a cold fetch session (the start-up ones had closed): "
+            "connect + login + select before the fetch; later mails reused the pooled session."
+        )
+    if hibernate:
+        result.notes.append(
+            f"Rounds of {n} mails (one per mailbox) with a {hibernate + 1.5:g} s pause between rounds, so "
+            "that every mail finds its sessions hibernated (Dovecot can leave a mail that arrives while a "
+            "session is being hibernated unannounced)."
+        )
+    result.notes.append(
+        f"{n} mailboxes, {m} mails round-robin, one APPEND every {args.spacing * 1000:g} ms; the floor is "
+        "a bare IDLE client on the same mailbox in the bench process; Dovecot hibernation "
+        f"{args.hibernate_timeout} applies to both."
+    )
+    if floor_missing:
+        result.notes.append(f"the floor probe saw no EXISTS for {floor_missing} mail(s)")
+    return result
