@@ -30,12 +30,15 @@ class StoreListenerControl:
         node_id: str,
         role: str,
         extra_status: Callable[[], dict[str, Any]] | None = None,
+        history: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
         self.node_id = node_id
         self.role = role
         self._extra_status = extra_status
+        #: Progress of this node's history load of a mailbox (emlisten.service.history).
+        self._history = history
 
     async def _register(self, mailbox: MailboxConfig, *, restart: bool) -> None:
         existing = await self.store.get_mailbox(mailbox.id)
@@ -132,6 +135,7 @@ class StoreListenerControl:
                     "last_error": status.last_error if status else None,
                     "delivered": status.delivered if status else 0,
                     "updated_at": status.updated_at if status else None,
+                    "history": self._history(mailbox_id) if self._history else None,
                 }
             )
         return result

@@ -28,6 +28,7 @@ from emlisten._bridge import open_asyncio_bridge
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
 from emlisten.api.admin import admin_blueprint
 from emlisten.api.app import create_app
+from emlisten.api.history import history_blueprint
 from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError, StoreError
@@ -37,6 +38,7 @@ from emlisten.metrics import Metrics
 from emlisten.models import NodeInfo
 from emlisten.queue.inprocess import InProcessQueue
 from emlisten.service.delivery import DeliveryWorker
+from emlisten.service.history import HistoryLoads
 from emlisten.service.listeners import StoreListenerControl
 from emlisten.service.listening import MailboxManager
 from emlisten.service.readers import ReaderPool
@@ -179,6 +181,7 @@ async def _run(
     )
     readers = ReaderPool(adapters.source, idle_seconds=settings.reader_idle_seconds)
     worker = DeliveryWorker(settings, adapters.store, adapters.queue, readers, adapters.sink, metrics=metrics)
+    history = HistoryLoads(settings, adapters.store, adapters.source, adapters.sink)
     depth = getattr(adapters.queue, "depth", None)
     metrics.watch(
         settings.node_id,
@@ -188,22 +191,36 @@ async def _run(
     )
 
     def extra_status() -> dict[str, object]:
-        return {"Listeners": manager.running_count, "Draining": worker.busy, "Readers": readers.open_count}
+        return {
+            "Listeners": manager.running_count,
+            "Draining": worker.busy,
+            "Readers": readers.open_count,
+            "HistoryLoads": history.running_count,
+        }
 
     control = StoreListenerControl(
-        adapters.store, adapters.queue, node_id=settings.node_id, role=role.value, extra_status=extra_status
+        adapters.store,
+        adapters.queue,
+        node_id=settings.node_id,
+        role=role.value,
+        extra_status=extra_status,
+        history=history.progress,
     )
     app = create_app(
         control,
         api_token=settings.api_token,
         max_body_bytes=settings.max_request_bytes,
-        blueprints=_feature_blueprints(settings, adapters, control, metrics),
+        blueprints=[
+            *_feature_blueprints(settings, adapters, control, metrics),
+            history_blueprint(history, adapters.store),
+        ],
     )
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
             await root.start(readers.run)
+            await root.start(history.run)
             if role.works or not shared_queue:
                 # Secondaries always work; so does any node whose queue is its own.
                 await root.start(worker.run)

@@ -26,6 +26,10 @@ class MemoryStore(Store):
         # Expiry times are wall-clock (time.time()), as Redis TTLs are.
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        # History loads: per (mailbox, folder) the floor, per (mailbox, folder, uidvalidity) the
+        # UIDs delivered by history loads.
+        self._floors: dict[tuple[str, str], Checkpoint] = {}
+        self._history: dict[tuple[str, str, int], set[int]] = {}
 
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:
         self._mailboxes[mailbox.id] = mailbox
@@ -38,6 +42,10 @@ class MemoryStore(Store):
         self._leases.pop(mailbox_id, None)
         for key in [k for k in self._checkpoints if k[0] == mailbox_id]:
             del self._checkpoints[key]
+        for key in [k for k in self._floors if k[0] == mailbox_id]:
+            del self._floors[key]
+        for history_key in [k for k in self._history if k[0] == mailbox_id]:
+            del self._history[history_key]
         previous = self._statuses.get(mailbox_id)
         self._statuses[mailbox_id] = MailboxStatus(
             MailboxState.CLOSED, delivered=previous.delivered if previous else 0
@@ -71,6 +79,7 @@ class MemoryStore(Store):
         if mailbox_id not in self._mailboxes or (mailbox_id, folder) in self._checkpoints:
             return False
         self._checkpoints[(mailbox_id, folder)] = checkpoint
+        self._floors.setdefault((mailbox_id, folder), checkpoint)
         return True
 
     async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
@@ -84,11 +93,30 @@ class MemoryStore(Store):
             and current.last_uid >= checkpoint.last_uid
         ):
             return False
+        if current is None:
+            self._floors.setdefault(key, checkpoint)
+        elif current.uidvalidity != checkpoint.uidvalidity:
+            # The folder was rebuilt: live delivery restarts at its current end, so that is
+            # where history starts now.
+            self._floors[key] = checkpoint
         self._checkpoints[key] = checkpoint
         return True
 
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         return {folder: cp for (mid, folder), cp in self._checkpoints.items() if mid == mailbox_id}
+
+    async def get_history_floor(self, mailbox_id: str, folder: str) -> Checkpoint | None:
+        return self._floors.get((mailbox_id, folder))
+
+    async def mark_history_delivered(
+        self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]
+    ) -> None:
+        if mailbox_id not in self._mailboxes:
+            return
+        self._history.setdefault((mailbox_id, folder, uidvalidity), set()).update(uids)
+
+    async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
+        return set(self._history.get((mailbox_id, folder, uidvalidity), ()))
 
     async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
         self._nodes[node.id] = (node, time.time() + ttl)

@@ -18,6 +18,9 @@ Keys (``P`` is the prefix):
 ``P status``              hash    mailbox id -> status JSON (its ``delivered`` unused)
 ``P delivered``           hash    mailbox id -> delivered counter (HINCRBY)
 ``P checkpoints:<id>``    hash    folder -> checkpoint JSON ``{"uidvalidity", "last_uid"}``
+``P floors:<id>``         hash    folder -> history floor (checkpoint JSON, set with the seed)
+``P history:<id>:<v>:<f>``  set   UIDs of folder f (UIDVALIDITY v) delivered by history loads
+``P history-index:<id>``  set     names of the mailbox's ``history:`` sets (for remove_mailbox)
 ``P nodes``               hash    node id -> NodeInfo JSON (its last heartbeat)
 ``P node-expiry``         zset    node id -> heartbeat expiry (Redis server time, ms)
 ``P lease:<id>``          string  node id holding the mailbox's lease, with a TTL (PX)
@@ -74,24 +77,45 @@ _RETRIES = 5
 #: Ids per script call where a script unpacks its arguments.
 _UNPACK_CHUNK = 2000
 
-# KEYS[1] mailboxes hash, KEYS[2] this mailbox's checkpoints hash;
-# ARGV[1] mailbox id, ARGV[2] folder, ARGV[3] checkpoint JSON.
+# KEYS[1] mailboxes hash, KEYS[2] this mailbox's checkpoints hash, KEYS[3] its floors hash;
+# ARGV[1] mailbox id, ARGV[2] folder, ARGV[3] checkpoint JSON. The seeded checkpoint is also
+# the folder's history floor (where live delivery starts), recorded in the same atomic step.
 _SEED = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+local set = redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+if set == 1 then redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) end
+return set
 """
 
-# As _SEED, plus ARGV[4] uidvalidity, ARGV[5] last_uid.
+# As _SEED, plus ARGV[4] uidvalidity, ARGV[5] last_uid. A new UIDVALIDITY (the folder was
+# rebuilt, live delivery restarts at its end) moves the history floor there too.
 _ADVANCE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local current = redis.call('HGET', KEYS[2], ARGV[2])
 if current then
   local cp = cjson.decode(current)
-  if tonumber(cp['uidvalidity']) == tonumber(ARGV[4]) and tonumber(cp['last_uid']) >= tonumber(ARGV[5]) then
-    return 0
+  if tonumber(cp['uidvalidity']) == tonumber(ARGV[4]) then
+    if tonumber(cp['last_uid']) >= tonumber(ARGV[5]) then return 0 end
+  else
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
   end
+else
+  redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3])
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS[1] mailboxes hash, KEYS[2] the mailbox's history index, KEYS[3] the history set of
+# (folder, uidvalidity); ARGV[1] mailbox id, ARGV[2..] UIDs. Nothing for an unknown mailbox, so
+# a load finishing after /close cannot leave records behind.
+_MARK_HISTORY = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if #ARGV < 2 then return 1 end
+redis.call('SADD', KEYS[2], KEYS[3])
+for i = 2, #ARGV, 1000 do
+  redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 return 1
 """
 
@@ -179,11 +203,14 @@ return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('HMGET', KEYS[2],
 """
 
 # KEYS[1] mailboxes, KEYS[2] the mailbox's checkpoints, KEYS[3] status, KEYS[4] delivered,
-# KEYS[5] its lease; ARGV[1] mailbox id, ARGV[2] CLOSED status JSON. The delivered counter
-# survives (HSETNX); the lease is freed.
+# KEYS[5] its lease, KEYS[6] its history floors, KEYS[7] its history index; ARGV[1] mailbox id,
+# ARGV[2] CLOSED status JSON. The delivered counter survives (HSETNX); the lease is freed.
+# The history sets are named by the index, not passed as KEYS: fine on one Redis server (the
+# store's keys carry no hash tags, so Redis Cluster is not supported anyway).
 _REMOVE = """
 local existed = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[5])
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[7])) do redis.call('DEL', key) end
+redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('HSETNX', KEYS[4], ARGV[1], 0)
 return existed
@@ -251,6 +278,7 @@ class RedisStore(Store):
         self._node_expiry_key = f"{prefix}node-expiry"
         self._seed = client.register_script(_SEED)
         self._advance = client.register_script(_ADVANCE)
+        self._mark_history = client.register_script(_MARK_HISTORY)
         self._add_delivered = client.register_script(_ADD_DELIVERED)
         self._existing = client.register_script(_EXISTING)
         self._set_status = client.register_script(_SET_STATUS)
@@ -329,6 +357,15 @@ class RedisStore(Store):
     def _lease_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}lease:{mailbox_id}"
 
+    def _floors_key(self, mailbox_id: str) -> str:
+        return f"{self.prefix}floors:{mailbox_id}"
+
+    def _history_index_key(self, mailbox_id: str) -> str:
+        return f"{self.prefix}history-index:{mailbox_id}"
+
+    def _history_key(self, mailbox_id: str, folder: str, uidvalidity: int) -> str:
+        return f"{self.prefix}history:{mailbox_id}:{uidvalidity}:{folder}"
+
     async def ping(self) -> None:
         await self._run(self._client.ping)
 
@@ -364,6 +401,8 @@ class RedisStore(Store):
             self._status_key,
             self._delivered_key,
             self._lease_key(mailbox_id),
+            self._floors_key(mailbox_id),
+            self._history_index_key(mailbox_id),
         ]
         args: list[str | bytes] = [mailbox_id, encode_status(MailboxStatus(MailboxState.CLOSED))]
         return bool(await self._run(lambda: self._remove(keys=keys, args=args)))
@@ -438,12 +477,12 @@ class RedisStore(Store):
             raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
 
     async def seed_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
-        keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id)]
+        keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
         args: list[str | bytes | int] = [mailbox_id, folder, encode_checkpoint(checkpoint)]
         return bool(await self._run(lambda: self._seed(keys=keys, args=args)))
 
     async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
-        keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id)]
+        keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
         args: list[str | bytes | int] = [
             mailbox_id,
             folder,
@@ -461,6 +500,39 @@ class RedisStore(Store):
             return {_text(folder): decode_checkpoint(doc) for folder, doc in documents.items()}
         except CodecError as exc:
             raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
+
+    # -- history loads ---------------------------------------------------------------------------
+
+    async def get_history_floor(self, mailbox_id: str, folder: str) -> Checkpoint | None:
+        document: bytes | str | None = await self._run(
+            lambda: self._client.hget(self._floors_key(mailbox_id), folder)
+        )
+        if document is None:
+            return None
+        try:
+            return decode_checkpoint(document)
+        except CodecError as exc:
+            raise StoreError(f"stored history floor of {mailbox_id!r} is unreadable: {exc}") from None
+
+    async def mark_history_delivered(
+        self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]
+    ) -> None:
+        members = sorted(set(uids))
+        if not members:
+            return
+        keys = [
+            self._mailboxes_key,
+            self._history_index_key(mailbox_id),
+            self._history_key(mailbox_id, folder, uidvalidity),
+        ]
+        args: list[str | int] = [mailbox_id, *members]
+        await self._run(lambda: self._mark_history(keys=keys, args=args))
+
+    async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
+        members: set[bytes | str] = await self._run(
+            lambda: self._client.smembers(self._history_key(mailbox_id, folder, uidvalidity))
+        )
+        return {int(member) for member in members}
 
     # -- nodes and leases ------------------------------------------------------------------------
 

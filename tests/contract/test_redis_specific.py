@@ -97,7 +97,8 @@ async def test_every_key_is_under_the_prefix_and_cleanup_removes_them() -> None:
                 await client.aclose()
 
         assert await run_asyncio(keys) == {
-            f"{prefix}{name}".encode() for name in ("mailboxes", "status", "delivered", "checkpoints:m-1")
+            f"{prefix}{name}".encode()
+            for name in ("mailboxes", "status", "delivered", "checkpoints:m-1", "floors:m-1")
         }
     async with open_asyncio_bridge():
         assert await redis_key_count(prefix) == 0
