@@ -14,10 +14,28 @@ Fields understood
 ``BpmUserTimeZone``, ``FolderIds`` (empty or absent: the inbox), ``UseFullEmail`` (default true),
 ``FeatureValues`` (object, or a list of ``{"Key", "Value"}``), ``Context`` (object).
 
+Protocol (see docs/protocols.md; first match wins)
+---------------------------------------------------
+1. The emlisten extension field ``Protocol`` (``"imap"``, ``"ews"`` or ``"graph"``, any case).
+2. ``ServiceUrl`` is an http(s) URL (or a scheme-less ``host/path``, read as https) whose host
+   is ``graph.microsoft.com``: Microsoft Graph.
+3. Any other http(s) URL (or scheme-less ``host/path``): Exchange Web Services.
+4. Otherwise (a host name): IMAP.
+5. ``IsAutodiscover`` true and no ``ServiceUrl``: EWS through Autodiscover, which is not
+   implemented yet: rejected with a message asking for the EWS URL.
+
+For ``ews`` and ``graph`` the mailbox's ``service_url`` is set and its ``imap`` endpoint holds the
+service's host, the URL's port (default 443, or 80 for ``http://``) and ``SSL_ON_CONNECT``
+(``NONE`` for ``http://``); ``Port``, ``UseSsl`` and ``SecureOption`` are ignored. EWS: the URL as
+given; a URL without a path gets ``/EWS/Exchange.asmx``; a bare host name with ``Protocol`` "ews"
+means ``https://host/EWS/Exchange.asmx``. Graph: only ``scheme://host[:port]`` is kept (default
+``https://graph.microsoft.com``), so a test can point ``Protocol`` "graph" at a simulator.
+URLs must not carry credentials or a fragment. The emlisten extension field ``ImpersonatedUser``
+(EWS: act on that mailbox through ``ExchangeImpersonation``) stays in ``extra`` and is read by
+the EWS adapter.
+
 ``ServiceUrl`` for IMAP: ``host``, ``host:port``, ``[v6addr]:port``, ``imap://host[:port]`` or
-``imaps://host[:port]``. An http(s) URL, or anything with a path (``/EWS/Exchange.asmx``), is an
-Exchange mailbox and is rejected for now. A port in ``ServiceUrl`` is used only when the ``Port``
-field is absent.
+``imaps://host[:port]``. A port in ``ServiceUrl`` is used only when the ``Port`` field is absent.
 
 ``Port``: 1..65535. Absent, null, ``""`` and ``0`` all mean "not set" (``0`` is the .NET default of
 Creatio's non-nullable ``int``); then 993 is used for SSL-on-connect and 143 otherwise (MailKit's
@@ -95,7 +113,14 @@ __all__ = [
     "resolve_smtp_security",
 ]
 
-EXCHANGE_NOT_SUPPORTED = "Exchange (EWS/Graph) mailboxes are not supported yet"
+NOT_A_MAIL_SERVER = "must be a host, host:port or mail server URL, not an http(s) URL or a path"
+AUTODISCOVER_NOT_SUPPORTED = (
+    "Autodiscover is not supported yet: give the EWS URL (https://host/EWS/Exchange.asmx) in ServiceUrl"
+)
+PROTOCOLS = ("imap", "ews", "graph")
+GRAPH_HOST = "graph.microsoft.com"
+GRAPH_DEFAULT_URL = f"https://{GRAPH_HOST}"
+EWS_DEFAULT_PATH = "/EWS/Exchange.asmx"
 
 IMAP_TLS_PORT = 993
 IMAP_PLAIN_PORT = 143
@@ -134,6 +159,7 @@ _MODELLED_FIELDS = frozenset(
         "smtpport",
         "smtpsecureoption",
         "smtpusessl",
+        "protocol",
     }
 )
 
@@ -515,7 +541,7 @@ class _CredentialsReader:
         if "://" in text:
             return self._server_url(field, text, plain_scheme=plain_scheme, tls_scheme=tls_scheme)
         if "/" in text or "\\" in text:
-            raise self._error(field, EXCHANGE_NOT_SUPPORTED)
+            raise self._error(field, NOT_A_MAIL_SERVER)
         if "@" in text:
             raise self._error(field, "must not contain credentials")
         host_text, port_text = text, ""
@@ -543,7 +569,7 @@ class _CredentialsReader:
     def _server_url(self, field: str, text: str, *, plain_scheme: str, tls_scheme: str) -> _ServerAddress:
         scheme = text.split("://", 1)[0].lower()
         if scheme in ("http", "https"):
-            raise self._error(field, EXCHANGE_NOT_SUPPORTED)
+            raise self._error(field, NOT_A_MAIL_SERVER)
         if scheme not in (plain_scheme, tls_scheme):
             raise self._error(field, f"unsupported scheme: expected {plain_scheme}:// or {tls_scheme}://")
         try:
@@ -554,7 +580,7 @@ class _CredentialsReader:
         if parts.username is not None or parts.password is not None:
             raise self._error(field, "must not contain credentials")
         if parts.path not in ("", "/"):
-            raise self._error(field, EXCHANGE_NOT_SUPPORTED)
+            raise self._error(field, NOT_A_MAIL_SERVER)
         if parts.query or parts.fragment:
             raise self._error(field, "must not have a query or fragment")
         host = _valid_host(parts.hostname or "")
@@ -598,6 +624,74 @@ class _CredentialsReader:
         )
         return ServerEndpoint(address.host, resolved_port, security, verify_certificate)
 
+    # -- protocol and Exchange service URLs -----------------------------------------------
+
+    def _protocol(self) -> str | None:
+        value = self._get("Protocol")
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and value.strip().lower() in PROTOCOLS:
+            return value.strip().lower()
+        raise self._error("Protocol", 'must be one of "imap", "ews", "graph"')
+
+    def _exchange_service(
+        self, protocol: str | None, raw: str, verify: bool
+    ) -> tuple[str, str, ServerEndpoint]:
+        """(protocol, service_url, endpoint) of an EWS or Graph mailbox."""
+        field = "ServiceUrl"
+        if not raw:
+            if protocol == "graph":
+                raw = GRAPH_DEFAULT_URL
+            elif self._bool("IsAutodiscover"):
+                raise self._error(field, AUTODISCOVER_NOT_SUPPORTED)
+            else:
+                raise self._error(field, "required")
+        text = raw if "://" in raw else f"https://{raw}"
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise self._error(field, "port must be between 1 and 65535") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise self._error(field, "must be an http(s) URL for Exchange (EWS or Graph)")
+        if parts.username is not None or parts.password is not None:
+            raise self._error(field, "must not contain credentials")
+        if parts.fragment:
+            raise self._error(field, "must not have a fragment")
+        host = _valid_host(parts.hostname or "")
+        if host is None:
+            raise self._error(field, "must be a host name or IP address")
+        if port == 0:
+            raise self._error(field, "port must be between 1 and 65535")
+        if protocol is None:
+            protocol = "graph" if host == GRAPH_HOST else "ews"
+        netloc = parts.netloc
+        if protocol == "graph":
+            service_url = f"{scheme}://{netloc}"
+        else:
+            path = parts.path if parts.path not in ("", "/") else EWS_DEFAULT_PATH
+            service_url = f"{scheme}://{netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+        tls = scheme == "https"
+        endpoint = ServerEndpoint(
+            host,
+            port if port is not None else (443 if tls else 80),
+            Security.SSL_ON_CONNECT if tls else Security.NONE,
+            verify,
+        )
+        return protocol, service_url, endpoint
+
+    def _mail_service(self, verify: bool) -> tuple[str, str, ServerEndpoint]:
+        """(protocol, service_url, incoming endpoint) by the rules in the module docstring."""
+        protocol = self._protocol()
+        raw = self._string("ServiceUrl").strip()
+        looks_like_url = raw.lower().startswith(("http://", "https://")) or ("://" not in raw and "/" in raw)
+        if protocol in ("ews", "graph") or (protocol is None and looks_like_url):
+            return self._exchange_service(protocol, raw, verify)
+        if protocol is None and not raw and self._bool("IsAutodiscover"):
+            raise self._error("ServiceUrl", AUTODISCOVER_NOT_SUPPORTED)
+        return "imap", "", self._imap_endpoint(verify)
+
     # -- the whole object --------------------------------------------------------------------
 
     def read(self) -> MailboxConfig:
@@ -612,7 +706,7 @@ class _CredentialsReader:
             access_token = self._string("AccessToken")
         verify = self._bool("VerifyCertificate")
         verify_certificate = True if verify is None else verify
-        imap = self._imap_endpoint(verify_certificate)
+        protocol, service_url, imap = self._mail_service(verify_certificate)
         smtp = self._smtp_endpoint(imap.host, verify_certificate)
         bpm_endpoint = self._bpm_endpoint()
         use_full_email = self._bool("UseFullEmail")
@@ -639,4 +733,6 @@ class _CredentialsReader:
             feature_values=self._feature_values(),
             context=self._object("Context"),
             extra=extra,
+            protocol=protocol,
+            service_url=service_url,
         )

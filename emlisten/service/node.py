@@ -32,6 +32,7 @@ from emlisten.api.history import history_blueprint
 from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError, StoreError
+from emlisten.mail.ews import EwsSource
 from emlisten.mail.imap import ImapSource
 from emlisten.mail.router import RoutingSource
 from emlisten.metrics import Metrics
@@ -96,6 +97,11 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         poll_seconds=settings.poll_seconds,
         connect_timeout=settings.connect_timeout_seconds,
         command_timeout=settings.command_timeout_seconds,
+        ca_file=settings.tls_ca_file,
+    )
+    sources["ews"] = EwsSource(
+        connect_timeout=settings.connect_timeout_seconds,
+        request_timeout=settings.command_timeout_seconds,
         ca_file=settings.tls_ca_file,
     )
     return sources

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from emlisten.api.credentials import (
+    AUTODISCOVER_NOT_SUPPORTED,
     SecureOption,
     parse_credentials,
     parse_credentials_array,
@@ -277,7 +278,7 @@ def test_error_messages_never_contain_secrets() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# ServiceUrl forms and Exchange rejection
+# ServiceUrl forms and protocol selection
 
 
 @pytest.mark.parametrize(
@@ -318,19 +319,148 @@ def test_port_as_numeric_string_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "service_url",
+    ("fields", "protocol", "service_url", "host", "port", "security"),
     [
-        "https://outlook.office365.com/EWS/Exchange.asmx",
-        "http://exchange.local/ews/exchange.asmx",
-        "HTTPS://mail.example.com",
-        "outlook.office365.com/EWS/Exchange.asmx",
-        "imap://mail.example.com/EWS/Exchange.asmx",
+        (
+            {"ServiceUrl": "https://outlook.office365.com/EWS/Exchange.asmx"},
+            "ews",
+            "https://outlook.office365.com/EWS/Exchange.asmx",
+            "outlook.office365.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "http://exchange.local/ews/exchange.asmx"},
+            "ews",
+            "http://exchange.local/ews/exchange.asmx",
+            "exchange.local",
+            80,
+            Security.NONE,
+        ),
+        (
+            {"ServiceUrl": "HTTPS://mail.example.com"},
+            "ews",
+            "https://mail.example.com/EWS/Exchange.asmx",
+            "mail.example.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "outlook.office365.com/EWS/Exchange.asmx"},
+            "ews",
+            "https://outlook.office365.com/EWS/Exchange.asmx",
+            "outlook.office365.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "https://mail.example.com:8443/EWS/Exchange.asmx", "Port": 993},
+            "ews",
+            "https://mail.example.com:8443/EWS/Exchange.asmx",
+            "mail.example.com",
+            8443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "mail.example.com", "Protocol": "EWS"},
+            "ews",
+            "https://mail.example.com/EWS/Exchange.asmx",
+            "mail.example.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "https://graph.microsoft.com/v1.0/"},
+            "graph",
+            "https://graph.microsoft.com",
+            "graph.microsoft.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "http://127.0.0.1:8123/whatever", "Protocol": "graph"},
+            "graph",
+            "http://127.0.0.1:8123",
+            "127.0.0.1",
+            8123,
+            Security.NONE,
+        ),
+        (
+            {"ServiceUrl": None, "Protocol": "Graph"},
+            "graph",
+            "https://graph.microsoft.com",
+            "graph.microsoft.com",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "imap.example.com", "Protocol": "imap"},
+            "imap",
+            "",
+            "imap.example.com",
+            993,
+            Security.SSL_ON_CONNECT,
+        ),
     ],
 )
-def test_exchange_service_urls_are_rejected_for_now(service_url: str) -> None:
-    error = error_of(creds(ServiceUrl=service_url), index=0)
-    assert error.field == "[0].ServiceUrl"
-    assert error.message == "Exchange (EWS/Graph) mailboxes are not supported yet"
+def test_protocol_is_chosen_from_the_credentials(
+    fields: dict[str, Any], protocol: str, service_url: str, host: str, port: int, security: Security
+) -> None:
+    mailbox = parse_credentials(creds(**fields))
+    assert (mailbox.protocol, mailbox.service_url) == (protocol, service_url)
+    assert (mailbox.imap.host, mailbox.imap.port, mailbox.imap.security) == (host, port, security)
+    assert "Protocol" not in mailbox.extra
+
+
+def test_host_name_is_imap_by_default() -> None:
+    mailbox = parse_credentials(creds())
+    assert (mailbox.protocol, mailbox.service_url) == ("imap", "")
+
+
+def test_impersonated_user_is_kept_for_the_ews_adapter() -> None:
+    mailbox = parse_credentials(
+        creds(ServiceUrl="https://mail.example.com/EWS/Exchange.asmx", ImpersonatedUser="bob@example.com")
+    )
+    assert mailbox.extra["ImpersonatedUser"] == "bob@example.com"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"Protocol": "pop3"}, "Protocol", 'must be one of "imap", "ews", "graph"'),
+        (
+            {"ServiceUrl": "https://outlook.office365.com/EWS/Exchange.asmx", "Protocol": "imap"},
+            "ServiceUrl",
+            "must be a host, host:port or mail server URL, not an http(s) URL or a path",
+        ),
+        (
+            {"ServiceUrl": "imap://mail.example.com/EWS/Exchange.asmx"},
+            "ServiceUrl",
+            "must be a host, host:port or mail server URL, not an http(s) URL or a path",
+        ),
+        (
+            {"ServiceUrl": "https://user:pw@mail.example.com/EWS"},
+            "ServiceUrl",
+            "must not contain credentials",
+        ),
+        (
+            {"ServiceUrl": "ftp://mail.example.com", "Protocol": "ews"},
+            "ServiceUrl",
+            "must be an http(s) URL for Exchange (EWS or Graph)",
+        ),
+        ({"ServiceUrl": "https://bad host/EWS"}, "ServiceUrl", "must be a host name or IP address"),
+        ({"ServiceUrl": None, "Protocol": "ews"}, "ServiceUrl", "required"),
+        (
+            {"ServiceUrl": "", "IsAutodiscover": True},
+            "ServiceUrl",
+            AUTODISCOVER_NOT_SUPPORTED,
+        ),
+    ],
+)
+def test_bad_protocol_or_exchange_urls_are_rejected(fields: dict[str, Any], field: str, message: str) -> None:
+    error = error_of(creds(**fields), index=0)
+    assert error.field == f"[0].{field}"
+    assert error.message == message
 
 
 # ------------------------------------------------------------------------------------------
@@ -501,7 +631,7 @@ def test_array_keeps_good_elements_and_reports_bad_ones() -> None:
         creds(),
         creds(Id="nope"),
         "not an object",
-        creds(Id=second_id, ServiceUrl="https://outlook.office365.com/EWS/Exchange.asmx"),
+        creds(Id=second_id, ServiceUrl="https://outlook.office365.com/EWS/Exchange.asmx", Protocol="imap"),
         creds(Id=second_id.upper(), Password=None),
         creds(Id=second_id),
     ]
@@ -514,7 +644,7 @@ def test_array_keeps_good_elements_and_reports_bad_ones() -> None:
             "Index": 3,
             "Id": second_id,
             "Field": "[3].ServiceUrl",
-            "Message": "Exchange (EWS/Graph) mailboxes are not supported yet",
+            "Message": "must be a host, host:port or mail server URL, not an http(s) URL or a path",
         },
         {"Index": 4, "Id": second_id.upper(), "Field": "[4].Password", "Message": "required"},
     ]

@@ -136,7 +136,7 @@ async def test_create_all_good(api: Api) -> None:
 
 
 async def test_create_all_bad_is_400_naming_fields(api: Api) -> None:
-    body = [creds(ID_A, ServiceUrl="https://outlook.office365.com/EWS/Exchange.asmx"), creds("not-a-guid")]
+    body = [creds(ID_A, ServiceUrl="ftp://mail.example.com"), creds("not-a-guid")]
     response = await api.client.post("/api/listeners/create", json=body)
     assert response.status_code == 400
     payload = response.json()
@@ -146,7 +146,7 @@ async def test_create_all_bad_is_400_naming_fields(api: Api) -> None:
             "Index": 0,
             "Id": ID_A,
             "Field": "[0].ServiceUrl",
-            "Message": "Exchange (EWS/Graph) mailboxes are not supported yet",
+            "Message": "unsupported scheme: expected imap:// or imaps://",
         },
         {"Index": 1, "Id": "not-a-guid", "Field": "[1].Id", "Message": "must be a GUID"},
     ]

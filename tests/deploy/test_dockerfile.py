@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import subprocess
 import sys
 import time
@@ -189,17 +188,16 @@ def _serving_node(env: dict[str, str]) -> Iterator[int]:
 
 def _wait_ready(stderr: IO[str], deadline: float) -> int:
     """The port from the node's `ready: API on HOST:PORT` log line."""
+    # Plain readline, no select(): lines already in Python's buffer are invisible to select().
     seen = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(stderr, selectors.EVENT_READ)
-        while time.monotonic() < deadline and selector.select(timeout=deadline - time.monotonic()):
-            line = stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            found = re.search(r"ready: API on [\d.]+:(\d+)", line)
-            if found:
-                return int(found.group(1))
+    while time.monotonic() < deadline:
+        line = stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        found = re.search(r"ready: API on [\d.]+:(\d+)", line)
+        if found:
+            return int(found.group(1))
     raise AssertionError("emlisten serve did not become ready:\n" + "".join(seen))
 
 

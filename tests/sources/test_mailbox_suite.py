@@ -19,8 +19,15 @@ from tests.service.conftest import fast_settings
 from tests.sources.backends import Account, ImapBackend, MailServerBackend
 
 
-@pytest.fixture(params=["imap"])
+@pytest.fixture(params=["imap", "ews"])
 async def backend(request: pytest.FixtureRequest, dovecot: Dovecot) -> AsyncIterator[MailServerBackend]:
+    if request.param == "ews":
+        from tests.servers.ews import running_ews_simulator
+        from tests.sources.backend_ews import EwsBackend
+
+        async with running_ews_simulator() as simulator:
+            yield EwsBackend(simulator)
+        return
     yield ImapBackend(dovecot)
 
 

@@ -1,0 +1,569 @@
+"""The Exchange Web Services ``MailSource``: streaming subscriptions and SyncFolderItems readers.
+
+Listening (one folder, one ``listen`` call):
+
+1. ``Subscribe`` with a ``StreamingSubscriptionRequest`` on the folder (``INBOX`` -> the
+   ``inbox`` distinguished folder), event types ``NewMailEvent`` and ``CreatedEvent``.
+2. The first time: the folder's current ``SyncState`` (``SyncFolderItems`` without a state,
+   walked to the end, ids only) becomes the catch-up task's ``seed_cursor``, so a new
+   subscription starts "now". Then the catch-up task, then ``started()``.
+3. ``GetStreamingEvents`` (``ConnectionTimeout`` minutes, default 29) read as a sequence of SOAP
+   envelopes: a new-mail notification publishes a ``SyncTask``; keep-alives (``ConnectionStatus``
+   OK) only prove the connection lives; ``ConnectionStatus`` Closed ends the response normally
+   and the request is re-issued at once.
+4. ``ErrorSubscriptionNotFound`` / ``ErrorInvalidSubscription`` (the subscription expired):
+   subscribe again and publish a catch-up task (streaming has no watermark; the worker syncs
+   from the checkpoint). ``ErrorServerBusy``: wait ``BackOffMilliseconds`` (capped) before the
+   next request, never less. An abrupt end of the stream (closed without ``Closed``, cut
+   mid-envelope, network error, no byte for ``stream_idle_timeout``) raises
+   ``MailConnectError``: the mailbox supervisor reconnects with its backoff, and the new
+   ``listen`` subscribes again and publishes a catch-up task.
+
+Limitation: one ``GetStreamingEvents`` connection per folder subscription. Exchange allows up to
+200 subscriptions on one connection; grouping them (per server and anchor mailbox) is a
+follow-up.
+
+Reading: the checkpoint's ``cursor`` is a ``SyncFolderItems`` ``SyncState``. ``fetch_new`` asks
+for at most ``limit`` changes after it, takes the ``Create`` changes, and reads their MIME with
+``GetItem`` (``IncludeMimeContent``, base64). The new state is returned with ``last_uid + 1``
+when it moved; messages carry no ``position`` (a sync state can only be resumed after the whole
+batch). Items deleted before ``GetItem`` are skipped. An unusable sync state
+(``ErrorInvalidSyncStateData``) continues from the folder's current end, like an IMAP
+UIDVALIDITY change.
+
+Authentication: Basic (``UserName``/``Password``) or, with ``UseOAuth``, ``Authorization: Bearer``
+with ``AccessToken``. Every request carries ``X-AnchorMailbox`` (the mailbox address). The
+emlisten extension field ``ImpersonatedUser`` (an SMTP address) adds the ``ExchangeImpersonation``
+header, for service accounts with the ApplicationImpersonation role; the anchor is then that
+address. HTTP 401/403 raise ``MailAuthError`` (``MailTokenRejectedError`` with a bearer token).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+from xml.etree.ElementTree import Element
+
+import httpx
+import trio
+
+from emlisten.abc import MailReader, MailSource, NewMailCallback
+from emlisten.errors import (
+    FolderNotFoundError,
+    MailAuthError,
+    MailConnectError,
+    MailProtocolError,
+    MailSourceError,
+    MailTokenRejectedError,
+)
+from emlisten.mail.ews import _soap
+from emlisten.mail.imap._tls import context_for
+from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
+
+log = logging.getLogger(__name__)
+
+#: EWS has no UIDVALIDITY: every EWS checkpoint uses this one, and the cursor carries the state.
+EWS_UIDVALIDITY = 1
+#: Exchange's limit for ``ConnectionTimeout`` (minutes).
+MAX_CONNECTION_TIMEOUT_MINUTES = 30
+#: Exchange's limit for ``MaxChangesReturned``.
+MAX_SYNC_CHANGES = 512
+#: Items per ``GetItem`` call (MIME of each is in the answer, so keep answers moderate).
+GET_ITEM_BATCH = 20
+
+_SUBSCRIPTION_GONE = frozenset(
+    {"ErrorSubscriptionNotFound", "ErrorInvalidSubscription", "ErrorExpiredSubscription"}
+)
+_AUTH_CODES = frozenset(
+    {
+        "ErrorAccessDenied",
+        "ErrorImpersonateUserDenied",
+        "ErrorImpersonationDenied",
+        "ErrorNonExistentMailbox",
+        "ErrorMailboxMoveInProgress",
+    }
+)
+_FOLDER_CODES = frozenset({"ErrorFolderNotFound", "ErrorInvalidIdMalformed", "ErrorInvalidFolderId"})
+
+
+@dataclass(frozen=True, slots=True)
+class EwsSettings:
+    """Timing and limits of EWS sessions (seconds unless named otherwise)."""
+
+    #: ``GetStreamingEvents`` ``ConnectionTimeout``: 1..30 minutes.
+    connection_timeout_minutes: int = 29
+    #: No byte at all on a stream for this long (keep-alives included): the connection is dead.
+    stream_idle_timeout: float = 5 * 60
+    request_timeout: float = 120.0
+    connect_timeout: float = 30.0
+    #: ``ErrorServerBusy`` answers in a row before giving up (``MailConnectError``).
+    busy_retries: int = 5
+    #: Upper bound of one ``BackOffMilliseconds`` wait.
+    max_back_off: float = 10 * 60
+    #: Wait after ``ErrorServerBusy`` without ``BackOffMilliseconds``.
+    default_back_off: float = 5.0
+    #: ``MaxChangesReturned`` when walking a folder to its current end.
+    sync_page_size: int = MAX_SYNC_CHANGES
+    server_version: str = _soap.DEFAULT_SERVER_VERSION
+
+
+class ServerBusyError(MailConnectError):
+    """Exchange kept answering ``ErrorServerBusy``: the supervisor retries later."""
+
+
+class EwsResponseError(MailProtocolError):
+    """Exchange answered an operation with an error ``code`` (e.g. ``ErrorInvalidSyncStateData``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"EWS {code}" + (f": {message}" if message else ""))
+        self.code = code
+
+
+def impersonated_user(mailbox: MailboxConfig) -> str:
+    """The ``ImpersonatedUser`` extension field (any case), or ""."""
+    for key, value in mailbox.extra.items():
+        if key.lower() == "impersonateduser" and isinstance(value, str):
+            return value.strip()
+    return ""
+
+
+def _response_error(code: str, message: str, *, bearer: bool) -> MailSourceError:
+    text = f"EWS {code}" + (f": {message}" if message else "")
+    if code in _AUTH_CODES:
+        return MailTokenRejectedError(text) if bearer and code == "ErrorAccessDenied" else MailAuthError(text)
+    if code in _FOLDER_CODES:
+        return FolderNotFoundError(text)
+    return EwsResponseError(code, message)
+
+
+class EwsClient:
+    """One mailbox's EWS endpoint: posts SOAP requests, honours throttling, maps errors.
+
+    Holds the credentials in request headers; it has no repr that could show them.
+    """
+
+    __slots__ = ("_bearer", "_headers", "_http", "_impersonate", "settings", "url")
+
+    def __init__(self, http: httpx.AsyncClient, mailbox: MailboxConfig, settings: EwsSettings) -> None:
+        if not mailbox.service_url:
+            raise MailProtocolError(f"mailbox {mailbox.id} has no EWS URL")
+        self._http = http
+        self.url = mailbox.service_url
+        self.settings = settings
+        self._impersonate = impersonated_user(mailbox)
+        anchor = self._impersonate or mailbox.sender_email or mailbox.user_name
+        self._headers = {
+            "Content-Type": "text/xml; charset=utf-8",
+            "Accept": "text/xml",
+            "X-AnchorMailbox": anchor,
+        }
+        self._bearer = mailbox.use_oauth
+        if mailbox.use_oauth:
+            if not mailbox.access_token:
+                raise MailTokenRejectedError(f"no OAuth access token for {mailbox.user_name!r}")
+            self._headers["Authorization"] = f"Bearer {mailbox.access_token}"
+        else:
+            pair = f"{mailbox.user_name}:{mailbox.password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+
+    @property
+    def where(self) -> str:
+        parts = urlsplit(self.url)
+        return parts.netloc or self.url
+
+    def _envelope(self, body: str) -> bytes:
+        return _soap.envelope(body, impersonate=self._impersonate, version=self.settings.server_version)
+
+    def _check_status(self, status: int) -> None:
+        if status in (401, 403):
+            what = "OAuth token" if self._bearer else "credentials"
+            message = f"EWS {self.where} rejected the {what} (HTTP {status})"
+            raise MailTokenRejectedError(message) if self._bearer else MailAuthError(message)
+
+    def _error(self, code: str, message: str) -> MailSourceError:
+        return _response_error(code, message, bearer=self._bearer)
+
+    async def back_off(self, back_off_ms: int | None, attempt: int) -> None:
+        """Wait as the server asked after ``ErrorServerBusy`` (``attempt``: busy answers in a row)."""
+        if back_off_ms is None:
+            delay = self.settings.default_back_off
+        else:
+            delay = min(back_off_ms / 1000, self.settings.max_back_off)
+        log.warning("EWS %s is busy: backing off %.3fs as asked", self.where, delay)
+        # Waited out even when giving up, so the supervisor's retry does not come early.
+        await trio.sleep(delay)
+        if attempt >= self.settings.busy_retries:
+            raise ServerBusyError(f"EWS {self.where} is busy (ErrorServerBusy {attempt} times in a row)")
+
+    async def call(self, body: str) -> list[_soap.ResponseMessage]:
+        """Post one operation; its response messages (retrying after ``ErrorServerBusy``)."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.post(
+                    self.url, content=self._envelope(body), headers=self._headers
+                )
+            except httpx.TimeoutException:
+                raise MailConnectError(f"EWS {self.where}: no answer in time") from None
+            except httpx.HTTPError as exc:
+                raise MailConnectError(f"EWS {self.where}: {type(exc).__name__}: {exc}") from None
+            self._check_status(response.status_code)
+            root = self._parse_answer(response.status_code, response.content)
+            fault = _soap.fault_of(root)
+            if fault is not None:
+                if fault.code != "ErrorServerBusy":
+                    raise self._error(fault.code, fault.message)
+                attempt += 1
+                await self.back_off(fault.back_off_ms, attempt)
+                continue
+            messages = _soap.response_messages(root)
+            busy = next((m for m in messages if m.code == "ErrorServerBusy"), None)
+            if busy is None:
+                return messages
+            attempt += 1
+            await self.back_off(busy.back_off_ms, attempt)
+
+    async def call_one(self, body: str) -> _soap.ResponseMessage:
+        messages = await self.call(body)
+        if not messages:
+            raise MailProtocolError("EWS answered without a response message")
+        message = messages[0]
+        if not message.ok:
+            raise self._error(message.code, message.message)
+        return message
+
+    def _parse_answer(self, status: int, content: bytes) -> Element:
+        if status not in (200, 500):
+            raise MailConnectError(f"EWS {self.where} answered HTTP {status}")
+        return _soap.parse(content)
+
+    async def stream(self, body: str, on_envelope: Callable[[Element], Awaitable[bool]]) -> bool:
+        """Post a streaming request; ``on_envelope`` is awaited for each envelope of the
+        response, and returns False to stop reading. Returns True when the response ended
+        normally (or ``on_envelope`` stopped it), raises MailConnectError when it was cut."""
+
+        timeout = httpx.Timeout(
+            self.settings.request_timeout,
+            connect=self.settings.connect_timeout,
+            read=self.settings.stream_idle_timeout,
+        )
+        splitter = _soap.EnvelopeSplitter()
+        try:
+            async with self._http.stream(
+                "POST",
+                self.url,
+                content=self._envelope(body),
+                headers=self._headers,
+                timeout=timeout,
+            ) as response:
+                self._check_status(response.status_code)
+                if response.status_code != 200:
+                    content = await response.aread()
+                    return await on_envelope(self._parse_answer(response.status_code, content))
+                async for chunk in response.aiter_raw():
+                    for data in splitter.feed(chunk):
+                        if not await on_envelope(_soap.parse(data)):
+                            return True
+        except httpx.TimeoutException:
+            raise MailConnectError(
+                f"EWS {self.where}: stream silent for {self.settings.stream_idle_timeout:.0f}s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise MailConnectError(f"EWS {self.where}: stream broken: {type(exc).__name__}") from None
+        if splitter.leftover():
+            raise MailConnectError(f"EWS {self.where}: stream cut in the middle of an envelope")
+        return True
+
+
+class _Stream:
+    """Reads one subscription's ``GetStreamingEvents`` responses until the subscription is lost."""
+
+    def __init__(
+        self,
+        client: EwsClient,
+        *,
+        mailbox: MailboxConfig,
+        folder: str,
+        subscription: str,
+        on_new_mail: NewMailCallback,
+        timeout_minutes: int,
+    ) -> None:
+        self.client = client
+        self.mailbox = mailbox
+        self.folder = folder
+        self.subscription = subscription
+        self.on_new_mail = on_new_mail
+        self.timeout_minutes = timeout_minutes
+        self.closed = False
+        self.lost = False
+        self.busy_ms: int | None = None
+        self.busy = False
+        #: Any successful envelope since the subscription was made (tells a subscription that
+        #: lapsed after a while from one the server refuses at once).
+        self.saw_success = False
+
+    async def on_envelope(self, root: Element) -> bool:
+        fault = _soap.fault_of(root)
+        if fault is not None:
+            return self._on_error(fault.code, fault.message, fault.back_off_ms, ())
+        for message in _soap.streaming_messages(root):
+            response = message.response
+            if not response.ok:
+                return self._on_error(
+                    response.code, response.message, response.back_off_ms, message.error_subscription_ids
+                )
+            self.saw_success = True
+            if message.new_mail:
+                await self.on_new_mail(
+                    SyncTask(
+                        mailbox_id=self.mailbox.id,
+                        folder=self.folder,
+                        uidvalidity=EWS_UIDVALIDITY,
+                        reason="exists",
+                    )
+                )
+            if message.connection_status == "Closed":
+                self.closed = True
+                return False
+        return True
+
+    def _on_error(self, code: str, message: str, back_off_ms: int | None, error_ids: Sequence[str]) -> bool:
+        if code in _SUBSCRIPTION_GONE or self.subscription in error_ids:
+            log.info(
+                "EWS subscription lost (%s): subscribing again",
+                code,
+                extra={"mailbox": self.mailbox.id, "folder": self.folder},
+            )
+            self.lost = True
+            return False
+        if code == "ErrorServerBusy":
+            self.busy = True
+            self.busy_ms = back_off_ms
+            return False
+        raise self.client._error(code, message)
+
+    async def run(self) -> None:
+        """Returns when the subscription is lost (the caller subscribes again)."""
+        busy_in_a_row = 0
+        request = _soap.get_streaming_events([self.subscription], self.timeout_minutes)
+        while True:
+            self.closed = self.lost = self.busy = False
+            await self.client.stream(request, self.on_envelope)
+            if self.lost:
+                return
+            if self.busy:
+                busy_in_a_row += 1
+                await self.client.back_off(self.busy_ms, busy_in_a_row)
+                continue
+            busy_in_a_row = 0
+            if not self.closed:
+                raise MailConnectError(
+                    f"EWS {self.client.where}: stream ended without ConnectionStatus Closed"
+                )
+            # ConnectionTimeout reached: re-issue at once (the subscription lives on).
+
+
+class EwsSource(MailSource):
+    """Listens with EWS streaming notifications; reads with SyncFolderItems + GetItem.
+
+    ``ca_file`` adds trusted CAs for verified TLS. Each listener and reader has its own HTTP
+    connection; all share one ``ssl.SSLContext`` per verification setting.
+    """
+
+    def __init__(
+        self,
+        *,
+        connection_timeout_minutes: int = 29,
+        stream_idle_timeout: float = 5 * 60,
+        request_timeout: float = 120.0,
+        connect_timeout: float = 30.0,
+        busy_retries: int = 5,
+        max_back_off: float = 10 * 60,
+        default_back_off: float = 5.0,
+        ca_file: str | None = None,
+    ) -> None:
+        if not 1 <= connection_timeout_minutes <= MAX_CONNECTION_TIMEOUT_MINUTES:
+            raise ValueError("connection_timeout_minutes must be between 1 and 30")
+        self.settings = EwsSettings(
+            connection_timeout_minutes=connection_timeout_minutes,
+            stream_idle_timeout=stream_idle_timeout,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            busy_retries=busy_retries,
+            max_back_off=max_back_off,
+            default_back_off=default_back_off,
+        )
+        self.ca_file = ca_file
+
+    @asynccontextmanager
+    async def client(self, mailbox: MailboxConfig) -> AsyncIterator[EwsClient]:
+        """An ``EwsClient`` with its own HTTP connection pool (closed on exit)."""
+        settings = self.settings
+        verify = context_for(mailbox.imap.verify_certificate, self.ca_file)
+        timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
+        async with httpx.AsyncClient(verify=verify, timeout=timeout, limits=limits) as http:
+            yield EwsClient(http, mailbox, settings)
+
+    async def listen(
+        self,
+        mailbox: MailboxConfig,
+        folder: str,
+        on_new_mail: NewMailCallback,
+        *,
+        task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with self.client(mailbox) as client:
+            reader = EwsReader(client)
+            seed = ""
+            started = False
+            refused = 0
+            while True:
+                message = await client.call_one(_soap.subscribe_streaming([folder]))
+                subscription = _soap.subscription_id(message)
+                if not started:
+                    # After subscribing: mail from here on is either before this state or notified.
+                    seed = (await reader.current_position(folder)).cursor
+                await on_new_mail(
+                    SyncTask(
+                        mailbox_id=mailbox.id,
+                        folder=folder,
+                        uidvalidity=EWS_UIDVALIDITY,
+                        reason="catch-up",
+                        seed_cursor=seed,
+                    )
+                )
+                if not started:
+                    task_status.started(FolderInfo(folder, EWS_UIDVALIDITY, 0, 0))
+                    started = True
+                stream = _Stream(
+                    client,
+                    mailbox=mailbox,
+                    folder=folder,
+                    subscription=subscription,
+                    on_new_mail=on_new_mail,
+                    timeout_minutes=self.settings.connection_timeout_minutes,
+                )
+                await stream.run()
+                refused = 0 if stream.saw_success else refused + 1
+                if refused >= 2:
+                    # Subscribing again at once would loop: let the supervisor back off.
+                    raise MailConnectError(f"EWS {client.where} keeps refusing new subscriptions")
+
+    @asynccontextmanager
+    async def open_reader(self, mailbox: MailboxConfig) -> AsyncIterator[MailReader]:
+        async with self.client(mailbox) as client:
+            yield EwsReader(client)
+
+
+def _parse_received(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+class EwsReader(MailReader):
+    """A ``MailReader`` over one ``EwsClient``; positions are ``SyncFolderItems`` sync states."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: EwsClient) -> None:
+        self._client = client
+
+    async def sync(self, folder: str, sync_state: str, max_changes: int) -> _soap.SyncResult:
+        message = await self._client.call_one(
+            _soap.sync_folder_items(folder, sync_state, max(1, min(max_changes, MAX_SYNC_CHANGES)))
+        )
+        return _soap.sync_result(message)
+
+    async def current_position(self, folder: str) -> Checkpoint:
+        """Walk ``SyncFolderItems`` (ids only) from nothing to the folder's current end."""
+        state = ""
+        page = self._client.settings.sync_page_size
+        while True:
+            result = await self.sync(folder, state, page)
+            state = result.sync_state or state
+            if result.includes_last:
+                return Checkpoint(EWS_UIDVALIDITY, 0, state)
+
+    async def fetch_new(
+        self, folder: str, checkpoint: Checkpoint, *, limit: int
+    ) -> tuple[list[RawMessage], Checkpoint]:
+        if not checkpoint.cursor:
+            # Never seeded with a sync state: start at the current end rather than delivering
+            # the whole folder.
+            position = await self.current_position(folder)
+            return [], Checkpoint(EWS_UIDVALIDITY, checkpoint.last_uid + 1, position.cursor)
+        try:
+            result = await self.sync(folder, checkpoint.cursor, limit)
+        except EwsResponseError as exc:
+            if exc.code != "ErrorInvalidSyncStateData":
+                raise
+            log.warning(
+                "EWS sync state of %r is no longer valid: continuing from the folder's current end",
+                folder,
+            )
+            position = await self.current_position(folder)
+            return [], Checkpoint(EWS_UIDVALIDITY, checkpoint.last_uid + 1, position.cursor)
+        if not result.changed:
+            # Nothing happened: keep the checkpoint, even if the server sent a fresh state
+            # string, so the caller sees "nothing new" and stops.
+            return [], checkpoint
+        after = Checkpoint(EWS_UIDVALIDITY, checkpoint.last_uid + 1, result.sync_state or checkpoint.cursor)
+        return await self.fetch(result.created, batch_number=after.last_uid), after
+
+    async def fetch(self, item_ids: Sequence[str], *, batch_number: int = 0) -> list[RawMessage]:
+        """The MIME of these items, oldest first; items deleted meanwhile are left out."""
+        found: list[RawMessage] = []
+        for start in range(0, len(item_ids), GET_ITEM_BATCH):
+            batch = item_ids[start : start + GET_ITEM_BATCH]
+            for message in await self._client.call(_soap.get_items_mime(batch)):
+                if message.code == "ErrorItemNotFound":
+                    continue
+                if not message.ok:
+                    raise self._client._error(message.code, message.message)
+                item = _soap.mime_item(message)
+                if item is None:
+                    raise MailProtocolError("EWS GetItem answer without ItemId or MimeContent")
+                try:
+                    data = base64.b64decode(item.mime_base64, validate=True)
+                except (binascii.Error, ValueError):
+                    raise MailProtocolError("EWS MimeContent is not valid base64") from None
+                found.append(
+                    RawMessage(
+                        uid=batch_number,
+                        data=data,
+                        internal_date=_parse_received(item.date_time_received),
+                        size=len(data),
+                        key=item.item_id,
+                    )
+                )
+        # Stable: items without a date keep the server's order.
+        dated = [m.internal_date.timestamp() if m.internal_date else None for m in found]
+        if all(d is not None for d in dated):
+            found.sort(key=lambda m: m.internal_date.timestamp() if m.internal_date else 0.0)
+        return found
+
+    async def aclose(self) -> None:
+        """Nothing to do: the source's ``client`` context closes the connection."""
+
+
+__all__ = [
+    "EWS_UIDVALIDITY",
+    "EwsClient",
+    "EwsReader",
+    "EwsResponseError",
+    "EwsSettings",
+    "EwsSource",
+    "ServerBusyError",
+    "impersonated_user",
+]

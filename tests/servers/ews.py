@@ -1,0 +1,876 @@
+"""An Exchange Web Services simulator: a real HTTP server speaking enough EWS for emlisten.
+
+Written from Microsoft's published EWS reference (operations Subscribe, GetStreamingEvents,
+SyncFolderItems, GetItem; MS-OXWSNTIF for streaming notifications). It runs inside the test's
+Trio loop (Hypercorn on a free loopback port) at ``/EWS/Exchange.asmx`` and behaves like
+Exchange, failures included:
+
+- Accounts with Basic auth (user name + password) and OAuth bearer tokens; anything else gets
+  HTTP 401 with ``WWW-Authenticate``. ``ExchangeImpersonation`` (``PrimarySmtpAddress``) is
+  honoured for accounts allowed to impersonate, else a ``ErrorImpersonateUserDenied`` fault.
+  ``X-AnchorMailbox`` is recorded per request.
+- Mailboxes with folders (``inbox`` plus any added), items with MIME, a change log per folder.
+  ``add_message`` appends an item and queues ``CreatedEvent`` + ``NewMailEvent`` on every
+  streaming subscription of that folder (events wait for the next connection, as in Exchange).
+- ``Subscribe`` (streaming only), ``GetStreamingEvents`` as one chunked response of SOAP
+  envelopes: pending notifications (several envelopes per chunk when several are pending,
+  and each chunk split in two writes when ``split_chunks``), keep-alives (``ConnectionStatus``
+  OK) every ``keepalive_seconds``, ``ConnectionStatus`` Closed after ``ConnectionTimeout``
+  minutes (a "minute" lasts ``minute_seconds``, so tests can shorten it).
+- On demand: ``drop_streams`` cuts open streams abruptly (no final chunk); ``expire_subscriptions``
+  makes subscriptions vanish (``ErrorSubscriptionNotFound`` on the open stream and on every later
+  request naming them; their events are lost); ``throttle`` answers ``ErrorServerBusy`` faults
+  with ``BackOffMilliseconds`` and keeps answering busy until the back-off has passed.
+- ``SyncFolderItems`` with opaque sync states (a fresh state string on every answer, as Exchange
+  does), ``MaxChangesReturned``, ``IncludesLastItemInRange``; ``Create`` and ``Delete`` changes.
+- ``GetItem`` with ``IncludeMimeContent`` (base64) and ``DateTimeReceived``; ``ErrorItemNotFound``.
+
+Not simulated: Autodiscover, pull/push subscriptions, FindItem/FindFolder/CreateItem, several
+mailboxes on one streaming connection from different anchors, the 200-subscription limit,
+NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
+Every request is logged in ``requests`` (with its trio time) so tests can assert waits.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+from xml.etree.ElementTree import Element
+from xml.sax.saxutils import escape
+
+import trio
+from defusedxml.ElementTree import fromstring
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+log = logging.getLogger(__name__)
+
+EWS_PATH = "/EWS/Exchange.asmx"
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+TYPES_NS = "http://schemas.microsoft.com/exchange/services/2006/types"
+MESSAGES_NS = "http://schemas.microsoft.com/exchange/services/2006/messages"
+ERRORS_NS = "http://schemas.microsoft.com/exchange/services/2006/errors"
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _attr(value: str) -> str:
+    return escape(value, {'"': "&quot;"})
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _find(element: Element, name: str) -> Element | None:
+    for sub in element.iter():
+        if _local(sub.tag) == name:
+            return sub
+    return None
+
+
+def _find_all(element: Element, name: str) -> list[Element]:
+    return [sub for sub in element.iter() if _local(sub.tag) == name]
+
+
+def _text(element: Element, name: str) -> str:
+    found = _find(element, name)
+    return (found.text or "").strip() if found is not None else ""
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class EwsItem:
+    id: str
+    change_key: str
+    mime: bytes
+    received: datetime
+    folder_id: str
+
+
+@dataclass
+class EwsFolder:
+    id: str
+    name: str
+    #: (sequence number, "Create" | "Delete", item id); sequence numbers only grow.
+    changes: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class EwsAccount:
+    address: str
+    user: str
+    password: str
+    can_impersonate: bool = False
+    folders: dict[str, EwsFolder] = field(default_factory=dict)
+    distinguished: dict[str, str] = field(default_factory=dict)
+    items: dict[str, EwsItem] = field(default_factory=dict)
+
+    @property
+    def inbox(self) -> EwsFolder:
+        return self.folders[self.distinguished["inbox"]]
+
+
+@dataclass
+class _Stream:
+    subscriptions: list[_Subscription]
+    wake: trio.Event = field(default_factory=trio.Event)
+    dropped: bool = False
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+@dataclass
+class _Subscription:
+    id: str
+    address: str
+    folder_ids: frozenset[str]
+    event_types: frozenset[str]
+    expired: bool = False
+    #: (event type, item id, folder id, timestamp) waiting for a stream.
+    pending: list[tuple[str, str, str, str]] = field(default_factory=list)
+    streams: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class EwsRequest:
+    """One request as the simulator saw it."""
+
+    at: float  # trio.current_time() on arrival
+    operation: str  # e.g. "GetStreamingEvents"; "" when the body was not understood
+    mailbox: str | None  # the mailbox acted on (after impersonation), None if not authenticated
+    status: int
+    anchor: str | None  # the X-AnchorMailbox header
+    impersonated: str | None
+    busy: bool = False
+    authorization_scheme: str = ""
+
+
+@dataclass
+class _Throttle:
+    back_off_ms: int
+    remaining: int
+    busy_until: float = 0.0
+
+
+class _Fault(Exception):
+    def __init__(self, code: str, message: str, *, back_off_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.back_off_ms = back_off_ms
+
+
+class _Drop(Exception):
+    """Raised inside a streaming response to cut the connection without a final chunk."""
+
+
+# --------------------------------------------------------------------------------------------
+# Envelopes
+
+
+def _envelope(body: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<s:Envelope xmlns:s="{SOAP_NS}"><s:Header>'
+        f'<h:ServerVersionInfo MajorVersion="15" MinorVersion="2" MajorBuildNumber="1544" '
+        f'MinorBuildNumber="4" Version="V2017_07_11" xmlns:h="{TYPES_NS}" xmlns="{TYPES_NS}"/>'
+        f'</s:Header><s:Body xmlns:m="{MESSAGES_NS}" xmlns:t="{TYPES_NS}">{body}</s:Body></s:Envelope>'
+    ).encode()
+
+
+def _fault(code: str, message: str, back_off_ms: int | None) -> bytes:
+    message_xml = ""
+    if back_off_ms is not None:
+        message_xml = (
+            f'<t:MessageXml xmlns:t="{TYPES_NS}"><t:Value Name="BackOffMilliseconds">'
+            f"{back_off_ms}</t:Value></t:MessageXml>"
+        )
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<s:Envelope xmlns:s="{SOAP_NS}"><s:Body><s:Fault>'
+        f'<faultcode xmlns:a="{TYPES_NS}">a:{escape(code)}</faultcode>'
+        f'<faultstring xml:lang="en-US">{escape(message)}</faultstring>'
+        f'<detail><e:ResponseCode xmlns:e="{ERRORS_NS}">{escape(code)}</e:ResponseCode>'
+        f'<e:Message xmlns:e="{ERRORS_NS}">{escape(message)}</e:Message>{message_xml}</detail>'
+        "</s:Fault></s:Body></s:Envelope>"
+    ).encode()
+
+
+def _message(name: str, inner: str = "", *, code: str = "NoError", text: str = "") -> str:
+    if code == "NoError":
+        return f'<m:{name} ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>{inner}</m:{name}>'
+    return (
+        f'<m:{name} ResponseClass="Error"><m:MessageText>{escape(text)}</m:MessageText>'
+        f"<m:ResponseCode>{code}</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"
+        f"{inner}</m:{name}>"
+    )
+
+
+def _response(operation: str, messages: list[str]) -> bytes:
+    return _envelope(
+        f"<m:{operation}Response><m:ResponseMessages>{''.join(messages)}</m:ResponseMessages>"
+        f"</m:{operation}Response>"
+    )
+
+
+def _streaming(inner: str, *, code: str = "NoError", text: str = "") -> bytes:
+    return _response(
+        "GetStreamingEvents", [_message("GetStreamingEventsResponseMessage", inner, code=code, text=text)]
+    )
+
+
+def _timestamp(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_id(prefix: str = "AAMkA") -> str:
+    return prefix + base64.b64encode(uuid.uuid4().bytes + secrets.token_bytes(8)).decode()
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+
+
+class EwsSimulator:
+    """Serve with ``await nursery.start(sim.serve)`` (or ``running_ews_simulator()``)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        keepalive_seconds: float = 1.0,
+        minute_seconds: float = 60.0,
+        split_chunks: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = 0
+        self.keepalive_seconds = keepalive_seconds
+        self.minute_seconds = minute_seconds
+        self.split_chunks = split_chunks
+        self.accounts: dict[str, EwsAccount] = {}  # by lowercased address
+        self.tokens: dict[str, str] = {}  # bearer token -> address
+        self.requests: list[EwsRequest] = []
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._stream_ids = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._throttles: dict[str, _Throttle] = {}
+        self._changed = trio.Event()
+
+    # -- server ----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = Config()
+        config.bind = [f"{self.host}:{self.port}"]
+        config.accesslog = None
+        config.errorlog = None
+        config.loglevel = "CRITICAL"
+        config.graceful_timeout = 0.1
+        config.keep_alive_timeout = 75
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(self._serve, config)
+            self.port = urlsplit(binds[0]).port or 0
+            task_status.started()
+
+    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(self._asgi, config, task_status=task_status)  # type: ignore[arg-type]
+
+    @property
+    def url(self) -> str:
+        """The EWS endpoint URL (what Creatio sends as ``ServiceUrl``)."""
+        return f"http://{self.host}:{self.port}{EWS_PATH}"
+
+    # -- accounts and mail -----------------------------------------------------------------
+
+    def add_account(
+        self, user: str | None = None, password: str | None = None, *, can_impersonate: bool = False
+    ) -> EwsAccount:
+        name = user or f"user-{uuid.uuid4().hex[:10]}"
+        address = name if "@" in name else f"{name}@ews.example.test"
+        account = EwsAccount(address, name, password or secrets.token_urlsafe(12), can_impersonate)
+        inbox = EwsFolder(_new_id("AQMkAinbox"), "Inbox")
+        account.folders[inbox.id] = inbox
+        account.distinguished["inbox"] = inbox.id
+        self.accounts[address.lower()] = account
+        return account
+
+    def add_folder(self, address: str, name: str) -> str:
+        account = self.accounts[address.lower()]
+        folder = EwsFolder(_new_id("AQMkAfolder"), name)
+        account.folders[folder.id] = folder
+        return folder.id
+
+    def issue_token(self, address: str) -> str:
+        token = "ews-" + secrets.token_urlsafe(24)
+        self.tokens[token] = address.lower()
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        self.tokens.pop(token, None)
+
+    def add_message(self, address: str, mime: bytes, *, folder_id: str | None = None) -> str:
+        """Deliver ``mime`` into the inbox (or ``folder_id``); notify subscriptions. Returns the item id."""
+        account = self.accounts[address.lower()]
+        folder = account.folders[folder_id] if folder_id else account.inbox
+        item = EwsItem(_new_id(), _new_id("CQAAABYAAA"), mime, datetime.now(UTC), folder.id)
+        account.items[item.id] = item
+        folder.changes.append((next(self._seq), "Create", item.id))
+        stamp = _timestamp(item.received)
+        for subscription in self._subscriptions.values():
+            if subscription.address != account.address.lower() or subscription.expired:
+                continue
+            if folder.id not in subscription.folder_ids:
+                continue
+            for event in ("CreatedEvent", "NewMailEvent"):
+                if event in subscription.event_types:
+                    subscription.pending.append((event, item.id, folder.id, stamp))
+            for stream_id in subscription.streams:
+                self._streams[stream_id].poke()
+        return item.id
+
+    def delete_message(self, address: str, item_id: str) -> None:
+        account = self.accounts[address.lower()]
+        item = account.items.pop(item_id)
+        account.folders[item.folder_id].changes.append((next(self._seq), "Delete", item_id))
+
+    # -- failures on demand ----------------------------------------------------------------
+
+    def drop_streams(self, address: str) -> int:
+        """Cut every open streaming connection of ``address`` abruptly. Returns how many."""
+        count = 0
+        for stream in self._streams.values():
+            if any(s.address == address.lower() for s in stream.subscriptions):
+                stream.dropped = True
+                stream.poke()
+                count += 1
+        return count
+
+    def expire_subscriptions(self, address: str) -> int:
+        """Make every subscription of ``address`` vanish (as after a server restart or a lapse)."""
+        count = 0
+        for subscription in self._subscriptions.values():
+            if subscription.address == address.lower() and not subscription.expired:
+                subscription.expired = True
+                subscription.pending.clear()
+                count += 1
+                for stream_id in subscription.streams:
+                    self._streams[stream_id].poke()
+        return count
+
+    def throttle(self, address: str, back_off_ms: int, *, count: int = 1) -> None:
+        """Answer the next ``count`` requests for ``address`` with ErrorServerBusy, and any request
+        that comes before the announced back-off has passed."""
+        self._throttles[address.lower()] = _Throttle(back_off_ms, count)
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def live_subscriptions(self, address: str) -> list[str]:
+        return [s.id for s in self._subscriptions.values() if s.address == address.lower() and not s.expired]
+
+    def open_streams(self, address: str) -> int:
+        return sum(
+            1
+            for stream in self._streams.values()
+            if any(s.address == address.lower() for s in stream.subscriptions)
+        )
+
+    def requests_for(self, address: str, operation: str | None = None) -> list[EwsRequest]:
+        return [
+            r
+            for r in self.requests
+            if r.mailbox == address.lower() and (operation is None or r.operation == operation)
+        ]
+
+    async def wait_until(self, check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+        """Wait (event driven) until ``check()`` is truthy; re-checked after every request and
+        stream change."""
+        with trio.move_on_after(timeout):
+            while True:
+                changed = self._changed
+                result = check()
+                if result:
+                    return result
+                await changed.wait()
+        raise AssertionError(f"EWS simulator: timed out waiting for {what or check}")
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] != EWS_PATH:
+            await self._plain(send, 404, b"not found")
+            return
+        if scope["method"] != "POST":
+            await self._plain(send, 405, b"EWS accepts POST only")
+            return
+        await self._handle(b"".join(chunks), headers, receive, send)
+
+    @staticmethod
+    async def _plain(
+        send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    *(extra or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _xml(send: Send, status: int, body: bytes) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/xml; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self, request: EwsRequest) -> None:
+        self.requests.append(request)
+        self._notify_change()
+
+    def _authenticate(self, headers: Mapping[str, str]) -> tuple[EwsAccount | None, str]:
+        value = headers.get("authorization", "")
+        scheme, _, credentials = value.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            try:
+                user, _, password = base64.b64decode(credentials).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None, scheme
+            for account in self.accounts.values():
+                if user.lower() in (account.user.lower(), account.address.lower()):
+                    if secrets.compare_digest(password.encode(), account.password.encode()):
+                        return account, scheme
+                    return None, scheme
+            return None, scheme
+        if scheme == "bearer":
+            address = self.tokens.get(credentials.strip())
+            return (self.accounts.get(address) if address else None), scheme
+        return None, scheme
+
+    async def _handle(self, raw: bytes, headers: Mapping[str, str], receive: Receive, send: Send) -> None:
+        now = trio.current_time()
+        anchor = headers.get("x-anchormailbox")
+        caller, scheme = self._authenticate(headers)
+        if caller is None:
+            self._record(EwsRequest(now, "", None, 401, anchor, None, authorization_scheme=scheme))
+            challenge = b'Bearer error="invalid_token"' if scheme == "bearer" else b'Basic realm="ews"'
+            await self._plain(send, 401, b"401 Unauthorized", [(b"www-authenticate", challenge)])
+            return
+        operation, impersonated = "", None
+        try:
+            try:
+                root = fromstring(raw, forbid_dtd=True)
+            except Exception:
+                raise _Fault("ErrorSchemaValidation", "The request failed schema validation.") from None
+            body = _find(root, "Body")
+            if body is None or len(body) == 0:
+                raise _Fault("ErrorSchemaValidation", "The request has no SOAP body.")
+            request = body[0]
+            operation = _local(request.tag)
+            target = caller
+            impersonation = _find(root, "ExchangeImpersonation")
+            if impersonation is not None:
+                impersonated = _text(impersonation, "PrimarySmtpAddress").lower()
+                if not caller.can_impersonate:
+                    raise _Fault(
+                        "ErrorImpersonateUserDenied",
+                        "The account does not have permission to impersonate the requested user.",
+                    )
+                found = self.accounts.get(impersonated)
+                if found is None:
+                    raise _Fault(
+                        "ErrorNonExistentMailbox", "The SMTP address has no mailbox associated with it."
+                    )
+                target = found
+            self._check_throttle(target, now)
+            if operation == "GetStreamingEvents":
+                self._record(
+                    EwsRequest(
+                        now,
+                        operation,
+                        target.address.lower(),
+                        200,
+                        anchor,
+                        impersonated,
+                        authorization_scheme=scheme,
+                    )
+                )
+                await self._stream(target, request, receive, send)
+                return
+            handler = {
+                "Subscribe": self._subscribe,
+                "SyncFolderItems": self._sync_folder_items,
+                "GetItem": self._get_item,
+            }.get(operation)
+            if handler is None:
+                raise _Fault(
+                    "ErrorInvalidRequest", f"The operation {operation} is not supported by the simulator."
+                )
+            answer = handler(target, request)
+        except _Fault as fault:
+            self._record(
+                EwsRequest(
+                    now,
+                    operation,
+                    caller.address.lower() if impersonated is None else impersonated,
+                    500,
+                    anchor,
+                    impersonated,
+                    busy=fault.code == "ErrorServerBusy",
+                    authorization_scheme=scheme,
+                )
+            )
+            await self._xml(send, 500, _fault(fault.code, fault.message, fault.back_off_ms))
+            return
+        self._record(
+            EwsRequest(
+                now, operation, target.address.lower(), 200, anchor, impersonated, authorization_scheme=scheme
+            )
+        )
+        await self._xml(send, 200, answer)
+
+    def _check_throttle(self, account: EwsAccount, now: float) -> None:
+        throttle = self._throttles.get(account.address.lower())
+        if throttle is None:
+            return
+        if now < throttle.busy_until or throttle.remaining > 0:
+            if now >= throttle.busy_until:
+                throttle.remaining -= 1
+                throttle.busy_until = now + throttle.back_off_ms / 1000
+            remaining_ms = max(1, round((throttle.busy_until - now) * 1000))
+            raise _Fault(
+                "ErrorServerBusy",
+                "The server cannot service this request right now. Try again later.",
+                back_off_ms=remaining_ms,
+            )
+        del self._throttles[account.address.lower()]
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _folder(self, account: EwsAccount, element: Element | None) -> EwsFolder | None:
+        if element is None:
+            return None
+        name = _local(element.tag)
+        folder_id = element.get("Id", "")
+        if name == "DistinguishedFolderId":
+            folder_id = account.distinguished.get(folder_id, "")
+        return account.folders.get(folder_id)
+
+    def _subscribe(self, account: EwsAccount, request: Element) -> bytes:
+        streaming = _find(request, "StreamingSubscriptionRequest")
+        if streaming is None:
+            raise _Fault("ErrorInvalidSubscriptionRequest", "Only streaming subscriptions are simulated.")
+        folder_ids = set()
+        ids = _find(streaming, "FolderIds")
+        for element in list(ids) if ids is not None else []:
+            folder = self._folder(account, element)
+            if folder is None:
+                return _response(
+                    "Subscribe",
+                    [
+                        _message(
+                            "SubscribeResponseMessage",
+                            code="ErrorFolderNotFound",
+                            text="The specified folder could not be found in the store.",
+                        )
+                    ],
+                )
+            folder_ids.add(folder.id)
+        events = frozenset((e.text or "").strip() for e in _find_all(streaming, "EventType"))
+        if not folder_ids or not events:
+            raise _Fault("ErrorSchemaValidation", "FolderIds and EventTypes are required.")
+        subscription = _Subscription(_new_id("EQBt"), account.address.lower(), frozenset(folder_ids), events)
+        self._subscriptions[subscription.id] = subscription
+        return _response(
+            "Subscribe",
+            [
+                _message(
+                    "SubscribeResponseMessage",
+                    f"<m:SubscriptionId>{escape(subscription.id)}</m:SubscriptionId>",
+                )
+            ],
+        )
+
+    def _sync_folder_items(self, account: EwsAccount, request: Element) -> bytes:
+        name = "SyncFolderItemsResponseMessage"
+        sync_folder = _find(request, "SyncFolderId")
+        folder = self._folder(
+            account, sync_folder[0] if sync_folder is not None and len(sync_folder) else None
+        )
+        if folder is None:
+            return _response(
+                "SyncFolderItems",
+                [
+                    _message(
+                        name,
+                        code="ErrorFolderNotFound",
+                        text="The specified folder could not be found in the store.",
+                    )
+                ],
+            )
+        state_text = _text(request, "SyncState")
+        after = 0
+        if state_text:
+            try:
+                state = json.loads(base64.b64decode(state_text, validate=True))
+                after = int(state["seq"])
+                if state["folder"] != folder.id:
+                    raise ValueError("another folder")
+            except (ValueError, KeyError, TypeError):
+                return _response(
+                    "SyncFolderItems",
+                    [
+                        _message(
+                            name,
+                            code="ErrorInvalidSyncStateData",
+                            text="Synchronization state data is corrupt or otherwise invalid.",
+                        )
+                    ],
+                )
+        try:
+            limit = int(_text(request, "MaxChangesReturned") or "512")
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 512:
+            raise _Fault("ErrorSchemaValidation", "MaxChangesReturned must be between 1 and 512.")
+        pending = [c for c in folder.changes if c[0] > after]
+        returned = pending[:limit]
+        if returned:
+            after = returned[-1][0]
+        changes = []
+        for _seq, kind, item_id in returned:
+            item = account.items.get(item_id)
+            change_key = item.change_key if item else "CQAAAA=="
+            item_xml = f'<t:ItemId Id="{_attr(item_id)}" ChangeKey="{_attr(change_key)}"/>'
+            changes.append(
+                f"<t:Create><t:Message>{item_xml}</t:Message></t:Create>"
+                if kind == "Create"
+                else f"<t:Delete>{item_xml}</t:Delete>"
+            )
+        # A fresh opaque string every time, even when nothing changed (as Exchange does).
+        new_state = base64.b64encode(
+            json.dumps({"folder": folder.id, "seq": after, "n": secrets.token_hex(4)}).encode()
+        ).decode()
+        inner = (
+            f"<m:SyncState>{new_state}</m:SyncState>"
+            f"<m:IncludesLastItemInRange>{str(len(pending) <= limit).lower()}</m:IncludesLastItemInRange>"
+            f"<m:Changes>{''.join(changes)}</m:Changes>"
+        )
+        return _response("SyncFolderItems", [_message(name, inner)])
+
+    def _get_item(self, account: EwsAccount, request: Element) -> bytes:
+        name = "GetItemResponseMessage"
+        include_mime = _text(request, "IncludeMimeContent").lower() == "true"
+        shape = _text(request, "BaseShape")
+        wants_received = shape in ("Default", "AllProperties") or any(
+            f.get("FieldURI") == "item:DateTimeReceived" for f in _find_all(request, "FieldURI")
+        )
+        ids = _find(request, "ItemIds")
+        messages = []
+        for element in list(ids) if ids is not None else []:
+            item = account.items.get(element.get("Id", ""))
+            if item is None:
+                messages.append(
+                    _message(
+                        name,
+                        "<m:Items/>",
+                        code="ErrorItemNotFound",
+                        text="The specified object was not found in the store.",
+                    )
+                )
+                continue
+            parts = []
+            if include_mime:
+                encoded = base64.b64encode(item.mime).decode()
+                parts.append(f'<t:MimeContent CharacterSet="UTF-8">{encoded}</t:MimeContent>')
+            parts.append(f'<t:ItemId Id="{_attr(item.id)}" ChangeKey="{_attr(item.change_key)}"/>')
+            if wants_received:
+                parts.append(f"<t:DateTimeReceived>{_timestamp(item.received)}</t:DateTimeReceived>")
+            messages.append(_message(name, f"<m:Items><t:Message>{''.join(parts)}</t:Message></m:Items>"))
+        return _response("GetItem", messages)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    async def _stream(self, account: EwsAccount, request: Element, receive: Receive, send: Send) -> None:
+        ids = [(e.text or "").strip() for e in _find_all(request, "SubscriptionId")]
+        try:
+            minutes = int(_text(request, "ConnectionTimeout"))
+        except ValueError:
+            minutes = 0
+        if not 1 <= minutes <= 30:
+            await self._xml(
+                send, 500, _fault("ErrorInvalidArgument", "ConnectionTimeout must be 1..30 minutes.", None)
+            )
+            return
+        subscriptions = [self._subscriptions.get(i) for i in ids]
+        unknown = [
+            i
+            for i, s in zip(ids, subscriptions, strict=True)
+            if s is None or s.expired or s.address != account.address.lower()
+        ]
+        if unknown or not ids:
+            listed = "".join(f"<t:SubscriptionId>{escape(i)}</t:SubscriptionId>" for i in unknown)
+            await self._xml(
+                send,
+                200,
+                _streaming(
+                    f"<m:ErrorSubscriptionIds>{listed}</m:ErrorSubscriptionIds>",
+                    code="ErrorSubscriptionNotFound",
+                    text="The subscription could not be found.",
+                ),
+            )
+            return
+        live = [s for s in subscriptions if s is not None]
+        stream = _Stream(live)
+        stream_id = next(self._stream_ids)
+        self._streams[stream_id] = stream
+        for subscription in live:
+            subscription.streams.add(stream_id)
+        self._notify_change()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/xml; charset=utf-8")],
+            }
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_disconnect)
+                await self._stream_body(stream, minutes * self.minute_seconds, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            del self._streams[stream_id]
+            for subscription in live:
+                subscription.streams.discard(stream_id)
+            self._notify_change()
+
+    async def _stream_body(self, stream: _Stream, lifetime: float, send: Send) -> None:
+        deadline = trio.current_time() + lifetime
+        next_keepalive = trio.current_time() + self.keepalive_seconds
+        while True:
+            with trio.move_on_at(min(deadline, next_keepalive)):
+                await stream.wake.wait()
+            stream.wake = trio.Event()
+            if stream.dropped:
+                raise _Drop("stream dropped on demand")
+            envelopes: list[bytes] = []
+            ended = False
+            expired = [s.id for s in stream.subscriptions if s.expired]
+            if expired:
+                listed = "".join(f"<t:SubscriptionId>{escape(i)}</t:SubscriptionId>" for i in expired)
+                envelopes.append(
+                    _streaming(
+                        f"<m:ErrorSubscriptionIds>{listed}</m:ErrorSubscriptionIds>",
+                        code="ErrorSubscriptionNotFound",
+                        text="The subscription could not be found.",
+                    )
+                )
+                ended = True
+            for subscription in stream.subscriptions:
+                if subscription.expired:
+                    continue
+                # One envelope per event batch, so a burst puts several envelopes in one chunk.
+                while subscription.pending:
+                    event, item_id, folder_id, stamp = subscription.pending.pop(0)
+                    envelopes.append(
+                        _streaming(
+                            "<m:Notifications><m:Notification>"
+                            f"<t:SubscriptionId>{escape(subscription.id)}</t:SubscriptionId>"
+                            f"<t:{event}><t:TimeStamp>{stamp}</t:TimeStamp>"
+                            f'<t:ItemId Id="{_attr(item_id)}" ChangeKey="CQAAAA=="/>'
+                            f'<t:ParentFolderId Id="{_attr(folder_id)}" ChangeKey="AQAAAA=="/>'
+                            f"</t:{event}></m:Notification></m:Notifications>"
+                        )
+                    )
+            now = trio.current_time()
+            if not ended and now >= next_keepalive:
+                envelopes.append(_streaming("<m:ConnectionStatus>OK</m:ConnectionStatus>"))
+                next_keepalive = now + self.keepalive_seconds
+            if not ended and now >= deadline:
+                envelopes.append(_streaming("<m:ConnectionStatus>Closed</m:ConnectionStatus>"))
+                ended = True
+            if envelopes:
+                await self._send_chunk(send, b"".join(envelopes))
+            if ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+
+    async def _send_chunk(self, send: Send, data: bytes) -> None:
+        if self.split_chunks and len(data) > 1:
+            # Cut somewhere inside an envelope, so the client must reassemble across chunks.
+            cut = len(data) // 2 + 7
+            await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+            # A pause, so the halves reach the client as separate reads.
+            await trio.sleep(0.002)
+            await send({"type": "http.response.body", "body": data[cut:], "more_body": True})
+        else:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+@asynccontextmanager
+async def running_ews_simulator(**options: Any) -> AsyncIterator[EwsSimulator]:
+    """An ``EwsSimulator`` serving on a free loopback port for the duration of the block."""
+    simulator = EwsSimulator(**options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.serve)
+        yield simulator
+        nursery.cancel_scope.cancel()
