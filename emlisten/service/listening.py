@@ -312,7 +312,10 @@ class MailboxSupervisor:
         failed_before = False
         last_failure = ""
         while True:
-            await self._set_state(MailboxState.CONNECTING)
+            if not failed_before:
+                # A retry keeps showing the error until it succeeds, so status and metrics
+                # report a failing mailbox as failing, not as flickering "connecting".
+                await self._set_state(MailboxState.CONNECTING)
             started_at = math.inf
             try:
                 async with trio.open_nursery() as nursery:
@@ -327,6 +330,7 @@ class MailboxSupervisor:
                     await self._set_state(MailboxState.LISTENING)
                     if failed_before:
                         self.m.metrics.reconnects.labels(reason=last_failure).inc()
+                        failed_before = False
                     log.info("listening", extra={"mailbox": mailbox_id, "folders": len(self.mailbox.folders)})
                     auth_retry.reset()
                     if self.reported_unavailable:
