@@ -62,6 +62,14 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     #: Extra CA bundle trusted for IMAP/SMTP TLS (in addition to the system CAs).
     tls_ca_file: str | None = None
+    #: Base URL where Microsoft Graph reaches this node's API (change notifications), e.g.
+    #: https://emlisten.example.com. Unset: the address the API listens on (local use only).
+    public_url: str | None = None
+    #: Microsoft Graph app-only access (client-credentials grant) for mailboxes without an
+    #: AccessToken; all three must be set to use it.
+    graph_tenant_id: str | None = None
+    graph_client_id: str | None = None
+    graph_client_secret: str | None = field(default=None, repr=False)
 
     # Listening
     idle_renew_seconds: float = 25 * 60.0
@@ -210,5 +218,13 @@ def _check(settings: Settings) -> None:
         )
     if settings.max_mailboxes < 0:
         raise ConfigError(f"{env_name('max_mailboxes')} must be 0 (no cap) or positive")
+    if settings.public_url and not settings.public_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{env_name('public_url')} must be an http(s) URL")
+    graph_app = (settings.graph_tenant_id, settings.graph_client_id, settings.graph_client_secret)
+    if any(graph_app) and not all(graph_app):
+        raise ConfigError(
+            "Graph app-only access needs EMLISTEN_GRAPH_TENANT_ID, EMLISTEN_GRAPH_CLIENT_ID and "
+            "EMLISTEN_GRAPH_CLIENT_SECRET together"
+        )
     if settings.idle_renew_seconds >= 29 * 60:
         raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

@@ -33,6 +33,7 @@ from emlisten.api.server import serve_api
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError, StoreError
 from emlisten.mail.ews import EwsSource
+from emlisten.mail.graph import announce_api, graph_source_from_settings, graph_sources
 from emlisten.mail.imap import ImapSource
 from emlisten.mail.router import RoutingSource
 from emlisten.metrics import Metrics
@@ -99,6 +100,7 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         command_timeout=settings.command_timeout_seconds,
         ca_file=settings.tls_ca_file,
     )
+    sources["graph"] = graph_source_from_settings(settings)
     sources["ews"] = EwsSource(
         connect_timeout=settings.connect_timeout_seconds,
         request_timeout=settings.command_timeout_seconds,
@@ -236,6 +238,7 @@ async def _run(
                 root.start_soon(_heartbeat, settings, adapters.store)
             front = trio.CancelScope()
             port: int = await root.start(_run_front, front, settings, manager, app, role)
+            announce_api(adapters.source, settings.host, port)  # Graph's notification URL
             log.info("ready: API on %s:%d", settings.host, port)
             task_status.started(port)
             await shutdown.wait()
@@ -271,10 +274,13 @@ def _feature_blueprints(
         source = source.sources.get("imap", source)
     imap = source if isinstance(source, ImapSource) else None
     sender = SmtpSender(ca_file=settings.tls_ca_file, imap_source=imap)
+    from emlisten.mail.graph.api import graph_blueprint
+
     return [
         admin_blueprint(control, metrics),
         mailbox_blueprint(imap),
         send_blueprint(lambda: sender),
+        *(graph_blueprint(graph, adapters.queue.publish) for graph in graph_sources(adapters.source)),
     ]
 
 

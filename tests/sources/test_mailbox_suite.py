@@ -19,8 +19,15 @@ from tests.service.conftest import fast_settings
 from tests.sources.backends import Account, ImapBackend, MailServerBackend
 
 
-@pytest.fixture(params=["imap", "ews"])
+@pytest.fixture(params=["imap", "ews", "graph"])
 async def backend(request: pytest.FixtureRequest, dovecot: Dovecot) -> AsyncIterator[MailServerBackend]:
+    if request.param == "graph":
+        from tests.servers.graph import running_graph_simulator
+        from tests.sources.backend_graph import GraphBackend
+
+        async with running_graph_simulator() as graph_simulator:
+            yield GraphBackend(graph_simulator)
+        return
     if request.param == "ews":
         from tests.servers.ews import running_ews_simulator
         from tests.sources.backend_ews import EwsBackend

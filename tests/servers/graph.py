@@ -1,0 +1,790 @@
+"""A Microsoft Graph simulator: a real HTTP server with the mail and subscription endpoints
+emlisten uses, written from Microsoft's Graph documentation (v1.0).
+
+Covered:
+- Bearer auth per user (delegated tokens): a missing, unknown or revoked token is 401 with
+  ``InvalidAuthenticationToken``; another user's mailbox is 403 ``ErrorAccessDenied``.
+- ``users/{id}/mailFolders`` (list, get by id or by the well-known name ``inbox``, also in the
+  ``mailFolders('inbox')`` form), ``users/{id}/messages/{id}/$value`` (the MIME as stored).
+- Delta queries on a folder's messages: a first round listing the folder, later rounds with the
+  changes since the deltaLink (created, updated, ``@removed``), the custom option
+  ``changeType=created`` kept inside the links, ``$select``, paging with ``@odata.nextLink`` as
+  asked by ``Prefer: odata.maxpagesize``; expired sync states answer 410 on demand.
+- Subscriptions: create (validation handshake on the notification and lifecycle URLs first:
+  ``POST url?validationToken=...`` that must answer 200 with the token as text within 10 s, else
+  the create is 400), get, renew (PATCH), reauthorize, delete; expiry (an expired subscription is
+  gone: 404, no notifications); at most 10080 minutes for messages.
+- Change notifications (``changeType=created``, with ``clientState``, ``resource`` and
+  ``resourceData``) POSTed to the subscription's URL for each new message, retried a few times
+  when the endpoint fails; lifecycle notifications (``missed``, ``subscriptionRemoved``,
+  ``reauthorizationRequired``) on demand; notifications can be dropped for a while.
+- Throttling on demand: the next N requests answer 429 (or 503) with ``Retry-After``; every
+  request is recorded with its arrival time so tests can check that the client waited.
+
+Not covered: HTTPS (real Graph requires an https notification URL; the simulator accepts
+http), app-only tokens and the token endpoint, rich notifications (resource data, encryption),
+batching (``$batch``), most OData options (``$filter``, ``$orderby``, ``$top`` on lists),
+``/sendMail``, folder hierarchy changes, the notification delays and batching of the real
+service, and Graph's long retry schedule (hours) for failing notification endpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import itertools
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+import quart_trio
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart import Response, request
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_SUBSCRIPTION_MINUTES = 10080
+VALIDATION_TIMEOUT = 10.0
+NOTIFICATION_TIMEOUT = 3.0
+TENANT_ID = "00000000-0000-4000-8000-00000000beef"
+#: What an app-only token stands for: any mailbox (application permissions).
+APP_CALLER = "*app*"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_ms(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_iso(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {"date": _iso(_now()), "request-id": str(uuid.uuid4())},
+        }
+    }
+    response = Response(json.dumps(body), status=status, content_type="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(
+        json.dumps(payload), status=status, content_type="application/json; odata.metadata=minimal"
+    )
+
+
+def _new_id() -> str:
+    # Graph ids are long URL-safe base64 strings.
+    return base64.urlsafe_b64encode(b"AAMk" + secrets.token_bytes(60)).decode("ascii").rstrip("=")
+
+
+@dataclass
+class SimMessage:
+    id: str
+    folder_id: str
+    mime: bytes
+    received: datetime
+    subject: str
+    change_key: int = 0
+
+
+@dataclass
+class SimFolder:
+    id: str
+    name: str
+    well_known: str = ""
+    messages: dict[str, SimMessage] = field(default_factory=dict)
+    #: (seq, kind, message id): kind "created" | "updated" | "deleted".
+    changes: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SimUser:
+    email: str
+    id: str
+    folders: dict[str, SimFolder] = field(default_factory=dict)
+
+    def folder(self, key: str) -> SimFolder | None:
+        key_lower = key.lower()
+        for folder in self.folders.values():
+            if folder.id == key or (folder.well_known and folder.well_known == key_lower):
+                return folder
+        return None
+
+
+@dataclass
+class SimSubscription:
+    id: str
+    user: str
+    folder_id: str
+    resource: str
+    change_type: str
+    notification_url: str
+    lifecycle_url: str
+    client_state: str
+    expiration: datetime
+    creator_token: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#subscriptions/$entity",
+            "id": self.id,
+            "resource": self.resource,
+            "applicationId": "00000000-0000-4000-8000-0000000000ap",
+            "changeType": self.change_type,
+            "clientState": self.client_state,
+            "notificationUrl": self.notification_url,
+            "lifecycleNotificationUrl": self.lifecycle_url or None,
+            "expirationDateTime": _iso_ms(self.expiration),
+            "creatorId": self.user,
+            "latestSupportedTlsVersion": "v1_2",
+            "includeResourceData": False,
+            "notificationContentType": "application/json",
+        }
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    status: int
+    at: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class SentNotification:
+    subscription_id: str
+    kind: str  # "created" or a lifecycle event
+    url: str
+    status: int | None  # None: no answer (timeout, connection refused)
+    at: float
+
+
+_RESOURCE = re.compile(
+    r"^/?(?:users/(?P<user>[^/]+)|me)/mailFolders(?:\('(?P<quoted>[^']+)'\)|/(?P<plain>[^/]+))/messages$",
+    re.IGNORECASE,
+)
+_FOLDER = r"mailFolders(?:\('(?P<quoted>[^']+)'\)|/(?P<plain>[^/()]+))"
+
+
+class GraphSimulator:
+    """``await nursery.start(sim.serve)``; then ``sim.base_url`` is the service URL."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.users: dict[str, SimUser] = {}
+        self.tokens: dict[str, str] = {}  # token -> user email (lower), or APP_CALLER
+        self.apps: dict[tuple[str, str], str] = {}  # (tenant, client id) -> client secret
+        self.token_requests = 0
+        self.subscriptions: dict[str, SimSubscription] = {}
+        self.requests: list[RecordedRequest] = []
+        self.notifications: list[SentNotification] = []
+        self.validations: list[tuple[str, int | None]] = []
+        self._seq = itertools.count(1)
+        self._last_seq = 0
+        self._epoch = 0
+        self._throttle: list[tuple[int, str]] = []  # (status, Retry-After) for the next requests
+        self._dropping: set[str] = set()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._http: httpx.AsyncClient | None = None
+        self.app = self._make_app()
+
+    # -- server ------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = Config()
+        config.bind = [f"{self.host}:0"]
+        config.accesslog = None
+        config.loglevel = "WARNING"
+        config.graceful_timeout = 0.1
+        # No keep-alive towards the notification endpoints: an idle kept-alive connection makes
+        # the receiving node's graceful shutdown wait for its full timeout.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits) as http, trio.open_nursery() as nursery:
+            self._http = http
+            self._nursery = nursery
+            binds: list[str] = await nursery.start(self._serve, config)
+            self.port = urlsplit(binds[0]).port or 0
+            task_status.started()
+
+    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(self.app, config, task_status=task_status)  # type: ignore[arg-type]
+
+    @property
+    def base_url(self) -> str:
+        if not self.port:
+            raise RuntimeError("the Graph simulator is not serving yet")
+        return f"http://{self.host}:{self.port}"
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Any, *, timeout: float = 10.0) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    # -- test controls -----------------------------------------------------------------------
+
+    def add_user(self, email_address: str | None = None) -> tuple[str, str]:
+        """A new mailbox with an inbox; returns (email, bearer token)."""
+        address = (email_address or f"user-{uuid.uuid4().hex[:10]}@contoso.test").lower()
+        user = SimUser(address, str(uuid.uuid4()))
+        inbox = SimFolder(_new_id(), "Inbox", "inbox")
+        user.folders[inbox.id] = inbox
+        self.users[address] = user
+        return address, self.issue_token(address)
+
+    def issue_token(self, address: str) -> str:
+        token = "eyJ0eXAiOiJKV1Qi." + secrets.token_urlsafe(24)
+        self.tokens[token] = address.lower()
+        return token
+
+    def register_app(self, tenant_id: str, client_id: str, client_secret: str) -> None:
+        """An app with application permissions on every mailbox (client-credentials grant at
+        ``{base_url}/{tenant}/oauth2/v2.0/token``)."""
+        self.apps[(tenant_id, client_id)] = client_secret
+
+    def revoke_token(self, token: str) -> None:
+        self.tokens.pop(token, None)
+
+    def add_folder(self, address: str, name: str) -> str:
+        folder = SimFolder(_new_id(), name)
+        self.users[address.lower()].folders[folder.id] = folder
+        return folder.id
+
+    def _folder_of(self, address: str, folder: str) -> SimFolder:
+        found = self.users[address.lower()].folder(folder)
+        if found is None:
+            raise KeyError(folder)
+        return found
+
+    def _record_change(self, folder: SimFolder, kind: str, message_id: str) -> None:
+        seq = next(self._seq)
+        self._last_seq = seq
+        folder.changes.append((seq, kind, message_id))
+
+    def add_message(self, address: str, mime: bytes, folder: str = "inbox") -> str:
+        """A message arrives (as delivered by transport); notifies matching subscriptions."""
+        target = self._folder_of(address, folder)
+        parsed = email.message_from_bytes(mime, policy=email.policy.default)
+        message = SimMessage(_new_id(), target.id, mime, _now(), str(parsed.get("Subject", "")))
+        target.messages[message.id] = message
+        self._record_change(target, "created", message.id)
+        for subscription in self._live_subscriptions():
+            if (
+                subscription.user == address.lower()
+                and subscription.folder_id == target.id
+                and "created" in subscription.change_type.split(",")
+            ):
+                if address.lower() in self._dropping:
+                    continue
+                self._notify(subscription, self._change_payload(subscription, message))
+        self._changed_now()
+        return message.id
+
+    def update_message(self, address: str, message_id: str, folder: str = "inbox") -> None:
+        """Something changed on the message (e.g. read): an "updated" change in delta rounds."""
+        target = self._folder_of(address, folder)
+        target.messages[message_id].change_key += 1
+        self._record_change(target, "updated", message_id)
+
+    def delete_message(self, address: str, message_id: str, folder: str = "inbox") -> None:
+        target = self._folder_of(address, folder)
+        del target.messages[message_id]
+        self._record_change(target, "deleted", message_id)
+
+    def throttle(self, count: int = 1, *, retry_after: str = "1", status: int = 429) -> None:
+        """The next ``count`` requests answer ``status`` with this ``Retry-After``."""
+        self._throttle.extend([(status, retry_after)] * count)
+
+    def drop_notifications(self, address: str, dropping: bool = True) -> None:
+        """While dropping, new mail of this user sends no change notification."""
+        if dropping:
+            self._dropping.add(address.lower())
+        else:
+            self._dropping.discard(address.lower())
+
+    def expire_sync_states(self) -> None:
+        """Every delta link issued so far answers 410 Gone from now on."""
+        self._epoch += 1
+
+    def subscriptions_of(self, address: str) -> list[SimSubscription]:
+        return [s for s in self._live_subscriptions() if s.user == address.lower()]
+
+    def _live_subscriptions(self) -> list[SimSubscription]:
+        now = _now()
+        for subscription_id in [k for k, s in self.subscriptions.items() if s.expiration <= now]:
+            del self.subscriptions[subscription_id]
+        return list(self.subscriptions.values())
+
+    def send_lifecycle(self, subscription_id: str, event: str) -> None:
+        subscription = self.subscriptions[subscription_id]
+        if not subscription.lifecycle_url:
+            return
+        payload = {
+            "value": [
+                {
+                    "subscriptionId": subscription.id,
+                    "subscriptionExpirationDateTime": _iso_ms(subscription.expiration),
+                    "tenantId": TENANT_ID,
+                    "clientState": subscription.client_state,
+                    "lifecycleEvent": event,
+                }
+            ]
+        }
+        self._post_soon(subscription.id, event, subscription.lifecycle_url, payload)
+
+    def remove_subscription(self, subscription_id: str, *, notify: bool = True) -> None:
+        """Graph drops a subscription (e.g. the mailbox moved); tells the app when ``notify``."""
+        if notify:
+            self.send_lifecycle(subscription_id, "subscriptionRemoved")
+        self.subscriptions.pop(subscription_id, None)
+        self._changed_now()
+
+    def requests_to(self, method: str, pattern: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    # -- notifications out -------------------------------------------------------------------
+
+    def _change_payload(self, subscription: SimSubscription, message: SimMessage) -> dict[str, Any]:
+        user = self.users[subscription.user]
+        resource = f"Users/{user.id}/Messages/{message.id}"
+        return {
+            "value": [
+                {
+                    "subscriptionId": subscription.id,
+                    "subscriptionExpirationDateTime": _iso_ms(subscription.expiration),
+                    "changeType": "created",
+                    "resource": resource,
+                    "resourceData": {
+                        "@odata.type": "#Microsoft.Graph.Message",
+                        "@odata.id": resource,
+                        "@odata.etag": f'W/"{message.change_key}"',
+                        "id": message.id,
+                    },
+                    "clientState": subscription.client_state,
+                    "tenantId": TENANT_ID,
+                }
+            ]
+        }
+
+    def _notify(self, subscription: SimSubscription, payload: dict[str, Any]) -> None:
+        self._post_soon(subscription.id, "created", subscription.notification_url, payload)
+
+    def _post_soon(self, subscription_id: str, kind: str, url: str, payload: dict[str, Any]) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._post_with_retries, subscription_id, kind, url, payload)
+
+    async def _post_with_retries(
+        self, subscription_id: str, kind: str, url: str, payload: dict[str, Any]
+    ) -> None:
+        assert self._http is not None
+        for attempt in range(4):
+            status: int | None = None
+            try:
+                response = await self._http.post(url, json=payload, timeout=NOTIFICATION_TIMEOUT)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = None
+            self.notifications.append(SentNotification(subscription_id, kind, url, status, time.monotonic()))
+            self._changed_now()
+            if status is not None and 200 <= status < 300:
+                return
+            await trio.sleep(0.2 * 2**attempt)
+
+    async def _validate_url(self, url: str) -> bool:
+        assert self._http is not None
+        token = (
+            f"Validation: Testing client application reachability for subscription Request-Id: {uuid.uuid4()}"
+        )
+        separator = "&" if "?" in url else "?"
+        try:
+            response = await self._http.post(
+                f"{url}{separator}validationToken={quote(token)}",
+                headers={"Content-Type": "text/plain; charset=utf-8"},
+                timeout=VALIDATION_TIMEOUT,
+            )
+        except httpx.HTTPError:
+            self.validations.append((url, None))
+            return False
+        self.validations.append((url, response.status_code))
+        return response.status_code == 200 and response.text == token
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _make_app(self) -> quart_trio.QuartTrio:
+        app = quart_trio.QuartTrio(__name__)
+
+        @app.route("/v1.0/<path:rest>", methods=["GET", "POST", "PATCH", "DELETE"])
+        async def graph(rest: str) -> Response:
+            response = await self._handle(request.method, unquote(request.path[len("/v1.0/") :]))
+            self.requests.append(
+                RecordedRequest(request.method, request.path, response.status_code, time.monotonic())
+            )
+            self._changed_now()
+            return response
+
+        @app.post("/<tenant>/oauth2/v2.0/token")
+        async def token_endpoint(tenant: str) -> Response:
+            form = await request.form
+            self.token_requests += 1
+            secret = self.apps.get((tenant, form.get("client_id", "")))
+            if form.get("grant_type") != "client_credentials" or form.get("scope") != (
+                "https://graph.microsoft.com/.default"
+            ):
+                return _json({"error": "invalid_request", "error_description": "AADSTS900144"}, 400)
+            if secret is None or form.get("client_secret") != secret:
+                return _json({"error": "invalid_client", "error_description": "AADSTS7000215"}, 401)
+            token = "eyJhcHAi." + secrets.token_urlsafe(24)
+            self.tokens[token] = APP_CALLER
+            return _json(
+                {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token}
+            )
+
+        return app
+
+    def _authenticate(self) -> tuple[str | None, Response | None]:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None, _error(
+                401, "InvalidAuthenticationToken", "Access token is empty.", {"WWW-Authenticate": "Bearer"}
+            )
+        address = self.tokens.get(token.strip())
+        if address is None:
+            return None, _error(
+                401,
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return address, None
+
+    async def _handle(self, method: str, path: str) -> Response:
+        if self._throttle:
+            status, retry_after = self._throttle.pop(0)
+            code = "TooManyRequests" if status == 429 else "ServiceUnavailable"
+            return _error(
+                status,
+                code,
+                "Application is over its MailboxConcurrency limit.",
+                {"Retry-After": retry_after},
+            )
+        caller, failure = self._authenticate()
+        if failure is not None:
+            return failure
+        assert caller is not None
+        path = path.strip("/")
+
+        if path == "subscriptions" and method == "POST":
+            return await self._create_subscription(caller)
+        match = re.fullmatch(r"subscriptions/([^/]+)(/reauthorize)?", path)
+        if match:
+            return await self._subscription(method, match.group(1), bool(match.group(2)), caller)
+
+        match = re.fullmatch(r"(?:users/(?P<user>[^/]+)|me)(?P<rest>/.*)?", path, re.IGNORECASE)
+        if not match:
+            return _error(400, "BadRequest", f"Resource not found for the segment '{path.split('/')[0]}'.")
+        address = (match.group("user") or caller).lower()
+        user = self.users.get(address)
+        if user is None:
+            return _error(404, "ErrorInvalidUser", f"The requested user '{address}' is invalid.")
+        if address != caller and caller != APP_CALLER:
+            return _error(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        rest = (match.group("rest") or "").strip("/")
+
+        if rest.lower() == "mailfolders" and method == "GET":
+            return _json({"value": [self._folder_json(f) for f in user.folders.values()]})
+        match = re.fullmatch(_FOLDER + r"(?P<tail>/.*)?", rest, re.IGNORECASE)
+        if match:
+            folder = user.folder(match.group("quoted") or match.group("plain"))
+            if folder is None:
+                return _error(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+            tail = (match.group("tail") or "").strip("/")
+            if tail == "" and method == "GET":
+                return _json(self._folder_json(folder))
+            if tail.lower() in ("messages/delta", "messages/microsoft.graph.delta()") and method == "GET":
+                return self._delta(user, folder)
+            return _error(400, "BadRequest", "Unsupported segment in this simulator.")
+        match = re.fullmatch(r"messages/([^/]+)/\$value", rest)
+        if match and method == "GET":
+            for folder in user.folders.values():
+                found = folder.messages.get(match.group(1))
+                if found is not None:
+                    return Response(found.mime, status=200, content_type="text/plain")
+            return _error(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        return _error(400, "BadRequest", "Unsupported request in this simulator.")
+
+    @staticmethod
+    def _folder_json(folder: SimFolder) -> dict[str, Any]:
+        return {
+            "id": folder.id,
+            "displayName": folder.name,
+            "parentFolderId": None,
+            "childFolderCount": 0,
+            "totalItemCount": len(folder.messages),
+            "unreadItemCount": len(folder.messages),
+        }
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    async def _create_subscription(self, caller: str) -> Response:
+        try:
+            body = json.loads(await request.get_data(as_text=True))
+        except ValueError:
+            return _error(400, "BadRequest", "Unable to read JSON request payload.")
+        if not isinstance(body, dict):
+            return _error(400, "BadRequest", "Unable to read JSON request payload.")
+        for name in ("changeType", "notificationUrl", "resource", "expirationDateTime"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                return _error(
+                    400, "InvalidRequest", f"'{name}' is a required property for subscription creation."
+                )
+        match = _RESOURCE.match(body["resource"])
+        if not match:
+            return _error(
+                400,
+                "ExtensionError",
+                "Operation: Create; Exception: [Status Code: BadRequest; Reason: Unsupported resource]",
+            )
+        address = (unquote(match.group("user")) if match.group("user") else caller).lower()
+        if address != caller and caller != APP_CALLER:
+            return _error(
+                403,
+                "ExtensionError",
+                "Operation: Create; Exception: [Status Code: Forbidden; Reason: Access is denied]",
+            )
+        user = self.users.get(address)
+        folder = user.folder(match.group("quoted") or match.group("plain")) if user else None
+        if user is None or folder is None:
+            return _error(
+                404,
+                "ExtensionError",
+                "Operation: Create; Exception: [Status Code: NotFound; Reason: The folder was not found]",
+            )
+        change_types = {c.strip() for c in body["changeType"].split(",")}
+        if not change_types <= {"created", "updated", "deleted"}:
+            return _error(400, "InvalidRequest", "Invalid changeType.")
+        try:
+            expiration = _parse_iso(body["expirationDateTime"])
+        except ValueError:
+            return _error(400, "InvalidRequest", "Invalid expirationDateTime.")
+        now = _now()
+        if expiration <= now or expiration > now + timedelta(minutes=MAX_MESSAGE_SUBSCRIPTION_MINUTES):
+            return _error(
+                400,
+                "InvalidRequest",
+                f"Subscription expiration can only be {MAX_MESSAGE_SUBSCRIPTION_MINUTES} minutes "
+                "in the future.",
+            )
+        client_state = body.get("clientState") or ""
+        if len(client_state) > 128:
+            return _error(400, "InvalidRequest", "clientState is too long (128 characters at most).")
+        lifecycle_url = body.get("lifecycleNotificationUrl") or ""
+        for url in (body["notificationUrl"], lifecycle_url):
+            if url and not await self._validate_url(url):
+                return _error(
+                    400,
+                    "ValidationError",
+                    "Subscription validation request failed. Notification endpoint must respond with "
+                    "200 OK to validation request.",
+                )
+        token = request.headers["Authorization"].partition(" ")[2].strip()
+        subscription = SimSubscription(
+            id=str(uuid.uuid4()),
+            user=address,
+            folder_id=folder.id,
+            resource=body["resource"],
+            change_type=body["changeType"],
+            notification_url=body["notificationUrl"],
+            lifecycle_url=lifecycle_url,
+            client_state=client_state,
+            expiration=expiration,
+            creator_token=token,
+        )
+        self.subscriptions[subscription.id] = subscription
+        self._changed_now()
+        return _json(subscription.to_json(), 201)
+
+    async def _subscription(
+        self, method: str, subscription_id: str, reauthorize: bool, caller: str
+    ) -> Response:
+        live = {s.id: s for s in self._live_subscriptions()}
+        subscription = live.get(subscription_id)
+        if subscription is None or (subscription.user != caller and caller != APP_CALLER):
+            return _error(404, "ResourceNotFound", "The object was not found.")
+        if reauthorize:
+            if method != "POST":
+                return _error(405, "MethodNotAllowed", "Method not allowed.")
+            subscription.creator_token = request.headers["Authorization"].partition(" ")[2].strip()
+            return Response("", status=204)
+        if method == "GET":
+            return _json(subscription.to_json())
+        if method == "DELETE":
+            del self.subscriptions[subscription_id]
+            self._changed_now()
+            return Response("", status=204)
+        if method == "PATCH":
+            try:
+                body = json.loads(await request.get_data(as_text=True))
+                expiration = _parse_iso(body["expirationDateTime"])
+            except (ValueError, KeyError, TypeError):
+                return _error(400, "InvalidRequest", "Invalid expirationDateTime.")
+            now = _now()
+            if expiration <= now or expiration > now + timedelta(minutes=MAX_MESSAGE_SUBSCRIPTION_MINUTES):
+                return _error(400, "InvalidRequest", "Invalid expirationDateTime.")
+            subscription.expiration = expiration
+            return _json(subscription.to_json())
+        return _error(405, "MethodNotAllowed", "Method not allowed.")
+
+    # -- delta -------------------------------------------------------------------------------
+
+    def _token(self, state: dict[str, Any]) -> str:
+        state["ep"] = self._epoch
+        return base64.urlsafe_b64encode(json.dumps(state).encode()).decode().rstrip("=")
+
+    @staticmethod
+    def _untoken(text: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _delta(self, user: SimUser, folder: SimFolder) -> Response:
+        args = request.args
+        page_size = 10
+        match = re.search(r"odata\.maxpagesize=(\d+)", request.headers.get("Prefer", ""))
+        if match:
+            page_size = max(1, min(int(match.group(1)), 1000))
+        link_base = (
+            f"{self.base_url}/v1.0/users/{quote(user.email, safe='@')}/mailFolders/{folder.id}/messages/delta"
+        )
+        token_text = args.get("$deltatoken") or args.get("$skiptoken")
+        if token_text is not None:
+            state = self._untoken(token_text)
+            if state is None or state.get("f") != folder.id:
+                return _error(400, "BadRequest", "Invalid delta token.")
+            if state.get("ep") != self._epoch:
+                return _error(410, "SyncStateNotFound", "The sync state generation is not found.")
+            if "upto" not in state:
+                # The first page of a round from a deltaLink: the round covers changes up to now.
+                state["upto"] = self._last_seq
+        else:
+            state = {
+                "f": folder.id,
+                "phase": "initial",
+                "offset": 0,
+                "upto": self._last_seq,
+                "ct": args.get("changeType", ""),
+                "select": args.get("$select", ""),
+            }
+        selected = [s.strip() for s in str(state.get("select", "")).split(",") if s.strip()]
+
+        def shape(message: SimMessage) -> dict[str, Any]:
+            full = {
+                "@odata.type": "#microsoft.graph.message",
+                "@odata.etag": f'W/"{message.change_key}"',
+                "id": message.id,
+                "receivedDateTime": _iso(message.received),
+                "subject": message.subject,
+                "isRead": False,
+            }
+            if not selected:
+                return full
+            return {
+                k: v for k, v in full.items() if k in selected or k in ("id", "@odata.type", "@odata.etag")
+            }
+
+        items: list[dict[str, Any]]
+        if state["phase"] == "initial":
+            snapshot = sorted(
+                (m for m in folder.messages.values()),
+                key=lambda m: m.received,
+            )
+            offset = int(state["offset"])
+            chunk = snapshot[offset : offset + page_size]
+            items = [shape(m) for m in chunk]
+            more = offset + page_size < len(snapshot)
+            following = {**state, "offset": offset + page_size}
+        else:
+            since, upto = int(state["since"]), int(state["upto"])
+            latest: dict[str, str] = {}
+            for seq, kind, message_id in folder.changes:
+                if since < seq <= upto:
+                    previous = latest.get(message_id)
+                    latest[message_id] = "created" if previous == "created" and kind == "updated" else kind
+            wanted = [c for c in str(state.get("ct", "")).split(",") if c]
+            entries = [(mid, kind) for mid, kind in latest.items() if not wanted or kind in wanted]
+            offset = int(state.get("offset", 0))
+            chunk_entries = entries[offset : offset + page_size]
+            items = []
+            for message_id, kind in chunk_entries:
+                message = folder.messages.get(message_id)
+                if kind == "deleted" or message is None:
+                    items.append({"id": message_id, "@removed": {"reason": "deleted"}})
+                else:
+                    items.append(shape(message))
+            more = offset + page_size < len(entries)
+            following = {**state, "offset": offset + page_size}
+        payload: dict[str, Any] = {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#Collection(message)",
+            "value": items,
+        }
+        if more:
+            payload["@odata.nextLink"] = f"{link_base}?$skiptoken={self._token(following)}"
+        else:
+            # The next round reads every change after the point where this round started.
+            final = {
+                "f": folder.id,
+                "phase": "changes",
+                "since": int(state["upto"]),
+                "ct": state.get("ct", ""),
+                "select": state.get("select", ""),
+                "offset": 0,
+            }
+            payload["@odata.deltaLink"] = f"{link_base}?$deltatoken={self._token(final)}"
+        response = _json(payload)
+        response.headers["Preference-Applied"] = f"odata.maxpagesize={page_size}"
+        return response
+
+
+@asynccontextmanager
+async def running_graph_simulator() -> AsyncIterator[GraphSimulator]:
+    """A ``GraphSimulator`` serving on a free loopback port for the duration of the block."""
+    simulator = GraphSimulator()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.serve)
+        yield simulator
+        nursery.cancel_scope.cancel()
