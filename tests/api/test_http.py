@@ -455,6 +455,14 @@ async def test_probes_stay_open_with_a_token(secured: Api) -> None:
     assert (await secured.client.get("/api/listeners/status")).status_code == 200
 
 
+async def test_graph_notification_routes_bypass_the_token(secured: Api) -> None:
+    # Graph cannot send our bearer token; those routes check their own signatures. Here no
+    # Graph blueprint is mounted, so getting past the token check means a 404, not a 401.
+    for path in ("/v1/graph/notifications/x", "/v1/graph/lifecycle/x"):
+        assert (await secured.client.post(path, json={})).status_code == 404
+    assert (await secured.client.post("/v1/graphx", json={})).status_code == 401
+
+
 # ------------------------------------------------------------------------------------------
 # serve_api lifecycle
 
