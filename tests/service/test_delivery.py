@@ -11,8 +11,9 @@ from email.utils import make_msgid
 import trio
 
 from emlisten.models import MailboxState
-from tests.servers.dovecot import MailUser
-from tests.service.conftest import RunningService
+from tests.servers.creatio import CreatioStandIn
+from tests.servers.dovecot import Dovecot, MailUser
+from tests.service.conftest import RunningService, running_service
 
 ATTACHMENT = bytes(range(256)) * 40  # binary, every byte value
 
@@ -226,3 +227,23 @@ async def test_mail_delivered_while_dovecot_was_down_arrives_after_restart(
     assert email["Subject"] == "while down"
     assert email["MessageId"] == message_id
     await private_service.wait_state(creds["Id"], MailboxState.LISTENING)
+
+
+async def test_backlog_bigger_than_a_batch_arrives_in_order_once(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
+) -> None:
+    async with running_service(dovecot, creatio, nursery, batch_max_count=2) as service:
+        user = dovecot.add_user()
+        creds = service.credentials(user)
+        creatio.fail_mailbox(creds["Id"], 503)  # builds a backlog while Creatio is down
+        assert (await service.create(creds)).status_code == 200
+        await service.wait_state(creds["Id"], MailboxState.LISTENING)
+        subjects = [f"backlog {n}" for n in range(5)]
+        for subject in subjects:
+            await dovecot.aappend(user, rich_message(subject, "x\n")[0])
+        await creatio.wait_for_calls("ProcessFullEmail", 1, timeout=15)
+        creatio.clear_failures()
+        emails = await creatio.wait_for_emails(creds["Id"], 5, timeout=20)
+        assert [e["Subject"] for e in emails] == subjects
+        accepted = [c for c in creatio.calls("ProcessFullEmail") if c.accepted]
+        assert all(len(c.body["Emails"]) <= 2 for c in accepted)
