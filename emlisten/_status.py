@@ -84,8 +84,9 @@ def render(console: Console, snapshot: dict[str, Any], *, limit: int) -> None:
 
     now = time.time()
     mailboxes = Table(title="Mailboxes", title_justify="left")
-    for column in ("mailbox", "email", "state", "node", "delivered", "since", "last error"):
-        mailboxes.add_column(column, overflow="fold")
+    for column in ("mailbox", "email", "state", "node", "delivered", "since"):
+        mailboxes.add_column(column, no_wrap=True)
+    mailboxes.add_column("last error", overflow="fold")
     ordered = sorted(snapshot["mailboxes"], key=lambda m: (m["state"] not in FAILING_STATES, m["email"]))
     for m in ordered[:limit]:
         style = (
@@ -112,7 +113,8 @@ def render(console: Console, snapshot: dict[str, Any], *, limit: int) -> None:
 
 
 def run(url: str, *, as_json: bool, watch: float | None, token: str | None, limit: int) -> int:
-    console = Console()
+    # Piped output keeps whole lines (greppable); a terminal gets its own width.
+    console = Console() if sys.stdout.isatty() else Console(width=240, no_color=True)
     while True:
         try:
             snapshot = fetch(url, token)

@@ -190,6 +190,10 @@ async def _run(
     readers = ReaderPool(adapters.source, idle_seconds=settings.reader_idle_seconds)
     worker = DeliveryWorker(settings, adapters.store, adapters.queue, readers, adapters.sink, metrics=metrics)
     history = HistoryLoads(settings, adapters.store, adapters.source, adapters.sink)
+    imap = adapters.source.sources.get("imap") if isinstance(adapters.source, RoutingSource) else None
+    if isinstance(imap, ImapSource):
+        commands = metrics.imap_commands
+        imap.command_observer = lambda command, outcome: commands.labels(command, outcome).inc()
     depth = getattr(adapters.queue, "depth", None)
     metrics.watch(
         settings.node_id,

@@ -47,5 +47,7 @@ async def test_metrics_move_when_mail_is_delivered(service: RunningService, make
     assert after[("emlisten_deliveries_total", (("outcome", "success"),))] >= 1
     assert after[("emlisten_delivery_latency_seconds_count", ())] == 3
     assert after[("emlisten_delivery_latency_seconds_sum", ())] > 0
+    assert after[("emlisten_imap_commands_total", (("command", "AUTHENTICATE"), ("outcome", "no")))] >= 1
+    assert after[("emlisten_imap_commands_total", (("command", "UID FETCH"), ("outcome", "ok")))] >= 1
     text = (await service.http.get("/metrics")).text
     assert "nope-not-it" not in text and good.password not in text

@@ -20,7 +20,7 @@ import binascii
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,17 +58,11 @@ DEFAULT_MAX_LITERAL_BYTES = 64 * 1024 * 1024
 #: LITERAL- (RFC 7888) allows non-synchronizing literals up to this size.
 _LITERAL_MINUS_MAX = 4096
 #: Response codes of a NO to SELECT that mean "try again later", not "no such folder".
-_TRANSIENT_CODES = frozenset(
-    {"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "CONTACTADMIN", "EXPUNGEISSUED"}
-)
-_AUTH_FAILURE_CODES = frozenset(
-    {"AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "EXPIRED", "PRIVACYREQUIRED"}
-)
+_TRANSIENT_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "CONTACTADMIN", "EXPUNGEISSUED"})
+_AUTH_FAILURE_CODES = frozenset({"AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "EXPIRED", "PRIVACYREQUIRED"})
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
 _FETCH_MESSAGE_ITEMS = "(UID BODY.PEEK[] INTERNALDATE RFC822.SIZE)"
-_STORE_ACTIONS = frozenset(
-    f"{sign}FLAGS{silent}" for sign in ("", "+", "-") for silent in ("", ".SILENT")
-)
+_STORE_ACTIONS = frozenset(f"{sign}FLAGS{silent}" for sign in ("", "+", "-") for silent in ("", ".SILENT"))
 #: atom-specials plus the flag-specific ones (RFC 3501 flag-keyword is an atom).
 _FLAG_SPECIALS = frozenset('(){ %*"\\]')
 
@@ -91,6 +85,7 @@ class Literal:
 
 
 Argument = bytes | Literal
+CommandObserver = Callable[[str, str], None]
 
 
 def astring(value: str | bytes) -> Argument:
@@ -179,6 +174,7 @@ class ImapClient:
         "command_timeout",
         "connect_timeout",
         "endpoint",
+        "observer",
         "utf8_enabled",
     )
 
@@ -191,14 +187,15 @@ class ImapClient:
         ca_file: str | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_literal_bytes: int = DEFAULT_MAX_LITERAL_BYTES,
+        observer: CommandObserver | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: Told (command name, "ok" | "no" | "bad" | "error") after every command (metrics).
+        self.observer = observer
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._ca_file = ca_file
-        self._parser = ResponseParser(
-            max_line_bytes=max_line_bytes, max_literal_bytes=max_literal_bytes
-        )
+        self._parser = ResponseParser(max_line_bytes=max_line_bytes, max_literal_bytes=max_literal_bytes)
         self._stream: trio.abc.Stream | None = None
         self._pending: list[Response] = []
         self._tag_counter = 0
@@ -268,9 +265,7 @@ class ImapClient:
                 phase = "greeting"
                 greeting = await self._next_response()
                 if greeting.type == "BYE":
-                    raise MailConnectError(
-                        f"{self._where} refused the connection: {greeting.text[:200]}"
-                    )
+                    raise MailConnectError(f"{self._where} refused the connection: {greeting.text[:200]}")
                 if greeting.kind is not ResponseKind.UNTAGGED or greeting.type not in (
                     "OK",
                     "PREAUTH",
@@ -384,9 +379,7 @@ class ImapClient:
                 ssl.SSLError,
             ) as exc:
                 self._broken = True
-                raise MailConnectError(
-                    f"connection to {self._where} lost: {_exc_text(exc)}"
-                ) from None
+                raise MailConnectError(f"connection to {self._where} lost: {_exc_text(exc)}") from None
             if not data:
                 self._broken = True
                 raise MailConnectError(f"{self._where} closed the connection")
@@ -430,15 +423,30 @@ class ImapClient:
         tag = self._new_tag()
         try:
             with trio.fail_after(seconds):
-                return await self._exchange(tag, command, args, expect_bye)
+                result = await self._exchange(tag, command, args, expect_bye)
         except trio.TooSlowError:
             self._broken = True
-            raise MailConnectError(
-                f"{name}: no answer from {self._where} within {seconds:g}s"
-            ) from None
+            self._observe(self._metric_name(command), "error")
+            raise MailConnectError(f"{name}: no answer from {self._where} within {seconds:g}s") from None
         except BaseException:
             self._broken = True
+            self._observe(self._metric_name(command), "error")
             raise
+        self._observe(
+            self._metric_name(command), result.status.type.lower() if result.status.type else "error"
+        )
+        return result
+
+    def _observe(self, name: str, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer(name.upper(), outcome)
+
+    @staticmethod
+    def _metric_name(command: bytes) -> str:
+        words = command.split(b" ", 2)
+        # "UID FETCH ..." is reported as "UID FETCH", not as "UID".
+        head = b" ".join(words[:2]) if words[0].upper() == b"UID" and len(words) > 1 else words[0]
+        return head.decode("ascii", "replace")
 
     async def _exchange(
         self, tag: bytes, command: bytes, args: Sequence[Argument], expect_bye: bool
@@ -501,9 +509,7 @@ class ImapClient:
     def _require_ok(self, result: CommandResult, what: str) -> None:
         status = result.status
         if status.type != "OK":
-            raise MailProtocolError(
-                f"{what} failed on {self._where}: {status.type} {_describe(status)}"
-            )
+            raise MailProtocolError(f"{what} failed on {self._where}: {status.type} {_describe(status)}")
 
     # -- commands --------------------------------------------------------------------------
 
@@ -521,14 +527,10 @@ class ImapClient:
     async def login(self, user: str, password: str, *, timeout: float | None = None) -> None:
         if self.has_capability("LOGINDISABLED"):
             raise MailAuthError(f"{self._where} refuses LOGIN on this connection (LOGINDISABLED)")
-        result = await self._command(
-            b"LOGIN", astring(user), astring(password), timeout=timeout
-        )
+        result = await self._command(b"LOGIN", astring(user), astring(password), timeout=timeout)
         await self._check_auth(result, "LOGIN", timeout, secret=password)
 
-    async def authenticate_plain(
-        self, user: str, password: str, *, timeout: float | None = None
-    ) -> None:
+    async def authenticate_plain(self, user: str, password: str, *, timeout: float | None = None) -> None:
         """AUTHENTICATE PLAIN (RFC 4616), with the initial response inline when SASL-IR."""
         message = b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8")
         await self.authenticate("PLAIN", message, timeout=timeout, secret=password)
@@ -591,9 +593,7 @@ class ImapClient:
             raise
         await self._check_auth(result, f"AUTHENTICATE {mechanism.upper()}", timeout, secret=secret)
 
-    async def authenticate_xoauth2(
-        self, user: str, token: str, *, timeout: float | None = None
-    ) -> None:
+    async def authenticate_xoauth2(self, user: str, token: str, *, timeout: float | None = None) -> None:
         """AUTHENTICATE XOAUTH2 (Google/Microsoft). A rejected token raises
         MailTokenRejectedError carrying the server's JSON error (status, scope), never the token."""
         message = b"user=" + user.encode("utf-8") + b"\x01auth=Bearer " + token.encode("utf-8")
@@ -643,6 +643,8 @@ class ImapClient:
         self, result: CommandResult, what: str, timeout: float | None, *, secret: str
     ) -> None:
         status = result.status
+        if what.startswith("AUTHENTICATE"):  # LOGIN is counted by _command already
+            self._observe("AUTHENTICATE", (status.type or "error").lower())
         if status.type == "OK":
             if status.code != "CAPABILITY":
                 # Capabilities change after login (IDLE is often listed only then).
@@ -686,9 +688,7 @@ class ImapClient:
 
     async def enable(self, *capabilities: str, timeout: float | None = None) -> frozenset[str]:
         """ENABLE (RFC 5161); returns the capabilities the server enabled."""
-        result = await self._command(
-            b"ENABLE", *(c.encode("ascii") for c in capabilities), timeout=timeout
-        )
+        result = await self._command(b"ENABLE", *(c.encode("ascii") for c in capabilities), timeout=timeout)
         self._require_ok(result, "ENABLE")
         enabled: set[str] = set()
         for response in result.untagged:
@@ -797,9 +797,7 @@ class ImapClient:
 
     async def uid_search(self, criteria: str, *, timeout: float | None = None) -> list[int]:
         """UID SEARCH with ASCII ``criteria`` (e.g. ``"UID 5:*"``); UIDs ascending."""
-        result = await self._command(
-            b"UID SEARCH " + criteria.encode("ascii"), timeout=timeout
-        )
+        result = await self._command(b"UID SEARCH " + criteria.encode("ascii"), timeout=timeout)
         self._require_ok(result, "UID SEARCH")
         uids: set[int] = set()
         for response in result.untagged:
@@ -816,9 +814,7 @@ class ImapClient:
     ) -> list[FetchedMessage]:
         """UID FETCH; by default the whole message without setting \\Seen (BODY.PEEK[])."""
         sequence = uids.encode("ascii") if isinstance(uids, str) else sequence_set(uids)
-        result = await self._command(
-            b"UID FETCH " + sequence + b" " + items.encode("ascii"), timeout=timeout
-        )
+        result = await self._command(b"UID FETCH " + sequence + b" " + items.encode("ascii"), timeout=timeout)
         self._require_ok(result, "UID FETCH")
         messages: list[FetchedMessage] = []
         for response in result.untagged:
@@ -901,9 +897,7 @@ class ImapClient:
             if internal_date.utcoffset() is None:
                 raise ValueError("internal_date must be timezone-aware")
             months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-            text = internal_date.strftime(
-                f"%d-{months[internal_date.month - 1]}-%Y %H:%M:%S %z"
-            )
+            text = internal_date.strftime(f"%d-{months[internal_date.month - 1]}-%Y %H:%M:%S %z")
             args.append(b'"' + text.encode("ascii") + b'"')
         args.append(Literal(message))
         result = await self._command(b"APPEND", *args, timeout=timeout)
@@ -948,9 +942,7 @@ class ImapClient:
                     ) from None
         except trio.TooSlowError:
             self._broken = True
-            raise MailConnectError(
-                f"IDLE: no answer from {self._where} within {seconds:g}s"
-            ) from None
+            raise MailConnectError(f"IDLE: no answer from {self._where} within {seconds:g}s") from None
         except BaseException:
             self._broken = True
             raise
@@ -995,9 +987,7 @@ class ImapClient:
                 result = await self._read_until_tagged(tag, untagged)
         except trio.TooSlowError:
             self._broken = True
-            raise MailConnectError(
-                f"DONE: no answer from {self._where} within {seconds:g}s"
-            ) from None
+            raise MailConnectError(f"DONE: no answer from {self._where} within {seconds:g}s") from None
         except BaseException:
             self._broken = True
             raise
@@ -1113,9 +1103,7 @@ def _os_error_text(exc: OSError) -> str:
     # name those ("Connection refused"), not just "all attempts ... failed".
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup):
-        reasons = dict.fromkeys(
-            e.strerror for e in cause.exceptions if isinstance(e, OSError) and e.strerror
-        )
+        reasons = dict.fromkeys(e.strerror for e in cause.exceptions if isinstance(e, OSError) and e.strerror)
         if reasons:
             return "; ".join(reasons)
     return str(exc) or type(exc).__name__

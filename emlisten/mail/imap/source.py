@@ -17,7 +17,7 @@ new keywords (no ``\\*`` in PERMANENTFLAGS) answer STORE with NO: ``MailProtocol
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -90,6 +90,8 @@ class ImapSource(MailSource):
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
+        #: Told (command, outcome) after every IMAP command of every session (metrics).
+        self.command_observer: Callable[[str, str], None] | None = None
 
     async def connect(self, mailbox: MailboxConfig) -> ImapClient:
         """A connected, authenticated client for ``mailbox`` (closed again on failure)."""
@@ -99,6 +101,7 @@ class ImapSource(MailSource):
             connect_timeout=settings.connect_timeout,
             command_timeout=settings.command_timeout,
             ca_file=self.ca_file,
+            observer=self.command_observer,
         )
         try:
             await client.connect()
