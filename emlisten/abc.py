@@ -102,6 +102,10 @@ class Store(ABC):
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         """Every folder's checkpoint of one mailbox (for the admin API)."""
 
+    async def get_checkpoints_of(self, mailbox_ids: Sequence[str]) -> dict[str, dict[str, Checkpoint]]:
+        """``get_checkpoints`` for many mailboxes (adapters batch this into one round trip)."""
+        return {mailbox_id: await self.get_checkpoints(mailbox_id) for mailbox_id in mailbox_ids}
+
     # -- nodes and leases ------------------------------------------------------------------------
     # Leases are named, exclusive and expire: a mailbox id names its ownership lease, and
     # "sync/<mailbox>/<folder>" names the lease a worker holds while it delivers that folder.

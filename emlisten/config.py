@@ -91,8 +91,8 @@ class Settings:
     # Ownership (several primaries sharing one store)
     #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead
     #: node's mailboxes are taken over within about this time.
-    lease_ttl_seconds: float = 6.0
-    lease_renew_seconds: float = 2.0
+    lease_ttl_seconds: float = 5.0
+    lease_renew_seconds: float = 1.5
     #: Most mailboxes one node listens to (0: no cap beyond the fair share).
     max_mailboxes: int = 0
 

@@ -109,13 +109,14 @@ class StoreListenerControl:
         configs = await self.store.get_mailboxes(ids)
         statuses = await self.store.get_statuses(ids)
         owners = await self.store.lease_owners(ids)
+        all_checkpoints = await self.store.get_checkpoints_of(ids)
         result = []
         for mailbox_id in ids:
             config = configs.get(mailbox_id)
             if config is None:
                 continue  # closed meanwhile
             status = statuses.get(mailbox_id)
-            checkpoints = await self.store.get_checkpoints(mailbox_id)
+            checkpoints = all_checkpoints.get(mailbox_id, {})
             result.append(
                 {
                     "id": mailbox_id,

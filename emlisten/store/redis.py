@@ -501,6 +501,25 @@ class RedisStore(Store):
         except CodecError as exc:
             raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
 
+    async def get_checkpoints_of(self, mailbox_ids: Sequence[str]) -> dict[str, dict[str, Checkpoint]]:
+        ids = list(mailbox_ids)
+
+        async def read() -> list[dict[bytes | str, bytes | str]]:
+            pipe = self._client.pipeline(transaction=False)
+            for mailbox_id in ids:
+                pipe.hgetall(self._checkpoints_key(mailbox_id))
+            result: list[dict[bytes | str, bytes | str]] = await pipe.execute()
+            return result
+
+        documents = await self._run(read) if ids else []
+        try:
+            return {
+                mailbox_id: {_text(folder): decode_checkpoint(doc) for folder, doc in found.items()}
+                for mailbox_id, found in zip(ids, documents, strict=True)
+            }
+        except CodecError as exc:
+            raise StoreError(f"a stored checkpoint is unreadable: {exc}") from None
+
     # -- history loads ---------------------------------------------------------------------------
 
     async def get_history_floor(self, mailbox_id: str, folder: str) -> Checkpoint | None:

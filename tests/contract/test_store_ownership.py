@@ -87,3 +87,12 @@ async def test_get_checkpoints_lists_every_folder(store: Store) -> None:  # noqa
     await store.seed_checkpoint(m.id, "Support", Checkpoint(2, 20))
     assert await store.get_checkpoints(m.id) == {"INBOX": Checkpoint(1, 10), "Support": Checkpoint(2, 20)}
     assert await store.get_checkpoints("other") == {}
+
+
+async def test_checkpoints_of_many_mailboxes(store: Store) -> None:  # noqa: F811
+    a, b = mailbox("aaaaaaaa-0000-0000-0000-000000000001"), mailbox("aaaaaaaa-0000-0000-0000-000000000002")
+    for m in (a, b):
+        await store.put_mailbox(m)
+    await store.seed_checkpoint(a.id, "INBOX", Checkpoint(1, 10))
+    assert await store.get_checkpoints_of([a.id, b.id]) == {a.id: {"INBOX": Checkpoint(1, 10)}, b.id: {}}
+    assert await store.get_checkpoints_of([]) == {}
