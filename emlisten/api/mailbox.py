@@ -1,5 +1,8 @@
 """Creatio's mailbox helper routes: validate credentials, list folders, ping a Creatio URL.
 
+Folders are listed with the mailbox's protocol: IMAP ``LIST``, EWS ``FindFolder``
+(``emlisten.mail.ews.folders``) or Graph ``mailFolders`` (``emlisten.mail.graph.folders``).
+
 ``POST /api/mailbox/validate``, ``POST /api/mailbox/folders`` and ``POST /api/availability/app``
 (see ``docs/api.md``). They talk to mail servers and to Creatio directly, not through the
 listener service, so they work on any node. Bodies are never logged; messages never quote
@@ -24,7 +27,11 @@ from quart import Blueprint, Response
 from emlisten.api.app import _BadRequest, _error_item, _json_response, _read_json_body
 from emlisten.api.credentials import parse_credentials
 from emlisten.errors import MailSourceError, ValidationError
+from emlisten.mail.ews import EwsSource
+from emlisten.mail.ews.folders import list_ews_folders
 from emlisten.mail.folders import list_folders
+from emlisten.mail.graph import GraphSource
+from emlisten.mail.graph.folders import list_graph_folders
 from emlisten.mail.imap.source import ImapSource
 from emlisten.mail.validate import validate
 from emlisten.models import MailboxConfig
@@ -51,13 +58,32 @@ def mailbox_blueprint(
     check_smtp: bool = True,
     availability_timeout: float = AVAILABILITY_TIMEOUT,
     verify_availability_tls: bool = True,
+    ews: EwsSource | None = None,
+    graph: GraphSource | None = None,
 ) -> Blueprint:
     """The routes, talking to mail servers through ``source`` (default: ``ImapSource()``).
 
     ``check_smtp``: validate also checks SMTP when the credentials carry SMTP fields.
+    ``ews`` and ``graph`` list the folders of EWS and Graph mailboxes (defaults: new sources;
+    validation still speaks IMAP only).
     """
 
     imap = source if source is not None else ImapSource()
+    exchange: dict[str, EwsSource | GraphSource | None] = {"ews": ews, "graph": graph}
+
+    async def folder_list(mailbox: MailboxConfig) -> list[dict[str, Any]]:
+        if mailbox.protocol == "ews":
+            ews_source = exchange["ews"]
+            if not isinstance(ews_source, EwsSource):
+                ews_source = exchange["ews"] = EwsSource()
+            return await list_ews_folders(mailbox, ews_source)
+        if mailbox.protocol == "graph":
+            graph_source = exchange["graph"]
+            if not isinstance(graph_source, GraphSource):
+                graph_source = exchange["graph"] = GraphSource()
+            return await list_graph_folders(mailbox, graph_source)
+        return await list_folders(mailbox, imap)
+
     blueprint = Blueprint("mailbox", __name__)
 
     @blueprint.errorhandler(_BadRequest)
@@ -94,7 +120,7 @@ def mailbox_blueprint(
         except ValidationError as error:
             raise _BadRequest("Invalid credentials", [_error_item(error.field, error.message)]) from None
         try:
-            items = await list_folders(mailbox, imap)
+            items = await folder_list(mailbox)
         except MailSourceError as error:
             logger.info("folders: %s", type(error).__name__)
             return _json_response({"Message": str(error), "Category": type(error).__name__}, 502)

@@ -1,5 +1,10 @@
 """``POST /apiv2/email/send``: Creatio's Send call, as a Quart blueprint.
 
+The message is composed here and handed to the ``MessageSender``; the node's sender routes by
+the mailbox's protocol (``emlisten.sender.router.ProtocolSender``): SMTP for IMAP mailboxes, EWS
+``CreateItem`` and Graph ``/sendMail`` for Exchange ones. "SMTP server" below stands for
+whichever server sends; EWS and Graph failures map onto the same answers.
+
 Body: ``{"Email": {...Creatio Email...}, "Credentials": {...SynchronizationCredentials...}}``,
 attachments inside ``Email.Attachments`` and/or beside it as a top-level ``Attachments``
 (both are sent). Keys are case-insensitive. ``BpmEndpoint`` is not needed to send, so it may be

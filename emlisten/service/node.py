@@ -271,18 +271,32 @@ def _feature_blueprints(
     # Imported here: these modules import the app module's helpers.
     from emlisten.api.mailbox import mailbox_blueprint
     from emlisten.api.send import send_blueprint
+    from emlisten.mail.ews.send import EwsSender
+    from emlisten.mail.graph.send import GraphSender
+    from emlisten.sender.router import ProtocolSender
     from emlisten.sender.smtp import SmtpSender
 
     source = adapters.source
+    sources = source.sources if isinstance(source, RoutingSource) else {}
     if isinstance(source, RoutingSource):
         source = source.sources.get("imap", source)
     imap = source if isinstance(source, ImapSource) else None
-    sender = SmtpSender(ca_file=settings.tls_ca_file, imap_source=imap)
+    ews = sources.get("ews")
+    ews = ews if isinstance(ews, EwsSource) else None
+    graph_source = next(iter(graph_sources(adapters.source)), None)
+    # Each mailbox sends through its own protocol: SMTP, EWS CreateItem or Graph /sendMail.
+    sender = ProtocolSender(
+        {
+            "imap": SmtpSender(ca_file=settings.tls_ca_file, imap_source=imap),
+            "ews": EwsSender(ews or EwsSource(ca_file=settings.tls_ca_file)),
+            "graph": GraphSender(graph_source or graph_source_from_settings(settings)),
+        }
+    )
     from emlisten.mail.graph.api import graph_blueprint
 
     return [
         admin_blueprint(control, metrics),
-        mailbox_blueprint(imap),
+        mailbox_blueprint(imap, ews=ews, graph=graph_source),
         send_blueprint(lambda: sender),
         *(graph_blueprint(graph, adapters.queue.publish) for graph in graph_sources(adapters.source)),
     ]

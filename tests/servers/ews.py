@@ -24,8 +24,20 @@ Exchange, failures included:
 - ``SyncFolderItems`` with opaque sync states (a fresh state string on every answer, as Exchange
   does), ``MaxChangesReturned``, ``IncludesLastItemInRange``; ``Create`` and ``Delete`` changes.
 - ``GetItem`` with ``IncludeMimeContent`` (base64) and ``DateTimeReceived``; ``ErrorItemNotFound``.
+- A folder tree below ``msgfolderroot`` (Inbox, Sent Items, plus added folders at any depth, also
+  calendar/contacts folders); ``FindFolder`` with ``Traversal`` Shallow or Deep and
+  ``IndexedPageFolderView`` paging (``IndexedPagingOffset``, ``IncludesLastItemInRange``).
+- ``CreateItem`` of a ``Message`` given as ``MimeContent`` with ``MessageDisposition`` ``SendOnly``
+  or ``SendAndSaveCopy`` (``SavedItemFolderId``, default Sent Items): recipients from the
+  To/Cc/Bcc headers, every send recorded in ``sent`` with the exact MIME received; the copy (Bcc
+  header kept) lands in the saved-item folder; recipients that are simulator accounts get the
+  message (Bcc header removed) in their inbox. Refusals as Exchange words them:
+  ``ErrorInvalidRecipients`` (no recipient, malformed address, or an address in
+  ``rejected_recipients``), ``ErrorSendAsDenied`` (``From`` is not the mailbox),
+  ``ErrorMessageSizeExceeded`` (over ``max_message_bytes``), ``ErrorMimeContentInvalidBase64String``.
 
-Not simulated: Autodiscover, pull/push subscriptions, FindItem/FindFolder/CreateItem, several
+Not simulated: Autodiscover, pull/push subscriptions, FindItem, CreateItem of anything but a MIME
+message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
 mailboxes on one streaming connection from different anchors, the 200-subscription limit,
 NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
 Every request is logged in ``requests`` (with its trio time) so tests can assert waits.
@@ -34,6 +46,7 @@ Every request is logged in ``requests`` (with its trio time) so tests can assert
 from __future__ import annotations
 
 import base64
+import email.policy
 import itertools
 import json
 import logging
@@ -43,6 +56,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element
@@ -107,6 +122,10 @@ class EwsItem:
 class EwsFolder:
     id: str
     name: str
+    parent_id: str = ""
+    folder_class: str = "IPF.Note"
+    #: The element FindFolder returns: Folder, CalendarFolder, ContactsFolder, TasksFolder.
+    kind: str = "Folder"
     #: (sequence number, "Create" | "Delete", item id); sequence numbers only grow.
     changes: list[tuple[int, str, str]] = field(default_factory=list)
 
@@ -124,6 +143,24 @@ class EwsAccount:
     @property
     def inbox(self) -> EwsFolder:
         return self.folders[self.distinguished["inbox"]]
+
+    @property
+    def sent_items(self) -> EwsFolder:
+        return self.folders[self.distinguished["sentitems"]]
+
+    def items_in(self, folder_id: str) -> list[EwsItem]:
+        return [i for i in self.items.values() if i.folder_id == folder_id]
+
+
+@dataclass(frozen=True)
+class SentMail:
+    """One message sent with CreateItem, as the simulator received it."""
+
+    address: str  # the sending mailbox
+    disposition: str
+    mime: bytes
+    recipients: tuple[str, ...]
+    saved_item_id: str | None
 
 
 @dataclass
@@ -240,6 +277,23 @@ def _timestamp(moment: datetime | None = None) -> str:
     return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _without_bcc(mime: bytes) -> bytes:
+    """The message as transport delivers it: the Bcc header (and its folded lines) removed."""
+    end = mime.find(b"\r\n\r\n")
+    if end < 0:
+        return mime
+    lines = mime[: end + 2].split(b"\r\n")
+    kept: list[bytes] = []
+    skipping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = line.lower().startswith(b"bcc:")
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept) + mime[end + 2 :]
+
+
 def _new_id(prefix: str = "AAMkA") -> str:
     return prefix + base64.b64encode(uuid.uuid4().bytes + secrets.token_bytes(8)).decode()
 
@@ -273,6 +327,10 @@ class EwsSimulator:
         self._seq = itertools.count(1)
         self._throttles: dict[str, _Throttle] = {}
         self._changed = trio.Event()
+        self.sent: list[SentMail] = []
+        #: Addresses CreateItem refuses with ErrorInvalidRecipients (lowercase).
+        self.rejected_recipients: set[str] = set()
+        self.max_message_bytes = 25 * 1024 * 1024
 
     # -- server ----------------------------------------------------------------------------
 
@@ -305,15 +363,30 @@ class EwsSimulator:
         name = user or f"user-{uuid.uuid4().hex[:10]}"
         address = name if "@" in name else f"{name}@ews.example.test"
         account = EwsAccount(address, name, password or secrets.token_urlsafe(12), can_impersonate)
-        inbox = EwsFolder(_new_id("AQMkAinbox"), "Inbox")
-        account.folders[inbox.id] = inbox
-        account.distinguished["inbox"] = inbox.id
+        root = EwsFolder(_new_id("AQMkAroot"), "Top of Information Store", folder_class="")
+        inbox = EwsFolder(_new_id("AQMkAinbox"), "Inbox", root.id)
+        sent = EwsFolder(_new_id("AQMkAsent"), "Sent Items", root.id)
+        for folder, name in ((inbox, "inbox"), (root, "msgfolderroot"), (sent, "sentitems")):
+            account.folders[folder.id] = folder
+            account.distinguished[name] = folder.id
         self.accounts[address.lower()] = account
         return account
 
-    def add_folder(self, address: str, name: str) -> str:
+    def add_folder(
+        self,
+        address: str,
+        name: str,
+        *,
+        parent_id: str | None = None,
+        folder_class: str = "IPF.Note",
+        kind: str = "Folder",
+    ) -> str:
+        """A folder below ``parent_id`` (default: the root, beside the inbox). Returns its id."""
         account = self.accounts[address.lower()]
-        folder = EwsFolder(_new_id("AQMkAfolder"), name)
+        parent = parent_id or account.distinguished["msgfolderroot"]
+        if parent not in account.folders:
+            raise KeyError(parent)
+        folder = EwsFolder(_new_id("AQMkAfolder"), name, parent, folder_class, kind)
         account.folders[folder.id] = folder
         return folder.id
 
@@ -553,6 +626,8 @@ class EwsSimulator:
                 "Subscribe": self._subscribe,
                 "SyncFolderItems": self._sync_folder_items,
                 "GetItem": self._get_item,
+                "FindFolder": self._find_folder,
+                "CreateItem": self._create_item,
             }.get(operation)
             if handler is None:
                 raise _Fault(
@@ -740,6 +815,122 @@ class EwsSimulator:
                 parts.append(f"<t:DateTimeReceived>{_timestamp(item.received)}</t:DateTimeReceived>")
             messages.append(_message(name, f"<m:Items><t:Message>{''.join(parts)}</t:Message></m:Items>"))
         return _response("GetItem", messages)
+
+    def _find_folder(self, account: EwsAccount, request: Element) -> bytes:
+        name = "FindFolderResponseMessage"
+        parents = _find(request, "ParentFolderIds")
+        if parents is None or len(parents) != 1:
+            raise _Fault("ErrorSchemaValidation", "ParentFolderIds must name one folder.")
+        parent = self._folder(account, parents[0])
+        if parent is None:
+            return _response(
+                "FindFolder",
+                [_message(name, code="ErrorFolderNotFound", text="The specified folder could not be found.")],
+            )
+        deep = request.get("Traversal", "Shallow") == "Deep"
+        below: list[EwsFolder] = []
+
+        def collect(parent_id: str) -> None:
+            for folder in account.folders.values():
+                if folder.parent_id == parent_id:
+                    below.append(folder)
+                    if deep:
+                        collect(folder.id)
+
+        collect(parent.id)
+        view = _find(request, "IndexedPageFolderView")
+        offset, limit = 0, len(below) or 1
+        if view is not None:
+            try:
+                offset = int(view.get("Offset", "0"))
+                limit = int(view.get("MaxEntriesReturned", str(limit)))
+            except ValueError:
+                raise _Fault("ErrorSchemaValidation", "Offset and MaxEntriesReturned are integers.") from None
+            if offset < 0 or limit < 1:
+                raise _Fault("ErrorInvalidIndexedPagingParameters", "Invalid paging parameters.")
+        page = below[offset : offset + limit]
+        entries = []
+        for folder in page:
+            children = sum(1 for f in account.folders.values() if f.parent_id == folder.id)
+            counts = ""
+            if folder.kind == "Folder":
+                count = len(account.items_in(folder.id))
+                counts = f"<t:TotalCount>{count}</t:TotalCount><t:UnreadCount>{count}</t:UnreadCount>"
+            folder_class = (
+                f"<t:FolderClass>{escape(folder.folder_class)}</t:FolderClass>" if folder.folder_class else ""
+            )
+            entries.append(
+                f'<t:{folder.kind}><t:FolderId Id="{_attr(folder.id)}" ChangeKey="AQAAABYAAAA="/>'
+                f'<t:ParentFolderId Id="{_attr(folder.parent_id)}" ChangeKey="AQAAAA=="/>'
+                f"{folder_class}<t:DisplayName>{escape(folder.name)}</t:DisplayName>"
+                f"{counts}<t:ChildFolderCount>{children}</t:ChildFolderCount></t:{folder.kind}>"
+            )
+        end = offset + len(page)
+        inner = (
+            f'<m:RootFolder IndexedPagingOffset="{end}" TotalItemsInView="{len(below)}" '
+            f'IncludesLastItemInRange="{str(end >= len(below)).lower()}">'
+            f"<t:Folders>{''.join(entries)}</t:Folders></m:RootFolder>"
+        )
+        return _response("FindFolder", [_message(name, inner)])
+
+    def _create_item(self, account: EwsAccount, request: Element) -> bytes:
+        name = "CreateItemResponseMessage"
+        disposition = request.get("MessageDisposition", "")
+        if disposition not in ("SendOnly", "SendAndSaveCopy"):
+            raise _Fault(
+                "ErrorInvalidRequest", f"MessageDisposition {disposition or '(none)'} is not simulated."
+            )
+        items = _find(request, "Items")
+        messages = [e for e in (list(items) if items is not None else []) if _local(e.tag) == "Message"]
+        if len(messages) != 1 or _find(messages[0], "MimeContent") is None:
+            raise _Fault("ErrorInvalidRequest", "The simulator sends one Message given as MimeContent.")
+
+        def refused(code: str, text: str) -> bytes:
+            return _response("CreateItem", [_message(name, "<m:Items/>", code=code, text=text)])
+
+        try:
+            mime = base64.b64decode(_text(messages[0], "MimeContent"), validate=True)
+        except ValueError:
+            return refused(
+                "ErrorMimeContentInvalidBase64String", "The MIME content is not a valid base64 string."
+            )
+        if len(mime) > self.max_message_bytes:
+            return refused("ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+        headers = BytesHeaderParser(policy=email.policy.default).parsebytes(mime)
+        recipients = [
+            address
+            for _, address in getaddresses(
+                [str(v) for field_name in ("To", "Cc", "Bcc") for v in headers.get_all(field_name, [])]
+            )
+            if address
+        ]
+        if not recipients:
+            return refused("ErrorInvalidRecipients", "At least one recipient is required.")
+        bad = [r for r in recipients if "@" not in r or r.lower() in self.rejected_recipients]
+        if bad:
+            return refused("ErrorInvalidRecipients", "One or more recipients are invalid: " + ", ".join(bad))
+        senders = [a for _, a in getaddresses([str(v) for v in headers.get_all("From", [])]) if a]
+        if any(a.lower() != account.address.lower() for a in senders):
+            return refused(
+                "ErrorSendAsDenied",
+                "The user account which was used to submit this request does not have the right to "
+                "send mail on behalf of the specified sending account.",
+            )
+        saved_id = None
+        if disposition == "SendAndSaveCopy":
+            saved = _find(request, "SavedItemFolderId")
+            folder = (
+                self._folder(account, saved[0]) if saved is not None and len(saved) else account.sent_items
+            )
+            if folder is None:
+                return refused("ErrorFolderNotFound", "The specified folder could not be found in the store.")
+            saved_id = self.add_message(account.address, mime, folder_id=folder.id)
+        self.sent.append(SentMail(account.address.lower(), disposition, mime, tuple(recipients), saved_id))
+        delivered = _without_bcc(mime)
+        for recipient in dict.fromkeys(r.lower() for r in recipients):
+            if recipient in self.accounts:
+                self.add_message(recipient, delivered)
+        return _response("CreateItem", [_message(name, "<m:Items/>")])
 
     # -- streaming -------------------------------------------------------------------------
 

@@ -20,12 +20,23 @@ Covered:
   ``reauthorizationRequired``) on demand; notifications can be dropped for a while.
 - Throttling on demand: the next N requests answer 429 (or 503) with ``Retry-After``; every
   request is recorded with its arrival time so tests can check that the client waited.
+- A folder tree: Inbox and Sent Items below the (unlisted) root, plus added folders at any depth;
+  ``mailFolders`` (the top level) and ``mailFolders/{id}/childFolders``, with ``parentFolderId``,
+  ``childFolderCount``, ``$top`` (default 10, as Graph) and ``@odata.nextLink`` paging.
+- ``POST users/{id}/sendMail`` in the MIME form (``Content-Type: text/plain``, base64 MIME):
+  recipients from the To/Cc/Bcc headers, every send recorded in ``sent`` with the exact MIME, a
+  copy (Bcc kept) in Sent Items (``saveToSentItems`` is implied in the MIME form), delivery (Bcc
+  header removed) to recipients that are simulator users, ``202``. Refusals: 400
+  ``ErrorMimeContentInvalidBase64String``, 400 ``ErrorInvalidRecipients`` (none, malformed, or in
+  ``rejected_recipients``), 403 ``ErrorSendAsDenied`` (``From`` is not the mailbox), 413
+  ``RequestEntityTooLarge`` (over ``max_request_bytes``, 4 MB as Graph).
 
 Not covered: HTTPS (real Graph requires an https notification URL; the simulator accepts
 http), app-only tokens and the token endpoint, rich notifications (resource data, encryption),
-batching (``$batch``), most OData options (``$filter``, ``$orderby``, ``$top`` on lists),
-``/sendMail``, folder hierarchy changes, the notification delays and batching of the real
-service, and Graph's long retry schedule (hours) for failing notification endpoints.
+batching (``$batch``), most OData options (``$filter``, ``$orderby``; ``$top`` only on folder
+lists), ``sendMail`` with a JSON message, folder hierarchy changes and ``mailFolders/delta``,
+the notification delays and batching of the real service, and Graph's long retry schedule
+(hours) for failing notification endpoints.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -101,6 +114,22 @@ def _json(payload: Any, status: int = 200) -> Response:
     )
 
 
+def _without_bcc(mime: bytes) -> bytes:
+    """The message as transport delivers it: the Bcc header (and its folded lines) removed."""
+    end = mime.find(b"\r\n\r\n")
+    if end < 0:
+        return mime
+    kept: list[bytes] = []
+    skipping = False
+    for line in mime[: end + 2].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = line.lower().startswith(b"bcc:")
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept) + mime[end + 2 :]
+
+
 def _new_id() -> str:
     # Graph ids are long URL-safe base64 strings.
     return base64.urlsafe_b64encode(b"AAMk" + secrets.token_bytes(60)).decode("ascii").rstrip("=")
@@ -121,6 +150,7 @@ class SimFolder:
     id: str
     name: str
     well_known: str = ""
+    parent_id: str = ""
     messages: dict[str, SimMessage] = field(default_factory=dict)
     #: (seq, kind, message id): kind "created" | "updated" | "deleted".
     changes: list[tuple[int, str, str]] = field(default_factory=list)
@@ -131,6 +161,8 @@ class SimUser:
     email: str
     id: str
     folders: dict[str, SimFolder] = field(default_factory=dict)
+    #: The id of msgfolderroot: the parent of the top-level folders (not listed itself).
+    root_id: str = field(default_factory=_new_id)
 
     def folder(self, key: str) -> SimFolder | None:
         key_lower = key.lower()
@@ -169,6 +201,16 @@ class SimSubscription:
             "includeResourceData": False,
             "notificationContentType": "application/json",
         }
+
+
+@dataclass(frozen=True)
+class SentMail:
+    """One message sent with sendMail, as the simulator received it (MIME decoded)."""
+
+    address: str
+    mime: bytes
+    recipients: tuple[str, ...]
+    saved_message_id: str
 
 
 @dataclass(frozen=True)
@@ -217,6 +259,10 @@ class GraphSimulator:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
+        self.sent: list[SentMail] = []
+        #: Addresses sendMail refuses with ErrorInvalidRecipients (lowercase).
+        self.rejected_recipients: set[str] = set()
+        self.max_request_bytes = 4 * 1024 * 1024
         self.app = self._make_app()
 
     # -- server ------------------------------------------------------------------------------
@@ -261,8 +307,10 @@ class GraphSimulator:
         """A new mailbox with an inbox; returns (email, bearer token)."""
         address = (email_address or f"user-{uuid.uuid4().hex[:10]}@contoso.test").lower()
         user = SimUser(address, str(uuid.uuid4()))
-        inbox = SimFolder(_new_id(), "Inbox", "inbox")
+        inbox = SimFolder(_new_id(), "Inbox", "inbox", user.root_id)
         user.folders[inbox.id] = inbox
+        sent = SimFolder(_new_id(), "Sent Items", "sentitems", user.root_id)
+        user.folders[sent.id] = sent
         self.users[address] = user
         return address, self.issue_token(address)
 
@@ -279,10 +327,21 @@ class GraphSimulator:
     def revoke_token(self, token: str) -> None:
         self.tokens.pop(token, None)
 
-    def add_folder(self, address: str, name: str) -> str:
-        folder = SimFolder(_new_id(), name)
-        self.users[address.lower()].folders[folder.id] = folder
+    def add_folder(self, address: str, name: str, *, parent: str | None = None) -> str:
+        """A folder below ``parent`` (an id or well-known name; default: the top level)."""
+        user = self.users[address.lower()]
+        parent_id = user.root_id
+        if parent is not None:
+            found = user.folder(parent)
+            if found is None:
+                raise KeyError(parent)
+            parent_id = found.id
+        folder = SimFolder(_new_id(), name, parent_id=parent_id)
+        user.folders[folder.id] = folder
         return folder.id
+
+    def messages_in(self, address: str, folder: str) -> list[SimMessage]:
+        return list(self._folder_of(address, folder).messages.values())
 
     def _folder_of(self, address: str, folder: str) -> SimFolder:
         found = self.users[address.lower()].folder(folder)
@@ -525,7 +584,9 @@ class GraphSimulator:
         rest = (match.group("rest") or "").strip("/")
 
         if rest.lower() == "mailfolders" and method == "GET":
-            return _json({"value": [self._folder_json(f) for f in user.folders.values()]})
+            return self._folder_list(user, user.root_id)
+        if rest.lower() == "sendmail" and method == "POST":
+            return await self._send_mail(user)
         match = re.fullmatch(_FOLDER + r"(?P<tail>/.*)?", rest, re.IGNORECASE)
         if match:
             folder = user.folder(match.group("quoted") or match.group("plain"))
@@ -533,7 +594,9 @@ class GraphSimulator:
                 return _error(404, "ErrorItemNotFound", "The specified object was not found in the store.")
             tail = (match.group("tail") or "").strip("/")
             if tail == "" and method == "GET":
-                return _json(self._folder_json(folder))
+                return _json(self._folder_json(user, folder))
+            if tail.lower() == "childfolders" and method == "GET":
+                return self._folder_list(user, folder.id)
             if tail.lower() in ("messages/delta", "messages/microsoft.graph.delta()") and method == "GET":
                 return self._delta(user, folder)
             return _error(400, "BadRequest", "Unsupported segment in this simulator.")
@@ -546,13 +609,84 @@ class GraphSimulator:
             return _error(404, "ErrorItemNotFound", "The specified object was not found in the store.")
         return _error(400, "BadRequest", "Unsupported request in this simulator.")
 
+    def _folder_list(self, user: SimUser, parent_id: str) -> Response:
+        children = [f for f in user.folders.values() if f.parent_id == parent_id]
+        try:
+            top = int(request.args.get("$top", "10"))
+            skip = int(request.args.get("$skip", "0"))
+        except ValueError:
+            return _error(400, "BadRequest", "Invalid $top or $skip.")
+        if not 1 <= top <= 1000 or skip < 0:
+            return _error(400, "BadRequest", "Invalid $top or $skip.")
+        page = children[skip : skip + top]
+        payload: dict[str, Any] = {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users('x')/mailFolders",
+            "value": [self._folder_json(user, f) for f in page],
+        }
+        if skip + top < len(children):
+            args = {k: v for k, v in request.args.items() if k not in ("$skip", "$top")}
+            args.update({"$top": str(top), "$skip": str(skip + top)})
+            query = "&".join(f"{quote(k, safe='$')}={quote(v, safe=',')}" for k, v in args.items())
+            payload["@odata.nextLink"] = f"{self.base_url}{request.path}?{query}"
+        return _json(payload)
+
+    async def _send_mail(self, user: SimUser) -> Response:
+        data = await request.get_data(as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > self.max_request_bytes:
+            return _error(413, "RequestEntityTooLarge", "The request is larger than the maximum allowed.")
+        if not request.headers.get("Content-Type", "").lower().startswith("text/plain"):
+            return _error(400, "BadRequest", "The simulator only takes sendMail in MIME form (text/plain).")
+        try:
+            mime = base64.b64decode(b"".join(data.split()), validate=True)
+        except ValueError:
+            return _error(
+                400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
+            )
+        headers = BytesHeaderParser(policy=email.policy.default).parsebytes(mime)
+
+        def addresses(*names: str) -> list[str]:
+            values = [str(v) for name in names for v in headers.get_all(name, [])]
+            return [a for _, a in getaddresses(values) if a]
+
+        recipients = addresses("To", "Cc", "Bcc")
+        if not recipients:
+            return _error(
+                400,
+                "ErrorInvalidRecipients",
+                "At least one recipient is not valid., "
+                "A message can't be sent because it contains no recipients.",
+            )
+        bad = [r for r in recipients if "@" not in r or r.lower() in self.rejected_recipients]
+        if bad:
+            return _error(
+                400,
+                "ErrorInvalidRecipients",
+                f"At least one recipient is not valid., Recipient '{bad[0]}' is not resolved. "
+                "All recipients must be resolved before a message can be submitted.",
+            )
+        if any(a.lower() != user.email for a in addresses("From")):
+            return _error(
+                403,
+                "ErrorSendAsDenied",
+                "The user account which was used to submit this request does not have the right to "
+                "send mail on behalf of the specified sending account.",
+            )
+        saved = self.add_message(user.email, mime, "sentitems")
+        self.sent.append(SentMail(user.email, mime, tuple(recipients), saved))
+        delivered = _without_bcc(mime)
+        for recipient in dict.fromkeys(r.lower() for r in recipients):
+            if recipient in self.users:
+                self.add_message(recipient, delivered)
+        return Response("", status=202)
+
     @staticmethod
-    def _folder_json(folder: SimFolder) -> dict[str, Any]:
+    def _folder_json(user: SimUser, folder: SimFolder) -> dict[str, Any]:
         return {
             "id": folder.id,
             "displayName": folder.name,
-            "parentFolderId": None,
-            "childFolderCount": 0,
+            "parentFolderId": folder.parent_id or None,
+            "childFolderCount": sum(1 for f in user.folders.values() if f.parent_id == folder.id),
             "totalItemCount": len(folder.messages),
             "unreadItemCount": len(folder.messages),
         }

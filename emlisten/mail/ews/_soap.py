@@ -127,6 +127,42 @@ def get_items_mime(item_ids: Iterable[str]) -> str:
     )
 
 
+def create_item_send(mime_base64: str, *, save_copy: bool) -> str:
+    """``CreateItem`` that sends a message given as MIME: ``SendAndSaveCopy`` into Sent Items,
+    or ``SendOnly``. Exchange reads every recipient (Bcc too) from the MIME headers."""
+    if save_copy:
+        disposition = "SendAndSaveCopy"
+        saved = '<m:SavedItemFolderId><t:DistinguishedFolderId Id="sentitems"/></m:SavedItemFolderId>'
+    else:
+        disposition, saved = "SendOnly", ""
+    return (
+        f'<m:CreateItem MessageDisposition="{disposition}">{saved}<m:Items><t:Message>'
+        f'<t:MimeContent CharacterSet="UTF-8">{text(mime_base64)}</t:MimeContent>'
+        "</t:Message></m:Items></m:CreateItem>"
+    )
+
+
+#: Folder properties a folder list needs (``FindFolder`` shape).
+_FOLDER_FIELDS = (
+    "folder:DisplayName",
+    "folder:ParentFolderId",
+    "folder:FolderClass",
+    "folder:ChildFolderCount",
+)
+
+
+def find_folders_deep(parent: str, *, offset: int, max_entries: int) -> str:
+    """``FindFolder`` with ``Traversal="Deep"`` below ``parent`` (e.g. ``msgfolderroot``), one page."""
+    fields = "".join(f'<t:FieldURI FieldURI="{f}"/>' for f in _FOLDER_FIELDS)
+    return (
+        '<m:FindFolder Traversal="Deep"><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape>'
+        f"<t:AdditionalProperties>{fields}</t:AdditionalProperties></m:FolderShape>"
+        f'<m:IndexedPageFolderView MaxEntriesReturned="{int(max_entries)}" Offset="{int(offset)}" '
+        'BasePoint="Beginning"/>'
+        f"<m:ParentFolderIds>{folder_id(parent)}</m:ParentFolderIds></m:FindFolder>"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Responses
 
@@ -332,6 +368,56 @@ def mime_item(message: ResponseMessage) -> MimeItem | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FolderEntry:
+    """One folder of a ``FindFolder`` answer. ``kind`` is the element name: ``Folder`` (mail and
+    generic folders), ``CalendarFolder``, ``ContactsFolder``, ``TasksFolder``, ``SearchFolder``."""
+
+    folder_id: str
+    parent_id: str
+    display_name: str
+    folder_class: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class FolderPage:
+    folders: list[FolderEntry]
+    includes_last: bool
+    next_offset: int
+
+
+def folder_page(message: ResponseMessage) -> FolderPage:
+    root = child(message.element, "RootFolder")
+    if root is None:
+        raise MailProtocolError("EWS FindFolder answer without RootFolder")
+    entries: list[FolderEntry] = []
+    container = child(root, "Folders")
+    for element in container if container is not None else []:
+        ident = child(element, "FolderId")
+        parent = child(element, "ParentFolderId")
+        if ident is None or not ident.get("Id"):
+            continue
+        entries.append(
+            FolderEntry(
+                folder_id=ident.get("Id", ""),
+                parent_id=parent.get("Id", "") if parent is not None else "",
+                display_name=child_text(element, "DisplayName"),
+                folder_class=child_text(element, "FolderClass"),
+                kind=local(element.tag),
+            )
+        )
+    try:
+        next_offset = int(root.get("IndexedPagingOffset", ""))
+    except ValueError:
+        next_offset = -1
+    return FolderPage(
+        folders=entries,
+        includes_last=root.get("IncludesLastItemInRange", "true").lower() != "false",
+        next_offset=next_offset,
+    )
+
+
 def subscription_id(message: ResponseMessage) -> str:
     value = child_text(message.element, "SubscriptionId")
     if not value:
@@ -389,15 +475,20 @@ __all__ = [
     "TYPES_NS",
     "EnvelopeSplitter",
     "Fault",
+    "FolderEntry",
+    "FolderPage",
     "MimeItem",
     "ResponseMessage",
     "StreamingMessage",
     "SyncResult",
     "attr",
     "body_of",
+    "create_item_send",
     "envelope",
     "fault_of",
+    "find_folders_deep",
     "folder_id",
+    "folder_page",
     "get_items_mime",
     "get_streaming_events",
     "mime_item",

@@ -19,7 +19,8 @@ token from the client-credentials grant when ``EMLISTEN_GRAPH_TENANT_ID``, ``...
 Creatio for a new token). 429 and 503 are retried after ``Retry-After`` (never sooner), a few
 times, then the call fails with :class:`MailConnectError`.
 
-Sending through ``/sendMail`` is not implemented yet.
+Sending (``/sendMail``) and folder lists are in :mod:`emlisten.mail.graph.send` and
+:mod:`emlisten.mail.graph.folders`, over :meth:`GraphSource.session`.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class GraphSession:
         url: str,
         *,
         json_body: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """Send with retries on throttling; returns any response that is not an auth failure,
@@ -224,7 +226,12 @@ class GraphSession:
                 all_headers.update(headers)
             try:
                 response = await self.http.request(
-                    method, url, json=json_body, headers=all_headers, timeout=settings.request_timeout
+                    method,
+                    url,
+                    json=json_body,
+                    content=content,
+                    headers=all_headers,
+                    timeout=settings.request_timeout,
                 )
             except httpx.HTTPError as exc:
                 raise MailConnectError(f"{what}: {type(exc).__name__}") from None
