@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import textwrap
-import time
 import tracemalloc
 import uuid
 from dataclasses import asdict
@@ -761,11 +760,9 @@ def test_deep_nesting_does_not_raise() -> None:
         f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n" for i in range(depth)
     )
     data = ("Subject: deep\r\n" + opening + "Content-Type: text/plain\r\n\r\nleaf\r\n").encode()
-    started = time.perf_counter()
     email = convert(data)
 
     assert email.subject == "deep"
-    assert time.perf_counter() - started < 5
 
 
 def test_truncated_message_exact() -> None:
@@ -785,7 +782,7 @@ def test_truncated_message_exact() -> None:
     )
 
 
-def test_huge_message_is_fast_and_small() -> None:
+def test_huge_message_is_truncated_in_bounded_memory() -> None:
     attachment = base64.encodebytes(bytes(range(256)) * (75 * 1024 * 1024 // 256))
     data = (
         mail(
@@ -810,9 +807,7 @@ def test_huge_message_is_fast_and_small() -> None:
     assert len(data) > 100 * 1024 * 1024
 
     tracemalloc.start()
-    started = time.perf_counter()
     email = convert(data)
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
@@ -821,24 +816,8 @@ def test_huge_message_is_fast_and_small() -> None:
     assert email.subject == "100 MB"
     assert email.is_html_body is True
     assert email.body.startswith("<p>hello</p>\n<p>[emlisten: this message (")
-    assert elapsed < 3  # ~1 MiB is parsed whatever the size (tracemalloc slows this down)
+    # Only ~1 MiB is parsed whatever the size (speed is a benchmark matter, not a test's).
     assert peak < 40 * 1024 * 1024
-
-
-def test_five_kb_plain_mail_converts_in_well_under_a_millisecond() -> None:
-    data = corpus("plain_ascii.eml").replace(b"Hi Bob,", b"Hi Bob,\r\n" + b"x" * 70 * 65)
-    assert 4500 < len(data) < 6000
-    best = min(_average_seconds(data, 200) for _ in range(5))
-
-    assert best < 0.001
-
-
-def _average_seconds(data: bytes, rounds: int) -> float:
-    raw = RawMessage(uid=1, data=data)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        to_email(raw, email_id=EMAIL_ID)
-    return (time.perf_counter() - started) / rounds
 
 
 # --- properties ------------------------------------------------------------------------------
