@@ -117,13 +117,18 @@ class StoreListenerControl:
                 continue  # closed meanwhile
             status = statuses.get(mailbox_id)
             checkpoints = all_checkpoints.get(mailbox_id, {})
+            owner = owners.get(mailbox_id)
+            state = status.state if status else MailboxState.STARTING
+            if status is not None and owner is not None and status.node not in (None, owner):
+                # Written by the previous owner: the new one has not connected yet.
+                state = MailboxState.STARTING
             result.append(
                 {
                     "id": mailbox_id,
                     "email": config.sender_email or config.user_name,
                     "server": f"{config.imap.host}:{config.imap.port}",
-                    "state": (status.state if status else MailboxState.STARTING).value,
-                    "node": owners.get(mailbox_id),
+                    "state": state.value,
+                    "node": owner,
                     "folders": [
                         {
                             "name": folder,

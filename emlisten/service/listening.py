@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -104,20 +104,24 @@ class MailboxManager:
             async with self.store.changes() as changes, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # Subscribed to changes before the first claim, so nothing falls in between.
-                await self._tick()
+                await self._renew()
+                await self._balance()
                 log.info("owning %d mailbox(es)", len(self._owned))
                 task_status.started()
-                nursery.start_soon(self._ownership_loop)
+                nursery.start_soon(self._renew_loop)
+                nursery.start_soon(self._balance_loop)
                 async for mailbox_id in changes:
                     await self._on_change(mailbox_id)
         finally:
             await self._withdraw()
 
-    async def _ownership_loop(self) -> None:
+    async def _renew_loop(self) -> None:
+        """Renewal has a task of its own and does nothing else, so that claiming and starting
+        hundreds of mailboxes can never delay it past the lease TTL."""
         while True:
             await trio.sleep(self.settings.lease_renew_seconds)
             try:
-                await self._tick()
+                await self._renew()
             except StoreError as exc:
                 log.warning("cannot renew leases: %s", exc)
                 if trio.current_time() - self._renewed_at >= self.settings.lease_ttl_seconds * 0.8:
@@ -125,6 +129,14 @@ class MailboxManager:
                     log.error("lost contact with the store: stopping all mailboxes of this node")
                     self._stop(list(self._owned))
                     self._owned.clear()
+
+    async def _balance_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.lease_renew_seconds)
+            try:
+                await self._balance()
+            except StoreError as exc:
+                log.warning("cannot rebalance mailboxes: %s", exc)
 
     def _node_info(self) -> NodeInfo:
         return NodeInfo(
@@ -136,26 +148,32 @@ class MailboxManager:
             version=__version__,
         )
 
-    async def _tick(self) -> None:
-        """One round: heartbeat, renew, then claim up to the fair share or release surplus."""
+    async def _renew(self) -> None:
+        """Heartbeat and renew every lease we hold, in two batched calls."""
 
-        settings = self.settings
-        node_id, ttl = settings.node_id, settings.lease_ttl_seconds
-        tick_started = trio.current_time()
-        if self._owned:
-            kept = set(await self.store.renew_leases(node_id, sorted(self._owned), ttl))
-            lost = self._owned - kept
+        node_id, ttl = self.settings.node_id, self.settings.lease_ttl_seconds
+        started = trio.current_time()
+        held = sorted(self._owned)
+        if held:
+            kept = set(await self.store.renew_leases(node_id, held, ttl))
+            # Only what we asked about can be lost; claims made meanwhile stay.
+            lost = set(held) - kept
             if lost:
                 log.warning("lost %d lease(s) to other nodes", len(lost))
                 self._stop(lost)
-                self._owned = kept
-        self._renewed_at = tick_started
+                self._owned -= lost
+        await self.store.heartbeat(self._node_info(), ttl)
+        self._renewed_at = started
 
+    async def _balance(self) -> None:
+        """Claim free mailboxes up to the fair share, or release the surplus."""
+
+        settings = self.settings
+        node_id, ttl = settings.node_id, settings.lease_ttl_seconds
         primaries = [n for n in await self.store.list_nodes() if Role(n.role).listens]
         node_count = max(1, len(primaries) + (0 if any(n.id == node_id for n in primaries) else 1))
         all_ids = await self.store.list_mailbox_ids()
-        registered = set(all_ids)
-        gone = self._owned - registered
+        gone = self._owned - set(all_ids)
         if gone:
             await self._give_up(gone)
         self._target = math.ceil(len(all_ids) / node_count)
@@ -170,14 +188,24 @@ class MailboxManager:
             if wanted:
                 claimed = await self.store.claim_leases(node_id, wanted, ttl)
                 self._owned.update(claimed)
-                for mailbox_id in claimed:
-                    await self.reconcile(mailbox_id)
+                await self._start_claimed(claimed)
         elif len(self._owned) > self._target:
             surplus = sorted(self._owned)[: len(self._owned) - self._target]
             log.info("releasing %d mailbox(es) to other nodes", len(surplus))
             await self._give_up(surplus)
-        # Last, so the heartbeat carries this round's mailbox count.
-        await self.store.heartbeat(self._node_info(), ttl)
+
+    async def _start_claimed(self, mailbox_ids: Sequence[str]) -> None:
+        """Start supervisors for newly claimed mailboxes, reading their configs in one call."""
+
+        assert self._nursery is not None
+        configs = await self.store.get_mailboxes(mailbox_ids)
+        for mailbox_id in mailbox_ids:
+            mailbox = configs.get(mailbox_id)
+            if mailbox is None or mailbox_id not in self._owned or mailbox_id in self._running:
+                continue
+            scope = trio.CancelScope()
+            self._running[mailbox_id] = _Running(mailbox, scope)
+            self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox_id}")
 
     async def _on_change(self, mailbox_id: str) -> None:
         """A mailbox was created, changed or closed somewhere: react within the second."""

@@ -394,6 +394,19 @@ class RedisStore(Store):
         blob: bytes | str | None = await self._run(lambda: self._client.hget(self._mailboxes_key, mailbox_id))
         return None if blob is None else self._open(mailbox_id, _bytes(blob))
 
+    async def get_mailboxes(self, mailbox_ids: Sequence[str]) -> dict[str, MailboxConfig]:
+        ids = list(mailbox_ids)
+        if not ids:
+            return {}
+        blobs: list[bytes | str | None] = await self._run(
+            lambda: self._client.hmget(self._mailboxes_key, ids)
+        )
+        return {
+            mid: self._open(mid, _bytes(blob))
+            for mid, blob in zip(ids, blobs, strict=True)
+            if blob is not None
+        }
+
     async def remove_mailbox(self, mailbox_id: str) -> bool:
         keys = [
             self._mailboxes_key,

@@ -53,6 +53,14 @@ async def test_registry_round_trip(store: Store) -> None:
     assert await store.existing([original.id, "other"]) == {original.id}
 
 
+async def test_get_many_mailboxes(store: Store) -> None:
+    a, b = mailbox(), mailbox("22222222-2222-2222-2222-222222222222", password="other")
+    await store.put_mailbox(a)
+    await store.put_mailbox(b)
+    assert await store.get_mailboxes([a.id, "unknown", b.id]) == {a.id: a, b.id: b}
+    assert await store.get_mailboxes([]) == {}
+
+
 async def test_put_replaces(store: Store) -> None:
     await store.put_mailbox(mailbox())
     changed = mailbox(password="new", revision=2)
