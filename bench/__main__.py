@@ -13,7 +13,10 @@ SCENARIOS = {
     "idle": (idle, "memory per mailbox, idle CPU and cold start of N listening mailboxes"),
     "latency": (latency, "APPEND-done to callback, next to a bare IDLE client's EXISTS (the floor)"),
     "burst": (burst, "drain rate, losses and duplicates after a backlog built while emlisten was frozen"),
-    "failover": (failover, "takeover time when a node dies (not available yet)"),
+    "failover": (
+        failover,
+        "SIGKILL a primary of a Redis + RabbitMQ cluster: takeover time, mail lost or doubled",
+    ),
 }
 
 

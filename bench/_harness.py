@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import platform
 import re
 import resource
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -376,15 +379,28 @@ def session_cpu_seconds(session_id: int) -> float:
     return total / CLOCK_TICKS
 
 
-class EmlistenProcess:
-    """``python -m emlisten serve --role=all`` as a child process with its own log file."""
+# Warnings every bench start logs by design; not counted as problems of the run.
+_START_UP_NOTICES = (
+    "in-memory store",
+    "EMLISTEN_PUBLIC_URL is not set",
+    "no secondary alive",  # a primary that answered before the secondary's first heartbeat
+)
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+
+class EmlistenProcess:
+    """``python -m emlisten serve --role=<role>`` as a child process with its own log file
+    (``<name>-<start>.log`` in ``log_dir``)."""
+
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, *, name: str = "emlisten", role: str = "all"
+    ) -> None:
         self.extra_env = env
         self.log_dir = log_dir
+        self.name = name
+        self.role = role
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = log_dir / "emlisten-0.log"
+        self.log_path = log_dir / f"{name}-0.log"
         self._starts = 0
 
     @property
@@ -397,7 +413,7 @@ class EmlistenProcess:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMLISTEN_")}
         env.update(self.extra_env)
-        self.log_path = self.log_dir / f"emlisten-{self._starts}.log"
+        self.log_path = self.log_dir / f"{self.name}-{self._starts}.log"
         self._starts += 1
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -406,7 +422,7 @@ class EmlistenProcess:
                     "-m",
                     "emlisten",
                     "serve",
-                    "--role=all",
+                    f"--role={self.role}",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -419,7 +435,7 @@ class EmlistenProcess:
                 preexec_fn=_preexec_raise_fd_limit,  # noqa: PLW1509 - no threads started yet here
                 start_new_session=True,
             )
-        say(f"emlisten pid {self.process.pid}, port {self.port}, log {self.log_path}")
+        say(f"{self.name} ({self.role}) pid {self.process.pid}, port {self.port}, log {self.log_path}")
 
     @property
     def url(self) -> str:
@@ -440,7 +456,8 @@ class EmlistenProcess:
         return sum(
             1
             for line in text.splitlines()
-            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line) and "in-memory store" not in line
+            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)
+            and not any(notice in line for notice in _START_UP_NOTICES)
         )
 
     async def wait_ready(self, http: httpx.AsyncClient, within: float = 30.0) -> None:
@@ -475,6 +492,13 @@ class EmlistenProcess:
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
 
+    def kill(self) -> None:
+        """SIGKILL, no clean-up of any kind (a crashed node), and reap the process."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     async def stop(self, within: float = 60.0) -> float:
         """SIGTERM and wait; returns the seconds the graceful shutdown took (SIGKILL after ``within``)."""
         process, self.process = self.process, None
@@ -496,6 +520,39 @@ class EmlistenProcess:
 # -- the whole stack ---------------------------------------------------------------------------
 
 
+def mailbox_credentials(
+    dovecot: Dovecot, standin: CreatioStandIn, user: MailUser, *, tls: bool
+) -> dict[str, Any]:
+    """One Creatio ``SynchronizationCredentials`` element, as tests/service/conftest.py builds it."""
+    return {
+        "Id": str(uuid.uuid4()),
+        "UserName": user.name,
+        "Password": user.password,
+        "SenderEmailAddress": user.email,
+        "ServiceUrl": dovecot.host,
+        "Port": dovecot.imaps_port if tls else dovecot.imap_port,
+        "UseSsl": tls,
+        "SecureOption": 2 if tls else 0,
+        "BpmEndpoint": standin.endpoint(),
+        "BpmUser": "Supervisor",
+        "BpmUserWorkspace": "Default",
+        "BpmUserTimeZone": "UTC",
+        "FolderIds": [],
+        "UseFullEmail": True,
+    }
+
+
+async def register_mailboxes(
+    http: httpx.AsyncClient, base_url: str, credentials: Sequence[dict[str, Any]], chunk_size: int
+) -> None:
+    """POST /api/listeners/create in chunks; every element must be accepted."""
+    for start in range(0, len(credentials), chunk_size):
+        chunk = list(credentials[start : start + chunk_size])
+        response = await http.post(f"{base_url}/api/listeners/create", json=chunk, timeout=120)
+        if response.status_code != 200 or len(response.json().get("Accepted", [])) != len(chunk):
+            raise BenchError(f"create refused: {response.status_code} {response.text[:500]}")
+
+
 @dataclass
 class Stack:
     dovecot: Dovecot
@@ -515,33 +572,10 @@ class Stack:
         return (self.dovecot.imap_port, self.dovecot.imaps_port)
 
     def credentials(self, user: MailUser) -> dict[str, Any]:
-        """One Creatio ``SynchronizationCredentials`` element, as tests/service/conftest.py builds it."""
-        return {
-            "Id": str(uuid.uuid4()),
-            "UserName": user.name,
-            "Password": user.password,
-            "SenderEmailAddress": user.email,
-            "ServiceUrl": self.dovecot.host,
-            "Port": self.dovecot.imaps_port if self.tls else self.dovecot.imap_port,
-            "UseSsl": self.tls,
-            "SecureOption": 2 if self.tls else 0,
-            "BpmEndpoint": self.standin.endpoint(),
-            "BpmUser": "Supervisor",
-            "BpmUserWorkspace": "Default",
-            "BpmUserTimeZone": "UTC",
-            "FolderIds": [],
-            "UseFullEmail": True,
-        }
+        return mailbox_credentials(self.dovecot, self.standin, user, tls=self.tls)
 
     async def register(self, credentials: Sequence[dict[str, Any]]) -> None:
-        """POST /api/listeners/create in chunks; every element must be accepted."""
-        for start in range(0, len(credentials), self.chunk):
-            chunk = list(credentials[start : start + self.chunk])
-            response = await self.http.post(
-                f"{self.emlisten.url}/api/listeners/create", json=chunk, timeout=120
-            )
-            if response.status_code != 200 or len(response.json().get("Accepted", [])) != len(chunk):
-                raise BenchError(f"create refused: {response.status_code} {response.text[:500]}")
+        await register_mailboxes(self.http, self.emlisten.url, credentials, self.chunk)
 
     async def status_counts(self) -> dict[str, int]:
         response = await self.http.get(f"{self.emlisten.url}/api/listeners/status", timeout=30)
@@ -656,6 +690,223 @@ async def open_stack(args: argparse.Namespace, dovecot: Dovecot) -> AsyncIterato
                 await emlisten.stop()
         nursery.cancel_scope.cancel()
     say(f"emlisten logs: {log_dir}")
+
+
+# -- several nodes on the shared Redis store and RabbitMQ queue ---------------------------------
+
+DEFAULT_REDIS_URL = os.environ.get("EMLISTEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DEFAULT_AMQP_URL = os.environ.get("EMLISTEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for results and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="shared Redis (default: $EMLISTEN_TEST_REDIS_URL or local)",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=DEFAULT_AMQP_URL,
+        help="RabbitMQ (default: $EMLISTEN_TEST_AMQP_URL or local guest)",
+    )
+
+
+@dataclass
+class SharedBackends:
+    """One run's share of the real Redis and RabbitMQ: a key prefix and a queue name of its own,
+    both removed by :meth:`clean_up`. The credential key is random per run and never written out."""
+
+    redis_url: str
+    amqp_url: str
+    prefix: str = field(default_factory=lambda: f"emlisten-bench:{uuid.uuid4().hex[:12]}:")
+    queue: str = field(default_factory=lambda: f"emlisten-bench.{uuid.uuid4().hex[:12]}")
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "EMLISTEN_REDIS_URL": self.redis_url,
+            "EMLISTEN_REDIS_PREFIX": self.prefix,
+            "EMLISTEN_AMQP_URL": self.amqp_url,
+            "EMLISTEN_AMQP_QUEUE": self.queue,
+            "EMLISTEN_SECRET_KEY": self.secret_key,
+        }
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "redis": redact_url(self.redis_url),
+            "redis_prefix": self.prefix,
+            "amqp": redact_url(self.amqp_url),
+            "amqp_queue": self.queue,
+        }
+
+    def _redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
+
+    def check_redis(self) -> None:
+        import redis
+
+        try:
+            client = self._redis()
+            client.ping()
+            client.close()
+        except redis.RedisError as exc:
+            raise BenchError(f"Redis at {redact_url(self.redis_url)} is not usable: {exc}") from None
+
+    def _delete_keys(self) -> tuple[int, int]:
+        client = self._redis()
+        try:
+            deleted = 0
+            for key in client.scan_iter(match=f"{self.prefix}*", count=1000):
+                deleted += int(client.delete(key))
+            left = sum(1 for _ in client.scan_iter(match=f"{self.prefix}*", count=1000))
+            return deleted, left
+        finally:
+            client.close()
+
+    async def _delete_queues(self) -> None:
+        from emlisten._bridge import open_asyncio_bridge
+        from emlisten.queue.rabbitmq import RabbitMQQueue
+
+        async with (
+            open_asyncio_bridge(),
+            RabbitMQQueue.open(
+                self.amqp_url, queue_name=self.queue, connection_name="emlisten-bench"
+            ) as queue,
+        ):
+            await queue.delete_queues()
+
+    async def clean_up(self) -> dict[str, Any]:
+        """Delete every Redis key under the prefix and both queues (after the nodes stopped)."""
+        outcome: dict[str, Any] = {}
+        try:
+            deleted, left = await trio.to_thread.run_sync(self._delete_keys)
+            outcome.update(redis_keys_deleted=deleted, redis_keys_left=left)
+        except Exception as exc:  # reported, never hides the run's own outcome
+            outcome["redis_error"] = str(exc)
+        try:
+            await self._delete_queues()
+            outcome["queues_deleted"] = [self.queue, f"{self.queue}.dead"]
+        except Exception as exc:
+            outcome["queue_error"] = str(exc)
+        say(f"clean-up: {outcome}")
+        return outcome
+
+
+@dataclass
+class ClusterStack:
+    """Several emlisten processes (primaries, secondaries) sharing one run's Redis prefix and
+    queue, the Creatio stand-in in the bench's Trio loop, and the bench's HTTP client."""
+
+    dovecot: Dovecot
+    standin: CreatioStandIn
+    http: httpx.AsyncClient
+    backends: SharedBackends
+    nodes: dict[str, EmlistenProcess]
+    tls: bool
+    chunk: int
+    log_dir: Path
+    clean_up_outcome: dict[str, Any] = field(default_factory=dict)
+
+    def dovecot_cpu_seconds(self) -> float:
+        master_pid = int((self.dovecot.base_dir / "master.pid").read_text().split()[0])
+        return session_cpu_seconds(master_pid)
+
+    def names(self, role: str) -> list[str]:
+        return [name for name, node in self.nodes.items() if node.role == role]
+
+    @property
+    def mail_ports(self) -> tuple[int, int]:
+        return (self.dovecot.imap_port, self.dovecot.imaps_port)
+
+    def credentials(self, user: MailUser) -> dict[str, Any]:
+        return mailbox_credentials(self.dovecot, self.standin, user, tls=self.tls)
+
+    async def register(self, credentials: Sequence[dict[str, Any]], via: str) -> None:
+        await register_mailboxes(self.http, self.nodes[via].url, credentials, self.chunk)
+
+    async def get_json(self, via: str, path: str) -> Any:
+        response = await self.http.get(f"{self.nodes[via].url}{path}", timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    async def mailboxes(self, via: str) -> list[dict[str, Any]]:
+        """``GET /v1/mailboxes``: per mailbox its ``state`` (last status written) and ``node`` (the
+        holder of its lease, None when free)."""
+        body = await self.get_json(via, "/v1/mailboxes")
+        items: list[dict[str, Any]] = body["mailboxes"]
+        return items
+
+
+@contextlib.asynccontextmanager
+async def open_cluster(
+    args: argparse.Namespace,
+    dovecot: Dovecot,
+    *,
+    primaries: int,
+    secondaries: int,
+    env: dict[str, str],
+) -> AsyncIterator[ClusterStack]:
+    """Primaries ``p1..pN`` and secondaries ``s1..sM`` on Redis + RabbitMQ, all answering.
+
+    At the end every node still running gets SIGTERM (in parallel), then the run's Redis keys and
+    queues are deleted; the outcome lands in ``ClusterStack.clean_up_outcome``.
+    """
+    backends = SharedBackends(args.redis_url, args.amqp_url)
+    backends.check_redis()
+    base_env = {
+        "EMLISTEN_TLS_CA_FILE": str(dovecot.ca_file),
+        "EMLISTEN_LOG_LEVEL": "INFO",
+        **backends.env(),
+        **env,
+        **parse_env(args.env),
+    }
+    log_dir = Path(tempfile.mkdtemp(prefix="emlisten-bench-cluster-"))
+    nodes: dict[str, EmlistenProcess] = {}
+    for role, prefix, count in (("primary", "p", primaries), ("secondary", "s", secondaries)):
+        for i in range(1, count + 1):
+            name = f"{prefix}{i}"
+            nodes[name] = EmlistenProcess(
+                {**base_env, "EMLISTEN_NODE_ID": name}, log_dir, name=name, role=role
+            )
+    standin = CreatioStandIn()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standin.serve)
+            limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
+            async with httpx.AsyncClient(limits=limits) as http:
+                stack = ClusterStack(dovecot, standin, http, backends, nodes, args.tls, args.chunk, log_dir)
+                try:
+                    for node in nodes.values():
+                        node.spawn()
+                    async with trio.open_nursery() as starting:
+                        for node in nodes.values():
+                            starting.start_soon(functools.partial(node.wait_ready, http, within=90.0))
+                    say(f"{len(nodes)} nodes answer: {', '.join(nodes)}")
+                    yield stack
+                finally:
+                    with trio.CancelScope(shield=True):
+                        async with trio.open_nursery() as stopping:
+                            for node in nodes.values():
+                                stopping.start_soon(node.stop)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            outcome = await backends.clean_up()
+            with contextlib.suppress(UnboundLocalError):
+                stack.clean_up_outcome.update(outcome)
+        say(f"emlisten logs: {log_dir}")
 
 
 # -- the mail that goes through --------------------------------------------------------------
@@ -803,7 +1054,7 @@ async def bare_client_cold_start(
         await close_all(clients)
 
 
-async def connect_appenders(stack: Stack, users: Sequence[MailUser]) -> list[RawImap]:
+async def connect_appenders(stack: Stack | ClusterStack, users: Sequence[MailUser]) -> list[RawImap]:
     """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
     clients: list[RawImap | None] = [None] * len(users)
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from bench._harness import Progress, percentile, summary_ms
+from bench._harness import Progress, percentile, redact_url, summary_ms
+from bench.failover import fair_share_bounds, listening_owners, taken_over
 from bench.latency import _hibernate_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--hibernate-timeout", "none", "--env", "EMLISTEN_READER_IDLE_SECONDS=0.3", "--settle-timeout", "10"]
 
 
-def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_bench(tmp_path: Path, *args: str, timeout: float = 90) -> dict[str, Any]:
     completed = subprocess.run(
         [sys.executable, "-m", "bench", *args, "--results-dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout,
         check=False,
     )
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
@@ -82,18 +83,63 @@ def test_burst_scenario(tmp_path: Path) -> None:
     assert metrics["drain_rate_per_second"] > 0
 
 
-def test_failover_says_it_is_not_available(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "failover", "--results-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+@pytest.mark.dovecot
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+def test_failover_scenario(tmp_path: Path) -> None:
+    # A short lease so the run takes seconds; `python -m bench failover` uses production's 6 s.
+    result = run_bench(
+        tmp_path,
+        "failover",
+        "--mailboxes",
+        "30",
+        "--primaries",
+        "3",
+        "--secondaries",
+        "1",
+        "--lease-ttl",
+        "2",
+        "--duplicate-grace",
+        "0.5",
+        "--hibernate-timeout",
+        "none",
+        timeout=240,
     )
-    assert completed.returncode == 2
-    assert "not available yet" in completed.stderr
-    assert not list(tmp_path.iterdir())
+    metrics = result["metrics"]
+    assert sorted(metrics["spread_before_kill"].values()) == [10, 10, 10]
+    assert metrics["killed_node"] == "p3" and metrics["killed_node_mailboxes"] == 10
+    assert metrics["failover_seconds"] > 0
+    assert set(metrics["new_owners"]) <= {"p1", "p2"} and sum(metrics["new_owners"].values()) == 10
+    assert metrics["mails_appended"] == 10
+    assert metrics["delivered"] == 10 and metrics["lost"] == 0 and metrics["duplicated"] == 0
+    assert result["params"]["lease_ttl_s"] == 2 and result["params"]["lease_renew_s"] == pytest.approx(0.667)
+    # The run's Redis keys and queues are gone, and no password was written out.
+    clean_up = metrics["clean_up"]
+    assert clean_up["redis_keys_deleted"] > 0 and clean_up["redis_keys_left"] == 0
+    assert len(clean_up["queues_deleted"]) == 2
+    assert "guest:guest" not in json.dumps(result)
+
+
+def test_failover_fair_share_and_takeover_rules() -> None:
+    assert fair_share_bounds(1000, 3) == (332, 334)
+    assert fair_share_bounds(30, 3) == (10, 10)
+    killed_at = 1000.0
+    items: list[dict[str, Any]] = [
+        {"id": "a", "state": "listening", "node": "p1", "updated_at": 10.0},  # a survivor's own
+        {"id": "b", "state": "listening", "node": "p2", "updated_at": 999.0},  # stale: dead node's status
+        {"id": "c", "state": "listening", "node": "p2", "updated_at": 1001.0},  # taken over
+        {"id": "d", "state": "listening", "node": None, "updated_at": 1001.0},  # lease free
+        {"id": "e", "state": "connecting", "node": "p1", "updated_at": 1002.0},
+        {"id": "f", "state": "listening", "node": "p3", "updated_at": 1003.0},  # still the dead one's
+    ]
+    assert taken_over(items, "p3", {"b", "c", "d", "e", "f"}, killed_at) == {"a", "c"}
+    assert listening_owners(items) == {"a": "p1", "b": "p2", "c": "p2", "f": "p3"}
+
+
+def test_urls_are_redacted() -> None:
+    assert redact_url("amqp://guest:secret@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://:pw@redis:6379/1") == "redis://:***@redis:6379/1"
 
 
 def test_percentiles_are_nearest_rank() -> None:
