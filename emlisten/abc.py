@@ -7,7 +7,7 @@ is decided once, at start-up, from the configuration.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 
 import trio
@@ -22,6 +22,9 @@ from emlisten.models import (
     RawMessage,
     SyncTask,
 )
+
+#: Published instead of a mailbox id when many mailboxes changed at once.
+RESYNC = "*"
 
 
 class Store(ABC):
@@ -39,6 +42,16 @@ class Store(ABC):
 
     @abstractmethod
     async def get_mailbox(self, mailbox_id: str) -> MailboxConfig | None: ...
+
+    async def put_mailboxes(self, mailboxes: Sequence[MailboxConfig]) -> None:
+        """``put_mailbox`` for many (adapters batch this into one round trip)."""
+        for mailbox in mailboxes:
+            await self.put_mailbox(mailbox)
+
+    async def set_statuses(self, statuses: Mapping[str, MailboxStatus]) -> None:
+        """``set_status`` for many (adapters batch this into one round trip)."""
+        for mailbox_id, status in statuses.items():
+            await self.set_status(mailbox_id, status)
 
     @abstractmethod
     async def remove_mailbox(self, mailbox_id: str) -> bool:
@@ -89,7 +102,9 @@ class Store(ABC):
 
     @abstractmethod
     async def publish_change(self, mailbox_id: str) -> None:
-        """Tell every node's ownership loop that this mailbox was created, changed or removed."""
+        """Tell every node's ownership loop that this mailbox was created, changed or removed.
+
+        ``RESYNC`` ("*") instead of an id means "many changed: re-read everything" (bulk calls)."""
 
     @abstractmethod
     def changes(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:

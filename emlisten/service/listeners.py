@@ -12,11 +12,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from emlisten import __version__
-from emlisten.abc import Store, TaskQueue
+from emlisten.abc import RESYNC, Store, TaskQueue
 from emlisten.errors import QueueError, StoreError
 from emlisten.models import MailboxConfig, MailboxState, MailboxStatus
 
 log = logging.getLogger(__name__)
+
+#: Above this many mailboxes in one call, nodes get one "re-read everything" instead of N changes.
+_BULK = 50
 
 
 class StoreListenerControl:
@@ -40,35 +43,46 @@ class StoreListenerControl:
         #: Progress of this node's history load of a mailbox (emlisten.service.history).
         self._history = history
 
-    async def _register(self, mailbox: MailboxConfig, *, restart: bool) -> None:
-        existing = await self.store.get_mailbox(mailbox.id)
-        if existing is None:
-            await self.store.set_status(
-                mailbox.id, MailboxStatus(MailboxState.STARTING, updated_at=time.time())
-            )
-            revision = 1
+    async def _register(self, mailboxes: Sequence[MailboxConfig], *, restart: bool) -> None:
+        """Store the mailboxes (a new revision when they must restart) and tell every node.
+
+        Batched: a few round trips whatever the count, so Creatio's bulk create of thousands of
+        mailboxes answers in seconds."""
+
+        if not mailboxes:
+            return
+        existing = await self.store.get_mailboxes([m.id for m in mailboxes])
+        now = time.time()
+        new_statuses = {}
+        stored = []
+        for mailbox in mailboxes:
+            previous = existing.get(mailbox.id)
+            if previous is None:
+                new_statuses[mailbox.id] = MailboxStatus(MailboxState.STARTING, updated_at=now)
+                revision = 1
+            else:
+                changed = mailbox.replace(revision=previous.revision) != previous
+                revision = previous.revision + 1 if (restart or changed) else previous.revision
+            stored.append(mailbox.replace(revision=revision))
+        await self.store.set_statuses(new_statuses)
+        await self.store.put_mailboxes(stored)
+        if len(stored) > _BULK:
+            await self.store.publish_change(RESYNC)
         else:
-            comparable = mailbox.replace(revision=existing.revision)
-            changed = comparable != existing
-            revision = existing.revision + 1 if (restart or changed) else existing.revision
-        await self.store.put_mailbox(mailbox.replace(revision=revision))
-        await self.store.publish_change(mailbox.id)
+            for mailbox in stored:
+                await self.store.publish_change(mailbox.id)
 
     async def create(self, mailboxes: Sequence[MailboxConfig]) -> None:
-        for mailbox in mailboxes:
-            await self._register(mailbox, restart=False)
+        await self._register(mailboxes, restart=False)
         log.debug("create: %d mailbox(es)", len(mailboxes))
 
     async def recreate(self, mailboxes: Sequence[MailboxConfig]) -> None:
-        for mailbox in mailboxes:
-            await self._register(mailbox, restart=True)
+        await self._register(mailboxes, restart=True)
         log.debug("recreate: %d mailbox(es)", len(mailboxes))
 
     async def update(self, mailboxes: Sequence[MailboxConfig]) -> list[str]:
         known = await self.store.existing(m.id for m in mailboxes)
-        for mailbox in mailboxes:
-            if mailbox.id in known:
-                await self._register(mailbox, restart=False)
+        await self._register([m for m in mailboxes if m.id in known], restart=False)
         unknown = [m.id for m in mailboxes if m.id not in known]
         log.debug("update: %d mailbox(es), %d unknown", len(mailboxes) - len(unknown), len(unknown))
         return unknown

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from emlisten import __version__
-from emlisten.abc import MailSource, Sink, Store, TaskQueue
+from emlisten.abc import RESYNC, MailSource, Sink, Store, TaskQueue
 from emlisten.config import Role, Settings
 from emlisten.errors import (
     DeliveryError,
@@ -194,6 +194,22 @@ class MailboxManager:
             log.info("releasing %d mailbox(es) to other nodes", len(surplus))
             await self._give_up(surplus)
 
+    async def _resync(self) -> None:
+        """Many mailboxes changed at once (a bulk create or recreate): restart the owned ones whose
+        configuration changed, stop the removed ones, then claim our share of the new ones."""
+
+        configs = await self.store.get_mailboxes(sorted(self._owned))
+        for mailbox_id in list(self._owned):
+            config = configs.get(mailbox_id)
+            running = self._running.get(mailbox_id)
+            if config is None:
+                await self._give_up([mailbox_id])
+            elif running is not None and running.config != config:
+                running.scope.cancel()
+                del self._running[mailbox_id]
+        await self._start_claimed([mid for mid in configs if mid not in self._running])
+        await self._balance()
+
     async def _start_claimed(self, mailbox_ids: Sequence[str]) -> None:
         """Start supervisors for newly claimed mailboxes, reading their configs in one call."""
 
@@ -210,6 +226,9 @@ class MailboxManager:
     async def _on_change(self, mailbox_id: str) -> None:
         """A mailbox was created, changed or closed somewhere: react within the second."""
 
+        if mailbox_id == RESYNC:
+            await self._resync()
+            return
         if mailbox_id in self._owned:
             if await self.store.get_mailbox(mailbox_id) is None:
                 await self._give_up([mailbox_id])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
@@ -393,6 +393,16 @@ class RedisStore(Store):
     async def get_mailbox(self, mailbox_id: str) -> MailboxConfig | None:
         blob: bytes | str | None = await self._run(lambda: self._client.hget(self._mailboxes_key, mailbox_id))
         return None if blob is None else self._open(mailbox_id, _bytes(blob))
+
+    async def put_mailboxes(self, mailboxes: Sequence[MailboxConfig]) -> None:
+        if mailboxes:
+            blobs: dict[str | bytes, bytes | str] = {mailbox.id: self._seal(mailbox) for mailbox in mailboxes}
+            await self._run(lambda: self._client.hset(self._mailboxes_key, mapping=blobs))  # type: ignore[arg-type]
+
+    async def set_statuses(self, statuses: Mapping[str, MailboxStatus]) -> None:
+        if statuses:
+            documents = {mailbox_id: encode_status(status) for mailbox_id, status in statuses.items()}
+            await self._run(lambda: self._client.hset(self._status_key, mapping=documents))  # type: ignore[arg-type]
 
     async def get_mailboxes(self, mailbox_ids: Sequence[str]) -> dict[str, MailboxConfig]:
         ids = list(mailbox_ids)

@@ -85,3 +85,30 @@ async def test_nodes_share_mailboxes_and_take_over(
         for mailbox_id in ids:
             emails = await creatio.wait_for_emails(mailbox_id, 2, timeout=15)
             assert [e["Subject"] for e in emails] == ["spread", "after takeover"]
+
+
+async def test_bulk_create_and_recreate(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
+) -> None:
+    """Creatio's failover job re-creates every mailbox at once: one call, many mailboxes."""
+    from tests.service.conftest import running_service
+
+    async with running_service(dovecot, creatio, nursery) as service:
+        users = [dovecot.add_user() for _ in range(60)]  # above the bulk threshold
+        creds = [service.credentials(u) for u in users]
+        assert (await service.create(*creds)).status_code == 200
+        for c in creds:
+            await service.wait_state(c["Id"], MailboxState.LISTENING)
+        await dovecot.aappend(users[0], b"Subject: bulk\r\n\r\nbody\r\n")
+        await creatio.wait_for_emails(creds[0]["Id"], 1, timeout=15)
+
+        # recreate restarts every subscription (new revision) and keeps checkpoints.
+        before = {c["Id"]: (await service.adapters.store.get_mailbox(c["Id"])).revision for c in creds}  # type: ignore[union-attr]
+        assert (await service.create(*creds, path="recreate")).status_code == 200
+        after = {c["Id"]: (await service.adapters.store.get_mailbox(c["Id"])).revision for c in creds}  # type: ignore[union-attr]
+        assert all(after[i] == before[i] + 1 for i in before)
+        for c in creds:
+            await service.wait_state(c["Id"], MailboxState.LISTENING)
+        await dovecot.aappend(users[0], b"Subject: after recreate\r\n\r\nbody\r\n")
+        emails = await creatio.wait_for_emails(creds[0]["Id"], 2, timeout=15)
+        assert [e["Subject"] for e in emails] == ["bulk", "after recreate"]
