@@ -204,6 +204,10 @@ class DeliveryWorker:
                 if messages:
                     delivered += await self._deliver_messages(mailbox, folder, messages, after, seen_at)
                     await self._mark_synchronized(mailbox, reader, messages)
+                    if len(messages) < self.settings.batch_max_count:
+                        # Caught up: mail arriving meanwhile sends a new task, which runs another
+                        # pass; asking the server again now would cost a round trip per mail.
+                        return delivered
                 elif after != checkpoint:
                     await self.store.advance_checkpoint(mailbox_id, folder, after)
                 else:
