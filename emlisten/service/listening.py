@@ -338,9 +338,15 @@ class MailboxSupervisor:
         self.mailbox = mailbox
         self.reported_unavailable = False
         self.refresh_requested_at: float | None = None
+        self._written: tuple[MailboxState, str | None] | None = None
         self.delivered = 0
 
     async def _set_state(self, state: MailboxState, error: str | None = None) -> None:
+        # The same state again (a retry failing the same way): no write, so "since" stays the
+        # time the mailbox entered the state, and the store is not written on every retry.
+        if (state, error) == self._written:
+            return
+        self._written = (state, error)
         self.m.local_states[self.mailbox.id] = state.value
         status = MailboxStatus(state, last_error=error, updated_at=time.time(), node=self.m.settings.node_id)
         await self.m.store.set_status(self.mailbox.id, status)
