@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         if cause is None:
             raise
         log.error(
-            "%s: %s", "configuration error" if isinstance(cause, ConfigError) else "cannot start", cause
+            "%s: %s", "configuration error" if isinstance(cause, ConfigError) else "stopped", cause
         )
         return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_UNAVAILABLE
     return EXIT_OK

@@ -101,17 +101,35 @@ class MailboxManager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with self.store.changes() as changes, trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                # Subscribed to changes before the first claim, so nothing falls in between.
-                await self._renew()
-                await self._balance()
-                log.info("owning %d mailbox(es)", len(self._owned))
-                task_status.started()
-                nursery.start_soon(self._renew_loop)
-                nursery.start_soon(self._balance_loop)
-                async for mailbox_id in changes:
-                    await self._on_change(mailbox_id)
+                retry = Retry(self.settings.reconnect_backoff)
+                started = False
+                while True:
+                    try:
+                        # Subscribed before claiming or re-reading, so nothing falls in between.
+                        async with self.store.changes() as feed:
+                            if not started:
+                                await self._renew()
+                                await self._balance()
+                                log.info("owning %d mailbox(es)", len(self._owned))
+                                task_status.started()
+                                nursery.start_soon(self._renew_loop)
+                                nursery.start_soon(self._balance_loop)
+                                started = True
+                            else:
+                                await self._resync()  # what changed while the feed was down
+                                log.info("change feed restored")
+                            retry.reset()
+                            async for mailbox_id in feed:
+                                await self._on_change(mailbox_id)
+                    except StoreError as exc:
+                        if not started:
+                            raise  # the store is unreachable at start-up: exit with the cause
+                        # A store outage must not end the process: the leases decide whether
+                        # we may keep listening (see _renew_loop); the feed is re-established.
+                        log.warning("change feed lost, re-subscribing: %s", exc)
+                    await trio.sleep(retry.next_delay())
         finally:
             await self._withdraw()
 

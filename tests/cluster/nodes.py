@@ -29,6 +29,9 @@ class Cluster:
     prefix: str = field(default_factory=lambda: f"emlisten-test:{uuid.uuid4().hex}:")
     queue: str = field(default_factory=lambda: f"emlisten-test.{uuid.uuid4().hex}")
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
+    #: Where the nodes reach Redis and RabbitMQ (a test may point them at fault proxies).
+    redis_url: str = REDIS_URL
+    amqp_url: str = AMQP_URL
 
     def env(self, node_id: str, role: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMLISTEN_")}
@@ -36,9 +39,9 @@ class Cluster:
             {
                 "EMLISTEN_NODE_ID": node_id,
                 "EMLISTEN_ROLE": role,
-                "EMLISTEN_REDIS_URL": REDIS_URL,
+                "EMLISTEN_REDIS_URL": self.redis_url,
                 "EMLISTEN_REDIS_PREFIX": self.prefix,
-                "EMLISTEN_AMQP_URL": AMQP_URL,
+                "EMLISTEN_AMQP_URL": self.amqp_url,
                 "EMLISTEN_AMQP_QUEUE": self.queue,
                 "EMLISTEN_SECRET_KEY": "cluster-test-key",
                 "EMLISTEN_TLS_CA_FILE": str(self.dovecot.ca_file),
@@ -98,6 +101,10 @@ class NodeProcess:
                 break
             time.sleep(0.05)
         raise AssertionError(f"node {self.node_id} did not start:\n{self.log_text()[-3000:]}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

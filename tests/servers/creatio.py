@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -88,6 +88,31 @@ class _Failure:
     remaining: int
 
 
+#: Recorded as the status of a held request whose client went away before ``release()``
+#: (nginx's "client closed request"): Creatio never processed it, so it is not accepted.
+CLIENT_GONE = 499
+
+
+@dataclass
+class HeldRequest:
+    """A request ``hold_next`` stopped before it was processed."""
+
+    method: str
+    body: Any
+    received_at: float
+
+    @property
+    def mailbox_id(self) -> str | None:
+        return mailbox_id_of(self.body)
+
+
+@dataclass
+class _Hold:
+    method: str
+    request: HeldRequest | None = None
+    released: trio.Event = field(default_factory=trio.Event)
+
+
 class CreatioStandIn:
     """Serve with ``await nursery.start(standin.serve)``; then give emlisten ``endpoint()``."""
 
@@ -98,6 +123,7 @@ class CreatioStandIn:
         self._fail_next: dict[str, list[_Failure]] = {}
         self._fail_mailbox: dict[str, int] = {}
         self._changed = trio.Event()
+        self._holds: list[_Hold] = []
 
     # -- server ----------------------------------------------------------------------------
 
@@ -160,7 +186,8 @@ class CreatioStandIn:
         path: str = scope["path"]
         method = path.rsplit("/", 1)[-1]
         known = path.startswith(SERVICE_PATH) and scope["method"] == "POST"
-        status = self._status_for(method, body) if known else 404
+        client_gone = known and await self._hold_if_asked(method, body, received_at, receive)
+        status = CLIENT_GONE if client_gone else (self._status_for(method, body) if known else 404)
         call = RecordedCall(
             method=method,
             path=path,
@@ -172,8 +199,9 @@ class CreatioStandIn:
             status=status,
         )
         self._calls.append(call)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._notify()
+        if client_gone:
+            return  # nobody to answer
         payload = b"" if call.accepted else json.dumps({"Message": f"stand-in answered {status}"}).encode()
         await send(
             {
@@ -186,6 +214,36 @@ class CreatioStandIn:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _hold_if_asked(self, method: str, body: Any, received_at: float, receive: Receive) -> bool:
+        """Hold this request if ``hold_next(method)`` asked for it, until ``release()``.
+        Returns True when the client disconnected while held (the request was never processed)."""
+
+        hold = next((h for h in self._holds if h.method == method and h.request is None), None)
+        if hold is None:
+            return False
+        hold.request = HeldRequest(method, body, received_at)
+        self._notify()
+        client_gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                nonlocal client_gone
+                # The body is complete: the next message can only be http.disconnect.
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                client_gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            await hold.released.wait()
+            nursery.cancel_scope.cancel()
+        self._holds.remove(hold)
+        return client_gone
 
     def _status_for(self, method: str, body: Any) -> int:
         pending = self._fail_next.get(method)
@@ -220,6 +278,36 @@ class CreatioStandIn:
     def clear_failures(self) -> None:
         self._fail_next.clear()
         self._fail_mailbox.clear()
+
+    # -- holding a request -----------------------------------------------------------------
+
+    def hold_next(self, method: str = "ProcessFullEmail") -> None:
+        """Make the next call of ``method`` wait, before it is processed or recorded, until
+        ``release()``. If its client disconnects meanwhile, it is recorded with status 499
+        (``CLIENT_GONE``, not accepted): a request aborted before Creatio processed it.
+        Several holds queue up, one request each."""
+        self._holds.append(_Hold(method))
+
+    def release(self) -> None:
+        """Let every held request (and every pending hold) go: they are processed normally,
+        unless their client has gone."""
+        for hold in list(self._holds):
+            hold.released.set()
+            if hold.request is None:
+                self._holds.remove(hold)
+
+    def held(self) -> list[HeldRequest]:
+        """The requests waiting for ``release()`` now."""
+        return [h.request for h in self._holds if h.request is not None and not h.released.is_set()]
+
+    async def wait_held(self, timeout: float = 10.0) -> HeldRequest:
+        """Wait until a request is held; returns the first one."""
+
+        def check() -> HeldRequest | None:
+            held = self.held()
+            return held[0] if held else None
+
+        return await self.wait_until(check, timeout, "a held request")
 
     # -- what was received -----------------------------------------------------------------
 

@@ -1,0 +1,156 @@
+"""A fault-injecting TCP proxy: pure bytes forwarding from a free loopback port to a target.
+
+Serve with ``await nursery.start(proxy.serve)`` and point the client at ``proxy.port``. Faults:
+
+- ``cut()``: every open connection is reset at once, in both directions (RST, no FIN), as when
+  a network path dies or the server crashes; new connections are accepted as before.
+- ``block()``: until ``unblock()``, new connections are reset as soon as they arrive (the
+  client sees "connection reset") and the open ones are cut.
+
+Counters (``accepted``, ``refused``, ``cuts``, ``open_count``) and ``wait_accepted`` let a
+test see the clients reconnect without sleeping.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import trio
+
+_CHUNK = 64 * 1024
+
+
+@dataclass(eq=False)
+class _Link:
+    client: trio.SocketStream
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    upstream: trio.SocketStream | None = None
+    cut: bool = False
+
+
+def _reset_on_close(stream: trio.SocketStream) -> None:
+    # SO_LINGER with a zero timeout: close() sends RST instead of FIN (an abrupt end).
+    with suppress(OSError):  # already closed
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class FaultProxy:
+    """One listening port forwarding to ``target_host:target_port``."""
+
+    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.host = host
+        self.port = 0  # known once serve() has started
+        self.accepted = 0  # connections forwarded (or attempted to be) since start
+        self.refused = 0  # connections reset on arrival while blocked
+        self.cuts = 0  # connections reset by cut() or block()
+        self._links: set[_Link] = set()
+        self._blocked = False
+        self._changed = trio.Event()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._links)
+
+    @property
+    def blocked(self) -> bool:
+        return self._blocked
+
+    def url(self, scheme: str, userinfo: str = "", path: str = "") -> str:
+        """``scheme://[userinfo@]127.0.0.1:port[path]`` for a client to connect through the proxy."""
+        at = f"{userinfo}@" if userinfo else ""
+        return f"{scheme}://{at}{self.host}:{self.port}{path}"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and forward until cancelled; ``started()`` once the port listens."""
+        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+        finally:
+            self.cut()
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    def cut(self) -> int:
+        """Reset every open connection now (both sides). Returns how many were cut."""
+        links = list(self._links)
+        for link in links:
+            link.cut = True
+            link.scope.cancel()
+        self.cuts += len(links)
+        return len(links)
+
+    def block(self) -> int:
+        """Reset new connections on arrival until ``unblock()``; cut the open ones."""
+        self._blocked = True
+        return self.cut()
+
+    def unblock(self) -> None:
+        self._blocked = False
+
+    # -- observing -------------------------------------------------------------------------------
+
+    async def wait_accepted(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``accepted`` reaches ``count`` (e.g. the clients reconnected)."""
+        with trio.move_on_after(timeout):
+            while self.accepted < count:
+                await self._changed.wait()
+            return
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {count} connections through the proxy to "
+            f"{self.target_host}:{self.target_port} (accepted {self.accepted}, refused {self.refused})"
+        )
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self._blocked:
+            self.refused += 1
+            self._notify()
+            _reset_on_close(client)
+            await trio.aclose_forcefully(client)
+            return
+        self.accepted += 1
+        self._notify()
+        link = _Link(client)
+        self._links.add(link)
+        try:
+            with link.scope:
+                try:
+                    link.upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
+                except OSError:
+                    link.cut = True  # the target is down: the client sees a reset, as it would
+                    return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, client, link.upstream, link)
+                    nursery.start_soon(self._pump, link.upstream, client, link)
+        finally:
+            self._links.discard(link)
+            for stream in (client, link.upstream):
+                if stream is not None:
+                    if link.cut:
+                        _reset_on_close(stream)
+                    await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, link: _Link) -> None:
+        try:
+            while data := await source.receive_some(_CHUNK):
+                await sink.send_all(data)
+            # A clean half-close travels on; the other direction keeps flowing.
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # One side broke: end the whole link abruptly, as a real path failure would.
+            link.cut = True
+            link.scope.cancel()
