@@ -49,6 +49,10 @@ service imap-login {
 }
 service imap-hibernate {
   vsz_limit = 2G
+  # A hibernated session holds two descriptors there (client socket, notify fd). With one
+  # process for 10,000 sessions it reached the 20,000 open-files limit and refused to hibernate
+  # some; 4,000 per process keeps each well under it (more processes start as needed).
+  client_limit = 4000
 }
 service auth {
   client_limit = 20000

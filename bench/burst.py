@@ -1,13 +1,22 @@
 """Scenario ``burst``: how fast a backlog drains, and that nothing is lost or doubled.
 
 APPEND runs at only some hundreds of mails per second on one machine (Dovecot writes and fsyncs
-each one), slower than the rate to measure. So the emlisten process is frozen (SIGSTOP) while M
-mails of about 5 KB are appended over the N listening mailboxes (parallel APPEND connections);
-Dovecot's EXISTS notifications wait in the sockets. Then SIGCONT, and:
+each one), slower than the rate to measure. So emlisten is frozen (SIGSTOP) while M mails of
+about 5 KB are appended over the N listening mailboxes (parallel APPEND connections); Dovecot's
+EXISTS notifications wait in the sockets. Then SIGCONT, and:
 
 - drain rate = mails delivered / (last callback received - SIGCONT);
 - lost = expected - distinct mails delivered (must be 0);
 - duplicated = deliveries of an Email.Id already delivered (must be 0).
+
+Topologies (``--topology``):
+
+- ``all`` (default): one ``--role=all`` process with the in-memory store and queue;
+- ``primary+secondary`` (``--cluster``): one ``--role=primary`` process (IDLE, publishes the
+  fetch tasks) and one ``--role=secondary`` process (fetches and calls back) on the real Redis
+  and RabbitMQ, with a key prefix and queue of the run's own, deleted at the end. BOTH processes
+  are frozen and thawed together. The lease TTL is raised (``--lease-ttl``, default 60 s) so
+  that the freeze does not let the primary's leases lapse: that would be a failover, not a burst.
 """
 
 from __future__ import annotations
@@ -15,15 +24,20 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import trio
 
 from bench._harness import (
     BenchError,
     CallbackIndex,
+    ClusterStack,
+    EmlistenProcess,
     Progress,
     Result,
+    add_cluster_arguments,
     add_common_arguments,
     bench_dovecot,
     bench_message,
@@ -31,18 +45,22 @@ from bench._harness import (
     common_params,
     connect_appenders,
     create_users,
+    open_cluster,
     open_stack,
     prepare_mailboxes,
     say,
 )
 from bench._rawimap import RawImap
+from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
 
 TARGET_MAILS_PER_SECOND = 1000.0
+TOPOLOGIES = ("all", "primary+secondary")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, mailboxes=100)
+    add_cluster_arguments(parser)
     parser.add_argument("--mails", type=int, default=2000, help="mails in the burst (default 2000)")
     parser.add_argument("--size", type=int, default=5000, help="approximate bytes per mail (default 5000)")
     parser.add_argument("--parallel", type=int, default=8, help="concurrent APPEND connections (default 8)")
@@ -52,12 +70,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="give up when no callback arrived for this long (default 30)",
     )
+    parser.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="all",
+        help="'all': one --role=all process (default); 'primary+secondary': a primary and a "
+        "secondary on Redis + RabbitMQ",
+    )
+    parser.add_argument(
+        "--cluster",
+        dest="topology",
+        action="store_const",
+        const="primary+secondary",
+        help="the same as --topology primary+secondary",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=60.0,
+        help="EMLISTEN_LEASE_TTL_SECONDS for primary+secondary, renewal a third of it (default 60: "
+        "longer than the freeze, so no lease lapses while the nodes are stopped)",
+    )
 
 
 def run(args: argparse.Namespace) -> Result:
     with bench_dovecot(args) as dovecot:
         users = create_users(dovecot, args.mailboxes)
-        return trio.run(_measure, args, dovecot, users)
+        measure = _measure_cluster if args.topology == "primary+secondary" else _measure_all
+        return trio.run(measure, args, dovecot, users)
 
 
 async def _append_all(
@@ -83,56 +123,89 @@ async def _append_all(
     progress.close(done)
 
 
-async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        **common_params(args),
+        "topology": args.topology,
+        "mails": args.mails,
+        "size_bytes": args.size,
+        "parallel_appends": args.parallel,
+    }
+
+
+async def _freeze_append_thaw(
+    processes: Mapping[str, EmlistenProcess],
+    standin: CreatioStandIn,
+    appenders: Sequence[RawImap],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Freeze every process, append the backlog, thaw them all, wait for the drain. Returns the
+    raw figures (shared by every topology)."""
     m = args.mails
     run_tag = uuid.uuid4().hex[:8]
-    result = Result(
-        "burst",
-        {**common_params(args), "mails": m, "size_bytes": args.size, "parallel_appends": args.parallel},
-    )
-    await prepare_mailboxes(dovecot, users)
-    async with open_stack(args, dovecot) as stack:
-        await stack.start_listening(users)
-        appenders = await connect_appenders(stack, users)
-        index = CallbackIndex(stack.standin, run_tag)
-        say("freezing emlisten (SIGSTOP)")
-        stack.emlisten.freeze()
-        try:
-            append_started = time.monotonic()
-            await _append_all(appenders, run_tag, m, args.size, args.parallel)
-            append_seconds = time.monotonic() - append_started
-            # Dovecot notifies IDLE sessions asynchronously (and un-hibernates them first).
-            await trio.sleep(1.0)
-            index.update()
-            if index.first_seen:
-                raise BenchError("callbacks arrived while emlisten was frozen: the freeze did not hold")
-            cpu_before = stack.emlisten.cpu_seconds()
-        finally:
-            stack.emlisten.thaw()
-        thawed_at = time.monotonic()
-        say("thawed emlisten (SIGCONT)")
-        complete = await index.wait_for(m, args.stall_timeout, "delivered")
-        cpu_used = stack.emlisten.cpu_seconds() - cpu_before
-        await close_all(appenders)
-
+    index = CallbackIndex(standin, run_tag)
+    names = ", ".join(f"{name} (pid {p.pid})" for name, p in processes.items())
+    say(f"freezing {names} (SIGSTOP)")
+    frozen_at = time.monotonic()
+    for process in processes.values():
+        process.freeze()
+    try:
+        append_started = time.monotonic()
+        await _append_all(appenders, run_tag, m, args.size, args.parallel)
+        append_seconds = time.monotonic() - append_started
+        # Dovecot notifies IDLE sessions asynchronously (and un-hibernates them first).
+        await trio.sleep(1.0)
+        index.update()
+        if index.first_seen:
+            raise BenchError("callbacks arrived while emlisten was frozen: the freeze did not hold")
+        cpu_before = {name: p.cpu_seconds() for name, p in processes.items()}
+    finally:
+        for process in processes.values():
+            process.thaw()
+    thawed_at = time.monotonic()
+    say(f"thawed {', '.join(processes)} (SIGCONT) after {thawed_at - frozen_at:.1f} s")
+    complete = await index.wait_for(m, args.stall_timeout, "delivered")
+    cpu_used = {name: p.cpu_seconds() - cpu_before[name] for name, p in processes.items()}
     delivered = len(index.first_seen)
     drain_seconds = index.last_received - thawed_at if delivered else 0.0
+    return {
+        "frozen_seconds": thawed_at - frozen_at,
+        "append_seconds": append_seconds,
+        "drain_seconds": drain_seconds,
+        "delivered": delivered,
+        "duplicated": index.duplicated,
+        "callbacks": index.calls,
+        "emails": index.emails,
+        "cpu_used": cpu_used,
+        "complete": complete,
+    }
+
+
+def _report(result: Result, raw: Mapping[str, Any], mails: int) -> None:
+    """Metrics and table rows from :func:`_freeze_append_thaw`'s figures."""
+    delivered, drain_seconds = raw["delivered"], raw["drain_seconds"]
     rate = delivered / drain_seconds if drain_seconds > 0 else 0.0
-    lost = m - delivered
+    lost = mails - delivered
+    cpu_used: dict[str, float] = raw["cpu_used"]
+    cpu_total = sum(cpu_used.values())
+    calls, emails = raw["callbacks"], raw["emails"]
+    per_call = round(emails / calls, 2) if calls else None
     result.metrics.update(
         {
-            "append_seconds": round(append_seconds, 3),
-            "append_rate_per_second": round(m / append_seconds, 1),
+            "frozen_seconds": round(raw["frozen_seconds"], 3),
+            "append_seconds": round(raw["append_seconds"], 3),
+            "append_rate_per_second": round(mails / raw["append_seconds"], 1),
             "drain_seconds": round(drain_seconds, 3),
             "drain_rate_per_second": round(rate, 1),
             "delivered": delivered,
             "lost": lost,
-            "duplicated": index.duplicated,
-            "callbacks": index.calls,
-            "emails_per_callback": round(index.emails / index.calls, 2) if index.calls else None,
-            "emlisten_cpu_seconds_during_drain": round(cpu_used, 3),
-            "emlisten_cpu_ms_per_mail": round(1000 * cpu_used / delivered, 3) if delivered else None,
-            "complete": complete,
+            "duplicated": raw["duplicated"],
+            "callbacks": calls,
+            "emails_per_callback": per_call,
+            "emlisten_cpu_seconds_during_drain": round(cpu_total, 3),
+            "emlisten_cpu_seconds_during_drain_per_process": {k: round(v, 3) for k, v in cpu_used.items()},
+            "emlisten_cpu_ms_per_mail": round(1000 * cpu_total / delivered, 3) if delivered else None,
+            "complete": raw["complete"],
         }
     )
     result.row(
@@ -142,13 +215,13 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         rate >= TARGET_MAILS_PER_SECOND,
     )
     result.row("lost", str(lost), "0", lost == 0)
-    result.row("duplicated", str(index.duplicated), "0", index.duplicated == 0)
-    result.row("callbacks / emails per callback", f"{index.calls} / {result.metrics['emails_per_callback']}")
-    result.row(
-        "emlisten CPU per mail during the drain",
-        f"{1000 * cpu_used / delivered:.2f} ms" if delivered else "-",
-    )
-    result.row("APPEND rate while frozen (for reference)", f"{m / append_seconds:.0f} mails/s")
+    result.row("duplicated", str(raw["duplicated"]), "0", raw["duplicated"] == 0)
+    result.row("callbacks / emails per callback", f"{calls} / {per_call}")
+    per_mail = f"{1000 * cpu_total / delivered:.2f} ms" if delivered else "-"
+    if len(cpu_used) > 1:
+        per_mail += " (" + ", ".join(f"{k} {v:.2f} s" for k, v in cpu_used.items()) + ")"
+    result.row("emlisten CPU per mail during the drain", per_mail)
+    result.row("APPEND rate while frozen (for reference)", f"{mails / raw['append_seconds']:.0f} mails/s")
     result.notes.append(
         "APPEND itself runs at only some hundreds of mails/s on this machine, below the rate to "
         "measure, so emlisten is frozen (SIGSTOP) while the backlog is appended and thawed (SIGCONT) "
@@ -157,4 +230,95 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     result.notes.append(
         "The stand-in receiving the callbacks and Dovecot share the machine's 2 cores with emlisten."
     )
+
+
+async def _measure_all(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
+    result = Result("burst", _params(args))
+    await prepare_mailboxes(dovecot, users)
+    async with open_stack(args, dovecot) as stack:
+        await stack.start_listening(users)
+        appenders = await connect_appenders(stack, users)
+        try:
+            raw = await _freeze_append_thaw({"emlisten": stack.emlisten}, stack.standin, appenders, args)
+        finally:
+            await close_all(appenders)
+    _report(result, raw, args.mails)
+    return result
+
+
+async def _wait_listening(cluster: ClusterStack, via: str, ids: Sequence[str], within: float) -> float:
+    """Until every mailbox's last status is ``listening`` and the primary holds an IDLE
+    connection for each. Returns the seconds waited."""
+    primary = cluster.names("primary")[0]
+    started = time.monotonic()
+    progress = Progress("listening", len(ids))
+    listening = 0
+    with trio.move_on_after(within):
+        while True:
+            items = await cluster.mailboxes(via)
+            listening = sum(1 for m in items if m.get("state") == "listening" and m.get("node") == primary)
+            progress.update(listening)
+            connections = cluster.nodes[primary].connections_to(cluster.mail_ports)
+            if listening >= len(ids) and connections >= len(ids):
+                progress.close(listening)
+                return time.monotonic() - started
+            await trio.sleep(0.2)
+    progress.close(listening, "timed out")
+    raise BenchError(f"only {listening}/{len(ids)} listening after {within:.0f}s; logs in {cluster.log_dir}")
+
+
+async def _measure_cluster(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
+    ttl = args.lease_ttl
+    renew = ttl / 3
+    result = Result("burst", {**_params(args), "lease_ttl_s": ttl, "lease_renew_s": round(renew, 3)})
+    env = {
+        # As role=all runs it: a node's INFO lines per mailbox are not part of the figure.
+        "EMLISTEN_LOG_LEVEL": "WARNING",
+        "EMLISTEN_LEASE_TTL_SECONDS": f"{ttl:g}",
+        "EMLISTEN_LEASE_RENEW_SECONDS": f"{renew:g}",
+    }
+    await prepare_mailboxes(dovecot, users)
+    async with open_cluster(args, dovecot, primaries=1, secondaries=1, env=env) as cluster:
+        result.params["backends"] = cluster.backends.describe()
+        credentials = [cluster.credentials(u) for u in users]
+        ids = [c["Id"] for c in credentials]
+        primary, secondary = cluster.names("primary")[0], cluster.names("secondary")[0]
+        started = time.monotonic()
+        await cluster.register(credentials, via=primary)
+        await _wait_listening(cluster, secondary, ids, args.listen_timeout or max(120.0, len(ids) * 0.3))
+        cold_start = time.monotonic() - started
+        appenders = await connect_appenders(cluster, users)
+        try:
+            raw = await _freeze_append_thaw(cluster.nodes, cluster.standin, appenders, args)
+        finally:
+            await close_all(appenders)
+        if raw["frozen_seconds"] >= ttl:
+            result.notes.append(
+                f"the nodes were frozen {raw['frozen_seconds']:.1f} s, longer than the lease TTL "
+                f"({ttl:g} s): leases may have lapsed during the run (raise --lease-ttl)"
+            )
+        owners = Counter(m.get("node") for m in await cluster.mailboxes(secondary))
+        problems = {name: node.log_problems() for name, node in cluster.nodes.items()}
+        log_dir = cluster.log_dir
+    _report(result, raw, args.mails)
+    result.metrics.update(
+        {
+            "cold_start_seconds": round(cold_start, 3),
+            "lease_holders_after": {str(k): v for k, v in owners.items()},
+            "log_problem_lines": problems,
+            "clean_up": cluster.clean_up_outcome,
+        }
+    )
+    result.row("cold start: register (through the primary) -> all listening", f"{cold_start:.2f} s")
+    result.notes.insert(
+        0,
+        f"primary + secondary (--role=primary, --role=secondary) on Redis + RabbitMQ (own key prefix "
+        f"and queue, deleted afterwards); both processes frozen and thawed together; "
+        f"EMLISTEN_LEASE_TTL_SECONDS={ttl:g} (renew {renew:g}) so no lease lapses while frozen.",
+    )
+    if any(problems.values()):
+        result.notes.append(
+            "warning/error lines in the node logs: " + ", ".join(f"{k} {v}" for k, v in problems.items())
+        )
+    result.notes.append(f"node logs: {log_dir}")
     return result

@@ -81,6 +81,41 @@ def test_burst_scenario(tmp_path: Path) -> None:
     assert metrics["delivered"] == 20
     assert metrics["lost"] == 0 and metrics["duplicated"] == 0
     assert metrics["drain_rate_per_second"] > 0
+    assert result["params"]["topology"] == "all"
+    assert set(metrics["emlisten_cpu_seconds_during_drain_per_process"]) == {"emlisten"}
+
+
+@pytest.mark.dovecot
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+def test_burst_scenario_primary_and_secondary(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        "burst",
+        "--cluster",
+        "--mailboxes",
+        "2",
+        "--mails",
+        "20",
+        "--plain",
+        "--size",
+        "2000",
+        *FAST,
+        timeout=120,
+    )
+    assert result["params"]["topology"] == "primary+secondary"
+    metrics = result["metrics"]
+    assert metrics["delivered"] == 20
+    assert metrics["lost"] == 0 and metrics["duplicated"] == 0
+    assert metrics["drain_rate_per_second"] > 0
+    assert metrics["callbacks"] >= 1 and metrics["emails_per_callback"] > 0
+    # Both processes were frozen and measured; the run's Redis keys and queues are gone.
+    assert set(metrics["emlisten_cpu_seconds_during_drain_per_process"]) == {"p1", "s1"}
+    assert metrics["lease_holders_after"] == {"p1": 2}
+    clean_up = metrics["clean_up"]
+    assert clean_up["redis_keys_deleted"] > 0 and clean_up["redis_keys_left"] == 0
+    assert len(clean_up["queues_deleted"]) == 2
+    assert "guest:guest" not in json.dumps(result)
 
 
 @pytest.mark.dovecot
