@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 from quart import Blueprint
@@ -48,6 +49,8 @@ from emlisten.sink.creatio import CreatioSink
 from emlisten.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=MailSource)
 
 
 @dataclass
@@ -190,8 +193,8 @@ async def _run(
     readers = ReaderPool(adapters.source, idle_seconds=settings.reader_idle_seconds)
     worker = DeliveryWorker(settings, adapters.store, adapters.queue, readers, adapters.sink, metrics=metrics)
     history = HistoryLoads(settings, adapters.store, adapters.source, adapters.sink)
-    imap = adapters.source.sources.get("imap") if isinstance(adapters.source, RoutingSource) else None
-    if isinstance(imap, ImapSource):
+    imap = _source_of(adapters, "imap", ImapSource)
+    if imap is not None:
         commands = metrics.imap_commands
         imap.command_observer = lambda command, outcome: commands.labels(command, outcome).inc()
     depth = getattr(adapters.queue, "depth", None)
@@ -276,13 +279,8 @@ def _feature_blueprints(
     from emlisten.sender.router import ProtocolSender
     from emlisten.sender.smtp import SmtpSender
 
-    source = adapters.source
-    sources = source.sources if isinstance(source, RoutingSource) else {}
-    if isinstance(source, RoutingSource):
-        source = source.sources.get("imap", source)
-    imap = source if isinstance(source, ImapSource) else None
-    ews = sources.get("ews")
-    ews = ews if isinstance(ews, EwsSource) else None
+    imap = _source_of(adapters, "imap", ImapSource)
+    ews = _source_of(adapters, "ews", EwsSource)
     graph_source = next(iter(graph_sources(adapters.source)), None)
     # Each mailbox sends through its own protocol: SMTP, EWS CreateItem or Graph /sendMail.
     sender = ProtocolSender(
@@ -300,6 +298,14 @@ def _feature_blueprints(
         send_blueprint(lambda: sender),
         *(graph_blueprint(graph, adapters.queue.publish) for graph in graph_sources(adapters.source)),
     ]
+
+
+def _source_of(adapters: Adapters, protocol: str, kind: type[S]) -> S | None:
+    """The mail source serving ``protocol``, when it is of the expected kind."""
+    source = adapters.source
+    if isinstance(source, RoutingSource):
+        source = source.sources.get(protocol, source)
+    return source if isinstance(source, kind) else None
 
 
 async def _run_front(
