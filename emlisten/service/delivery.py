@@ -66,7 +66,6 @@ class DeliveryWorker:
         self._intake = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
-        self.delivered_total = 0
 
     @property
     def busy(self) -> int:
@@ -310,7 +309,6 @@ class DeliveryWorker:
         with trio.CancelScope(shield=True):
             await self.store.advance_checkpoint(mailbox.id, folder, checkpoint)
             await self.store.add_delivered(mailbox.id, len(batch))
-        self.delivered_total += len(batch)
         log.info(
             "delivered %d email(s), uid %d..%d",
             len(batch),

@@ -357,7 +357,6 @@ class MailboxSupervisor:
         self.reported_unavailable = False
         self.refresh_requested_at: float | None = None
         self._written: tuple[MailboxState, str | None] | None = None
-        self.delivered = 0
 
     async def _set_state(self, state: MailboxState, error: str | None = None) -> None:
         # The same state again (a retry failing the same way): no write, so "since" stays the

@@ -112,9 +112,6 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
     return sources
 
 
-# Kept for callers (tests, bench) that build the single-process adapters up front.
-build_adapters = build_local_adapters
-
 
 @asynccontextmanager
 async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:

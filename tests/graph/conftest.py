@@ -15,7 +15,7 @@ from emlisten.config import Settings
 from emlisten.mail.graph import AppCredentials, GraphSettings, GraphSource
 from emlisten.models import MailboxConfig, MailboxState, Security, ServerEndpoint
 from emlisten.service.listeners import StoreListenerControl
-from emlisten.service.node import Adapters, build_adapters, run_node
+from emlisten.service.node import Adapters, build_local_adapters, run_node
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.graph import GraphSimulator
@@ -106,7 +106,7 @@ async def start_graph_service(
     **setting_changes: Any,
 ) -> GraphService:
     settings = graph_test_settings(**setting_changes)
-    adapters = build_adapters(settings)
+    adapters = build_local_adapters(settings)
     source = GraphSource(
         secret_key=settings.secret_key,
         app_credentials=app_credentials,

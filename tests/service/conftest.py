@@ -15,7 +15,7 @@ import trio
 
 from emlisten.config import Settings
 from emlisten.models import MailboxState
-from emlisten.service.node import Adapters, build_adapters, run_node
+from emlisten.service.node import Adapters, build_local_adapters, run_node
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
 
@@ -95,7 +95,7 @@ async def running_service(
     dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, **changes: Any
 ) -> AsyncIterator[RunningService]:
     settings = fast_settings(dovecot, **changes)
-    adapters = build_adapters(settings)
+    adapters = build_local_adapters(settings)
     shutdown = trio.Event()
 
     async def run(task_status: trio.TaskStatus[int]) -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 import trio
 
 from emlisten.models import MailboxState
-from emlisten.service.node import Adapters, build_adapters, run_node
+from emlisten.service.node import Adapters, build_local_adapters, run_node
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot
 from tests.service.conftest import RunningService, fast_settings
@@ -23,12 +23,12 @@ async def wait_for(predicate, timeout: float = 15) -> None:  # type: ignore[no-u
 async def test_nodes_share_mailboxes_and_take_over(
     dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
 ) -> None:
-    shared = build_adapters(fast_settings(dovecot))
+    shared = build_local_adapters(fast_settings(dovecot))
     nodes = {}
     for name in ("n1", "n2", "n3"):
         settings = fast_settings(dovecot, node_id=name, lease_ttl_seconds=1.0, lease_renew_seconds=0.2)
         scope = trio.CancelScope()
-        own = build_adapters(settings)  # each node has its own connections, as separate processes do
+        own = build_local_adapters(settings)  # each node has its own connections, as separate processes do
         adapters = Adapters(shared.store, shared.queue, own.source, own.sink)
 
         async def run(  # type: ignore[no-untyped-def]

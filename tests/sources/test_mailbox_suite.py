@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from emlisten.models import MailboxState
-from emlisten.service.node import build_adapters, run_node
+from emlisten.service.node import build_local_adapters, run_node
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot
 from tests.service.conftest import fast_settings
@@ -43,7 +43,7 @@ async def api(
     dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery
 ) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
     settings = fast_settings(dovecot)
-    adapters = build_adapters(settings)
+    adapters = build_local_adapters(settings)
     shutdown = trio.Event()
 
     async def run(task_status: trio.TaskStatus[int]) -> None:
