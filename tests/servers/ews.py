@@ -21,6 +21,9 @@ Exchange, failures included:
   makes subscriptions vanish (``ErrorSubscriptionNotFound`` on the open stream and on every later
   request naming them; their events are lost); ``throttle`` answers ``ErrorServerBusy`` faults
   with ``BackOffMilliseconds`` and keeps answering busy until the back-off has passed.
+- Up to 200 ``SubscriptionIds`` per ``GetStreamingEvents`` (more: ``ErrorInvalidRequest`` fault);
+  a subscription is served by its newest response only, and a response left without any ends
+  with ``ConnectionStatus`` Closed.
 - ``SyncFolderItems`` with opaque sync states (a fresh state string on every answer, as Exchange
   does), ``MaxChangesReturned``, ``IncludesLastItemInRange``; ``Create`` and ``Delete`` changes.
 - ``GetItem`` with ``IncludeMimeContent`` (base64) and ``DateTimeReceived``; ``ErrorItemNotFound``.
@@ -38,7 +41,7 @@ Exchange, failures included:
 
 Not simulated: Autodiscover, pull/push subscriptions, FindItem, CreateItem of anything but a MIME
 message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
-mailboxes on one streaming connection from different anchors, the 200-subscription limit,
+mailboxes on one streaming connection from different anchors, HangingConnectionLimit,
 NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
 Every request is logged in ``requests`` (with its trio time) so tests can assert waits.
 """
@@ -71,6 +74,8 @@ from hypercorn.trio import serve
 log = logging.getLogger(__name__)
 
 EWS_PATH = "/EWS/Exchange.asmx"
+#: Subscriptions one GetStreamingEvents request may name (Exchange's documented maximum).
+MAX_SUBSCRIPTIONS_PER_STREAM = 200
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 TYPES_NS = "http://schemas.microsoft.com/exchange/services/2006/types"
 MESSAGES_NS = "http://schemas.microsoft.com/exchange/services/2006/messages"
@@ -323,6 +328,10 @@ class EwsSimulator:
         self.requests: list[EwsRequest] = []
         self._subscriptions: dict[str, _Subscription] = {}
         self._streams: dict[int, _Stream] = {}
+        #: Subscription count of every finished GetStreamingEvents response.
+        self.streams_served: list[int] = []
+        #: Most GetStreamingEvents responses open at once.
+        self.max_open_streams = 0
         self._stream_ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._throttles: dict[str, _Throttle] = {}
@@ -342,6 +351,8 @@ class EwsSimulator:
         config.loglevel = "CRITICAL"
         config.graceful_timeout = 0.1
         config.keep_alive_timeout = 75
+        # Hundreds of listeners may connect at once (the multiplexing tests).
+        config.backlog = 1024
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(self._serve, config)
             self.port = urlsplit(binds[0]).port or 0
@@ -447,6 +458,14 @@ class EwsSimulator:
                     self._streams[stream_id].poke()
         return count
 
+    def expire_subscription(self, subscription_id: str) -> None:
+        """Make one subscription vanish (``ErrorSubscriptionIds`` names only it)."""
+        subscription = self._subscriptions[subscription_id]
+        subscription.expired = True
+        subscription.pending.clear()
+        for stream_id in subscription.streams:
+            self._streams[stream_id].poke()
+
     def throttle(self, address: str, back_off_ms: int, *, count: int = 1) -> None:
         """Answer the next ``count`` requests for ``address`` with ErrorServerBusy, and any request
         that comes before the announced back-off has passed."""
@@ -463,6 +482,23 @@ class EwsSimulator:
             for stream in self._streams.values()
             if any(s.address == address.lower() for s in stream.subscriptions)
         )
+
+    def stream_sizes(self, address: str) -> list[int]:
+        """Subscriptions of ``address`` carried by each open streaming response, largest first."""
+        sizes = [
+            sum(1 for s in stream.subscriptions if s.address == address.lower())
+            for stream in self._streams.values()
+        ]
+        return sorted((n for n in sizes if n), reverse=True)
+
+    def subscription_of_folder(self, address: str, folder_id: str) -> str:
+        """The live subscription id on ``folder_id`` (exactly one expected)."""
+        (found,) = [
+            s.id
+            for s in self._subscriptions.values()
+            if s.address == address.lower() and not s.expired and folder_id in s.folder_ids
+        ]
+        return found
 
     def requests_for(self, address: str, operation: str | None = None) -> list[EwsRequest]:
         return [
@@ -945,6 +981,17 @@ class EwsSimulator:
                 send, 500, _fault("ErrorInvalidArgument", "ConnectionTimeout must be 1..30 minutes.", None)
             )
             return
+        if len(ids) > MAX_SUBSCRIPTIONS_PER_STREAM:
+            await self._xml(
+                send,
+                500,
+                _fault(
+                    "ErrorInvalidRequest",
+                    f"A connection carries at most {MAX_SUBSCRIPTIONS_PER_STREAM} subscriptions.",
+                    None,
+                ),
+            )
+            return
         subscriptions = [self._subscriptions.get(i) for i in ids]
         unknown = [
             i
@@ -967,8 +1014,16 @@ class EwsSimulator:
         stream = _Stream(live)
         stream_id = next(self._stream_ids)
         self._streams[stream_id] = stream
+        self.max_open_streams = max(self.max_open_streams, len(self._streams))
         for subscription in live:
-            subscription.streams.add(stream_id)
+            # A subscription is served by its newest connection only; a connection left with
+            # none ends with ConnectionStatus Closed.
+            for old_id in subscription.streams:
+                old = self._streams.get(old_id)
+                if old is not None and subscription in old.subscriptions:
+                    old.subscriptions.remove(subscription)
+                    old.poke()
+            subscription.streams = {stream_id}
         self._notify_change()
         await send(
             {
@@ -990,6 +1045,7 @@ class EwsSimulator:
                 nursery.cancel_scope.cancel()
         finally:
             del self._streams[stream_id]
+            self.streams_served.append(len(ids))
             for subscription in live:
                 subscription.streams.discard(stream_id)
             self._notify_change()
@@ -1033,6 +1089,9 @@ class EwsSimulator:
                         )
                     )
             now = trio.current_time()
+            if not ended and not stream.subscriptions:
+                envelopes.append(_streaming("<m:ConnectionStatus>Closed</m:ConnectionStatus>"))
+                ended = True
             if not ended and now >= next_keepalive:
                 envelopes.append(_streaming("<m:ConnectionStatus>OK</m:ConnectionStatus>"))
                 next_keepalive = now + self.keepalive_seconds

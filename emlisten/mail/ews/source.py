@@ -19,9 +19,11 @@ Listening (one folder, one ``listen`` call):
    ``MailConnectError``: the mailbox supervisor reconnects with its backoff, and the new
    ``listen`` subscribes again and publishes a catch-up task.
 
-Limitation: one ``GetStreamingEvents`` connection per folder subscription. Exchange allows up to
-200 subscriptions on one connection; grouping them (per server and anchor mailbox) is a
-follow-up.
+Connections: listeners of one group (EWS URL, credentials, impersonated mailbox) share
+``GetStreamingEvents`` connections of up to 200 subscriptions (``_multiplex.StreamingHub``);
+``started()`` comes once the listener's subscription is in an open response. An expired
+subscription re-subscribes alone; a broken connection raises ``MailConnectError`` in every
+listener on it (each then re-subscribes with a catch-up).
 
 Reading: the checkpoint's ``cursor`` is a ``SyncFolderItems`` ``SyncState``. ``fetch_new`` asks
 for at most ``limit`` changes after it, takes the ``Create`` changes, and reads their MIME with
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -63,6 +66,7 @@ from emlisten.errors import (
     MailTokenRejectedError,
 )
 from emlisten.mail.ews import _soap
+from emlisten.mail.ews._multiplex import MAX_SUBSCRIPTIONS_PER_CONNECTION, Member, StreamingHub
 from emlisten.mail.imap._tls import context_for
 from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
 
@@ -111,6 +115,13 @@ class EwsSettings:
     #: ``MaxChangesReturned`` when walking a folder to its current end.
     sync_page_size: int = MAX_SYNC_CHANGES
     server_version: str = _soap.DEFAULT_SERVER_VERSION
+    #: Subscriptions per ``GetStreamingEvents`` connection (Exchange allows 200).
+    subscriptions_per_connection: int = MAX_SUBSCRIPTIONS_PER_CONNECTION
+    #: After a membership change re-issued the request, the old response is still read this long
+    #: once the new one is open (events already on their way are not lost).
+    handover_grace: float = 2.0
+    #: Membership changes within this delay share one re-issued request.
+    settle_delay: float = 0.05
 
 
 class ServerBusyError(MailConnectError):
@@ -148,7 +159,7 @@ class EwsClient:
     Holds the credentials in request headers; it has no repr that could show them.
     """
 
-    __slots__ = ("_bearer", "_headers", "_http", "_impersonate", "settings", "url")
+    __slots__ = ("_bearer", "_headers", "_http", "_impersonate", "auth_identity", "settings", "url")
 
     def __init__(self, http: httpx.AsyncClient, mailbox: MailboxConfig, settings: EwsSettings) -> None:
         if not mailbox.service_url:
@@ -171,6 +182,8 @@ class EwsClient:
         else:
             pair = f"{mailbox.user_name}:{mailbox.password}".encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        #: Groups streaming connections: a digest, so the secret itself is kept nowhere else.
+        self.auth_identity = hashlib.sha256(self._headers["Authorization"].encode()).hexdigest()
 
     @property
     def where(self) -> str:
@@ -243,10 +256,17 @@ class EwsClient:
             raise MailConnectError(f"EWS {self.where} answered HTTP {status}")
         return _soap.parse(content)
 
-    async def stream(self, body: str, on_envelope: Callable[[Element], Awaitable[bool]]) -> bool:
+    async def stream(
+        self,
+        body: str,
+        on_envelope: Callable[[Element], Awaitable[bool]],
+        *,
+        on_open: Callable[[], None] | None = None,
+    ) -> bool:
         """Post a streaming request; ``on_envelope`` is awaited for each envelope of the
-        response, and returns False to stop reading. Returns True when the response ended
-        normally (or ``on_envelope`` stopped it), raises MailConnectError when it was cut."""
+        response, and returns False to stop reading. ``on_open`` is called once the server has
+        answered 200 (the subscriptions are on this connection). Returns True when the response
+        ended normally (or ``on_envelope`` stopped it), raises MailConnectError when it was cut."""
 
         timeout = httpx.Timeout(
             self.settings.request_timeout,
@@ -266,6 +286,8 @@ class EwsClient:
                 if response.status_code != 200:
                     content = await response.aread()
                     return await on_envelope(self._parse_answer(response.status_code, content))
+                if on_open is not None:
+                    on_open()
                 async for chunk in response.aiter_raw():
                     for data in splitter.feed(chunk):
                         if not await on_envelope(_soap.parse(data)):
@@ -279,94 +301,6 @@ class EwsClient:
         if splitter.leftover():
             raise MailConnectError(f"EWS {self.where}: stream cut in the middle of an envelope")
         return True
-
-
-class _Stream:
-    """Reads one subscription's ``GetStreamingEvents`` responses until the subscription is lost."""
-
-    def __init__(
-        self,
-        client: EwsClient,
-        *,
-        mailbox: MailboxConfig,
-        folder: str,
-        subscription: str,
-        on_new_mail: NewMailCallback,
-        timeout_minutes: int,
-    ) -> None:
-        self.client = client
-        self.mailbox = mailbox
-        self.folder = folder
-        self.subscription = subscription
-        self.on_new_mail = on_new_mail
-        self.timeout_minutes = timeout_minutes
-        self.closed = False
-        self.lost = False
-        self.busy_ms: int | None = None
-        self.busy = False
-        #: Any successful envelope since the subscription was made (tells a subscription that
-        #: lapsed after a while from one the server refuses at once).
-        self.saw_success = False
-
-    async def on_envelope(self, root: Element) -> bool:
-        fault = _soap.fault_of(root)
-        if fault is not None:
-            return self._on_error(fault.code, fault.message, fault.back_off_ms, ())
-        for message in _soap.streaming_messages(root):
-            response = message.response
-            if not response.ok:
-                return self._on_error(
-                    response.code, response.message, response.back_off_ms, message.error_subscription_ids
-                )
-            self.saw_success = True
-            if message.new_mail:
-                await self.on_new_mail(
-                    SyncTask(
-                        mailbox_id=self.mailbox.id,
-                        folder=self.folder,
-                        uidvalidity=EWS_UIDVALIDITY,
-                        reason="exists",
-                    )
-                )
-            if message.connection_status == "Closed":
-                self.closed = True
-                return False
-        return True
-
-    def _on_error(self, code: str, message: str, back_off_ms: int | None, error_ids: Sequence[str]) -> bool:
-        if code in _SUBSCRIPTION_GONE or self.subscription in error_ids:
-            log.info(
-                "EWS subscription lost (%s): subscribing again",
-                code,
-                extra={"mailbox": self.mailbox.id, "folder": self.folder},
-            )
-            self.lost = True
-            return False
-        if code == "ErrorServerBusy":
-            self.busy = True
-            self.busy_ms = back_off_ms
-            return False
-        raise self.client._error(code, message)
-
-    async def run(self) -> None:
-        """Returns when the subscription is lost (the caller subscribes again)."""
-        busy_in_a_row = 0
-        request = _soap.get_streaming_events([self.subscription], self.timeout_minutes)
-        while True:
-            self.closed = self.lost = self.busy = False
-            await self.client.stream(request, self.on_envelope)
-            if self.lost:
-                return
-            if self.busy:
-                busy_in_a_row += 1
-                await self.client.back_off(self.busy_ms, busy_in_a_row)
-                continue
-            busy_in_a_row = 0
-            if not self.closed:
-                raise MailConnectError(
-                    f"EWS {self.client.where}: stream ended without ConnectionStatus Closed"
-                )
-            # ConnectionTimeout reached: re-issue at once (the subscription lives on).
 
 
 class EwsSource(MailSource):
@@ -387,9 +321,13 @@ class EwsSource(MailSource):
         max_back_off: float = 10 * 60,
         default_back_off: float = 5.0,
         ca_file: str | None = None,
+        subscriptions_per_connection: int = MAX_SUBSCRIPTIONS_PER_CONNECTION,
+        handover_grace: float = 2.0,
     ) -> None:
         if not 1 <= connection_timeout_minutes <= MAX_CONNECTION_TIMEOUT_MINUTES:
             raise ValueError("connection_timeout_minutes must be between 1 and 30")
+        if not 1 <= subscriptions_per_connection <= MAX_SUBSCRIPTIONS_PER_CONNECTION:
+            raise ValueError("subscriptions_per_connection must be between 1 and 200")
         self.settings = EwsSettings(
             connection_timeout_minutes=connection_timeout_minutes,
             stream_idle_timeout=stream_idle_timeout,
@@ -398,18 +336,52 @@ class EwsSource(MailSource):
             busy_retries=busy_retries,
             max_back_off=max_back_off,
             default_back_off=default_back_off,
+            subscriptions_per_connection=subscriptions_per_connection,
+            handover_grace=handover_grace,
         )
         self.ca_file = ca_file
+        #: Streaming hubs by (EWS URL, credentials, impersonation, TLS verification).
+        self._hubs: dict[tuple[str, ...], StreamingHub] = {}
 
     @asynccontextmanager
-    async def client(self, mailbox: MailboxConfig) -> AsyncIterator[EwsClient]:
-        """An ``EwsClient`` with its own HTTP connection pool (closed on exit)."""
+    async def _http(self, mailbox: MailboxConfig) -> AsyncIterator[httpx.AsyncClient]:
         settings = self.settings
         verify = context_for(mailbox.imap.verify_certificate, self.ca_file)
         timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
         async with httpx.AsyncClient(verify=verify, timeout=timeout, limits=limits) as http:
-            yield EwsClient(http, mailbox, settings)
+            yield http
+
+    def _make_client(self, http: httpx.AsyncClient, mailbox: MailboxConfig) -> EwsClient:
+        return EwsClient(http, mailbox, self.settings)
+
+    def _hub(self, client: EwsClient, mailbox: MailboxConfig) -> StreamingHub:
+        """The hub of this mailbox's group. Grouped by the exact credentials: with Basic or a
+        delegated token each mailbox is its own group (its folders share connections); a service
+        account (same credentials) shares connections across the mailboxes it impersonates only
+        per impersonated mailbox, since Exchange needs backend affinity for anything wider."""
+        key = (
+            client.url,
+            client.auth_identity,
+            impersonated_user(mailbox).lower(),
+            str(mailbox.imap.verify_certificate),
+        )
+        hub = self._hubs.get(key)
+        if hub is None:
+            hub = self._hubs[key] = StreamingHub(
+                key, self.settings, self._hubs, open_http=self._http, make_client=self._make_client
+            )
+        return hub
+
+    def streaming_connections(self) -> list[int]:
+        """Subscriptions per open streaming connection (for status and tests)."""
+        return [len(c.members) for hub in self._hubs.values() for c in hub.connections]
+
+    @asynccontextmanager
+    async def client(self, mailbox: MailboxConfig) -> AsyncIterator[EwsClient]:
+        """An ``EwsClient`` with its own HTTP connection pool (closed on exit)."""
+        async with self._http(mailbox) as http:
+            yield EwsClient(http, mailbox, self.settings)
 
     async def listen(
         self,
@@ -439,22 +411,33 @@ class EwsSource(MailSource):
                         seed_cursor=seed,
                     )
                 )
-                if not started:
-                    task_status.started(FolderInfo(folder, EWS_UIDVALIDITY, 0, 0))
-                    started = True
-                stream = _Stream(
-                    client,
-                    mailbox=mailbox,
-                    folder=folder,
-                    subscription=subscription,
-                    on_new_mail=on_new_mail,
-                    timeout_minutes=self.settings.connection_timeout_minutes,
-                )
-                await stream.run()
-                refused = 0 if stream.saw_success else refused + 1
+                member = self._member(mailbox, folder, subscription, on_new_mail)
+                connection = self._hub(client, mailbox).join(member)
+                try:
+                    await member.settled.wait()
+                    if member.live and not started:
+                        task_status.started(FolderInfo(folder, EWS_UIDVALIDITY, 0, 0))
+                        started = True
+                    await member.ended.wait()
+                finally:
+                    connection.remove(member)
+                if member.error is not None:
+                    raise member.error
+                refused = refused + 1 if member.refused else 0
                 if refused >= 2:
                     # Subscribing again at once would loop: let the supervisor back off.
                     raise MailConnectError(f"EWS {client.where} keeps refusing new subscriptions")
+
+    @staticmethod
+    def _member(
+        mailbox: MailboxConfig, folder: str, subscription: str, on_new_mail: NewMailCallback
+    ) -> Member:
+        async def notify() -> None:
+            await on_new_mail(
+                SyncTask(mailbox_id=mailbox.id, folder=folder, uidvalidity=EWS_UIDVALIDITY, reason="exists")
+            )
+
+        return Member(mailbox, subscription, notify)
 
     @asynccontextmanager
     async def open_reader(self, mailbox: MailboxConfig) -> AsyncIterator[MailReader]:
