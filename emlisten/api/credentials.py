@@ -21,8 +21,11 @@ Protocol (see docs/protocols.md; first match wins)
    is ``graph.microsoft.com``: Microsoft Graph.
 3. Any other http(s) URL (or scheme-less ``host/path``): Exchange Web Services.
 4. Otherwise (a host name): IMAP.
-5. ``IsAutodiscover`` true and no ``ServiceUrl``: EWS through Autodiscover, which is not
-   implemented yet: rejected with a message asking for the EWS URL.
+5. ``IsAutodiscover`` true and no ``ServiceUrl`` (with ``Protocol`` absent or "ews"): EWS through
+   Autodiscover. ``service_url`` stays empty and the EWS source discovers the URL for the mailbox
+   address (``SenderEmailAddress``, else ``UserName``, which must then be an email address) on
+   first use. The emlisten extension field ``AutodiscoverUrl`` (an http(s) URL, kept in ``extra``)
+   is asked first. The ``imap`` endpoint shows the address's domain, port 443, SSL_ON_CONNECT.
 
 For ``ews`` and ``graph`` the mailbox's ``service_url`` is set and its ``imap`` endpoint holds the
 service's host, the URL's port (default 443, or 80 for ``http://``) and ``SSL_ON_CONNECT``
@@ -103,6 +106,7 @@ from emlisten.errors import ValidationError
 from emlisten.models import MailboxConfig, Security, ServerEndpoint, folders_or_inbox
 
 __all__ = [
+    "AUTODISCOVER_NEEDS_ADDRESS",
     "SecureOption",
     "normalise_guid",
     "parse_credentials",
@@ -114,8 +118,9 @@ __all__ = [
 ]
 
 NOT_A_MAIL_SERVER = "must be a host, host:port or mail server URL, not an http(s) URL or a path"
-AUTODISCOVER_NOT_SUPPORTED = (
-    "Autodiscover is not supported yet: give the EWS URL (https://host/EWS/Exchange.asmx) in ServiceUrl"
+AUTODISCOVER_NEEDS_ADDRESS = (
+    "Autodiscover needs the mailbox address: give SenderEmailAddress (or a UserName that is an "
+    "email address), or the EWS URL (https://host/EWS/Exchange.asmx) in ServiceUrl"
 )
 PROTOCOLS = ("imap", "ews", "graph")
 GRAPH_HOST = "graph.microsoft.com"
@@ -643,7 +648,7 @@ class _CredentialsReader:
             if protocol == "graph":
                 raw = GRAPH_DEFAULT_URL
             elif self._bool("IsAutodiscover"):
-                raise self._error(field, AUTODISCOVER_NOT_SUPPORTED)
+                return self._autodiscover(verify)
             else:
                 raise self._error(field, "required")
         text = raw if "://" in raw else f"https://{raw}"
@@ -681,6 +686,29 @@ class _CredentialsReader:
         )
         return protocol, service_url, endpoint
 
+    def _autodiscover(self, verify: bool) -> tuple[str, str, ServerEndpoint]:
+        """EWS with the URL left to Autodiscover: checks the address and ``AutodiscoverUrl``."""
+        address = self._string("SenderEmailAddress").strip() or self._string("UserName").strip()
+        _, at, domain = address.rpartition("@")
+        host = _valid_host(domain) if at else None
+        if host is None:
+            raise self._error("ServiceUrl", AUTODISCOVER_NEEDS_ADDRESS)
+        field = "AutodiscoverUrl"
+        hint = self._string(field).strip()
+        if hint:
+            try:
+                parts = urlsplit(hint)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise self._error(field, "must be an absolute http(s) URL") from None
+            if parts.scheme.lower() not in ("http", "https") or not _valid_host(parts.hostname or ""):
+                raise self._error(field, "must be an absolute http(s) URL")
+            if parts.username is not None or parts.password is not None:
+                raise self._error(field, "must not contain credentials")
+            if parts.fragment:
+                raise self._error(field, "must not have a fragment")
+        return "ews", "", ServerEndpoint(host, 443, Security.SSL_ON_CONNECT, verify)
+
     def _mail_service(self, verify: bool) -> tuple[str, str, ServerEndpoint]:
         """(protocol, service_url, incoming endpoint) by the rules in the module docstring."""
         protocol = self._protocol()
@@ -689,7 +717,7 @@ class _CredentialsReader:
         if protocol in ("ews", "graph") or (protocol is None and looks_like_url):
             return self._exchange_service(protocol, raw, verify)
         if protocol is None and not raw and self._bool("IsAutodiscover"):
-            raise self._error("ServiceUrl", AUTODISCOVER_NOT_SUPPORTED)
+            return self._autodiscover(verify)
         return "imap", "", self._imap_endpoint(verify)
 
     # -- the whole object --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from emlisten.api.credentials import (
-    AUTODISCOVER_NOT_SUPPORTED,
+    AUTODISCOVER_NEEDS_ADDRESS,
     SecureOption,
     parse_credentials,
     parse_credentials_array,
@@ -451,9 +451,9 @@ def test_impersonated_user_is_kept_for_the_ews_adapter() -> None:
         ({"ServiceUrl": "https://bad host/EWS"}, "ServiceUrl", "must be a host name or IP address"),
         ({"ServiceUrl": None, "Protocol": "ews"}, "ServiceUrl", "required"),
         (
-            {"ServiceUrl": "", "IsAutodiscover": True},
+            {"ServiceUrl": "", "IsAutodiscover": True, "SenderEmailAddress": "", "UserName": "alice"},
             "ServiceUrl",
-            AUTODISCOVER_NOT_SUPPORTED,
+            AUTODISCOVER_NEEDS_ADDRESS,
         ),
     ],
 )

@@ -39,7 +39,16 @@ Exchange, failures included:
   ``rejected_recipients``), ``ErrorSendAsDenied`` (``From`` is not the mailbox),
   ``ErrorMessageSizeExceeded`` (over ``max_message_bytes``), ``ErrorMimeContentInvalidBase64String``.
 
-Not simulated: Autodiscover, pull/push subscriptions, FindItem, CreateItem of anything but a MIME
+- POX Autodiscover at ``/autodiscover/autodiscover.xml`` (and any path added to
+  ``autodiscover_paths``), same authentication as EWS (HTTP 401 otherwise): the request must be
+  the 2006 request schema asking for the ``2006a`` response schema (else error 600); answers
+  ``Action`` ``settings`` with ``EXCH`` and ``EXPR`` protocols whose ``EwsUrl`` is ``url`` (or
+  ``autodiscover_ews_url``), ``redirectAddr`` for addresses in ``autodiscover_redirect_addresses``,
+  ``redirectUrl`` on paths in ``autodiscover_redirect_urls`` (any address), an HTTP 302 for paths in
+  ``autodiscover_moved``, and error 500 for unknown addresses.
+
+Not simulated: SRV records and the unauthenticated GET redirect of Autodiscover, SOAP
+Autodiscover, pull/push subscriptions, FindItem, CreateItem of anything but a MIME
 message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
 mailboxes on one streaming connection from different anchors, HangingConnectionLimit,
 NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
@@ -74,6 +83,10 @@ from hypercorn.trio import serve
 log = logging.getLogger(__name__)
 
 EWS_PATH = "/EWS/Exchange.asmx"
+AUTODISCOVER_PATH = "/autodiscover/autodiscover.xml"
+AUTODISCOVER_REQUEST_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
+AUTODISCOVER_ERROR_NS = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+AUTODISCOVER_RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 #: Subscriptions one GetStreamingEvents request may name (Exchange's documented maximum).
 MAX_SUBSCRIPTIONS_PER_STREAM = 200
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -340,6 +353,16 @@ class EwsSimulator:
         #: Addresses CreateItem refuses with ErrorInvalidRecipients (lowercase).
         self.rejected_recipients: set[str] = set()
         self.max_message_bytes = 25 * 1024 * 1024
+        #: Paths (lowercase) answering POX Autodiscover.
+        self.autodiscover_paths: set[str] = {AUTODISCOVER_PATH}
+        #: Requested address (lowercase) -> the address a ``redirectAddr`` answer names.
+        self.autodiscover_redirect_addresses: dict[str, str] = {}
+        #: Autodiscover path (lowercase) -> the URL its ``redirectUrl`` answers name.
+        self.autodiscover_redirect_urls: dict[str, str] = {}
+        #: Autodiscover path (lowercase) -> ``Location`` of an HTTP 302 answer.
+        self.autodiscover_moved: dict[str, str] = {}
+        #: The ``EwsUrl`` in ``settings`` answers (default: ``url``).
+        self.autodiscover_ews_url: str | None = None
 
     # -- server ----------------------------------------------------------------------------
 
@@ -365,6 +388,11 @@ class EwsSimulator:
     def url(self) -> str:
         """The EWS endpoint URL (what Creatio sends as ``ServiceUrl``)."""
         return f"http://{self.host}:{self.port}{EWS_PATH}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port``: an Autodiscover base URL for ``EwsSource(autodiscover_bases=)``."""
+        return f"http://{self.host}:{self.port}"
 
     # -- accounts and mail -----------------------------------------------------------------
 
@@ -545,6 +573,17 @@ class EwsSimulator:
             if not message.get("more_body", False):
                 break
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = str(scope["path"]).lower()
+        if (
+            path in self.autodiscover_paths
+            or path in self.autodiscover_moved
+            or path in self.autodiscover_redirect_urls
+        ):
+            if scope["method"] != "POST":
+                await self._plain(send, 405, b"Autodiscover accepts POST only")
+                return
+            await self._autodiscover(path, b"".join(chunks), headers, send)
+            return
         if scope["path"] != EWS_PATH:
             await self._plain(send, 404, b"not found")
             return
@@ -691,6 +730,80 @@ class EwsSimulator:
             )
         )
         await self._xml(send, 200, answer)
+
+    async def _autodiscover(self, path: str, raw: bytes, headers: Mapping[str, str], send: Send) -> None:
+        now = trio.current_time()
+        anchor = headers.get("x-anchormailbox")
+        caller, scheme = self._authenticate(headers)
+        if caller is None:
+            self._record(
+                EwsRequest(now, "Autodiscover", None, 401, anchor, None, authorization_scheme=scheme)
+            )
+            challenge = (
+                b'Bearer error="invalid_token"' if scheme == "bearer" else b'Basic realm="autodiscover"'
+            )
+            await self._plain(send, 401, b"401 Unauthorized", [(b"www-authenticate", challenge)])
+            return
+        self._record(
+            EwsRequest(
+                now, "Autodiscover", caller.address.lower(), 200, anchor, None, authorization_scheme=scheme
+            )
+        )
+        location = self.autodiscover_moved.get(path)
+        if location is not None:
+            await self._plain(send, 302, b"moved", [(b"location", location.encode())])
+            return
+        await self._xml(send, 200, self._autodiscover_answer(path, raw))
+
+    def _autodiscover_answer(self, path: str, raw: bytes) -> bytes:
+        def error(code: str, message: str) -> bytes:
+            return (
+                '<?xml version="1.0" encoding="utf-8"?>'
+                f'<Autodiscover xmlns="{AUTODISCOVER_ERROR_NS}"><Response>'
+                f'<Error Time="{datetime.now(UTC):%H:%M:%S}" Id="{secrets.randbelow(10**9)}">'
+                f"<ErrorCode>{code}</ErrorCode><Message>{escape(message)}</Message><DebugData />"
+                "</Error></Response></Autodiscover>"
+            ).encode()
+
+        def account(inner: str) -> bytes:
+            return (
+                '<?xml version="1.0" encoding="utf-8"?>'
+                f'<Autodiscover xmlns="{AUTODISCOVER_ERROR_NS}">'
+                f'<Response xmlns="{AUTODISCOVER_RESPONSE_NS}"><Account>'
+                f"<AccountType>email</AccountType>{inner}</Account></Response></Autodiscover>"
+            ).encode()
+
+        try:
+            root = fromstring(raw, forbid_dtd=True)
+        except Exception:
+            return error("600", "Invalid Request")
+        if root.tag != f"{{{AUTODISCOVER_REQUEST_NS}}}Autodiscover":
+            return error("600", "Invalid Request")
+        address = _text(root, "EMailAddress").lower()
+        if _text(root, "AcceptableResponseSchema") != AUTODISCOVER_RESPONSE_NS or not address:
+            return error("600", "Invalid Request")
+        if address in self.autodiscover_redirect_addresses:
+            target = self.autodiscover_redirect_addresses[address]
+            return account(f"<Action>redirectAddr</Action><RedirectAddr>{escape(target)}</RedirectAddr>")
+        if path in self.autodiscover_redirect_urls:
+            target = self.autodiscover_redirect_urls[path]
+            return account(f"<Action>redirectUrl</Action><RedirectUrl>{escape(target)}</RedirectUrl>")
+        found = self.accounts.get(address)
+        if found is None:
+            return error("500", "The e-mail address cannot be found.")
+        ews_url = escape(self.autodiscover_ews_url or self.url)
+        server = escape(self.host)
+        return (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<Autodiscover xmlns="{AUTODISCOVER_ERROR_NS}">'
+            f'<Response xmlns="{AUTODISCOVER_RESPONSE_NS}">'
+            f"<User><DisplayName>{escape(found.user)}</DisplayName>"
+            f"<AutoDiscoverSMTPAddress>{escape(found.address)}</AutoDiscoverSMTPAddress></User>"
+            "<Account><AccountType>email</AccountType><Action>settings</Action>"
+            f"<Protocol><Type>EXCH</Type><Server>{server}</Server><EwsUrl>{ews_url}</EwsUrl></Protocol>"
+            f"<Protocol><Type>EXPR</Type><Server>{server}</Server><EwsUrl>{ews_url}</EwsUrl></Protocol>"
+            "</Account></Response></Autodiscover>"
+        ).encode()
 
     def _check_throttle(self, account: EwsAccount, now: float) -> None:
         throttle = self._throttles.get(account.address.lower())

@@ -38,6 +38,11 @@ with ``AccessToken``. Every request carries ``X-AnchorMailbox`` (the mailbox add
 emlisten extension field ``ImpersonatedUser`` (an SMTP address) adds the ``ExchangeImpersonation``
 header, for service accounts with the ApplicationImpersonation role; the anchor is then that
 address. HTTP 401/403 raise ``MailAuthError`` (``MailTokenRejectedError`` with a bearer token).
+
+EWS URL: ``service_url``, or - when it is empty (``IsAutodiscover`` credentials) - found with POX
+Autodiscover (``autodiscover.py``) for the mailbox address on first use, then cached per mailbox
+for the process; a ``MailConnectError`` while using a discovered URL forgets it, so the next
+attempt discovers again (the mailbox may have moved).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,6 +72,7 @@ from emlisten.errors import (
 )
 from emlisten.mail.ews import _soap
 from emlisten.mail.ews._multiplex import MAX_SUBSCRIPTIONS_PER_CONNECTION, Member, StreamingHub
+from emlisten.mail.ews.autodiscover import autodiscover_url_hint, discover_ews_url
 from emlisten.mail.imap._tls import context_for
 from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
 
@@ -144,6 +150,21 @@ def impersonated_user(mailbox: MailboxConfig) -> str:
     return ""
 
 
+def mailbox_address(mailbox: MailboxConfig) -> str:
+    """The address requests act on: the impersonated mailbox, else the sender, else the user."""
+    return impersonated_user(mailbox) or mailbox.sender_email or mailbox.user_name
+
+
+def authorization(mailbox: MailboxConfig) -> str:
+    """The ``Authorization`` header value (Basic, or Bearer with ``UseOAuth``)."""
+    if mailbox.use_oauth:
+        if not mailbox.access_token:
+            raise MailTokenRejectedError(f"no OAuth access token for {mailbox.user_name!r}")
+        return f"Bearer {mailbox.access_token}"
+    pair = f"{mailbox.user_name}:{mailbox.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
 def _response_error(code: str, message: str, *, bearer: bool) -> MailSourceError:
     text = f"EWS {code}" + (f": {message}" if message else "")
     if code in _AUTH_CODES:
@@ -168,20 +189,13 @@ class EwsClient:
         self.url = mailbox.service_url
         self.settings = settings
         self._impersonate = impersonated_user(mailbox)
-        anchor = self._impersonate or mailbox.sender_email or mailbox.user_name
         self._headers = {
             "Content-Type": "text/xml; charset=utf-8",
             "Accept": "text/xml",
-            "X-AnchorMailbox": anchor,
+            "X-AnchorMailbox": mailbox_address(mailbox),
+            "Authorization": authorization(mailbox),
         }
         self._bearer = mailbox.use_oauth
-        if mailbox.use_oauth:
-            if not mailbox.access_token:
-                raise MailTokenRejectedError(f"no OAuth access token for {mailbox.user_name!r}")
-            self._headers["Authorization"] = f"Bearer {mailbox.access_token}"
-        else:
-            pair = f"{mailbox.user_name}:{mailbox.password}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         #: Groups streaming connections: a digest, so the secret itself is kept nowhere else.
         self.auth_identity = hashlib.sha256(self._headers["Authorization"].encode()).hexdigest()
 
@@ -323,7 +337,10 @@ class EwsSource(MailSource):
         ca_file: str | None = None,
         subscriptions_per_connection: int = MAX_SUBSCRIPTIONS_PER_CONNECTION,
         handover_grace: float = 2.0,
+        autodiscover_bases: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """``autodiscover_bases`` maps a mail domain to the Autodiscover base URLs tried instead
+        of ``https://domain`` and ``https://autodiscover.domain`` (tests; unusual sites)."""
         if not 1 <= connection_timeout_minutes <= MAX_CONNECTION_TIMEOUT_MINUTES:
             raise ValueError("connection_timeout_minutes must be between 1 and 30")
         if not 1 <= subscriptions_per_connection <= MAX_SUBSCRIPTIONS_PER_CONNECTION:
@@ -342,6 +359,12 @@ class EwsSource(MailSource):
         self.ca_file = ca_file
         #: Streaming hubs by (EWS URL, credentials, impersonation, TLS verification).
         self._hubs: dict[tuple[str, ...], StreamingHub] = {}
+        self.autodiscover_bases = {
+            domain.lower(): tuple(bases) for domain, bases in (autodiscover_bases or {}).items()
+        }
+        #: Discovered EWS URLs by mailbox id: ((address, hint), URL).
+        self._discovered: dict[str, tuple[tuple[str, str], str]] = {}
+        self._discovery_locks: dict[str, trio.Lock] = {}
 
     @asynccontextmanager
     async def _http(self, mailbox: MailboxConfig) -> AsyncIterator[httpx.AsyncClient]:
@@ -377,11 +400,52 @@ class EwsSource(MailSource):
         """Subscriptions per open streaming connection (for status and tests)."""
         return [len(c.members) for hub in self._hubs.values() for c in hub.connections]
 
+    async def resolve(self, mailbox: MailboxConfig) -> MailboxConfig:
+        """``mailbox`` with its EWS URL: as given, else from the cache or Autodiscover."""
+        if mailbox.service_url:
+            return mailbox
+        address = mailbox_address(mailbox)
+        fingerprint = (address.lower(), autodiscover_url_hint(mailbox.extra))
+        lock = self._discovery_locks.setdefault(mailbox.id, trio.Lock())
+        # One discovery at a time per mailbox: its folders' listeners all start together.
+        async with lock:
+            cached = self._discovered.get(mailbox.id)
+            if cached is None or cached[0] != fingerprint:
+                headers = {"Authorization": authorization(mailbox), "X-AnchorMailbox": address}
+                async with self._http(mailbox) as http:
+                    url = await discover_ews_url(
+                        http,
+                        address,
+                        headers,
+                        bearer=mailbox.use_oauth,
+                        hint=fingerprint[1],
+                        bases=self.autodiscover_bases,
+                    )
+                cached = self._discovered[mailbox.id] = (fingerprint, url)
+        return mailbox.replace(service_url=cached[1])
+
+    def forget_discovered(self, mailbox: MailboxConfig) -> None:
+        """Drop a discovered URL (after a connect failure on it): the next use discovers again."""
+        cached = self._discovered.get(mailbox.id)
+        if cached is not None and cached[1] == mailbox.service_url:
+            del self._discovered[mailbox.id]
+
+    def discovered_url(self, mailbox_id: str) -> str:
+        """The cached Autodiscover result of a mailbox, or "" (for status and tests)."""
+        cached = self._discovered.get(mailbox_id)
+        return cached[1] if cached else ""
+
     @asynccontextmanager
     async def client(self, mailbox: MailboxConfig) -> AsyncIterator[EwsClient]:
-        """An ``EwsClient`` with its own HTTP connection pool (closed on exit)."""
+        """An ``EwsClient`` with its own HTTP connection pool (closed on exit); the EWS URL is
+        discovered first when the mailbox has none."""
+        mailbox = await self.resolve(mailbox)
         async with self._http(mailbox) as http:
-            yield EwsClient(http, mailbox, self.settings)
+            try:
+                yield EwsClient(http, mailbox, self.settings)
+            except MailConnectError:
+                self.forget_discovered(mailbox)
+                raise
 
     async def listen(
         self,
@@ -391,6 +455,8 @@ class EwsSource(MailSource):
         *,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # Resolved here too: members of the streaming hub must carry the URL.
+        mailbox = await self.resolve(mailbox)
         async with self.client(mailbox) as client:
             reader = EwsReader(client)
             seed = ""
@@ -548,5 +614,7 @@ __all__ = [
     "EwsSettings",
     "EwsSource",
     "ServerBusyError",
+    "authorization",
     "impersonated_user",
+    "mailbox_address",
 ]
