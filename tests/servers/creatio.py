@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+
+from tests.servers._http import Receive, Scope, Send, lifespan_or_other, read_body, serve_app, server_config
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,6 @@ SERVICE_PATH = "/0/ServiceModel/ExchangeListenerService.svc/"
 KNOWN_METHODS = ("ProcessFullEmail", "NewEmail", "ProcessMailboxState", "RefreshToken")
 
 T = TypeVar("T")
-Scope = Mapping[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -129,19 +125,9 @@ class CreatioStandIn:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started()`` once the socket is listening."""
-        config = Config()
-        config.bind = [f"{self.host}:{self.port}"]
-        config.accesslog = None
-        config.loglevel = "WARNING"
-        config.graceful_timeout = 0.1
-
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(self._serve, config)
-            self.port = urlsplit(binds[0]).port or 0
+            self.port = await nursery.start(serve_app, self._asgi, server_config(self.host, self.port))
             task_status.started()
-
-    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(self._asgi, config, task_status=task_status)  # type: ignore[arg-type]
 
     @property
     def base_url(self) -> str:
@@ -154,25 +140,11 @@ class CreatioStandIn:
         return f"{self.base_url}{SERVICE_PATH}{method}"
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if await lifespan_or_other(scope, receive, send):
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
+        raw = await read_body(receive)
+        if raw is None:
+            return
         received_at = time.monotonic()
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:

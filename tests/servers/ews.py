@@ -64,21 +64,20 @@ import json
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import Any
-from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import escape
 
 import trio
 from defusedxml.ElementTree import fromstring
-from hypercorn.config import Config
-from hypercorn.trio import serve
+
+from tests.servers._http import Receive, Scope, Send, lifespan_or_other, read_body, serve_app, server_config
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +92,6 @@ SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 TYPES_NS = "http://schemas.microsoft.com/exchange/services/2006/types"
 MESSAGES_NS = "http://schemas.microsoft.com/exchange/services/2006/messages"
 ERRORS_NS = "http://schemas.microsoft.com/exchange/services/2006/errors"
-
-Scope = Mapping[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _attr(value: str) -> str:
@@ -367,22 +362,14 @@ class EwsSimulator:
     # -- server ----------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = Config()
-        config.bind = [f"{self.host}:{self.port}"]
-        config.accesslog = None
+        config = server_config(self.host, self.port, loglevel="CRITICAL")
         config.errorlog = None
-        config.loglevel = "CRITICAL"
-        config.graceful_timeout = 0.1
         config.keep_alive_timeout = 75
         # Hundreds of listeners may connect at once (the multiplexing tests).
         config.backlog = 1024
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(self._serve, config)
-            self.port = urlsplit(binds[0]).port or 0
+            self.port = await nursery.start(serve_app, self._asgi, config)
             task_status.started()
-
-    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(self._asgi, config, task_status=task_status)  # type: ignore[arg-type]
 
     @property
     def url(self) -> str:
@@ -554,24 +541,11 @@ class EwsSimulator:
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if await lifespan_or_other(scope, receive, send):
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = str(scope["path"]).lower()
         if (
@@ -582,7 +556,7 @@ class EwsSimulator:
             if scope["method"] != "POST":
                 await self._plain(send, 405, b"Autodiscover accepts POST only")
                 return
-            await self._autodiscover(path, b"".join(chunks), headers, send)
+            await self._autodiscover(path, body, headers, send)
             return
         if scope["path"] != EWS_PATH:
             await self._plain(send, 404, b"not found")
@@ -590,7 +564,7 @@ class EwsSimulator:
         if scope["method"] != "POST":
             await self._plain(send, 405, b"EWS accepts POST only")
             return
-        await self._handle(b"".join(chunks), headers, receive, send)
+        await self._handle(body, headers, receive, send)
 
     @staticmethod
     async def _plain(

@@ -58,14 +58,14 @@ from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import httpx
 import quart_trio
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from quart import Response, request
+
+from tests.servers._http import serve_app, server_config
 
 log = logging.getLogger(__name__)
 
@@ -268,23 +268,15 @@ class GraphSimulator:
     # -- server ------------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = Config()
-        config.bind = [f"{self.host}:0"]
-        config.accesslog = None
-        config.loglevel = "WARNING"
-        config.graceful_timeout = 0.1
+        config = server_config(self.host)
         # No keep-alive towards the notification endpoints: an idle kept-alive connection makes
         # the receiving node's graceful shutdown wait for its full timeout.
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits) as http, trio.open_nursery() as nursery:
             self._http = http
             self._nursery = nursery
-            binds: list[str] = await nursery.start(self._serve, config)
-            self.port = urlsplit(binds[0]).port or 0
+            self.port = await nursery.start(serve_app, self.app, config)
             task_status.started()
-
-    async def _serve(self, config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(self.app, config, task_status=task_status)  # type: ignore[arg-type]
 
     @property
     def base_url(self) -> str:
