@@ -9,27 +9,10 @@ import trio
 
 from emlisten.errors import FolderNotFoundError, MailAuthError, MailConnectError
 from emlisten.mail.imap import ImapClient, ImapSource
-from emlisten.models import FolderInfo, MailboxConfig, Security, ServerEndpoint, SyncTask
-from tests.servers.dovecot import Dovecot, MailUser, make_message
+from emlisten.models import FolderInfo, Security, SyncTask
+from tests.servers.dovecot import Dovecot, MailUser, mailbox_for, make_message
 
 pytestmark = pytest.mark.dovecot
-
-
-def mailbox_for(
-    dovecot: Dovecot,
-    user: MailUser,
-    security: Security = Security.SSL_ON_CONNECT,
-    **changes: object,
-) -> MailboxConfig:
-    port = dovecot.imaps_port if security is Security.SSL_ON_CONNECT else dovecot.imap_port
-    mailbox = MailboxConfig(
-        id=f"mb-{user.name}",
-        user_name=user.name,
-        password=user.password,
-        imap=ServerEndpoint(dovecot.host, port, security),
-        bpm_endpoint="http://127.0.0.1:1/",
-    )
-    return mailbox.replace(**changes) if changes else mailbox
 
 
 def source_for(
@@ -98,9 +81,7 @@ async def test_listen_other_folder(dovecot: Dovecot, mail_user: MailUser) -> Non
     await dovecot.acreate_folder(mail_user, "Work")
     sink = Sink()
     async with trio.open_nursery() as nursery:
-        info = await nursery.start(
-            source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "Work", sink
-        )
+        info = await nursery.start(source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "Work", sink)
         assert (info.name, info.exists) == ("Work", 0)
         assert (await sink.next()).reason == "catch-up"
         await dovecot.aappend(mail_user, make_message())  # INBOX: not our folder
@@ -115,9 +96,7 @@ async def test_kick_raises_connect_error(dovecot: Dovecot, mail_user: MailUser) 
     sink = Sink()
     with pytest.raises(ExceptionGroup) as caught:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "INBOX", sink
-            )
+            await nursery.start(source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "INBOX", sink)
             await dovecot.akick(mail_user)
     assert caught.group_contains(MailConnectError, match="closed the session")
 
@@ -126,9 +105,7 @@ async def test_cancel_ends_listen_quietly(dovecot: Dovecot, mail_user: MailUser)
     sink = Sink()
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "INBOX", sink
-            )
+            await nursery.start(source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "INBOX", sink)
             scope.cancel()
     assert scope.cancelled_caught
     # The listener logged out: Dovecot no longer lists a session for this user.
@@ -160,14 +137,10 @@ async def test_oauth_is_not_supported_yet(dovecot: Dovecot, mail_user: MailUser)
 async def test_missing_folder(dovecot: Dovecot, mail_user: MailUser) -> None:
     async with trio.open_nursery() as nursery:
         with pytest.raises(FolderNotFoundError):
-            await nursery.start(
-                source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "Nope", Sink()
-            )
+            await nursery.start(source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "Nope", Sink())
 
 
-async def test_idle_renew_and_keepalive_probe_keep_listening(
-    dovecot: Dovecot, mail_user: MailUser
-) -> None:
+async def test_idle_renew_and_keepalive_probe_keep_listening(dovecot: Dovecot, mail_user: MailUser) -> None:
     # Re-issue IDLE and probe with DONE + NOOP many times; mail is still reported afterwards.
     source = source_for(dovecot, idle_renew_seconds=0.05, keepalive_seconds=0.02)
     sink = Sink()
@@ -244,7 +217,5 @@ async def test_reader_missing_folder(dovecot: Dovecot, mail_user: MailUser) -> N
 
 async def test_reader_wrong_password(dovecot: Dovecot, mail_user: MailUser) -> None:
     with pytest.raises(MailAuthError):
-        async with source_for(dovecot).open_reader(
-            mailbox_for(dovecot, mail_user, password="wrong")
-        ):
+        async with source_for(dovecot).open_reader(mailbox_for(dovecot, mail_user, password="wrong")):
             pass

@@ -9,19 +9,13 @@ import pytest
 from emlisten.mail.imap import ImapClient, ImapSource
 from emlisten.mail.imap.source import SYNCED_KEYWORD
 from emlisten.models import MailboxConfig, Security, ServerEndpoint
-from tests.servers.dovecot import Dovecot, MailUser, make_message
+from tests.servers.dovecot import Dovecot, MailUser, mailbox_for, make_message
 
 pytestmark = pytest.mark.dovecot
 
 
-def mailbox_for(dovecot: Dovecot, user: MailUser) -> MailboxConfig:
-    return MailboxConfig(
-        id=f"mb-{user.name}",
-        user_name=user.name,
-        password=user.password,
-        imap=ServerEndpoint(dovecot.host, dovecot.imap_port, Security.NONE),
-        bpm_endpoint="http://127.0.0.1:1/",
-    )
+def plain_mailbox(dovecot: Dovecot, user: MailUser) -> MailboxConfig:
+    return mailbox_for(dovecot, user, Security.NONE)
 
 
 def flags_of(dovecot: Dovecot, user: MailUser, folder: str = "INBOX") -> dict[int, set[str]]:
@@ -55,7 +49,7 @@ async def test_mark_adds_the_keyword_and_leaves_seen_alone(dovecot: Dovecot, mai
     uids = [await dovecot.aappend(mail_user, make_message(subject=f"m{i}")) for i in range(3)]
     set_seen(dovecot, mail_user, uids[0])
     source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30)
-    async with source.open_reader(mailbox_for(dovecot, mail_user)) as reader:
+    async with source.open_reader(plain_mailbox(dovecot, mail_user)) as reader:
         info = await reader.select("INBOX")  # EXAMINE: read-only by default
         assert info.exists == 3
         await reader.mark(uids[:2])
@@ -73,7 +67,7 @@ async def test_mark_adds_the_keyword_and_leaves_seen_alone(dovecot: Dovecot, mai
 async def test_mark_with_a_custom_keyword_on_a_writable_select(dovecot: Dovecot, mail_user: MailUser) -> None:
     uid = await dovecot.aappend(mail_user, make_message())
     source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30)
-    async with source.open_reader(mailbox_for(dovecot, mail_user)) as reader:
+    async with source.open_reader(plain_mailbox(dovecot, mail_user)) as reader:
         await reader.select("INBOX", writable=True)
         await reader.mark([uid], "$Exported")
         await reader.mark([uid], "$Exported")  # idempotent

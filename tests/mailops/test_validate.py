@@ -12,28 +12,11 @@ import trio
 from emlisten.mail.imap import ImapSource
 from emlisten.mail.validate import validate
 from emlisten.models import MailboxConfig, Security, ServerEndpoint
-from tests.servers.dovecot import Dovecot, MailUser, free_port, make_tls_files
+from tests.servers.dovecot import Dovecot, MailUser, free_port, mailbox_for, make_tls_files
 from tests.servers.smtp import SmtpServer
 from tests.servers.tokeninfo import TokenInfoServer
 
 pytestmark = pytest.mark.dovecot
-
-
-def mailbox_for(
-    dovecot: Dovecot,
-    user: MailUser,
-    security: Security = Security.SSL_ON_CONNECT,
-    **changes: object,
-) -> MailboxConfig:
-    port = dovecot.imaps_port if security is Security.SSL_ON_CONNECT else dovecot.imap_port
-    mailbox = MailboxConfig(
-        id=f"mb-{user.name}",
-        user_name=user.name,
-        password=user.password,
-        imap=ServerEndpoint(dovecot.host, port, security),
-        bpm_endpoint="http://127.0.0.1:1/",
-    )
-    return mailbox.replace(**changes) if changes else mailbox
 
 
 def source_for(ca_file: Path | str | None, *, connect_timeout: float = 10) -> ImapSource:

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from emlisten.models import MailboxConfig, Security, ServerEndpoint
 from tests.secret_scan import register_secret
 
 log = logging.getLogger(__name__)
@@ -618,3 +619,22 @@ def make_message(
         body,
     ]
     return "\r\n".join(lines).encode()
+
+
+def mailbox_for(
+    dovecot: Dovecot,
+    user: MailUser,
+    security: Security = Security.SSL_ON_CONNECT,
+    **changes: object,
+) -> MailboxConfig:
+    """The emlisten mailbox of ``user`` on this Dovecot (implicit TLS port unless ``security``
+    says otherwise), with ``changes`` applied."""
+    port = dovecot.imaps_port if security is Security.SSL_ON_CONNECT else dovecot.imap_port
+    mailbox = MailboxConfig(
+        id=f"mb-{user.name}",
+        user_name=user.name,
+        password=user.password,
+        imap=ServerEndpoint(dovecot.host, port, security),
+        bpm_endpoint="http://127.0.0.1:1/",
+    )
+    return mailbox.replace(**changes) if changes else mailbox
