@@ -19,6 +19,7 @@ from emlisten.service.node import Adapters, build_local_adapters, run_node
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.graph import GraphSimulator
+from tests.service.conftest import fast_settings
 
 
 @pytest.fixture
@@ -29,18 +30,7 @@ async def graph_sim(nursery: trio.Nursery) -> AsyncIterator[GraphSimulator]:
 
 
 def graph_test_settings(**changes: Any) -> Settings:
-    return Settings(
-        host="127.0.0.1",
-        port=0,
-        node_id=f"graph-test-{uuid.uuid4().hex[:8]}",
-        reconnect_base_seconds=0.05,
-        reconnect_cap_seconds=0.5,
-        auth_retry_base_seconds=0.2,
-        auth_retry_cap_seconds=1.0,
-        delivery_retry_base_seconds=0.05,
-        delivery_retry_cap_seconds=0.3,
-        shutdown_grace_seconds=2.0,
-    ).replace(**changes)
+    return fast_settings(None, node_id=f"graph-test-{uuid.uuid4().hex[:8]}").replace(**changes)
 
 
 @dataclass

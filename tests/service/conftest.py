@@ -20,14 +20,14 @@ from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
 
 
-def fast_settings(dovecot: Dovecot, **changes: Any) -> Settings:
+def fast_settings(dovecot: Dovecot | None, **changes: Any) -> Settings:
     """Production defaults, except the waits, shortened so failures are retried within a test."""
 
     return Settings(
         host="127.0.0.1",
         port=0,
         node_id="test-node",
-        tls_ca_file=str(dovecot.ca_file),
+        tls_ca_file=str(dovecot.ca_file) if dovecot is not None else None,
         reconnect_base_seconds=0.05,
         reconnect_cap_seconds=0.5,
         auth_retry_base_seconds=0.2,
