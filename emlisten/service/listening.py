@@ -225,21 +225,19 @@ class MailboxManager:
             elif running is not None and running.config != config:
                 running.scope.cancel()
                 del self._running[mailbox_id]
-        await self._start_claimed([mid for mid in configs if mid not in self._running])
+        for mailbox_id, config in configs.items():
+            if mailbox_id in self._owned and mailbox_id not in self._running:
+                self._start(config)  # configs already read: no second round trip
         await self._balance()
 
     async def _start_claimed(self, mailbox_ids: Sequence[str]) -> None:
         """Start supervisors for newly claimed mailboxes, reading their configs in one call."""
 
-        assert self._nursery is not None
         configs = await self.store.get_mailboxes(mailbox_ids)
         for mailbox_id in mailbox_ids:
             mailbox = configs.get(mailbox_id)
-            if mailbox is None or mailbox_id not in self._owned or mailbox_id in self._running:
-                continue
-            scope = trio.CancelScope()
-            self._running[mailbox_id] = _Running(mailbox, scope)
-            self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox_id}")
+            if mailbox is not None and mailbox_id in self._owned and mailbox_id not in self._running:
+                self._start(mailbox)
 
     async def _on_change(self, mailbox_id: str) -> None:
         """A mailbox was created, changed or closed somewhere: react within the second."""
@@ -301,9 +299,14 @@ class MailboxManager:
             del self._running[mailbox_id]
             log.info("stopped listening" if mailbox is None else "restarting", extra={"mailbox": mailbox_id})
         if mailbox is not None and mailbox_id in self._owned:
-            scope = trio.CancelScope()
-            self._running[mailbox_id] = _Running(mailbox, scope)
-            self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox_id}")
+            self._start(mailbox)
+
+    def _start(self, mailbox: MailboxConfig) -> None:
+        """A supervisor for ``mailbox`` in a cancel scope of its own."""
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._running[mailbox.id] = _Running(mailbox, scope)
+        self._nursery.start_soon(self._supervise_in_scope, mailbox, scope, name=f"mailbox:{mailbox.id}")
 
     async def _supervise_in_scope(self, mailbox: MailboxConfig, scope: trio.CancelScope) -> None:
         try:
