@@ -143,7 +143,9 @@ class Store(ABC):
 
     @abstractmethod
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
-        """Extend this node's leases; returns those still held (the others were lost)."""
+        """Extend this node's leases and re-take those that expired with nobody taking them (this
+        node was paused past the TTL); returns those now held. Only a lease another node holds
+        is lost, and it is left untouched. Same step as ``claim_leases``, one atomic batch."""
 
     @abstractmethod
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:

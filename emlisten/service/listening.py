@@ -151,6 +151,10 @@ class MailboxManager:
     async def _balance_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.lease_renew_seconds)
+            if trio.current_time() - self._renewed_at >= self.settings.lease_ttl_seconds * 0.8:
+                # Renewal is overdue (this node was paused, or the store is unreachable): what we
+                # own is unknown until it runs, so balancing now could release the wrong leases.
+                continue
             try:
                 await self._balance()
             except StoreError as exc:
@@ -167,19 +171,26 @@ class MailboxManager:
         )
 
     async def _renew(self) -> None:
-        """Heartbeat and renew every lease we hold, in two batched calls."""
+        """Heartbeat and renew every lease we hold, in two batched calls. Renewing re-takes the
+        leases that expired with nobody taking them (this node was paused past the TTL), so only
+        a lease another node holds is lost, and the sessions of the others are left alone."""
 
         node_id, ttl = self.settings.node_id, self.settings.lease_ttl_seconds
         started = trio.current_time()
         held = sorted(self._owned)
         if held:
             kept = set(await self.store.renew_leases(node_id, held, ttl))
-            # Only what we asked about can be lost; claims made meanwhile stay.
-            lost = set(held) - kept
+            # Only what we asked about and still own can be lost; claims made meanwhile stay.
+            lost = (set(held) - kept) & self._owned
             if lost:
                 log.warning("lost %d lease(s) to other nodes", len(lost))
                 self._stop(lost)
                 self._owned -= lost
+            # Given up while the renewal was in flight: if Redis ran the release first, the
+            # renewal re-took the lease; free it again rather than block it for a TTL.
+            stale = kept - self._owned
+            if stale:
+                await self.store.release_leases(node_id, sorted(stale))
         await self.store.heartbeat(self._node_info(), ttl)
         self._renewed_at = started
 

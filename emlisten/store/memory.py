@@ -142,13 +142,8 @@ class MemoryStore(Store):
         return held
 
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
-        now = time.time()
-        held = []
-        for mailbox_id in mailbox_ids:
-            if self._holder(mailbox_id, now) == node_id:
-                self._leases[mailbox_id] = (node_id, now + ttl)
-                held.append(mailbox_id)
-        return held
+        # Ours or free (expired while this node was paused): the same step as a claim.
+        return await self.claim_leases(node_id, mailbox_ids, ttl)
 
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
         now = time.time()

@@ -155,22 +155,13 @@ return redis.call('HMGET', KEYS[1], unpack(ids))
 )
 
 # KEYS lease keys; ARGV[1] node id, ARGV[2] ttl ms. Returns the (1-based) indexes now held.
+# Claims and renewals: a renewal also re-takes a lease that expired with nobody taking it (the
+# node was paused past the TTL); only a lease another node holds is lost.
 _CLAIM = """
 local held = {}
 for i, key in ipairs(KEYS) do
   local holder = redis.call('GET', key)
   if not holder or holder == ARGV[1] then
-    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
-    held[#held + 1] = i
-  end
-end
-return held
-"""
-
-_RENEW = """
-local held = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
     redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
     held[#held + 1] = i
   end
@@ -287,7 +278,6 @@ class RedisStore(Store):
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._list_nodes = client.register_script(_LIST_NODES)
         self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     def __repr__(self) -> str:
@@ -620,7 +610,7 @@ class RedisStore(Store):
         return await self._leases_held(self._claim, node_id, mailbox_ids, ttl)
 
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
-        return await self._leases_held(self._renew, node_id, mailbox_ids, ttl)
+        return await self._leases_held(self._claim, node_id, mailbox_ids, ttl)
 
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
         keys = [self._lease_key(mid) for mid in mailbox_ids]

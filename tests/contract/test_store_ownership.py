@@ -37,10 +37,23 @@ async def test_lease_is_exclusive(store: Store) -> None:  # noqa: F811
     assert await store.lease_owners(["a", "b", "c", "d"]) == {"a": "n1", "b": "n1", "c": "n2", "d": None}
 
 
-async def test_renew_only_own_leases(store: Store) -> None:  # noqa: F811
+async def test_renew_keeps_own_and_free_leases_never_others(store: Store) -> None:  # noqa: F811
     await store.claim_leases("n1", ["a"], TTL)
     await store.claim_leases("n2", ["b"], TTL)
-    assert await store.renew_leases("n1", ["a", "b", "never"], TTL) == ["a"]
+    # "never" is free (nobody holds it): renewing takes it; "b" is n2's and stays n2's.
+    assert await store.renew_leases("n1", ["a", "b", "never"], TTL) == ["a", "never"]
+    assert await store.lease_owners(["a", "b", "never"]) == {"a": "n1", "b": "n2", "never": "n1"}
+
+
+async def test_renew_re_takes_a_lease_that_expired_while_nobody_took_it(store: Store) -> None:  # noqa: F811
+    # The node was paused past the TTL: its lease expired, but no other node claimed it.
+    await store.claim_leases("paused", ["a", "b"], 0.2)
+    with trio.fail_after(5):
+        while await store.lease_owners(["a", "b"]) != {"a": None, "b": None}:
+            await trio.sleep(0.05)
+    assert await store.claim_leases("other", ["b"], TTL) == ["b"]
+    assert await store.renew_leases("paused", ["a", "b"], TTL) == ["a"]
+    assert await store.lease_owners(["a", "b"]) == {"a": "paused", "b": "other"}
 
 
 async def test_release_only_own_leases(store: Store) -> None:  # noqa: F811
@@ -57,7 +70,9 @@ async def test_expired_lease_can_be_taken_over(store: Store) -> None:  # noqa: F
         while not await store.claim_leases("alive", ["a"], TTL):
             await trio.sleep(0.05)
     assert await store.lease_owners(["a"]) == {"a": "alive"}
+    # The old holder comes back (it was paused, not dead): the lease is lost, and stays taken.
     assert await store.renew_leases("dead", ["a"], TTL) == []
+    assert await store.lease_owners(["a"]) == {"a": "alive"}
 
 
 async def test_concurrent_claims_have_one_winner(store: Store) -> None:  # noqa: F811
