@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 
 import trio
 
@@ -229,6 +230,22 @@ class TaskQueue(ABC):
 NewMailCallback = Callable[[SyncTask], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Asks a listener to fetch new mail on the session it listens on, and attach it to the task.
+
+    The listening session is already logged in and has the folder selected: fetching there costs
+    no second connection, TLS handshake, login or SELECT. Messages larger than
+    ``max_message_bytes``, and more than ``max_messages`` at once, are left to a reader.
+    """
+
+    max_message_bytes: int
+    max_messages: int
+    #: The folder's stored checkpoint (None: a new subscription), read once per (re)connect so
+    #: that the catch-up of a few mails is fetched on the listening session too.
+    checkpoint: Callable[[str], Awaitable[Checkpoint | None]]
+
+
 class MailReader(ABC):
     """An authenticated session used to read new messages, folder by folder."""
 
@@ -259,13 +276,15 @@ class MailSource(ABC):
         folder: str,
         on_new_mail: NewMailCallback,
         *,
+        prefetch: Prefetch | None = None,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Hold one live subscription to ``folder`` until cancelled or the connection fails.
 
         Calls ``task_status.started(info)`` once the subscription is really live (IMAP: in IDLE),
         and ``on_new_mail`` whenever the server reports new messages. Raises a MailSourceError
-        subclass on failure; the caller reconnects.
+        subclass on failure; the caller reconnects. ``prefetch``: fetch new mail on the listening
+        session where the protocol can (sources that cannot ignore it).
         """
 
     @abstractmethod
@@ -305,6 +324,7 @@ __all__ = [
     "MailReader",
     "MailSource",
     "NewMailCallback",
+    "Prefetch",
     "Sink",
     "Store",
     "TaskDelivery",

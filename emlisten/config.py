@@ -87,6 +87,11 @@ class Settings:
     #: Concurrent connection attempts per process, so a cold start with thousands of mailboxes
     #: does not flood the mail servers (or our own CPU with TLS handshakes).
     max_concurrent_connects: int = 64
+    #: Safety net for notifications a server drops (Dovecot while hibernating a session): after
+    #: new mail on a session, ask the server again this long later (0: never), up to
+    #: ``recheck_count`` times with the interval doubling. One round trip on the open session.
+    recheck_seconds: float = 3.0
+    recheck_count: int = 2
 
     # Ownership (several primaries sharing one store)
     #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead
@@ -106,6 +111,9 @@ class Settings:
     delivery_retry_cap_seconds: float = 300.0
     #: How long a reading session stays open after its last use, to fetch the next mail fast.
     reader_idle_seconds: float = 60.0
+    #: New mail up to this size is fetched on the listening session and carried to the worker
+    #: in the task (no second session); larger mail is read by the worker. 0: always the worker.
+    prefetch_max_bytes: int = 256 * 1024
 
     @property
     def reconnect_backoff(self) -> Backoff:
@@ -216,6 +224,9 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
         )
+    for name in ("recheck_seconds", "recheck_count", "prefetch_max_bytes"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.max_mailboxes < 0:
         raise ConfigError(f"{env_name('max_mailboxes')} must be 0 (no cap) or positive")
     if settings.public_url and not settings.public_url.lower().startswith(("http://", "https://")):

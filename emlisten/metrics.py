@@ -62,6 +62,11 @@ class Metrics:
         self.delivered_emails = Counter(
             "emlisten_delivered_emails", "Emails Creatio accepted", registry=self.registry
         )
+        self.prefetched_emails = Counter(
+            "emlisten_prefetched_emails",
+            "Emails delivered as fetched on the listening session (no reading session needed)",
+            registry=self.registry,
+        )
         self.delivery_latency = Histogram(
             "emlisten_delivery_latency_seconds",
             "From the server's new-mail notification to Creatio's 2xx",

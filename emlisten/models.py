@@ -6,6 +6,7 @@ These are pure values (no I/O). The Creatio wire format lives in ``emlisten.api`
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import uuid
@@ -127,6 +128,12 @@ class SyncTask:
 
     Tasks are nudges, not payloads: the worker always syncs from the stored checkpoint, so a
     duplicate, late or coalesced task is harmless and a lost one is repaired by the next catch-up.
+
+    A listener that fetched the new mail on its own session attaches it (``prefetched``): every
+    message of the folder with a UID in ``prefetch_from..prefetch_to`` (within ``uidvalidity``)
+    that existed when it fetched, complete, in UID order. A worker whose checkpoint has reached
+    ``prefetch_from - 1`` delivers them without opening a session of its own; otherwise (a gap,
+    another UIDVALIDITY, ``uid_hint`` beyond ``prefetch_to``) it reads from the server as usual.
     """
 
     mailbox_id: str
@@ -139,20 +146,69 @@ class SyncTask:
     #: With reason "catch-up": the protocol's position at subscription time (e.g. an EWS
     #: SyncState), stored as the checkpoint's cursor when the folder has no checkpoint yet.
     seed_cursor: str = ""
+    prefetched: tuple[RawMessage, ...] = ()
+    prefetch_from: int = 0
+    prefetch_to: int = 0
+
+    @property
+    def has_prefetch(self) -> bool:
+        return self.prefetch_to >= self.prefetch_from > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data: dict[str, Any] = {
+            "mailbox_id": self.mailbox_id,
+            "folder": self.folder,
+            "uidvalidity": self.uidvalidity,
+            "uid_hint": self.uid_hint,
+            "reason": self.reason,
+            "seen_at": self.seen_at,
+            "seed_cursor": self.seed_cursor,
+        }
+        if self.has_prefetch:
+            data["prefetch_from"] = self.prefetch_from
+            data["prefetch_to"] = self.prefetch_to
+            data["prefetched"] = [
+                {
+                    "uid": raw.uid,
+                    # JSON carries text: base64 keeps 8-bit mail intact (+33 %, small mails only).
+                    "data": base64.b64encode(raw.data).decode("ascii"),
+                    "internal_date": raw.internal_date.isoformat() if raw.internal_date else None,
+                    "size": raw.size,
+                    "key": raw.key,
+                }
+                for raw in self.prefetched
+            ]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SyncTask:
+        uidvalidity = int(data.get("uidvalidity", 0))
+        def date(item: Mapping[str, Any]) -> datetime | None:
+            text = item.get("internal_date")
+            return datetime.fromisoformat(text) if text else None
+
+        prefetched = tuple(
+            RawMessage(
+                uid=int(item["uid"]),
+                data=base64.b64decode(item["data"]),
+                internal_date=date(item),
+                size=int(item["size"]) if item.get("size") is not None else None,
+                key=str(item.get("key", "")),
+                position=Checkpoint(uidvalidity, int(item["uid"])),
+            )
+            for item in data.get("prefetched", ())
+        )
         return cls(
             mailbox_id=str(data["mailbox_id"]),
             folder=str(data["folder"]),
-            uidvalidity=int(data.get("uidvalidity", 0)),
+            uidvalidity=uidvalidity,
             uid_hint=int(data.get("uid_hint", 0)),
             reason=str(data.get("reason", "exists")),
             seen_at=float(data.get("seen_at", 0.0)),
             seed_cursor=str(data.get("seed_cursor", "")),
+            prefetched=prefetched,
+            prefetch_from=int(data.get("prefetch_from", 0)),
+            prefetch_to=int(data.get("prefetch_to", 0)),
         )
 
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from emlisten.abc import MailReader, MailSource, NewMailCallback
+from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.errors import MailSourceError
 from emlisten.models import FolderInfo, MailboxConfig
 
@@ -36,9 +36,12 @@ class RoutingSource(MailSource):
         folder: str,
         on_new_mail: NewMailCallback,
         *,
+        prefetch: Prefetch | None = None,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self.source_for(mailbox).listen(mailbox, folder, on_new_mail, task_status=task_status)
+        await self.source_for(mailbox).listen(
+            mailbox, folder, on_new_mail, prefetch=prefetch, task_status=task_status
+        )
 
     @asynccontextmanager
     async def open_reader(self, mailbox: MailboxConfig) -> AsyncIterator[MailReader]:

@@ -2,10 +2,16 @@
 
 Competing consumers, per-consumer prefetch, manual ack, redelivery of whatever a consumer held
 when it went away, and dead letters for nack(requeue=False). Tasks live in memory only.
+
+Mail that listeners fetched and attached to tasks (``SyncTask.prefetched``) waits here until a
+worker takes it. It is an optimisation, not the truth (the checkpoint is), so above
+``max_payload_bytes`` of waiting mail new tasks are queued without it: a stalled receiver then
+costs memory for nudges, not for mail, and the worker reads that mail from the server later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator
@@ -78,17 +84,26 @@ class _Consumer:
 class InProcessQueue(TaskQueue):
     name = "in-process"
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_payload_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self._payload_bytes = 0
         self._ready: deque[tuple[int, SyncTask]] = deque()
         self._dead: list[SyncTask] = []
         self._seq = itertools.count()
         self._available = trio.lowlevel.ParkingLot()
 
     async def publish(self, task: SyncTask) -> None:
+        if task.prefetched:
+            size = _payload_size(task)
+            if self._payload_bytes + size > self.max_payload_bytes:
+                task = dataclasses.replace(task, prefetched=(), prefetch_from=0, prefetch_to=0)
+            else:
+                self._payload_bytes += size
         self._ready.append((next(self._seq), task))
         self._available.unpark()
 
     def _requeue(self, seq: int, task: SyncTask) -> None:
+        self._payload_bytes += _payload_size(task)
         # Like RabbitMQ, a requeued task goes back near the head, ahead of newer work.
         self._ready.appendleft((seq, task))
         self._available.unpark()
@@ -96,7 +111,10 @@ class InProcessQueue(TaskQueue):
     async def _take(self) -> tuple[int, SyncTask]:
         while not self._ready:
             await self._available.park()
-        return self._ready.popleft()
+        seq, task = self._ready.popleft()
+        if task.prefetched:
+            self._payload_bytes -= _payload_size(task)  # counted while it waits here
+        return seq, task
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[TaskDelivery]]:
@@ -117,3 +135,7 @@ class InProcessQueue(TaskQueue):
 
     def depth(self) -> int:
         return len(self._ready)
+
+
+def _payload_size(task: SyncTask) -> int:
+    return sum(len(raw.data) for raw in task.prefetched)

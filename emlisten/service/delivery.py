@@ -24,7 +24,7 @@ from emlisten.config import Settings
 from emlisten.errors import DeliveryError, MailSourceError, QueueError, StoreError
 from emlisten.mail.mime import to_email
 from emlisten.metrics import Metrics
-from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, email_id, message_key
+from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, SyncTask, email_id, message_key
 from emlisten.service.backoff import Retry
 from emlisten.service.readers import ReaderPool
 
@@ -113,7 +113,7 @@ class DeliveryWorker:
                 seen_at = min(seen) if seen else 0.0
                 while True:
                     try:
-                        await self._sync_exclusively(drainer.key, seen_at)
+                        await self._sync_exclusively(drainer.key, seen_at, [d.task for d in taken])
                         break
                     except (DeliveryError, MailSourceError, StoreError) as exc:
                         delay = retry.next_delay()
@@ -142,7 +142,7 @@ class DeliveryWorker:
             if not self._drainers:
                 self._idle.set()
 
-    async def _sync_exclusively(self, key: DrainKey, seen_at: float) -> None:
+    async def _sync_exclusively(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         """Sync one folder while holding its sync lease, so that two workers (two secondaries, or
         a primary standing in) never deliver the same folder at once: that would double mail.
 
@@ -159,7 +159,7 @@ class DeliveryWorker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_lease, name, ttl)
-                await self.sync_folder(*key, seen_at=seen_at)
+                await self.sync_folder(*key, seen_at=seen_at, tasks=tasks)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -182,14 +182,25 @@ class DeliveryWorker:
                 # delivers nothing twice.
                 log.warning("could not acknowledge a task: %s", exc)
 
-    async def sync_folder(self, mailbox_id: str, folder: str, *, seen_at: float = 0.0) -> int:
-        """Deliver everything after the checkpoint, oldest first. Returns how many were delivered."""
+    async def sync_folder(
+        self, mailbox_id: str, folder: str, *, seen_at: float = 0.0, tasks: Sequence[SyncTask] = ()
+    ) -> int:
+        """Deliver everything after the checkpoint, oldest first. Returns how many were delivered.
+
+        Mail the listener fetched on its own session (``SyncTask.prefetched``) is delivered from
+        the tasks; the server is asked only for what they do not cover."""
 
         mailbox = await self.store.get_mailbox(mailbox_id)
         if mailbox is None:
             return 0  # closed meanwhile
         checkpoint = await self.store.get_checkpoint(mailbox_id, folder)
         delivered = 0
+        if checkpoint is not None and tasks:
+            checkpoint, delivered = await self._deliver_prefetched(
+                mailbox, folder, checkpoint, tasks, seen_at
+            )
+            if all(_covered(checkpoint, task) for task in tasks):
+                return delivered
         async with self.readers.reader(mailbox) as reader:
             if checkpoint is None:
                 # The listener seeds the checkpoint before it publishes; none means the mailbox
@@ -212,6 +223,35 @@ class DeliveryWorker:
                 else:
                     return delivered
                 checkpoint = after
+
+    async def _deliver_prefetched(
+        self,
+        mailbox: MailboxConfig,
+        folder: str,
+        checkpoint: Checkpoint,
+        tasks: Sequence[SyncTask],
+        seen_at: float,
+    ) -> tuple[Checkpoint, int]:
+        """Deliver the mail the tasks carry, as far as it continues the checkpoint without a gap.
+        Returns the checkpoint reached and how many were delivered."""
+
+        if checkpoint.cursor or _feature_enabled(mailbox, "MarkEmailsAsSynchronized"):
+            return checkpoint, 0  # marking needs a session of our own anyway
+        delivered = 0
+        for task in sorted((t for t in tasks if t.has_prefetch), key=lambda t: t.prefetch_from):
+            if task.uidvalidity != checkpoint.uidvalidity or task.prefetch_to <= checkpoint.last_uid:
+                continue
+            if task.prefetch_from > checkpoint.last_uid + 1:
+                break  # a gap only the server can fill
+            after = Checkpoint(checkpoint.uidvalidity, task.prefetch_to)
+            messages = [raw for raw in task.prefetched if raw.uid > checkpoint.last_uid]
+            if messages:
+                delivered += await self._deliver_messages(mailbox, folder, messages, after, seen_at)
+                self.metrics.prefetched_emails.inc(len(messages))
+            else:
+                await self.store.advance_checkpoint(mailbox.id, folder, after)
+            checkpoint = after
+        return checkpoint, delivered
 
     async def _mark_synchronized(
         self, mailbox: MailboxConfig, reader: MailReader, messages: Sequence[RawMessage]
@@ -317,6 +357,19 @@ class DeliveryWorker:
             extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
+
+
+def _covered(checkpoint: Checkpoint, task: SyncTask) -> bool:
+    """The checkpoint already covers what the task announced (a UID protocol's task with a hint;
+    a nudge without one, or a cursor protocol's, always means "ask the server")."""
+
+    return (
+        not checkpoint.cursor
+        and not task.seed_cursor
+        and task.uid_hint > 0
+        and task.uidvalidity == checkpoint.uidvalidity
+        and checkpoint.last_uid >= task.uid_hint
+    )
 
 
 def _feature_enabled(mailbox: MailboxConfig, name: str) -> bool:

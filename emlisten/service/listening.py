@@ -11,6 +11,7 @@ A failing mailbox only ever affects its own scope.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from emlisten import __version__
-from emlisten.abc import RESYNC, MailSource, Sink, Store, TaskQueue
+from emlisten.abc import RESYNC, MailSource, Prefetch, Sink, Store, TaskQueue
 from emlisten.config import Role, Settings
 from emlisten.errors import (
     DeliveryError,
@@ -90,6 +91,19 @@ class MailboxManager:
         self._started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._connect_slots = trio.Semaphore(settings.max_concurrent_connects)
+
+    def prefetch_for(self, mailbox: MailboxConfig) -> Prefetch | None:
+        """Fetch small new mail on the listening session and carry it in the task, whatever the
+        role: in one process it saves the second session, across nodes it spares the worker
+        its own login and SELECT for each mailbox of a backlog."""
+        settings = self.settings
+        if settings.prefetch_max_bytes <= 0:
+            return None
+        return Prefetch(
+            max_message_bytes=settings.prefetch_max_bytes,
+            max_messages=settings.batch_max_count,
+            checkpoint=functools.partial(self.store.get_checkpoint, mailbox.id),
+        )
 
     @property
     def running_count(self) -> int:
@@ -496,7 +510,13 @@ class MailboxSupervisor:
     async def _listen_folder(
         self, folder: str, *, task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        await self.m.source.listen(self.mailbox, folder, self._on_new_mail, task_status=task_status)
+        await self.m.source.listen(
+            self.mailbox,
+            folder,
+            self._on_new_mail,
+            prefetch=self.m.prefetch_for(self.mailbox),
+            task_status=task_status,
+        )
 
     async def _on_new_mail(self, task: SyncTask) -> None:
         if not task.seen_at:

@@ -6,6 +6,9 @@ Serve with ``await nursery.start(proxy.serve)`` and point the client at ``proxy.
   a network path dies or the server crashes; new connections are accepted as before.
 - ``block()``: until ``unblock()``, new connections are reset as soon as they arrive (the
   client sees "connection reset") and the open ones are cut.
+- ``drop_server_lines``: while set, lines from the server that match this pattern are dropped
+  (e.g. ``* 3 EXISTS``: a server that fails to announce new mail). Only for line protocols, and
+  only lines that cannot occur inside a literal.
 
 Counters (``accepted``, ``refused``, ``cuts``, ``open_count``) and ``wait_accepted`` let a
 test see the clients reconnect without sleeping.
@@ -13,8 +16,10 @@ test see the clients reconnect without sleeping.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -48,6 +53,8 @@ class FaultProxy:
         self.accepted = 0  # connections forwarded (or attempted to be) since start
         self.refused = 0  # connections reset on arrival while blocked
         self.cuts = 0  # connections reset by cut() or block()
+        self.drop_server_lines: re.Pattern[bytes] | None = None
+        self.dropped_lines = 0
         self._links: set[_Link] = set()
         self._blocked = False
         self._changed = trio.Event()
@@ -134,7 +141,7 @@ class FaultProxy:
                     return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, client, link.upstream, link)
-                    nursery.start_soon(self._pump, link.upstream, client, link)
+                    nursery.start_soon(self._pump, link.upstream, client, link, self._filter)
         finally:
             self._links.discard(link)
             for stream in (client, link.upstream):
@@ -143,10 +150,41 @@ class FaultProxy:
                         _reset_on_close(stream)
                     await trio.aclose_forcefully(stream)
 
+    def _filter(self, pending: bytearray) -> bytes:
+        """The complete lines of ``pending`` that may pass (consumed from it); a partial line
+        waits for the rest while a pattern is set."""
+        pattern = self.drop_server_lines
+        if pattern is None:
+            data = bytes(pending)
+            pending.clear()
+            return data
+        end = pending.rfind(b"\n") + 1
+        lines = bytes(pending[:end]).splitlines(keepends=True)
+        del pending[:end]
+        kept = []
+        for line in lines:
+            if pattern.fullmatch(line):
+                self.dropped_lines += 1
+                self._notify()
+            else:
+                kept.append(line)
+        return b"".join(kept)
+
     @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, link: _Link) -> None:
+    async def _pump(
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        link: _Link,
+        line_filter: Callable[[bytearray], bytes] | None = None,
+    ) -> None:
+        pending = bytearray()
         try:
             while data := await source.receive_some(_CHUNK):
+                if line_filter is not None:
+                    pending += data
+                    data = line_filter(pending)
+                    if not data:
+                        continue
                 await sink.send_all(data)
             # A clean half-close travels on; the other direction keeps flowing.
             await sink.send_eof()

@@ -61,7 +61,7 @@ from xml.etree.ElementTree import Element
 import httpx
 import trio
 
-from emlisten.abc import MailReader, MailSource, NewMailCallback
+from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.errors import (
     FolderNotFoundError,
     MailAuthError,
@@ -453,6 +453,7 @@ class EwsSource(MailSource):
         folder: str,
         on_new_mail: NewMailCallback,
         *,
+        prefetch: Prefetch | None = None,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # Resolved here too: members of the streaming hub must carry the URL.

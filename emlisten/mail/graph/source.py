@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import trio
 
-from emlisten.abc import MailReader, MailSource, NewMailCallback
+from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.config import Settings
 from emlisten.errors import (
     FolderNotFoundError,
@@ -533,6 +533,7 @@ class GraphSource(MailSource):
         folder: str,
         on_new_mail: NewMailCallback,
         *,
+        prefetch: Prefetch | None = None,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         public_url = await self.wait_public_url()

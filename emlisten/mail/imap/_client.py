@@ -811,36 +811,26 @@ class ImapClient:
         items: str = _FETCH_MESSAGE_ITEMS,
         *,
         timeout: float | None = None,
+        unsolicited: list[Response] | None = None,
     ) -> list[FetchedMessage]:
-        """UID FETCH; by default the whole message without setting \\Seen (BODY.PEEK[])."""
+        """UID FETCH; by default the whole message without setting \\Seen (BODY.PEEK[]).
+
+        A partial ``BODY.PEEK[]<0.n>`` is returned as ``body`` too. Untagged responses that are
+        not answers to this FETCH (EXISTS, EXPUNGE, flag updates) go to ``unsolicited``."""
         sequence = uids.encode("ascii") if isinstance(uids, str) else sequence_set(uids)
         result = await self._command(b"UID FETCH " + sequence + b" " + items.encode("ascii"), timeout=timeout)
         self._require_ok(result, "UID FETCH")
-        messages: list[FetchedMessage] = []
-        for response in result.untagged:
-            if response.type != "FETCH":
-                continue
-            attributes = fetch_attributes(response)
-            uid = attributes.get("UID")
-            if not isinstance(uid, int):
-                continue  # an unsolicited flag update of another message
-            body = attributes.get("BODY[]")
-            date = attributes.get("INTERNALDATE")
-            size = attributes.get("RFC822.SIZE")
-            flags = attributes.get("FLAGS")
-            messages.append(
-                FetchedMessage(
-                    uid=uid,
-                    body=body if isinstance(body, bytes) else None,
-                    internal_date=parse_internal_date(date) if date is not None else None,
-                    size=size if isinstance(size, int) else None,
-                    flags=tuple(as_text(f) for f in flags if f is not None)
-                    if isinstance(flags, list)
-                    else None,
-                    sequence=response.number or 0,
-                )
-            )
-        return messages
+        return _fetched_messages(result.untagged, unsolicited)
+
+    async def last_uid(self, *, timeout: float | None = None) -> FetchedMessage | None:
+        """UID and sequence number of the selected folder's newest message (``FETCH * (UID)``),
+        None when the folder is empty."""
+        result = await self._command(b"FETCH * (UID)", timeout=timeout)
+        if result.status.type != "OK":
+            return None  # an empty folder has no "*"
+        messages = _fetched_messages(result.untagged, None)
+        return max(messages, key=lambda m: m.sequence) if messages else None
+
 
     async def uid_store(
         self,
@@ -1044,6 +1034,40 @@ class IdleSession:
 _capability_sets: dict[frozenset[str], frozenset[str]] = {}
 _MAX_CAPABILITY_SETS = 256
 
+
+
+def _fetched_messages(
+    untagged: Sequence[Response], unsolicited: list[Response] | None
+) -> list[FetchedMessage]:
+    messages: list[FetchedMessage] = []
+    for response in untagged:
+        if response.type != "FETCH":
+            if unsolicited is not None:
+                unsolicited.append(response)
+            continue
+        attributes = fetch_attributes(response)
+        uid = attributes.get("UID")
+        if not isinstance(uid, int):
+            if unsolicited is not None:
+                unsolicited.append(response)
+            continue  # an unsolicited flag update of another message
+        body = attributes.get("BODY[]")
+        if body is None:
+            body = attributes.get("BODY[]<0>")
+        date = attributes.get("INTERNALDATE")
+        size = attributes.get("RFC822.SIZE")
+        flags = attributes.get("FLAGS")
+        messages.append(
+            FetchedMessage(
+                uid=uid,
+                body=body if isinstance(body, bytes) else None,
+                internal_date=parse_internal_date(date) if date is not None else None,
+                size=size if isinstance(size, int) else None,
+                flags=tuple(as_text(f) for f in flags if f is not None) if isinstance(flags, list) else None,
+                sequence=response.number or 0,
+            )
+        )
+    return messages
 
 def _shared_capabilities(capabilities: frozenset[str]) -> frozenset[str]:
     shared = _capability_sets.get(capabilities)

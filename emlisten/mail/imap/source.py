@@ -16,16 +16,20 @@ new keywords (no ``\\*`` in PERMANENTFLAGS) answer STORE with NO: ``MailProtocol
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from emlisten.abc import MailReader, MailSource, NewMailCallback
+from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.errors import MailAuthError, MailProtocolError, MailTokenRejectedError
-from emlisten.mail.imap._client import ImapClient
+from emlisten.mail.imap._client import FetchedMessage, ImapClient
 from emlisten.mail.imap._parser import Response
 from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
 
@@ -57,6 +61,11 @@ class ImapSettings:
     command_timeout: float = 60.0
     #: LOGOUT/DONE on shutdown; shielded, so keep it short.
     close_timeout: float = 5.0
+    #: Safety net for notifications a server drops: after new mail was handled on a session,
+    #: ask the server again this long later (0 disables), ``recheck_count`` times, the interval
+    #: doubling each time. A recheck that finds mail counts as new activity.
+    recheck_seconds: float = 3.0
+    recheck_count: int = 2
 
 
 class ImapSource(MailSource):
@@ -75,6 +84,9 @@ class ImapSource(MailSource):
         connect_timeout: float = 30.0,
         command_timeout: float = 60.0,
         close_timeout: float = 5.0,
+        recheck_seconds: float = 3.0,
+        recheck_count: int = 2,
+        max_concurrent_prefetches: int = 64,
         ca_file: str | None = None,
         client_id: dict[str, str] | None = None,
     ) -> None:
@@ -86,7 +98,12 @@ class ImapSource(MailSource):
             connect_timeout=connect_timeout,
             command_timeout=command_timeout,
             close_timeout=close_timeout,
+            recheck_seconds=recheck_seconds,
+            recheck_count=recheck_count,
         )
+        #: Bounds the memory of message bodies being fetched on listening sessions at once
+        #: (each fetch holds at most Prefetch.max_messages x max_message_bytes).
+        self._prefetch_slots = trio.CapacityLimiter(max_concurrent_prefetches)
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
@@ -119,22 +136,23 @@ class ImapSource(MailSource):
         folder: str,
         on_new_mail: NewMailCallback,
         *,
+        prefetch: Prefetch | None = None,
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         client = await self.connect(mailbox)
         try:
             info = await client.examine(folder)
-            listener = _Listener(client, mailbox.id, info, on_new_mail, self.settings)
-            # Mail that arrived while we were away: queued before we report "started".
-            await on_new_mail(
-                SyncTask(
-                    mailbox_id=mailbox.id,
-                    folder=folder,
-                    uidvalidity=info.uidvalidity,
-                    uid_hint=max(info.uidnext - 1, 0),
-                    reason="catch-up",
-                )
+            listener = _Listener(
+                client,
+                mailbox.id,
+                info,
+                on_new_mail,
+                settings=self.settings,
+                prefetch=prefetch,
+                slots=self._prefetch_slots,
             )
+            # Mail that arrived while we were away: queued before we report "started".
+            await listener.catch_up()
             if client.has_capability("IDLE"):
                 await listener.idle_forever(task_status)
             else:
@@ -182,9 +200,31 @@ async def _authenticate_oauth(client: ImapClient, mailbox: MailboxConfig) -> Non
 
 
 class _Listener:
-    """Turns the untagged responses of one selected folder into SyncTasks."""
+    """Turns the untagged responses of one selected folder into SyncTasks.
 
-    __slots__ = ("client", "exists", "info", "mailbox_id", "on_new_mail", "settings")
+    With a ``Prefetch`` policy it also fetches the new mail on this session (DONE, UID FETCH,
+    IDLE again) and attaches it to the task, so that delivery needs no second session. It keeps
+    ``next_uid``, the lowest UID not handed on yet, and ``fetched_exists``, how many messages of
+    the folder lie below it, so that it knows how many new messages an EXISTS announces.
+    """
+
+    __slots__ = (
+        "client",
+        "exists",
+        "fetched_exists",
+        "info",
+        "mailbox_id",
+        "next_uid",
+        "on_new_mail",
+        "prefetch",
+        "recheck_at",
+        "recheck_interval",
+        "rechecks_left",
+        "seen_at",
+        "settings",
+        "slots",
+        "wanted",
+    )
 
     def __init__(
         self,
@@ -192,7 +232,10 @@ class _Listener:
         mailbox_id: str,
         info: FolderInfo,
         on_new_mail: NewMailCallback,
+        *,
         settings: ImapSettings,
+        prefetch: Prefetch | None = None,
+        slots: trio.CapacityLimiter | None = None,
     ) -> None:
         self.client = client
         self.mailbox_id = mailbox_id
@@ -200,8 +243,24 @@ class _Listener:
         self.exists = info.exists
         self.on_new_mail = on_new_mail
         self.settings = settings
+        self.prefetch = prefetch
+        self.slots = slots or trio.CapacityLimiter(1)
+        self.next_uid = max(info.uidnext, 1)
+        self.fetched_exists = info.exists
+        #: The server announced mail that was not fetched yet (prefetch mode).
+        self.wanted = False
+        self.seen_at = 0.0
+        self.recheck_at = math.inf
+        self.recheck_interval = 0.0
+        self.rechecks_left = 0
 
-    async def handle(self, responses: Sequence[Response]) -> None:
+    def _task(self, **fields: Any) -> SyncTask:
+        return SyncTask(
+            mailbox_id=self.mailbox_id, folder=self.info.name, uidvalidity=self.info.uidvalidity, **fields
+        )
+
+    def note(self, responses: Iterable[Response]) -> bool:
+        """Bookkeeping of EXISTS/EXPUNGE; True when the folder grew."""
         grew = False
         for response in responses:
             if response.type == "EXISTS" and response.number is not None:
@@ -210,16 +269,172 @@ class _Listener:
                 self.exists = response.number
             elif response.type == "EXPUNGE":
                 self.exists = max(self.exists - 1, 0)
-        if grew:
-            await self.on_new_mail(
-                SyncTask(
-                    mailbox_id=self.mailbox_id,
-                    folder=self.info.name,
-                    uidvalidity=self.info.uidvalidity,
-                    uid_hint=0,
-                    reason="exists",
-                )
+                if response.number is not None and response.number <= self.fetched_exists:
+                    self.fetched_exists -= 1
+        return grew
+
+    async def handle(self, responses: Sequence[Response]) -> None:
+        if not self.note(responses):
+            return
+        if not self.seen_at:
+            self.seen_at = time.time()
+        if self.prefetch is not None:
+            self.wanted = True  # fetched as soon as IDLE is ended
+            return
+        seen_at, self.seen_at = self.seen_at, 0.0
+        self._activity()
+        await self.on_new_mail(self._task(uid_hint=0, reason="exists", seen_at=seen_at))
+
+    # -- catch-up and fetching on this session --------------------------------------------------
+
+    async def catch_up(self) -> None:
+        """After a (re)connect: hand on what arrived while we were away, fetched here when it is a
+        few small mails, else as a nudge for a reader."""
+        newest = max(self.info.uidnext - 1, 0)
+        plain = self._task(uid_hint=newest, reason="catch-up")
+        prefetch = self.prefetch
+        if prefetch is None:
+            await self.on_new_mail(plain)
+            return
+        checkpoint = await prefetch.checkpoint(self.info.name)
+        if (
+            checkpoint is None  # a new subscription: it starts at UIDNEXT, nothing to fetch
+            or checkpoint.cursor
+            or checkpoint.uidvalidity != self.info.uidvalidity
+            or checkpoint.last_uid >= newest
+        ):
+            await self.on_new_mail(plain)
+            return
+        first = checkpoint.last_uid + 1
+        unsolicited: list[Response] = []
+        listed = await self.client.uid_fetch(f"{first}:*", "(UID)", unsolicited=unsolicited)
+        self.note(unsolicited)
+        uids = sorted(m.uid for m in listed if m.uid >= first)
+        self.exists = max([self.exists, *(m.sequence for m in listed)])
+        if len(uids) > prefetch.max_messages:
+            await self.on_new_mail(plain)  # a real backlog: a reader pages through it
+            self._advance(listed)
+            return
+        self.next_uid = first
+        self.fetched_exists = self.exists - len(uids)
+        await self._fetch(reason="catch-up", covers_to=newest)
+
+    async def fetch_new(self) -> None:
+        """Fetch what the server announced (prefetch mode), and hand it on."""
+        assert self.prefetch is not None
+        self.wanted = False
+        expected = self.exists - self.fetched_exists
+        if expected > self.prefetch.max_messages:
+            # More than one fetch should hold: only learn the newest UID, a reader pages.
+            newest = await self.client.last_uid()
+            if newest is not None and newest.uid >= self.next_uid:
+                self._advance([newest])
+                seen_at, self.seen_at = self.seen_at, 0.0
+                self._activity()
+                await self.on_new_mail(self._task(uid_hint=newest.uid, reason="exists", seen_at=seen_at))
+            return
+        await self._fetch(reason="exists", covers_to=0)
+
+    async def _fetch(self, *, reason: str, covers_to: int) -> None:
+        """UID FETCH next_uid:* with bodies cut at the size limit; publish what is complete.
+
+        ``covers_to``: the task may claim the folder up to this UID even when nothing newer is
+        there (a catch-up past expunged mail)."""
+        prefetch = self.prefetch
+        assert prefetch is not None
+        first = self.next_uid
+        limit = prefetch.max_message_bytes
+        unsolicited: list[Response] = []
+        async with self.slots:
+            fetched = await self.client.uid_fetch(
+                f"{first}:*",
+                f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)",
+                unsolicited=unsolicited,
             )
+            self.note(unsolicited)
+            # "n:*" also matches the newest message when n is above every UID: filter it out.
+            new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
+            uidvalidity = self.info.uidvalidity
+            complete: list[RawMessage] = []
+            for message in new[: prefetch.max_messages]:
+                if message.body is None or len(message.body) > limit:
+                    break  # too big to carry: this one and the rest are left to a reader
+                complete.append(
+                    RawMessage(
+                        uid=message.uid,
+                        data=message.body,
+                        internal_date=message.internal_date,
+                        size=message.size,
+                        key=f"{uidvalidity}/{message.uid}",
+                        position=Checkpoint(uidvalidity, message.uid),
+                    )
+                )
+        self._advance(fetched)
+        if not new and covers_to < first:
+            return  # announced, then gone (expunged), or already handed on
+        newest = max([covers_to, *(m.uid for m in new)])
+        # The task speaks for the folder up to the last complete message (all of them: newest).
+        prefetch_to = newest if len(complete) == len(new) else (complete[-1].uid if complete else first - 1)
+        seen_at, self.seen_at = self.seen_at, 0.0
+        if new:
+            self._activity()
+        task = self._task(uid_hint=newest, reason=reason, seen_at=seen_at)
+        if prefetch_to >= first:
+            task = dataclasses.replace(
+                task, prefetched=tuple(complete), prefetch_from=first, prefetch_to=prefetch_to
+            )
+        await self.on_new_mail(task)
+
+    def _advance(self, fetched: Iterable[FetchedMessage]) -> None:
+        """Everything up to the newest of these has been handed on."""
+        for message in fetched:
+            if message.uid >= self.next_uid:
+                self.next_uid = message.uid + 1
+                self.fetched_exists = max(self.fetched_exists, message.sequence)
+            self.exists = max(self.exists, message.sequence)
+
+    # -- the safety net for dropped notifications -----------------------------------------------
+
+    def _activity(self) -> None:
+        """New mail was handled: check again a little later, in case the server fails to announce
+        what comes next (Dovecot drops notifications while handing a session to imap-hibernate)."""
+        if self.settings.recheck_seconds <= 0 or self.settings.recheck_count <= 0:
+            return
+        self.recheck_interval = self.settings.recheck_seconds
+        self.rechecks_left = self.settings.recheck_count
+        self.recheck_at = trio.current_time() + self.recheck_interval
+
+    async def recheck(self) -> None:
+        """One round trip on this session: is there mail the server did not announce?"""
+        self.rechecks_left -= 1
+        if self.rechecks_left > 0:
+            self.recheck_interval *= 2
+            self.recheck_at = trio.current_time() + self.recheck_interval
+        else:
+            self.recheck_at = math.inf
+        # By UID, not by EXISTS: a server that failed to announce may fail to in answer to NOOP.
+        unsolicited: list[Response] = []
+        probed = await self.client.uid_fetch(
+            f"{self.next_uid}:*", "(UID)", timeout=self.settings.keepalive_timeout, unsolicited=unsolicited
+        )
+        await self.handle(unsolicited)
+        new = [m for m in probed if m.uid >= self.next_uid]
+        self.exists = max([self.exists, *(m.sequence for m in probed)])
+        if not new or self.wanted:
+            return
+        if not self.seen_at:
+            self.seen_at = time.time()
+        if self.prefetch is not None:
+            self.wanted = True
+            return
+        # Without prefetch UIDs are not tracked as mail is announced, so this may repeat an
+        # earlier nudge: harmless, the worker sees its checkpoint already covers it.
+        self._advance(new)
+        seen_at, self.seen_at = self.seen_at, 0.0
+        self._activity()
+        await self.on_new_mail(self._task(uid_hint=max(m.uid for m in new), reason="exists", seen_at=seen_at))
+
+    # -- the session loops ----------------------------------------------------------------------
 
     async def idle_forever(self, task_status: trio.TaskStatus[FolderInfo]) -> None:
         client = self.client
@@ -234,15 +449,18 @@ class _Listener:
             now = trio.current_time()
             renew_at = now + settings.idle_renew_seconds
             quiet_until = now + settings.keepalive_seconds
-            probe = False
-            while True:
+            probe = recheck = False
+            while not self.wanted:
                 now = trio.current_time()
                 if now >= renew_at:
                     break
                 if now >= quiet_until:
                     probe = True
                     break
-                response = await client.idle_wait(min(renew_at, quiet_until) - now)
+                if now >= self.recheck_at:
+                    recheck = True
+                    break
+                response = await client.idle_wait(min(renew_at, quiet_until, self.recheck_at) - now)
                 if response is not None:
                     quiet_until = trio.current_time() + settings.keepalive_seconds
                     await self.handle((response,))
@@ -251,12 +469,18 @@ class _Listener:
             await self.handle(await client.idle_done(timeout=timeout))
             if probe:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
+            elif recheck and not self.wanted:
+                await self.recheck()
+            while self.wanted:
+                await self.fetch_new()
 
     async def poll_forever(self, task_status: trio.TaskStatus[FolderInfo]) -> None:
         task_status.started(self.info)
         while True:
             await trio.sleep(self.settings.poll_seconds)
             await self.handle(await self.client.noop())
+            while self.wanted:
+                await self.fetch_new()
 
 
 class ImapReader(MailReader):

@@ -1,0 +1,232 @@
+"""Fetching on the listening session, and the recheck that makes up for dropped notifications.
+
+Against the real Dovecot of the test fixture; a fault proxy in front of it plays a server that
+fails to announce new mail (drops ``* n EXISTS``), as Dovecot does while it hands a session to
+imap-hibernate.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+from emlisten.abc import Prefetch
+from emlisten.mail.imap import ImapSource
+from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, Security
+from tests.imap.test_source import Sink
+from tests.servers.dovecot import Dovecot, MailUser, mailbox_for, make_message
+from tests.servers.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.dovecot
+
+EXISTS_LINE = re.compile(rb"\* \d+ EXISTS\r\n")
+
+
+def checkpoint_of(value: Checkpoint | None) -> Callable[[str], Awaitable[Checkpoint | None]]:
+    async def read(folder: str) -> Checkpoint | None:
+        return value
+
+    return read
+
+
+def prefetch(
+    checkpoint: Checkpoint | None = None, *, max_bytes: int = 1024 * 1024, max_messages: int = 20
+) -> Prefetch:
+    return Prefetch(
+        max_message_bytes=max_bytes, max_messages=max_messages, checkpoint=checkpoint_of(checkpoint)
+    )
+
+
+def imap_source(dovecot: Dovecot, **changes: float) -> tuple[ImapSource, list[str]]:
+    """A source whose commands are recorded (name of each command, in order)."""
+    source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30, **changes)  # type: ignore[arg-type]
+    commands: list[str] = []
+    source.command_observer = lambda command, outcome: commands.append(command)
+    return source, commands
+
+
+async def listen(
+    nursery: trio.Nursery, source: ImapSource, mailbox: MailboxConfig, sink: Sink, policy: Prefetch | None
+) -> FolderInfo:
+    async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
+        await source.listen(mailbox, "INBOX", sink, prefetch=policy, task_status=task_status)
+
+    info: FolderInfo = await nursery.start(run)
+    return info
+
+
+async def test_new_mail_is_fetched_on_the_listening_session(dovecot: Dovecot, mail_user: MailUser) -> None:
+    source, commands = imap_source(dovecot)
+    sink = Sink()
+    mailbox = mailbox_for(dovecot, mail_user)
+    async with trio.open_nursery() as nursery:
+        info = await listen(nursery, source, mailbox, sink, prefetch())
+        assert (await sink.next()).reason == "catch-up"  # a new subscription: nothing to fetch
+        first, second = make_message(subject="first"), make_message(subject="second")
+        for raw in (first, second):
+            await dovecot.aappend(mail_user, raw)
+            task = await sink.next()
+            assert task.reason == "exists" and task.has_prefetch
+            (message,) = task.prefetched
+            assert message.data == raw  # the whole message, byte for byte
+            assert (task.prefetch_from, task.prefetch_to, task.uid_hint) == (message.uid,) * 3
+            assert message.key == f"{info.uidvalidity}/{message.uid}"
+            assert message.position == Checkpoint(info.uidvalidity, message.uid)
+        nursery.cancel_scope.cancel()
+    # One login for everything: the fetches ran on the session that listens.
+    assert sum(c in ("LOGIN", "AUTHENTICATE") for c in commands) == 1
+    assert commands.count("UID FETCH") >= 2
+
+
+async def test_catch_up_of_a_few_mails_is_fetched_on_the_session(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    # Three mails; the stored checkpoint says the first was delivered before the restart.
+    raws = [make_message(subject=f"m{i}") for i in range(3)]
+    uids = [await dovecot.aappend(mail_user, raw) for raw in raws]
+    source, _ = imap_source(dovecot)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        probe = await listen(nursery, source, mailbox_for(dovecot, mail_user), Sink(), None)
+        nursery.cancel_scope.cancel()
+    uidvalidity = probe.uidvalidity
+    assert probe.uidnext == uids[-1] + 1
+
+    async with trio.open_nursery() as nursery:
+        await listen(
+            nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(Checkpoint(uidvalidity, uids[0]))
+        )
+        (task,) = sink.pending()  # handed on before started()
+        assert task.reason == "catch-up"
+        assert [m.data for m in task.prefetched] == raws[1:]
+        assert (task.prefetch_from, task.prefetch_to, task.uid_hint) == (uids[0] + 1, uids[2], uids[2])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_backlog_larger_than_one_fetch_is_left_to_a_reader(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    uids = [await dovecot.aappend(mail_user, make_message()) for _ in range(3)]
+    source, _ = imap_source(dovecot)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        info = await listen(
+            nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(Checkpoint(0, 0), max_messages=2)
+        )
+        (task,) = sink.pending()
+        nursery.cancel_scope.cancel()
+    # The checkpoint's UIDVALIDITY (0) is not the folder's: only a reader can sort that out.
+    assert not task.has_prefetch and task.uid_hint == uids[-1]
+
+    async with trio.open_nursery() as nursery:
+        checkpoint = Checkpoint(info.uidvalidity, 0)
+        await listen(
+            nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(checkpoint, max_messages=2)
+        )
+        (task,) = sink.pending()
+        assert (task.reason, task.has_prefetch, task.uid_hint) == ("catch-up", False, uids[-1])
+        nursery.cancel_scope.cancel()
+
+
+async def test_large_mail_is_left_to_a_reader(dovecot: Dovecot, mail_user: MailUser) -> None:
+    source, _ = imap_source(dovecot)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(max_bytes=2000))
+        await sink.next()
+        big = make_message(body="x" * 5000 + "\r\n")
+        big_uid = await dovecot.aappend(mail_user, big)
+        task = await sink.next()
+        # Announced (uid_hint) but not carried: the worker reads it with a session of its own.
+        assert (task.has_prefetch, task.uid_hint) == (False, big_uid)
+        small = make_message()
+        small_uid = await dovecot.aappend(mail_user, small)
+        task = await sink.next()
+        assert [m.data for m in task.prefetched] == [small]
+        assert task.prefetch_from == big_uid + 1 == small_uid
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def proxy(dovecot: Dovecot, nursery: trio.Nursery) -> FaultProxy:
+    proxy = FaultProxy(dovecot.host, dovecot.imap_port)
+    await nursery.start(proxy.serve)
+    return proxy
+
+
+def proxied_mailbox(dovecot: Dovecot, user: MailUser, proxy: FaultProxy) -> MailboxConfig:
+    mailbox = mailbox_for(dovecot, user, Security.NONE)
+    return mailbox.replace(imap=mailbox.imap.__class__(proxy.host, proxy.port, Security.NONE))
+
+
+@pytest.mark.parametrize("with_prefetch", [True, False])
+async def test_recheck_finds_mail_the_server_did_not_announce(
+    dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy, with_prefetch: bool
+) -> None:
+    source, _ = imap_source(dovecot, recheck_seconds=0.3, recheck_count=2)
+    sink = Sink()
+    mailbox = proxied_mailbox(dovecot, mail_user, proxy)
+    policy = prefetch() if with_prefetch else None
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox, sink, policy)
+        await sink.next()  # catch-up
+        await dovecot.aappend(mail_user, make_message(subject="announced"))
+        assert (await sink.next()).reason == "exists"
+        # From now on the server "forgets" to announce new mail.
+        proxy.drop_server_lines = EXISTS_LINE
+        second = make_message(subject="not announced")
+        uid = await dovecot.aappend(mail_user, second)
+        task = await sink.next(timeout=10)  # the recheck after the first mail finds it
+        assert proxy.dropped_lines >= 1
+        if with_prefetch:
+            assert [m.uid for m in task.prefetched] == [uid] and task.prefetched[0].data == second
+        else:
+            assert task.reason == "exists"
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_recheck_an_unannounced_mail_waits(
+    dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy
+) -> None:
+    """The failure the recheck repairs: with it off, a mail the server does not announce is
+    not seen (until the keepalive probe, minutes later, or the next announced mail)."""
+    source, _ = imap_source(dovecot, recheck_seconds=0)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, proxied_mailbox(dovecot, mail_user, proxy), sink, prefetch())
+        await sink.next()
+        await dovecot.aappend(mail_user, make_message())
+        await sink.next()
+        proxy.drop_server_lines = EXISTS_LINE
+        await dovecot.aappend(mail_user, make_message())
+        with trio.move_on_after(2):
+            await sink.next()
+            pytest.fail("an unannounced mail was reported without a recheck")
+        # The next announced mail brings both.
+        proxy.drop_server_lines = None
+        await dovecot.aappend(mail_user, make_message())
+        task = await sink.next()
+        assert len(task.prefetched) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_rechecks_stop_when_the_mailbox_is_quiet(dovecot: Dovecot, mail_user: MailUser) -> None:
+    """Bounded work per activity: a quiet mailbox is not polled beyond the keepalive."""
+    source, commands = imap_source(dovecot, recheck_seconds=0.2, recheck_count=2)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch())
+        await sink.next()
+        await dovecot.aappend(mail_user, make_message())
+        await sink.next()
+        fetches_after_mail = commands.count("UID FETCH")
+        # Rechecks at +0.2 s and +0.6 s (the interval doubles), then none.
+        with trio.fail_after(10):
+            while commands.count("UID FETCH") < fetches_after_mail + 2:
+                await trio.sleep(0.05)
+        await trio.sleep(1.5)  # well past where a third recheck would have been
+        assert commands.count("UID FETCH") == fetches_after_mail + 2
+        nursery.cancel_scope.cancel()
