@@ -452,3 +452,42 @@ async def test_sigkill_of_a_secondary_mid_delivery(
     report(figures, problem)
     uid = flow.last_uid[mailbox_id]
     assert f"uid {uid}..{uid}" in c.nodes[survivor].log_text(), "the survivor did not deliver the held mail"
+
+
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+async def test_sigkill_of_a_secondary_mid_backlog_drain(
+    proxied: Proxied, dovecot: Dovecot, creatio: CreatioStandIn
+) -> None:
+    """A backlog over many mailboxes (the primary fetched it on its listening sessions and the
+    tasks carry the mail): a secondary killed in the middle of draining it loses nothing."""
+    c = proxied.cluster
+    await start_nodes(c, {"p1": "primary", "s1": "secondary", "s2": "secondary"})
+    flow = await start_listening(c, dovecot, creatio, mailboxes=10)
+
+    creatio.hold_next("ProcessFullEmail")
+    for round_number in range(3):
+        await flow.append(f"backlog{round_number}")
+    held = await creatio.wait_held(timeout=20)
+    holder = await trio.to_thread.run_sync(_sync_lease_holder, c.prefix, held.mailbox_id)
+    assert holder is not None, "nobody holds the sync lease during a delivery"
+    victim = holder.split("/worker/")[0]
+    assert victim in ("s1", "s2"), holder
+    survivor = "s2" if victim == "s1" else "s1"
+
+    await trio.to_thread.run_sync(c.nodes[victim].kill)
+    killed_at = time.monotonic()
+
+    def aborted() -> bool | None:
+        return True if any(call.status == CLIENT_GONE for call in creatio.calls("ProcessFullEmail")) else None
+
+    await creatio.wait_until(aborted, 10, "the held request to lose its client")
+    creatio.release()
+
+    problem = await settled(flow, creatio, c, "p1", ("p1", survivor))
+    figures = count("sigkill secondary mid-backlog", flow, creatio)
+    figures.notes = [
+        f"killed {victim} mid-drain, all delivered {accepted_after(creatio, killed_at):.1f}s after the kill"
+    ]
+    report(figures, problem)
+    assert figures.sent == 30

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import trio
 
 from emlisten.abc import TaskDelivery, TaskQueue
-from emlisten.models import SyncTask
+from emlisten.models import Checkpoint, RawMessage, SyncTask
 from emlisten.queue.inprocess import InProcessQueue
 from tests.contract.backends import rabbitmq_queue
 
@@ -49,6 +50,54 @@ async def test_publish_consume_ack_in_order(queue: TaskQueue) -> None:
 async def test_task_round_trips_through_dict() -> None:
     t = SyncTask("m", "Sent Items", 42, 7, "catch-up")
     assert SyncTask.from_dict(t.to_dict()) == t
+
+
+def task_with_mail(n: int) -> SyncTask:
+    """A task carrying mail a listener fetched: 8-bit bytes, CRLF, a date with its zone."""
+    date = datetime(2026, 12, 6, 7, 0, tzinfo=timezone(timedelta(hours=3)))
+    mail = tuple(
+        RawMessage(
+            uid=uid,
+            data=b"Subject: =?utf-8?q?x?=\r\n\r\n" + bytes(range(256)) + b"\r\n",
+            internal_date=date,
+            size=272,
+            key=f"7/{uid}",
+            position=Checkpoint(7, uid),
+        )
+        for uid in (n, n + 2)
+    )
+    return SyncTask(
+        f"m{n}", "INBOX", 7, uid_hint=n + 2, seen_at=1.5, prefetched=mail, prefetch_from=n, prefetch_to=n + 2
+    )
+
+
+async def test_mail_carried_in_a_task_arrives_intact(queue: TaskQueue) -> None:
+    await queue.publish(task_with_mail(3))
+    async with queue.consume(prefetch=1) as deliveries:
+        (got,) = await take(deliveries, 1)
+        assert got.task == task_with_mail(3)
+        await got.ack()
+
+
+async def test_in_process_queue_drops_carried_mail_over_its_budget() -> None:
+    """Carried mail is an optimisation: beyond the budget the task stays, without the mail."""
+    queue = InProcessQueue(max_payload_bytes=600)
+    for n in (1, 10, 20):
+        await queue.publish(task_with_mail(n))  # 562 bytes of mail each
+    async with queue.consume(prefetch=3) as deliveries:
+        taken = await take(deliveries, 3)
+        for delivery in taken:
+            await delivery.ack()
+    got = [d.task for d in taken]
+    assert got[0] == task_with_mail(1)
+    assert [(t.mailbox_id, t.uid_hint, t.has_prefetch, t.prefetched) for t in got[1:]] == [
+        ("m10", 12, False, ()),
+        ("m20", 22, False, ()),
+    ]
+    # Taken mail leaves the budget: the next task keeps its mail.
+    await queue.publish(task_with_mail(30))
+    async with queue.consume(prefetch=1) as deliveries:
+        assert [d.task for d in await take(deliveries, 1)] == [task_with_mail(30)]
 
 
 async def test_prefetch_bounds_unacked(queue: TaskQueue) -> None:
