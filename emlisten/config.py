@@ -87,6 +87,9 @@ class Settings:
     #: Concurrent connection attempts per process, so a cold start with thousands of mailboxes
     #: does not flood the mail servers (or our own CPU with TLS handshakes).
     max_concurrent_connects: int = 64
+    #: Connection attempts started per second per process, at most (0: no limit); halved while
+    #: attempts fail to connect, climbing back as they succeed.
+    max_connects_per_second: float = 500.0
     #: Safety net for notifications a server drops (Dovecot while hibernating a session): after
     #: new mail on a session, ask the server again this long later (0: never), up to
     #: ``recheck_count`` times with the interval doubling. One round trip on the open session.
@@ -224,7 +227,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
         )
-    for name in ("recheck_seconds", "recheck_count", "prefetch_max_bytes"):
+    for name in ("recheck_seconds", "recheck_count", "prefetch_max_bytes", "max_connects_per_second"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.max_mailboxes < 0:

@@ -27,6 +27,7 @@ from emlisten.config import Role, Settings
 from emlisten.errors import (
     DeliveryError,
     MailAuthError,
+    MailConnectError,
     MailSourceError,
     MailTokenRejectedError,
     StoreError,
@@ -42,6 +43,7 @@ from emlisten.models import (
     SyncTask,
 )
 from emlisten.service.backoff import Retry
+from emlisten.service.pacing import ConnectPacer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,9 @@ class MailboxManager:
         self._renewed_at = -math.inf
         self._started_at = time.time()
         self._nursery: trio.Nursery | None = None
-        self._connect_slots = trio.Semaphore(settings.max_concurrent_connects)
+        self.pacer = ConnectPacer(
+            max_concurrent=settings.max_concurrent_connects, max_per_second=settings.max_connects_per_second
+        )
 
     def prefetch_for(self, mailbox: MailboxConfig) -> Prefetch | None:
         """Fetch small new mail on the listening session and carry it in the task, whatever the
@@ -417,13 +421,18 @@ class MailboxSupervisor:
             started_at = math.inf
             try:
                 async with trio.open_nursery() as nursery:
-                    async with self.m._connect_slots:
-                        for folder in self.mailbox.folders:
-                            info: FolderInfo = await nursery.start(self._listen_folder, folder)
-                            log.debug(
-                                "folder live",
-                                extra={"mailbox": mailbox_id, "folder": folder, "uidnext": info.uidnext},
-                            )
+                    async with self.m.pacer.attempt() as attempt:
+                        try:
+                            for folder in self.mailbox.folders:
+                                info: FolderInfo = await nursery.start(self._listen_folder, folder)
+                                log.debug(
+                                    "folder live",
+                                    extra={"mailbox": mailbox_id, "folder": folder, "uidnext": info.uidnext},
+                                )
+                        except MailConnectError:
+                            attempt.failed()  # the server may be overloaded: slow down
+                            raise
+                        attempt.succeeded()
                     started_at = trio.current_time()
                     await self._set_state(MailboxState.LISTENING)
                     if failed_before:
