@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import burst, failover, idle, latency
+from bench import backlog, burst, cold_start, failover, follow_up, idle, latency, pause, random_traffic
 from bench._harness import BenchError, print_table, write_results
 
 SCENARIOS = {
@@ -17,6 +17,20 @@ SCENARIOS = {
         failover,
         "SIGKILL a primary of a Redis + RabbitMQ cluster: takeover time, mail lost or doubled",
     ),
+    "backlog": (
+        backlog,
+        "N mailboxes x M mails appended while emlisten was frozen: drain rate, sessions re-opened",
+    ),
+    "pause": (
+        pause,
+        "one node frozen longer than its lease TTL: sessions re-opened, then one mail per mailbox",
+    ),
+    "cold-start": (
+        cold_start,
+        "N mailboxes in one create call to a fresh process, beside the bare-client floor",
+    ),
+    "follow-up": (follow_up, "a second mail 1.4-2.0 s after the first on a hibernating Dovecot: its delay"),
+    "random-traffic": (random_traffic, "mail to random mailboxes at a fixed rate: delays, mails that waited"),
 }
 
 

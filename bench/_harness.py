@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -58,6 +58,14 @@ service auth {
   client_limit = 20000
 }
 """
+
+
+class MailServerSide(Protocol):
+    """What the mail side of a run needs of a stack: the server, and whether emlisten's
+    sessions (and the bench's probes) use TLS."""
+
+    dovecot: Dovecot
+    tls: bool
 
 
 class BenchError(RuntimeError):
@@ -154,6 +162,15 @@ def machine_facts() -> dict[str, Any]:
             cwd=Path(__file__).resolve().parent,
         )
         commit = result.stdout.strip() or "unknown"
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "emlisten"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        if changed:  # the figures are of a working tree, not of that commit
+            commit += f" + uncommitted changes in {len(changed.splitlines())} emlisten file(s)"
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": _first_match("/proc/cpuinfo", r"^model name\s*:\s*(.+)$"),
@@ -355,17 +372,39 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def established_connections(pid: int, remote_ports: Sequence[int]) -> int:
-    """TCP connections of ``pid`` in ESTABLISHED state to any of ``remote_ports``."""
+def established_inodes(pid: int, remote_ports: Sequence[int]) -> set[str]:
+    """Socket inodes of the TCP connections of ``pid`` in ESTABLISHED state to any of
+    ``remote_ports``. A connection keeps its inode for its whole life, so comparing two sets tells
+    which connections survived and which are new."""
     inodes = _socket_inodes(pid)
     wanted = {f"{p:04X}" for p in remote_ports}
-    count = 0
+    found: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
                 if fields[3] == "01" and fields[2].rsplit(":", 1)[1] in wanted and fields[9] in inodes:
+                    found.add(fields[9])
+    return found
+
+
+def established_connections(pid: int, remote_ports: Sequence[int]) -> int:
+    """TCP connections of ``pid`` in ESTABLISHED state to any of ``remote_ports``."""
+    return len(established_inodes(pid, remote_ports))
+
+
+def server_connections(local_ports: Sequence[int]) -> int:
+    """ESTABLISHED TCP connections of any process whose local port is one of ``local_ports``
+    (the server's side of every client session)."""
+    wanted = {f"{p:04X}" for p in local_ports}
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "01" and fields[1].rsplit(":", 1)[1] in wanted:
                     count += 1
     return count
 
@@ -451,6 +490,23 @@ class EmlistenProcess:
         except OSError:
             return ""
 
+    def log_size(self) -> int:
+        """Bytes in the current log so far: pass it to :meth:`log_lines` as ``since``."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_lines(self, pattern: str, since: int = 0) -> list[str]:
+        """Lines of the current log (from byte ``since``) that match the regex ``pattern``."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if re.search(pattern, line)]
+
     def log_problems(self) -> int:
         """Lines at WARNING or above in the current log (the process runs at WARNING)."""
         try:
@@ -519,6 +575,90 @@ class EmlistenProcess:
             process.wait()
             say(f"emlisten did not stop within {within}s; killed")
         return time.monotonic() - started
+
+
+# -- what a process tells about its IMAP sessions -----------------------------------------------
+
+#: The commands that open an IMAP session (one per connection): counted from ``/metrics``.
+SESSION_COMMANDS = ("LOGIN", "AUTHENTICATE")
+_LOST_LEASES = re.compile(r"lost (\d+) lease\(s\)")
+
+
+@dataclass
+class SessionCounts:
+    """From one ``GET /metrics``: ``emlisten_imap_commands_total`` for LOGIN and AUTHENTICATE (a
+    session each) and ``emlisten_reconnects_total`` by reason. Subtract two readings for the
+    sessions opened between them."""
+
+    logins: int = 0  # LOGIN/AUTHENTICATE answered OK: sessions opened
+    login_attempts: int = 0  # any outcome
+    reconnects: dict[str, int] = field(default_factory=dict)
+    #: Every ``*_total`` counter sample of the node, for the result file (diagnostics).
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def __sub__(self, before: SessionCounts) -> SessionCounts:
+        return SessionCounts(
+            self.logins - before.logins,
+            self.login_attempts - before.login_attempts,
+            _changed(self.reconnects, before.reconnects, -1),
+            _changed(self.counters, before.counters, -1),
+        )
+
+    def __add__(self, other: SessionCounts) -> SessionCounts:
+        return SessionCounts(
+            self.logins + other.logins,
+            self.login_attempts + other.login_attempts,
+            _changed(self.reconnects, other.reconnects, 1),
+            _changed(self.counters, other.counters, 1),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "logins": self.logins,
+            "login_attempts": self.login_attempts,
+            "reconnects": self.reconnects,
+            "counters": self.counters,
+        }
+
+
+def _changed(a: dict[str, Any], b: dict[str, Any], sign: int) -> dict[str, Any]:
+    """a + sign * b per key, keeping only the non-zero results."""
+    combined = {key: a.get(key, 0) + sign * b.get(key, 0) for key in sorted(set(a) | set(b))}
+    return {key: value for key, value in combined.items() if value}
+
+
+async def session_counts(http: httpx.AsyncClient, base_url: str) -> SessionCounts:
+    """Read the session counters from the node's ``/metrics`` (the node must not be frozen)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await http.get(f"{base_url}/metrics", timeout=60)
+    response.raise_for_status()
+    counts = SessionCounts()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            command = sample.labels.get("command")
+            if sample.name == "emlisten_imap_commands_total" and command in SESSION_COMMANDS:
+                counts.login_attempts += int(sample.value)
+                if sample.labels.get("outcome") == "ok":
+                    counts.logins += int(sample.value)
+            elif sample.name == "emlisten_reconnects_total":
+                reason = sample.labels.get("reason", "")
+                counts.reconnects[reason] = counts.reconnects.get(reason, 0) + int(sample.value)
+            if sample.name.endswith("_total"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                counts.counters[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return counts
+
+
+def lost_leases(process: EmlistenProcess, since: int = 0) -> tuple[int, int]:
+    """(log lines "lost N lease(s) to other nodes", sum of their N) in the process's log since
+    byte ``since``. The lines are WARNINGs, so they are logged at the bench's level."""
+    lines = process.log_lines(_LOST_LEASES.pattern, since)
+    total = 0
+    for line in lines:
+        match = _LOST_LEASES.search(line)
+        total += int(match.group(1)) if match else 0
+    return len(lines), total
 
 
 # -- the whole stack ---------------------------------------------------------------------------
@@ -992,6 +1132,10 @@ class CallbackIndex:
     def _has_new(self) -> bool:
         return len(self.standin.calls()) > self._consumed
 
+    async def wait_new(self) -> None:
+        """Until the stand-in recorded a call this index has not read yet (no timeout)."""
+        await self.standin.wait_until(lambda: True if self._has_new() else None, math.inf, "a callback")
+
 
 async def prepare_mailboxes(dovecot: Dovecot, users: Sequence[MailUser]) -> None:
     """Log every user in once, so Dovecot has created its Maildir and indexes before the
@@ -1058,7 +1202,7 @@ async def bare_client_cold_start(
         await close_all(clients)
 
 
-async def connect_appenders(stack: Stack | ClusterStack, users: Sequence[MailUser]) -> list[RawImap]:
+async def connect_appenders(stack: MailServerSide, users: Sequence[MailUser]) -> list[RawImap]:
     """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
     clients: list[RawImap | None] = [None] * len(users)
 

@@ -7,7 +7,14 @@ EXISTS notifications wait in the sockets. Then SIGCONT, and:
 
 - drain rate = mails delivered / (last callback received - SIGCONT);
 - lost = expected - distinct mails delivered (must be 0);
-- duplicated = deliveries of an Email.Id already delivered (must be 0).
+- duplicated = deliveries of an Email.Id already delivered (must be 0);
+- IMAP sessions opened during the drain: LOGIN/AUTHENTICATE answered OK, from each process's
+  ``/metrics`` (``emlisten_imap_commands_total``) read before the freeze and after the drain, next
+  to how many of the mail connections held before the freeze are still open after it (the same
+  socket) and the "lost N lease(s)" lines the processes logged meanwhile.
+
+``python -m bench backlog`` is the same measurement in the N mailboxes x M mails shape
+(bench/backlog.py).
 
 Topologies (``--topology``):
 
@@ -28,6 +35,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import httpx
 import trio
 
 from bench._harness import (
@@ -37,6 +45,7 @@ from bench._harness import (
     EmlistenProcess,
     Progress,
     Result,
+    SessionCounts,
     add_cluster_arguments,
     add_common_arguments,
     bench_dovecot,
@@ -45,10 +54,13 @@ from bench._harness import (
     common_params,
     connect_appenders,
     create_users,
+    established_inodes,
+    lost_leases,
     open_cluster,
     open_stack,
     prepare_mailboxes,
     say,
+    session_counts,
 )
 from bench._rawimap import RawImap
 from tests.servers.creatio import CreatioStandIn
@@ -58,8 +70,8 @@ TARGET_MAILS_PER_SECOND = 1000.0
 TOPOLOGIES = ("all", "primary+secondary")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, mailboxes=100)
+def add_arguments(parser: argparse.ArgumentParser, *, mailboxes: int = 100) -> None:
+    add_common_arguments(parser, mailboxes=mailboxes)
     add_cluster_arguments(parser)
     parser.add_argument("--mails", type=int, default=2000, help="mails in the burst (default 2000)")
     parser.add_argument("--size", type=int, default=5000, help="approximate bytes per mail (default 5000)")
@@ -94,10 +106,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Result:
+    return run_scenario(
+        args, "burst", {"all": TARGET_MAILS_PER_SECOND, "primary+secondary": TARGET_MAILS_PER_SECOND}
+    )
+
+
+def run_scenario(args: argparse.Namespace, scenario: str, targets: Mapping[str, float]) -> Result:
+    """The burst measurement under the name ``scenario``, with a drain-rate target per topology
+    (``args.mails`` mails round-robin over ``args.mailboxes`` mailboxes)."""
     with bench_dovecot(args) as dovecot:
         users = create_users(dovecot, args.mailboxes)
         measure = _measure_cluster if args.topology == "primary+secondary" else _measure_all
-        return trio.run(measure, args, dovecot, users)
+        return trio.run(measure, args, dovecot, users, scenario, targets[args.topology])
 
 
 async def _append_all(
@@ -124,13 +144,16 @@ async def _append_all(
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    params = {
         **common_params(args),
         "topology": args.topology,
         "mails": args.mails,
         "size_bytes": args.size,
         "parallel_appends": args.parallel,
     }
+    if getattr(args, "mails_per_mailbox", None):
+        params["mails_per_mailbox"] = args.mails_per_mailbox
+    return params
 
 
 async def _freeze_append_thaw(
@@ -138,12 +161,18 @@ async def _freeze_append_thaw(
     standin: CreatioStandIn,
     appenders: Sequence[RawImap],
     args: argparse.Namespace,
+    *,
+    http: httpx.AsyncClient,
+    mail_ports: Sequence[int],
 ) -> dict[str, Any]:
     """Freeze every process, append the backlog, thaw them all, wait for the drain. Returns the
     raw figures (shared by every topology)."""
     m = args.mails
     run_tag = uuid.uuid4().hex[:8]
     index = CallbackIndex(standin, run_tag)
+    sessions_before = {name: await session_counts(http, p.url) for name, p in processes.items()}
+    held_before = {name: established_inodes(p.pid, mail_ports) for name, p in processes.items()}
+    log_offsets = {name: p.log_size() for name, p in processes.items()}
     names = ", ".join(f"{name} (pid {p.pid})" for name, p in processes.items())
     say(f"freezing {names} (SIGSTOP)")
     frozen_at = time.monotonic()
@@ -166,6 +195,11 @@ async def _freeze_append_thaw(
     say(f"thawed {', '.join(processes)} (SIGCONT) after {thawed_at - frozen_at:.1f} s")
     complete = await index.wait_for(m, args.stall_timeout, "delivered")
     cpu_used = {name: p.cpu_seconds() - cpu_before[name] for name, p in processes.items()}
+    held_after = {name: established_inodes(p.pid, mail_ports) for name, p in processes.items()}
+    sessions = {
+        name: await session_counts(http, p.url) - sessions_before[name] for name, p in processes.items()
+    }
+    leases = {name: lost_leases(p, log_offsets[name]) for name, p in processes.items()}
     delivered = len(index.first_seen)
     drain_seconds = index.last_received - thawed_at if delivered else 0.0
     return {
@@ -178,10 +212,19 @@ async def _freeze_append_thaw(
         "emails": index.emails,
         "cpu_used": cpu_used,
         "complete": complete,
+        "sessions": sessions,
+        "connections_before": {name: len(held) for name, held in held_before.items()},
+        "connections_survived": {name: len(held & held_after[name]) for name, held in held_before.items()},
+        "connections_after": {name: len(held) for name, held in held_after.items()},
+        "lost_leases": leases,
     }
 
 
-def _report(result: Result, raw: Mapping[str, Any], mails: int) -> None:
+def _per_process(values: Mapping[str, int]) -> str:
+    return "" if len(values) < 2 else " (" + ", ".join(f"{k} {v}" for k, v in values.items()) + ")"
+
+
+def _report(result: Result, raw: Mapping[str, Any], mails: int, target: float) -> None:
     """Metrics and table rows from :func:`_freeze_append_thaw`'s figures."""
     delivered, drain_seconds = raw["delivered"], raw["drain_seconds"]
     rate = delivered / drain_seconds if drain_seconds > 0 else 0.0
@@ -206,13 +249,20 @@ def _report(result: Result, raw: Mapping[str, Any], mails: int) -> None:
             "emlisten_cpu_seconds_during_drain_per_process": {k: round(v, 3) for k, v in cpu_used.items()},
             "emlisten_cpu_ms_per_mail": round(1000 * cpu_total / delivered, 3) if delivered else None,
             "complete": raw["complete"],
+            "sessions_opened_during_drain": {k: v.as_dict() for k, v in raw["sessions"].items()},
+            "mail_connections_before_freeze": raw["connections_before"],
+            "mail_connections_survived_drain": raw["connections_survived"],
+            "mail_connections_after_drain": raw["connections_after"],
+            "lost_lease_log_lines": {
+                k: {"lines": v[0], "leases": v[1]} for k, v in raw["lost_leases"].items()
+            },
         }
     )
     result.row(
         "drain rate (SIGCONT -> last callback)",
         f"{rate:.0f} mails/s ({delivered} in {drain_seconds:.2f} s)",
-        f">= {TARGET_MAILS_PER_SECOND:g} mails/s",
-        rate >= TARGET_MAILS_PER_SECOND,
+        f">= {target:g} mails/s",
+        rate >= target,
     )
     result.row("lost", str(lost), "0", lost == 0)
     result.row("duplicated", str(raw["duplicated"]), "0", raw["duplicated"] == 0)
@@ -222,6 +272,23 @@ def _report(result: Result, raw: Mapping[str, Any], mails: int) -> None:
         per_mail += " (" + ", ".join(f"{k} {v:.2f} s" for k, v in cpu_used.items()) + ")"
     result.row("emlisten CPU per mail during the drain", per_mail)
     result.row("APPEND rate while frozen (for reference)", f"{mails / raw['append_seconds']:.0f} mails/s")
+    result.row("frozen for (APPEND + 1 s)", f"{raw['frozen_seconds']:.1f} s")
+    sessions: dict[str, SessionCounts] = raw["sessions"]
+    opened = sum((s for s in sessions.values()), SessionCounts())
+    result.row(
+        "IMAP sessions opened, SIGSTOP -> drained (LOGIN/AUTHENTICATE OK, /metrics)",
+        f"{opened.logins}{_per_process({k: v.logins for k, v in sessions.items()})}",
+    )
+    before, survived = raw["connections_before"], raw["connections_survived"]
+    result.row(
+        "mail connections held before the freeze / still open after the drain",
+        f"{sum(before.values())} / {sum(survived.values())}",
+    )
+    if opened.reconnects:
+        result.row("reconnects during the drain (emlisten_reconnects_total)", str(opened.reconnects))
+    leases = raw["lost_leases"]
+    lapse_lines, lapsed = sum(v[0] for v in leases.values()), sum(v[1] for v in leases.values())
+    result.row("'lost N lease(s)' in the logs during the run", f"{lapse_lines} lines, {lapsed} leases")
     result.notes.append(
         "APPEND itself runs at only some hundreds of mails/s on this machine, below the rate to "
         "measure, so emlisten is frozen (SIGSTOP) while the backlog is appended and thawed (SIGCONT) "
@@ -232,21 +299,30 @@ def _report(result: Result, raw: Mapping[str, Any], mails: int) -> None:
     )
 
 
-async def _measure_all(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
-    result = Result("burst", _params(args))
+async def _measure_all(
+    args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser], scenario: str, target: float
+) -> Result:
+    result = Result(scenario, _params(args))
     await prepare_mailboxes(dovecot, users)
     async with open_stack(args, dovecot) as stack:
         await stack.start_listening(users)
         appenders = await connect_appenders(stack, users)
         try:
-            raw = await _freeze_append_thaw({"emlisten": stack.emlisten}, stack.standin, appenders, args)
+            raw = await _freeze_append_thaw(
+                {"emlisten": stack.emlisten},
+                stack.standin,
+                appenders,
+                args,
+                http=stack.http,
+                mail_ports=stack.mail_ports,
+            )
         finally:
             await close_all(appenders)
-    _report(result, raw, args.mails)
+    _report(result, raw, args.mails, target)
     return result
 
 
-async def _wait_listening(cluster: ClusterStack, via: str, ids: Sequence[str], within: float) -> float:
+async def wait_cluster_listening(cluster: ClusterStack, via: str, ids: Sequence[str], within: float) -> float:
     """Until every mailbox's last status is ``listening`` and the primary holds an IDLE
     connection for each. Returns the seconds waited."""
     primary = cluster.names("primary")[0]
@@ -267,10 +343,12 @@ async def _wait_listening(cluster: ClusterStack, via: str, ids: Sequence[str], w
     raise BenchError(f"only {listening}/{len(ids)} listening after {within:.0f}s; logs in {cluster.log_dir}")
 
 
-async def _measure_cluster(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
+async def _measure_cluster(
+    args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser], scenario: str, target: float
+) -> Result:
     ttl = args.lease_ttl
     renew = ttl / 3
-    result = Result("burst", {**_params(args), "lease_ttl_s": ttl, "lease_renew_s": round(renew, 3)})
+    result = Result(scenario, {**_params(args), "lease_ttl_s": ttl, "lease_renew_s": round(renew, 3)})
     env = {
         # As role=all runs it: a node's INFO lines per mailbox are not part of the figure.
         "EMLISTEN_LOG_LEVEL": "WARNING",
@@ -285,11 +363,20 @@ async def _measure_cluster(args: argparse.Namespace, dovecot: Dovecot, users: Se
         primary, secondary = cluster.names("primary")[0], cluster.names("secondary")[0]
         started = time.monotonic()
         await cluster.register(credentials, via=primary)
-        await _wait_listening(cluster, secondary, ids, args.listen_timeout or max(120.0, len(ids) * 0.3))
+        await wait_cluster_listening(
+            cluster, secondary, ids, args.listen_timeout or max(120.0, len(ids) * 0.3)
+        )
         cold_start = time.monotonic() - started
         appenders = await connect_appenders(cluster, users)
         try:
-            raw = await _freeze_append_thaw(cluster.nodes, cluster.standin, appenders, args)
+            raw = await _freeze_append_thaw(
+                cluster.nodes,
+                cluster.standin,
+                appenders,
+                args,
+                http=cluster.http,
+                mail_ports=cluster.mail_ports,
+            )
         finally:
             await close_all(appenders)
         if raw["frozen_seconds"] >= ttl:
@@ -300,7 +387,7 @@ async def _measure_cluster(args: argparse.Namespace, dovecot: Dovecot, users: Se
         owners = Counter(m.get("node") for m in await cluster.mailboxes(secondary))
         problems = {name: node.log_problems() for name, node in cluster.nodes.items()}
         log_dir = cluster.log_dir
-    _report(result, raw, args.mails)
+    _report(result, raw, args.mails, target)
     result.metrics.update(
         {
             "cold_start_seconds": round(cold_start, 3),

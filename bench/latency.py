@@ -11,6 +11,14 @@ one every ``--spacing`` seconds) on plain-IMAP connections held by the bench. Fo
 By default the run waits first until the fetch sessions opened by the start-up catch-up have
 closed, so each mailbox's first mail is delivered on a cold fetch session (connect + login),
 as for a mailbox that receives mail rarely; later mails reuse the pooled session.
+
+``--quiet-mailboxes``: one mail per quiet mailbox. Each mailbox first gets a warm-up mail (not
+measured; delivering it opens the mailbox's fetch session in emlisten's reader pool), then the
+bench waits until ``EMLISTEN_READER_IDLE_SECONDS`` (60 s unless ``--env`` sets it) + 5 s have
+passed since the last warm-up callback and emlisten holds only its IDLE sessions again (the old
+reader sessions expired and closed). Then exactly one measured mail per mailbox (``--mails`` is
+ignored), round-robin every ``--spacing`` s, next to the floor probe: every figure is that of a
+mail to a mailbox that was quiet longer than the reader pool keeps a session.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
 from bench._harness import (
     CallbackIndex,
+    MailServerSide,
     Result,
     Stack,
     add_common_arguments,
@@ -35,8 +45,10 @@ from bench._harness import (
     connect_appenders,
     create_users,
     open_stack,
+    parse_env,
     prepare_mailboxes,
     say,
+    session_counts,
     summary_ms,
 )
 from bench._rawimap import RawImap
@@ -44,6 +56,10 @@ from tests.servers.dovecot import Dovecot, MailUser
 
 TARGET_P50_OVER_FLOOR_MS = 5.0
 TARGET_P99_MS = 100.0
+#: emlisten's default EMLISTEN_READER_IDLE_SECONDS (production default, emlisten/config.py).
+DEFAULT_READER_IDLE_SECONDS = 60.0
+#: How much longer than the reader idle time a quiet mailbox has been quiet.
+QUIET_MARGIN_SECONDS = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="settle",
         action="store_false",
         help="do not wait for the start-up fetch sessions to close (all mails then find a warm session)",
+    )
+    parser.add_argument(
+        "--quiet-mailboxes",
+        dest="quiet",
+        action="store_true",
+        help="one mail per mailbox, each after the mailbox was quiet longer than "
+        "EMLISTEN_READER_IDLE_SECONDS (a warm-up mail first, then the wait; --mails is ignored)",
     )
     parser.add_argument(
         "--callback-timeout",
@@ -95,7 +118,7 @@ class FloorProbe:
         times = [at for seen_count, at in self.seen.items() if seen_count >= count]
         return min(times) if times else None
 
-    async def run(self, stack: Stack, user: MailUser, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, stack: MailServerSide, user: MailUser, *, task_status: trio.TaskStatus[None]) -> None:
         context = stack.dovecot.client_ssl_context() if stack.tls else None
         port = stack.dovecot.imaps_port if stack.tls else stack.dovecot.imap_port
         client = await RawImap.connect(stack.dovecot.host, port, context)
@@ -109,12 +132,52 @@ class FloorProbe:
             await client.aclose()
 
 
+async def _quiet_period(
+    stack: Stack, appenders: Sequence[RawImap], args: argparse.Namespace
+) -> dict[str, Any]:
+    """A warm-up mail per mailbox (its fetch session opens), then wait until the reader pool's
+    idle time (+ a margin) has passed since the last warm-up callback and only the IDLE sessions
+    are left."""
+    n = len(appenders)
+    reader_idle = float(parse_env(args.env).get("EMLISTEN_READER_IDLE_SECONDS", DEFAULT_READER_IDLE_SECONDS))
+    run_tag = uuid.uuid4().hex[:8]
+    index = CallbackIndex(stack.standin, run_tag)
+    say(f"warm-up: one mail per mailbox ({n}), every {args.spacing * 1000:g} ms")
+    for k, appender in enumerate(appenders):
+        await appender.append(bench_message(run_tag, k))
+        await trio.sleep(args.spacing)
+    await index.wait_for(n, args.callback_timeout, "warm-up callbacks")
+    readers = stack.emlisten.connections_to(stack.mail_ports) - n
+    quiet_until = index.last_received + reader_idle + QUIET_MARGIN_SECONDS
+    say(f"quiet: {reader_idle:g} s (reader idle) + {QUIET_MARGIN_SECONDS:g} s; {readers} fetch sessions open")
+    await trio.sleep(max(0.0, quiet_until - time.monotonic()))
+    closed, _ = await stack.wait_connections(n, args.settle_timeout)
+    first_quiet = min(index.first_seen.values()) if index.first_seen else 0.0
+    return {
+        "reader_idle_seconds": reader_idle,
+        "warm_up_delivered": len(index.first_seen),
+        "reader_sessions_after_warm_up": readers,
+        "reader_sessions_closed": closed,
+        # Least quiet mailbox: the last warm-up callback; measured from here to the first measured APPEND.
+        "quiet_seconds_least": time.monotonic() - index.last_received,
+        "quiet_seconds_most": time.monotonic() - first_quiet,
+    }
+
+
 async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
-    n, m = len(users), args.mails
+    n = len(users)
+    m = n if args.quiet else args.mails
     hibernate = _hibernate_seconds(args.hibernate_timeout)
     run_tag = uuid.uuid4().hex[:8]
     result = Result(
-        "latency", {**common_params(args), "mails": m, "spacing_s": args.spacing, "settle": args.settle}
+        "latency",
+        {
+            **common_params(args),
+            "mails": m,
+            "spacing_s": args.spacing,
+            "settle": args.settle,
+            "quiet_mailboxes": args.quiet,
+        },
     )
     await prepare_mailboxes(dovecot, users)
     async with open_stack(args, dovecot) as stack:
@@ -124,6 +187,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             settled, _ = await stack.wait_connections(n, args.settle_timeout)
         probes = [FloorProbe() for _ in users]
         appenders = await connect_appenders(stack, users)
+        quiet = await _quiet_period(stack, appenders, args) if args.quiet else {}
         async with trio.open_nursery() as nursery:
             for probe, user in zip(probes, users, strict=True):
                 await nursery.start(probe.run, stack, user)
@@ -134,6 +198,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             appended_at: list[float] = []
             say(f"appending {m} mails, one every {args.spacing * 1000:g} ms")
             cpu_before = stack.emlisten.cpu_seconds()
+            sessions_before = await session_counts(stack.http, stack.emlisten.url)
             # With hibernation, a mail arriving while its session is being handed to
             # imap-hibernate can go unannounced (seen here for bare clients and emlisten alike):
             # each round of N mails is followed by a pause that lets every session hibernate again.
@@ -148,6 +213,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                 await trio.sleep_until(start + (i + 1) * args.spacing)
             complete = await index.wait_for(m, args.callback_timeout, "callbacks")
             cpu_used = stack.emlisten.cpu_seconds() - cpu_before
+            opened = await session_counts(stack.http, stack.emlisten.url) - sessions_before
             nursery.cancel_scope.cancel()
         await close_all(appenders)
 
@@ -197,6 +263,8 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "floor_later_mails_ms": summary_ms(later_floor_s),
             "per_mail": per_mail,
             "settled_before_run": settled,
+            "sessions_opened_during_run": opened.as_dict(),
+            "quiet": quiet,
             "delivered": len(index.first_seen),
             "not_delivered": lost,
             "duplicated": index.duplicated,
@@ -234,12 +302,28 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         lost == 0 and index.duplicated == 0,
     )
     result.row("emlisten CPU per mail", f"{1000 * cpu_used / m:.2f} ms")
-    if settled:
-        result.notes.append(
-            "Each mailbox's first mail went to a cold fetch session (the start-up ones had closed): "
-            "connect + login + select before the fetch; later mails reused the pooled session."
+    result.row("IMAP sessions opened during the measured mails (LOGIN/AUTHENTICATE)", str(opened.logins))
+    if quiet:
+        least, idle = quiet["quiet_seconds_least"], quiet["reader_idle_seconds"]
+        closed = "yes" if quiet["reader_sessions_closed"] else "NO"
+        result.row(
+            "one mail per quiet mailbox: quiet since the warm-up callback / old fetch sessions closed",
+            f">= {least:.1f} s (EMLISTEN_READER_IDLE_SECONDS {idle:g}) / {closed}",
         )
-    if hibernate:
+        result.notes.append(
+            f"--quiet-mailboxes: every mailbox got a warm-up mail first (delivered: "
+            f"{quiet['warm_up_delivered']} of {n}; fetch sessions open afterwards: "
+            f"{quiet['reader_sessions_after_warm_up']}); the measured mail came after the mailbox had been "
+            f"quiet at least {least:.1f} s, longer than the reader pool keeps a session: a mail that needs a "
+            f"fetch session gets a new one (connect + login); {opened.logins} were opened for the {m} mails."
+        )
+    elif settled:
+        result.notes.append(
+            "Each mailbox's first mail found no pooled fetch session (the start-up ones had closed): one "
+            "that needs a fetch session opens it (connect + login + select); later mails reuse it. "
+            f"{opened.logins} sessions were opened for the {m} mails."
+        )
+    if hibernate and m > n:
         result.notes.append(
             f"Rounds of {n} mails (one per mailbox) with a {hibernate + 1.5:g} s pause between rounds, so "
             "that every mail finds its sessions hibernated (Dovecot can leave a mail that arrives while a "
