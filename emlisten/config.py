@@ -90,11 +90,10 @@ class Settings:
     #: Connection attempts started per second per process, at most (0: no limit); halved while
     #: attempts fail to connect, climbing back as they succeed.
     max_connects_per_second: float = 500.0
-    #: Safety net for notifications a server drops (Dovecot while hibernating a session): after
-    #: new mail on a session, ask the server again this long later (0: never), up to
-    #: ``recheck_count`` times with the interval doubling. One round trip on the open session.
+    #: Safety net for notifications a server drops (Dovecot while hibernating a session): this
+    #: long after new mail on a listening session, a worker checks the folder once on a session
+    #: of its own (0: never).
     recheck_seconds: float = 3.0
-    recheck_count: int = 2
 
     # Ownership (several primaries sharing one store)
     #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead
@@ -227,7 +226,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
         )
-    for name in ("recheck_seconds", "recheck_count", "prefetch_max_bytes", "max_connects_per_second"):
+    for name in ("recheck_seconds", "prefetch_max_bytes", "max_connects_per_second"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.max_mailboxes < 0:

@@ -102,7 +102,6 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         connect_timeout=settings.connect_timeout_seconds,
         command_timeout=settings.command_timeout_seconds,
         recheck_seconds=settings.recheck_seconds,
-        recheck_count=settings.recheck_count,
         ca_file=settings.tls_ca_file,
     )
     sources["graph"] = graph_source_from_settings(settings)

@@ -163,28 +163,26 @@ def proxied_mailbox(dovecot: Dovecot, user: MailUser, proxy: FaultProxy) -> Mail
 
 
 @pytest.mark.parametrize("with_prefetch", [True, False])
-async def test_recheck_finds_mail_the_server_did_not_announce(
+async def test_a_recheck_task_follows_new_mail_without_touching_the_session(
     dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy, with_prefetch: bool
 ) -> None:
-    source, _ = imap_source(dovecot, recheck_seconds=0.3, recheck_count=2)
+    source, commands = imap_source(dovecot, recheck_seconds=0.3)
     sink = Sink()
     mailbox = proxied_mailbox(dovecot, mail_user, proxy)
-    policy = prefetch() if with_prefetch else None
     async with trio.open_nursery() as nursery:
-        await listen(nursery, source, mailbox, sink, policy)
+        await listen(nursery, source, mailbox, sink, prefetch() if with_prefetch else None)
         await sink.next()  # catch-up
         await dovecot.aappend(mail_user, make_message(subject="announced"))
         assert (await sink.next()).reason == "exists"
-        # From now on the server "forgets" to announce new mail.
+        sent = len(commands)
+        # From now on the server "forgets" to announce new mail; only a worker can find it.
         proxy.drop_server_lines = EXISTS_LINE
-        second = make_message(subject="not announced")
-        uid = await dovecot.aappend(mail_user, second)
-        task = await sink.next(timeout=10)  # the recheck after the first mail finds it
-        assert proxy.dropped_lines >= 1
-        if with_prefetch:
-            assert [m.uid for m in task.prefetched] == [uid] and task.prefetched[0].data == second
-        else:
-            assert task.reason == "exists"
+        await dovecot.aappend(mail_user, make_message(subject="not announced"))
+        started = trio.current_time()
+        task = await sink.next(timeout=10)
+        assert (task.reason, task.uid_hint, task.has_prefetch) == ("recheck", 0, False)
+        assert trio.current_time() - started < 5
+        assert commands[sent:] == []  # the listening session stayed in IDLE
         nursery.cancel_scope.cancel()
 
 
@@ -213,20 +211,23 @@ async def test_without_recheck_an_unannounced_mail_waits(
         nursery.cancel_scope.cancel()
 
 
-async def test_rechecks_stop_when_the_mailbox_is_quiet(dovecot: Dovecot, mail_user: MailUser) -> None:
-    """Bounded work per activity: a quiet mailbox is not polled beyond the keepalive."""
-    source, commands = imap_source(dovecot, recheck_seconds=0.2, recheck_count=2)
+async def test_one_recheck_per_activity_and_none_for_a_quiet_mailbox(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    """Bounded work per mail: one recheck after the last new mail, nothing while quiet."""
+    source, _ = imap_source(dovecot, recheck_seconds=0.2)
     sink = Sink()
     async with trio.open_nursery() as nursery:
         await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch())
         await sink.next()
-        await dovecot.aappend(mail_user, make_message())
-        await sink.next()
-        fetches_after_mail = commands.count("UID FETCH")
-        # Rechecks at +0.2 s and +0.6 s (the interval doubles), then none.
-        with trio.fail_after(10):
-            while commands.count("UID FETCH") < fetches_after_mail + 2:
-                await trio.sleep(0.05)
-        await trio.sleep(1.5)  # well past where a third recheck would have been
-        assert commands.count("UID FETCH") == fetches_after_mail + 2
+        with trio.move_on_after(0.6):
+            await sink.next()
+            pytest.fail("a recheck without new mail")
+        for _ in range(2):
+            await dovecot.aappend(mail_user, make_message())
+            assert (await sink.next()).reason == "exists"
+            assert (await sink.next()).reason == "recheck"
+            with trio.move_on_after(0.6):
+                task = await sink.next()
+                pytest.fail(f"more than one recheck: {task}")
         nursery.cancel_scope.cancel()

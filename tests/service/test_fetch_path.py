@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import re
 
+import trio
+
 from emlisten.models import MailboxState
-from tests.servers.dovecot import MailUser, make_message
-from tests.service.conftest import RunningService
+from tests.imap.test_prefetch import EXISTS_LINE
+from tests.servers.creatio import CreatioStandIn
+from tests.servers.dovecot import Dovecot, MailUser, make_message
+from tests.servers.faultproxy import FaultProxy
+from tests.service.conftest import RunningService, running_service
 
 
 async def metric(service: RunningService, name: str, **labels: str) -> float:
@@ -70,3 +75,27 @@ async def test_large_mail_goes_through_a_reader(service: RunningService, make_ma
     await service.dovecot.aappend(user, make_message(subject="last"))
     emails = await service.creatio.wait_for_emails(c["Id"], 3, timeout=15)
     assert [e["Subject"] for e in emails] == ["big", "small after big", "last"]
+
+
+async def test_a_mail_the_server_does_not_announce_is_delivered_by_the_recheck(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, make_mail_user: object
+) -> None:
+    """The server drops ``* n EXISTS`` (as Dovecot does while hibernating a session): the mail
+    is delivered within seconds by the recheck, not with the next mail or the keepalive."""
+    proxy = FaultProxy(dovecot.host, dovecot.imap_port)
+    await nursery.start(proxy.serve)
+    async with running_service(dovecot, creatio, nursery, recheck_seconds=0.5) as service:
+        user: MailUser = make_mail_user()  # type: ignore[operator]
+        c = service.credentials(user, security="plain", Port=proxy.port)
+        assert (await service.create(c)).status_code == 200
+        await service.wait_state(c["Id"], MailboxState.LISTENING)
+        await service.dovecot.aappend(user, make_message(subject="announced"))
+        await service.creatio.wait_for_emails(c["Id"], 1, timeout=15)
+
+        proxy.drop_server_lines = EXISTS_LINE
+        await service.dovecot.aappend(user, make_message(subject="never announced"))
+        appended = trio.current_time()
+        emails = await service.creatio.wait_for_emails(c["Id"], 2, timeout=15)
+        assert [e["Subject"] for e in emails] == ["announced", "never announced"]
+        assert trio.current_time() - appended < 5
+        assert proxy.dropped_lines >= 1

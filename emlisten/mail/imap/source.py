@@ -61,11 +61,10 @@ class ImapSettings:
     command_timeout: float = 60.0
     #: LOGOUT/DONE on shutdown; shielded, so keep it short.
     close_timeout: float = 5.0
-    #: Safety net for notifications a server drops: after new mail was handled on a session,
-    #: ask the server again this long later (0 disables), ``recheck_count`` times, the interval
-    #: doubling each time. A recheck that finds mail counts as new activity.
+    #: Safety net for notifications a server drops: this long after new mail was handled on
+    #: a session, publish a ``recheck`` task, so that a worker looks at the folder on a session
+    #: of its own (0 disables).
     recheck_seconds: float = 3.0
-    recheck_count: int = 2
 
 
 class ImapSource(MailSource):
@@ -85,7 +84,6 @@ class ImapSource(MailSource):
         command_timeout: float = 60.0,
         close_timeout: float = 5.0,
         recheck_seconds: float = 3.0,
-        recheck_count: int = 2,
         max_concurrent_prefetches: int = 64,
         ca_file: str | None = None,
         client_id: dict[str, str] | None = None,
@@ -99,7 +97,6 @@ class ImapSource(MailSource):
             command_timeout=command_timeout,
             close_timeout=close_timeout,
             recheck_seconds=recheck_seconds,
-            recheck_count=recheck_count,
         )
         #: Bounds the memory of message bodies being fetched on listening sessions at once
         #: (each fetch holds at most Prefetch.max_messages x max_message_bytes).
@@ -218,8 +215,6 @@ class _Listener:
         "on_new_mail",
         "prefetch",
         "recheck_at",
-        "recheck_interval",
-        "rechecks_left",
         "seen_at",
         "settings",
         "slots",
@@ -251,8 +246,6 @@ class _Listener:
         self.wanted = False
         self.seen_at = 0.0
         self.recheck_at = math.inf
-        self.recheck_interval = 0.0
-        self.rechecks_left = 0
 
     def _task(self, **fields: Any) -> SyncTask:
         return SyncTask(
@@ -396,43 +389,18 @@ class _Listener:
     # -- the safety net for dropped notifications -----------------------------------------------
 
     def _activity(self) -> None:
-        """New mail was handled: check again a little later, in case the server fails to announce
-        what comes next (Dovecot drops notifications while handing a session to imap-hibernate)."""
-        if self.settings.recheck_seconds <= 0 or self.settings.recheck_count <= 0:
-            return
-        self.recheck_interval = self.settings.recheck_seconds
-        self.rechecks_left = self.settings.recheck_count
-        self.recheck_at = trio.current_time() + self.recheck_interval
+        """New mail was handled: have the folder looked at again a little later, in case the
+        server failed to announce what came next (Dovecot drops notifications while it hands a
+        session to imap-hibernate, about two seconds after IDLE began)."""
+        if self.settings.recheck_seconds > 0:
+            self.recheck_at = trio.current_time() + self.settings.recheck_seconds
 
     async def recheck(self) -> None:
-        """One round trip on this session: is there mail the server did not announce?"""
-        self.rechecks_left -= 1
-        if self.rechecks_left > 0:
-            self.recheck_interval *= 2
-            self.recheck_at = trio.current_time() + self.recheck_interval
-        else:
-            self.recheck_at = math.inf
-        # By UID, not by EXISTS: a server that failed to announce may fail to in answer to NOOP.
-        unsolicited: list[Response] = []
-        probed = await self.client.uid_fetch(
-            f"{self.next_uid}:*", "(UID)", timeout=self.settings.keepalive_timeout, unsolicited=unsolicited
-        )
-        await self.handle(unsolicited)
-        new = [m for m in probed if m.uid >= self.next_uid]
-        self.exists = max([self.exists, *(m.sequence for m in probed)])
-        if not new or self.wanted:
-            return
-        if not self.seen_at:
-            self.seen_at = time.time()
-        if self.prefetch is not None:
-            self.wanted = True
-            return
-        # Without prefetch UIDs are not tracked as mail is announced, so this may repeat an
-        # earlier nudge: harmless, the worker sees its checkpoint already covers it.
-        self._advance(new)
-        seen_at, self.seen_at = self.seen_at, 0.0
-        self._activity()
-        await self.on_new_mail(self._task(uid_hint=max(m.uid for m in new), reason="exists", seen_at=seen_at))
+        """Ask a worker to look, on a session of its own. Not here: ending IDLE to ask would
+        start a new IDLE, and with it a new hand-off window in which mail can go unannounced,
+        and it would keep the session from hibernating."""
+        self.recheck_at = math.inf
+        await self.on_new_mail(self._task(uid_hint=0, reason="recheck"))
 
     # -- the session loops ----------------------------------------------------------------------
 
@@ -449,7 +417,7 @@ class _Listener:
             now = trio.current_time()
             renew_at = now + settings.idle_renew_seconds
             quiet_until = now + settings.keepalive_seconds
-            probe = recheck = False
+            probe = False
             while not self.wanted:
                 now = trio.current_time()
                 if now >= renew_at:
@@ -458,8 +426,8 @@ class _Listener:
                     probe = True
                     break
                 if now >= self.recheck_at:
-                    recheck = True
-                    break
+                    await self.recheck()  # the session stays in IDLE
+                    continue
                 response = await client.idle_wait(min(renew_at, quiet_until, self.recheck_at) - now)
                 if response is not None:
                     quiet_until = trio.current_time() + settings.keepalive_seconds
@@ -469,15 +437,13 @@ class _Listener:
             await self.handle(await client.idle_done(timeout=timeout))
             if probe:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
-            elif recheck and not self.wanted:
-                await self.recheck()
             while self.wanted:
                 await self.fetch_new()
 
     async def poll_forever(self, task_status: trio.TaskStatus[FolderInfo]) -> None:
         task_status.started(self.info)
         while True:
-            await trio.sleep(self.settings.poll_seconds)
+            await trio.sleep(self.settings.poll_seconds)  # polling needs no recheck
             await self.handle(await self.client.noop())
             while self.wanted:
                 await self.fetch_new()
