@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 DrainKey = tuple[str, str]
 
 _THREAD_CONVERT_BYTES = 256 * 1024
+#: Rechecks run at once while the worker has no delivery in progress.
+_RECHECK_CONCURRENCY = 4
 
 
 class _Drainer:
@@ -63,6 +65,9 @@ class DeliveryWorker:
         self.readers = readers
         self.sink = sink
         self._drainers: dict[DrainKey, _Drainer] = {}
+        #: Folders to look at again (``recheck`` tasks), in the order asked, one entry each.
+        self._rechecks: dict[DrainKey, None] = {}
+        self._recheck_asked = trio.Event()
         self._intake = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -74,10 +79,12 @@ class DeliveryWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             with self._intake:
-                async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
-                    task_status.started()
-                    async for delivery in deliveries:
-                        self._dispatch(nursery, delivery)
+                async with trio.open_nursery() as background:  # ends with the intake
+                    background.start_soon(self._run_rechecks)
+                    async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
+                        task_status.started()
+                        async for delivery in deliveries:
+                            self._dispatch(nursery, delivery)
             # Intake stopped (shutdown): the nursery waits for running drainers to finish.
 
     def reset_intake(self) -> None:
@@ -93,6 +100,13 @@ class DeliveryWorker:
 
     def _dispatch(self, nursery: trio.Nursery, delivery: TaskDelivery) -> None:
         key = (delivery.task.mailbox_id, delivery.task.folder)
+        if delivery.task.reason == "recheck":
+            # A safety net, not mail: settled at once (it must not hold a queue slot while it
+            # waits behind deliveries) and run when the worker has time, see _run_rechecks.
+            self._rechecks[key] = None
+            self._recheck_asked.set()
+            nursery.start_soon(self._ack_all, [delivery])
+            return
         drainer = self._drainers.get(key)
         if drainer is None:
             drainer = _Drainer(key)
@@ -141,6 +155,51 @@ class DeliveryWorker:
             del self._drainers[drainer.key]
             if not self._drainers:
                 self._idle.set()
+
+    async def _run_rechecks(self) -> None:
+        """Look at the folders listeners asked about, after real deliveries.
+
+        A recheck costs a session of its own (a TLS handshake and a login on both sides), and
+        after an outage every mailbox asks for one at once: run while deliveries are in
+        progress, they would slow the backlog they protect. So they wait while drainers are
+        busy, except for one a second, so that a worker that is never idle still gets through
+        them; when idle, a few run at once."""
+
+        slots = trio.Semaphore(_RECHECK_CONCURRENCY)
+        last_started = -math.inf
+        async with trio.open_nursery() as nursery:
+            while True:
+                while not self._rechecks:
+                    self._recheck_asked = trio.Event()
+                    await self._recheck_asked.wait()
+                now = trio.current_time()
+                if self._drainers and now - last_started < 1.0:
+                    with trio.move_on_after(1.0 - (now - last_started)):
+                        await self._idle.wait()
+                    continue
+                key = next(iter(self._rechecks))
+                del self._rechecks[key]
+                await slots.acquire()
+                last_started = trio.current_time()
+                nursery.start_soon(self._recheck, key, slots, name=f"recheck:{key[0]}:{key[1]}")
+
+    async def _recheck(self, key: DrainKey, slots: trio.Semaphore) -> None:
+        try:
+            await self._sync_exclusively(key, 0.0, [SyncTask(key[0], key[1], reason="recheck")])
+        except (DeliveryError, MailSourceError, StoreError) as exc:
+            # Mail may be waiting: hand it to a drainer, which retries with backoff.
+            log.warning(
+                "recheck failed, queueing a sync: %s", exc, extra={"mailbox": key[0], "folder": key[1]}
+            )
+            with trio.move_on_after(30):
+                try:
+                    await self.queue.publish(SyncTask(key[0], key[1], reason="exists"))
+                except QueueError as error:
+                    log.warning("could not queue a sync after a failed recheck: %s", error)
+        except Exception:
+            log.exception("recheck failed unexpectedly", extra={"mailbox": key[0], "folder": key[1]})
+        finally:
+            slots.release()
 
     async def _sync_exclusively(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         """Sync one folder while holding its sync lease, so that two workers (two secondaries, or
@@ -201,7 +260,10 @@ class DeliveryWorker:
             )
             if all(_covered(checkpoint, task) for task in tasks):
                 return delivered
-        async with self.readers.reader(mailbox) as reader:
+        # A session opened only to answer rechecks is closed at once: a mail server keeps a
+        # process for every session that is not idling, and most rechecks find nothing.
+        only_rechecks = bool(tasks) and all(task.reason == "recheck" for task in tasks)
+        async with self.readers.reader(mailbox, linger=0 if only_rechecks else None) as reader:
             if checkpoint is None:
                 # The listener seeds the checkpoint before it publishes; none means the mailbox
                 # was closed (or re-created) meanwhile. Seed defensively and deliver nothing older.

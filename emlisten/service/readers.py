@@ -55,16 +55,23 @@ class ReaderPool:
             held.retire.set()
 
     @asynccontextmanager
-    async def reader(self, mailbox: MailboxConfig) -> AsyncIterator[MailReader]:
-        """A logged-in session for this mailbox, used by one task at a time."""
+    async def reader(
+        self, mailbox: MailboxConfig, *, linger: float | None = None
+    ) -> AsyncIterator[MailReader]:
+        """A logged-in session for this mailbox, used by one task at a time.
+
+        ``linger``: how long a session opened for this use stays open afterwards (default
+        ``idle_seconds``); a session that was already open keeps the pool's idle time."""
 
         assert self._nursery is not None
         held = self._held.get(mailbox.id)
         if held is not None and held.config != mailbox:
             self.retire(mailbox.id)  # credentials changed
             held = None
+        keep = self.idle_seconds
         if held is None:
             held = await self._nursery.start(self._hold, mailbox)
+            keep = self.idle_seconds if linger is None else linger
         async with held.lock:
             held.expiry.deadline = math.inf
             try:
@@ -73,7 +80,7 @@ class ReaderPool:
                 self.retire(mailbox.id)
                 raise
             finally:
-                held.expiry.deadline = trio.current_time() + self.idle_seconds
+                held.expiry.deadline = trio.current_time() + keep
 
     async def _hold(self, mailbox: MailboxConfig, *, task_status: trio.TaskStatus[_Held]) -> None:
         async with self.source.open_reader(mailbox) as reader:

@@ -198,3 +198,66 @@ def test_progress_without_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     progress.update(1)
     progress.close(3)
     assert "things: 3/3" in capsys.readouterr().err
+
+
+@pytest.mark.dovecot
+def test_backlog_scenario(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        "backlog",
+        "--mailboxes",
+        "3",
+        "--mails-per-mailbox",
+        "2",
+        "--plain",
+        "--size",
+        "2000",
+        *FAST,
+    )
+    metrics = result["metrics"]
+    assert (metrics["delivered"], metrics["lost"], metrics["duplicated"]) == (6, 0, 0)
+    assert metrics["drain_rate_per_second"] > 0
+    assert "sessions_opened_during_drain" in metrics
+
+
+@pytest.mark.dovecot
+def test_pause_scenario(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "pause", "--mailboxes", "2", "--plain", "--pause-seconds", "1", *FAST)
+    (pause,) = result["metrics"]["pauses"]
+    assert pause["pause_seconds"] == 1
+
+
+@pytest.mark.dovecot
+def test_cold_start_scenario(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "cold-start", "--mailboxes", "3", "--plain", *FAST)
+    metrics = result["metrics"]
+    assert metrics["cold_start_seconds"] > 0 and metrics["bare_client_cold_start_seconds"] > 0
+    assert metrics["mail_connections_when_listening"] == 3
+
+
+@pytest.mark.dovecot
+def test_follow_up_scenario(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path, "follow-up", "--mailboxes", "2", "--plain", "--gap-min", "0.1", "--gap-max", "0.2", *FAST
+    )
+    metrics = result["metrics"]
+    assert (metrics["delivered"], metrics["not_delivered"], metrics["duplicated"]) == (4, 0, 0)
+    assert metrics["second_mail_ms"]
+
+
+@pytest.mark.dovecot
+def test_random_traffic_scenario(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        "random-traffic",
+        "--mailboxes",
+        "2",
+        "--plain",
+        "--minutes",
+        "0.05",
+        "--interval",
+        "0.5",
+        *FAST,
+    )
+    metrics = result["metrics"]
+    assert metrics["mails"] >= 4 and metrics["duplicated"] == 0 and metrics["complete"] is True
