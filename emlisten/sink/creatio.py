@@ -80,7 +80,10 @@ class CreatioSink(Sink):
     def __init__(self, *, timeout: float = 300.0, max_connections: int = 100) -> None:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+            # Keep every connection alive: with a backlog, hundreds of mailboxes deliver at once to
+            # the same Creatio, and closing all but a few after each call meant a new TCP (and
+            # TLS) connection per call on both sides.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={"User-Agent": f"emlisten/{__version__}"},
             follow_redirects=False,
         )

@@ -231,3 +231,25 @@ async def test_one_recheck_per_activity_and_none_for_a_quiet_mailbox(
                 task = await sink.next()
                 pytest.fail(f"more than one recheck: {task}")
         nursery.cancel_scope.cancel()
+
+
+async def test_catch_up_past_expunged_mail_needs_no_bodies(dovecot: Dovecot, mail_user: MailUser) -> None:
+    uids = [await dovecot.aappend(mail_user, make_message()) for _ in range(3)]
+    # The two newest are gone before we reconnect; the checkpoint is at the first.
+    await trio.to_thread.run_sync(
+        dovecot.doveadm, "expunge", "-u", mail_user.name, "mailbox", "INBOX", "uid", f"{uids[1]}:{uids[2]}"
+    )
+    source, commands = imap_source(dovecot)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        probe = await listen(nursery, source, mailbox_for(dovecot, mail_user), Sink(), None)
+        nursery.cancel_scope.cancel()
+    commands.clear()
+    async with trio.open_nursery() as nursery:
+        checkpoint = Checkpoint(probe.uidvalidity, uids[0])
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(checkpoint))
+        (task,) = sink.pending()
+        # The task moves the checkpoint past the expunged UIDs, with nothing to deliver.
+        assert (task.prefetch_from, task.prefetch_to, task.prefetched) == (uids[1], uids[2], ())
+        assert commands.count("UID FETCH") == 1  # the listing only, no bodies
+        nursery.cancel_scope.cancel()

@@ -308,6 +308,14 @@ class _Listener:
             await self.on_new_mail(plain)  # a real backlog: a reader pages through it
             self._advance(listed)
             return
+        if not uids:
+            # Only expunged mail since the checkpoint: move it on without asking for bodies
+            # ("n:*" would send the newest message again).
+            self._advance(listed)
+            await self.on_new_mail(
+                self._task(uid_hint=newest, reason="catch-up", prefetch_from=first, prefetch_to=newest)
+            )
+            return
         self.next_uid = first
         self.fetched_exists = self.exists - len(uids)
         await self._fetch(reason="catch-up", covers_to=newest)
