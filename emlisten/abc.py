@@ -18,6 +18,7 @@ from emlisten.models import (
     Email,
     FolderInfo,
     MailboxConfig,
+    MailboxState,
     MailboxStatus,
     NodeInfo,
     RawMessage,
@@ -80,6 +81,17 @@ class Store(ABC):
 
     @abstractmethod
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]: ...
+
+    async def state_counts(self) -> tuple[int, dict[str, int]]:
+        """How many mailboxes are registered, and how many of them are in each state (a mailbox
+        without a status counts as starting). Operators and health checks poll this often:
+        adapters that can count in place should."""
+        ids = await self.list_mailbox_ids()
+        counts: dict[str, int] = {}
+        for status in (await self.get_statuses(ids)).values():
+            state = status.state.value if status else MailboxState.STARTING.value
+            counts[state] = counts.get(state, 0) + 1
+        return len(ids), counts
 
     @abstractmethod
     async def add_delivered(self, mailbox_id: str, count: int) -> None:

@@ -98,19 +98,14 @@ class StoreListenerControl:
         return {mid: "exists" if mid in existing else "closed" for mid in mailbox_ids}
 
     async def service_status(self) -> dict[str, Any]:
-        ids = await self.store.list_mailbox_ids()
-        statuses = await self.store.get_statuses(ids)
-        counts: dict[str, int] = {}
-        for status in statuses.values():
-            state = status.state.value if status else MailboxState.STARTING.value
-            counts[state] = counts.get(state, 0) + 1
+        total, counts = await self.store.state_counts()
         body: dict[str, Any] = {
             "ServiceStatus": "Started",
             "Version": __version__,
             "Node": self.node_id,
             "Role": self.role,
             "Store": self.store.name,
-            "Connections": {"Total": len(ids), **counts},
+            "Connections": {"Total": total, **counts},
         }
         if self._extra_status is not None:
             body.update(self._extra_status())

@@ -64,6 +64,15 @@ class MemoryStore(Store):
             status, delivered=previous.delivered if previous else 0
         )
 
+    async def state_counts(self) -> tuple[int, dict[str, int]]:
+        counts: dict[MailboxState, int] = {}
+        statuses = self._statuses
+        for mailbox_id in self._mailboxes:
+            status = statuses.get(mailbox_id)
+            state = status.state if status is not None else MailboxState.STARTING
+            counts[state] = counts.get(state, 0) + 1
+        return len(self._mailboxes), {state.value: count for state, count in counts.items()}
+
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:
         return {mid: self._statuses.get(mid) for mid in mailbox_ids}
 

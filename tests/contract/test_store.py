@@ -232,3 +232,16 @@ async def test_concurrent_batch_claims_give_each_lease_to_one_node(store: Store)
     owners = await store.lease_owners(ids)
     for node, held in won.items():
         assert all(owners[mid] == node for mid in held)
+
+
+async def test_state_counts_cover_registered_mailboxes_only(store: Store) -> None:
+    ids = [f"{n}{n}{n}{n}{n}{n}{n}{n}-1111-1111-1111-111111111111" for n in range(1, 5)]
+    for mailbox_id in ids:
+        await store.put_mailbox(mailbox(mailbox_id))
+    await store.set_status(ids[0], MailboxStatus(MailboxState.LISTENING))
+    await store.set_status(ids[1], MailboxStatus(MailboxState.LISTENING))
+    await store.set_status(ids[2], MailboxStatus(MailboxState.AUTHENTICATION_ERROR, last_error="no"))
+    # ids[3] has no status yet: starting. A closed mailbox is not counted.
+    assert await store.state_counts() == (4, {"listening": 2, "authenticationError": 1, "starting": 1})
+    await store.remove_mailbox(ids[0])
+    assert await store.state_counts() == (3, {"listening": 1, "authenticationError": 1, "starting": 1})
