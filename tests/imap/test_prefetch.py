@@ -253,3 +253,19 @@ async def test_catch_up_past_expunged_mail_needs_no_bodies(dovecot: Dovecot, mai
         assert (task.prefetch_from, task.prefetch_to, task.prefetched) == (uids[1], uids[2], ())
         assert commands.count("UID FETCH") == 1  # the listing only, no bodies
         nursery.cancel_scope.cancel()
+
+
+async def test_without_memory_to_spare_the_mail_is_left_to_a_reader(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    """The prefetch memory budget is taken without waiting: when it is spent (other sessions
+    fetching, maybe from a slow server), the listener announces the mail instead of waiting."""
+    source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30, prefetch_budget_bytes=1000)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(max_bytes=2000))
+        await sink.next()
+        uid = await dovecot.aappend(mail_user, make_message())
+        task = await sink.next()
+        assert (task.reason, task.has_prefetch, task.uid_hint) == ("exists", False, uid)
+        nursery.cancel_scope.cancel()

@@ -84,7 +84,7 @@ class ImapSource(MailSource):
         command_timeout: float = 60.0,
         close_timeout: float = 5.0,
         recheck_seconds: float = 3.0,
-        max_concurrent_prefetches: int = 64,
+        prefetch_budget_bytes: int = 256 * 1024 * 1024,
         ca_file: str | None = None,
         client_id: dict[str, str] | None = None,
     ) -> None:
@@ -98,9 +98,8 @@ class ImapSource(MailSource):
             close_timeout=close_timeout,
             recheck_seconds=recheck_seconds,
         )
-        #: Bounds the memory of message bodies being fetched on listening sessions at once
-        #: (each fetch holds at most Prefetch.max_messages x max_message_bytes).
-        self._prefetch_slots = trio.CapacityLimiter(max_concurrent_prefetches)
+        #: Bounds the memory of message bodies being fetched on listening sessions at once.
+        self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
@@ -146,7 +145,7 @@ class ImapSource(MailSource):
                 on_new_mail,
                 settings=self.settings,
                 prefetch=prefetch,
-                slots=self._prefetch_slots,
+                budget=self._prefetch_budget,
             )
             # Mail that arrived while we were away: queued before we report "started".
             await listener.catch_up()
@@ -196,6 +195,26 @@ async def _authenticate_oauth(client: ImapClient, mailbox: MailboxConfig) -> Non
         )
 
 
+class ByteBudget:
+    """Memory for message bodies in flight, taken without waiting: a listener that cannot get
+    it hands the mail to a reader instead, so a slow server never holds up the others."""
+
+    __slots__ = ("available", "total")
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.available = total
+
+    def try_take(self, size: int) -> bool:
+        if size > self.available:
+            return False
+        self.available -= size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.available = min(self.total, self.available + size)
+
+
 class _Listener:
     """Turns the untagged responses of one selected folder into SyncTasks.
 
@@ -206,6 +225,7 @@ class _Listener:
     """
 
     __slots__ = (
+        "budget",
         "client",
         "exists",
         "fetched_exists",
@@ -217,7 +237,6 @@ class _Listener:
         "recheck_at",
         "seen_at",
         "settings",
-        "slots",
         "wanted",
     )
 
@@ -230,7 +249,7 @@ class _Listener:
         *,
         settings: ImapSettings,
         prefetch: Prefetch | None = None,
-        slots: trio.CapacityLimiter | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.client = client
         self.mailbox_id = mailbox_id
@@ -239,7 +258,7 @@ class _Listener:
         self.on_new_mail = on_new_mail
         self.settings = settings
         self.prefetch = prefetch
-        self.slots = slots or trio.CapacityLimiter(1)
+        self.budget = budget or ByteBudget(256 * 1024 * 1024)
         self.next_uid = max(info.uidnext, 1)
         self.fetched_exists = info.exists
         #: The server announced mail that was not fetched yet (prefetch mode).
@@ -304,8 +323,10 @@ class _Listener:
         self.note(unsolicited)
         uids = sorted(m.uid for m in listed if m.uid >= first)
         self.exists = max([self.exists, *(m.sequence for m in listed)])
-        if len(uids) > prefetch.max_messages:
-            await self.on_new_mail(plain)  # a real backlog: a reader pages through it
+        weight = len(uids) * (prefetch.max_message_bytes + 1)
+        if len(uids) > prefetch.max_messages or (uids and not self.budget.try_take(weight)):
+            # A real backlog (a reader pages through it), or no memory to spare for it now.
+            await self.on_new_mail(plain)
             self._advance(listed)
             return
         if not uids:
@@ -318,15 +339,21 @@ class _Listener:
             return
         self.next_uid = first
         self.fetched_exists = self.exists - len(uids)
-        await self._fetch(reason="catch-up", covers_to=newest)
+        try:
+            await self._fetch(reason="catch-up", covers_to=newest)
+        finally:
+            self.budget.give_back(weight)
 
     async def fetch_new(self) -> None:
         """Fetch what the server announced (prefetch mode), and hand it on."""
         assert self.prefetch is not None
         self.wanted = False
         expected = self.exists - self.fetched_exists
-        if expected > self.prefetch.max_messages:
-            # More than one fetch should hold: only learn the newest UID, a reader pages.
+        weight = max(1, expected) * (self.prefetch.max_message_bytes + 1)
+        if expected > self.prefetch.max_messages or not self.budget.try_take(weight):
+            # More than one fetch should hold, or no memory to spare for it now (never wait
+            # for it: a slow server must not hold up the others): only learn the newest UID,
+            # and let a reader fetch.
             newest = await self.client.last_uid()
             if newest is not None and newest.uid >= self.next_uid:
                 self._advance([newest])
@@ -334,7 +361,10 @@ class _Listener:
                 self._activity()
                 await self.on_new_mail(self._task(uid_hint=newest.uid, reason="exists", seen_at=seen_at))
             return
-        await self._fetch(reason="exists", covers_to=0)
+        try:
+            await self._fetch(reason="exists", covers_to=0)
+        finally:
+            self.budget.give_back(weight)
 
     async def _fetch(self, *, reason: str, covers_to: int) -> None:
         """UID FETCH next_uid:* with bodies cut at the size limit; publish what is complete.
@@ -346,30 +376,30 @@ class _Listener:
         first = self.next_uid
         limit = prefetch.max_message_bytes
         unsolicited: list[Response] = []
-        async with self.slots:
-            fetched = await self.client.uid_fetch(
-                f"{first}:*",
-                f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)",
-                unsolicited=unsolicited,
-            )
-            self.note(unsolicited)
-            # "n:*" also matches the newest message when n is above every UID: filter it out.
-            new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
-            uidvalidity = self.info.uidvalidity
-            complete: list[RawMessage] = []
-            for message in new[: prefetch.max_messages]:
-                if message.body is None or len(message.body) > limit:
-                    break  # too big to carry: this one and the rest are left to a reader
-                complete.append(
-                    RawMessage(
-                        uid=message.uid,
-                        data=message.body,
-                        internal_date=message.internal_date,
-                        size=message.size,
-                        key=f"{uidvalidity}/{message.uid}",
-                        position=Checkpoint(uidvalidity, message.uid),
-                    )
+        # The caller took the memory for this fetch from the ByteBudget.
+        fetched = await self.client.uid_fetch(
+            f"{first}:*",
+            f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)",
+            unsolicited=unsolicited,
+        )
+        self.note(unsolicited)
+        # "n:*" also matches the newest message when n is above every UID: filter it out.
+        new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
+        uidvalidity = self.info.uidvalidity
+        complete: list[RawMessage] = []
+        for message in new[: prefetch.max_messages]:
+            if message.body is None or len(message.body) > limit:
+                break  # too big to carry: this one and the rest are left to a reader
+            complete.append(
+                RawMessage(
+                    uid=message.uid,
+                    data=message.body,
+                    internal_date=message.internal_date,
+                    size=message.size,
+                    key=f"{uidvalidity}/{message.uid}",
+                    position=Checkpoint(uidvalidity, message.uid),
                 )
+            )
         self._advance(fetched)
         if not new and covers_to < first:
             return  # announced, then gone (expunged), or already handed on
