@@ -35,6 +35,8 @@ DrainKey = tuple[str, str]
 _THREAD_CONVERT_BYTES = 256 * 1024
 #: Rechecks run at once while the worker has no delivery in progress.
 _RECHECK_CONCURRENCY = 4
+#: With this many folders delivering at once the worker is draining a backlog: rechecks wait.
+_RECHECK_BUSY_DRAINERS = 8
 
 
 class _Drainer:
@@ -161,9 +163,9 @@ class DeliveryWorker:
 
         A recheck costs a session of its own (a TLS handshake and a login on both sides), and
         after an outage every mailbox asks for one at once: run while deliveries are in
-        progress, they would slow the backlog they protect. So they wait while drainers are
-        busy, except for one a second, so that a worker that is never idle still gets through
-        them; when idle, a few run at once."""
+        progress, they would slow the backlog they protect. So while a backlog drains (many
+        folders at once) they wait, except for one a second, so that a worker that is never
+        idle still gets through them; otherwise a few run at once."""
 
         slots = trio.Semaphore(_RECHECK_CONCURRENCY)
         last_started = -math.inf
@@ -172,10 +174,10 @@ class DeliveryWorker:
                 while not self._rechecks:
                     self._recheck_asked = trio.Event()
                     await self._recheck_asked.wait()
+                # Busy: draining a backlog (many folders at once), not the odd new mail.
                 now = trio.current_time()
-                if self._drainers and now - last_started < 1.0:
-                    with trio.move_on_after(1.0 - (now - last_started)):
-                        await self._idle.wait()
+                if len(self._drainers) >= _RECHECK_BUSY_DRAINERS and now - last_started < 1.0:
+                    await trio.sleep_until(last_started + 1.0)
                     continue
                 key = next(iter(self._rechecks))
                 del self._rechecks[key]
