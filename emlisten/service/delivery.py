@@ -47,6 +47,14 @@ class _Drainer:
         self.pending: list[TaskDelivery] = []
 
 
+class _FolderLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.users = 0
+
+
 class DeliveryWorker:
     def __init__(
         self,
@@ -67,6 +75,7 @@ class DeliveryWorker:
         self.readers = readers
         self.sink = sink
         self._drainers: dict[DrainKey, _Drainer] = {}
+        self._folder_locks: dict[DrainKey, _FolderLock] = {}
         #: Folders to look at again (``recheck`` tasks), in the order asked, one entry each.
         self._rechecks: dict[DrainKey, None] = {}
         self._recheck_asked = trio.Event()
@@ -209,6 +218,21 @@ class DeliveryWorker:
 
         The lease is the store's generic named lease, renewed while the sync runs."""
 
+        # The store lease keeps other workers out; within this worker a drainer and a recheck
+        # of the same folder share the lease owner, so they take turns on a local lock.
+        lock = self._folder_locks.get(key)
+        if lock is None:
+            lock = self._folder_locks[key] = _FolderLock()
+        lock.users += 1
+        try:
+            async with lock.lock:
+                await self._sync_with_lease(key, seen_at, tasks)
+        finally:
+            lock.users -= 1
+            if not lock.users:
+                del self._folder_locks[key]
+
+    async def _sync_with_lease(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         name = f"sync/{key[0]}/{key[1]}"
         ttl = self.settings.lease_ttl_seconds
         wait = 0.01

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import trio
 
 from emlisten.models import MailboxState
@@ -104,3 +105,29 @@ async def test_a_mail_the_server_does_not_announce_is_delivered_by_the_recheck(
         with trio.fail_after(10):
             while (await service.http.get("/api/listeners/status")).json()["Readers"]:
                 await trio.sleep(0.05)
+
+
+async def test_a_recheck_waits_for_the_delivery_of_its_folder(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, make_mail_user: object
+) -> None:
+    """A recheck and a delivery of the same folder never run at once (they share the worker's
+    lease owner): a recheck that read the checkpoint before the delivery's 2xx would deliver the
+    same mail again."""
+    async with running_service(dovecot, creatio, nursery, recheck_seconds=0.2) as service:
+        user: MailUser = make_mail_user()  # type: ignore[operator]
+        c = service.credentials(user)
+        assert (await service.create(c)).status_code == 200
+        await service.wait_state(c["Id"], MailboxState.LISTENING)
+        creatio.hold_next("ProcessFullEmail")
+        await service.dovecot.aappend(user, make_message(subject="held"))
+        await creatio.wait_held()
+        # The recheck is due 0.2 s after the mail; it must not deliver the held mail again.
+        with trio.move_on_after(2):
+            while not creatio.accepted_calls("ProcessFullEmail"):
+                await trio.sleep(0.05)
+            pytest.fail("a second delivery of the held mail went out")
+        creatio.release()
+        await service.creatio.wait_for_emails(c["Id"], 1, timeout=15)
+        await service.dovecot.aappend(user, make_message(subject="next"))
+        emails = await service.creatio.wait_for_emails(c["Id"], 2, timeout=15)
+        assert [e["Subject"] for e in emails] == ["held", "next"]
