@@ -410,6 +410,29 @@ def _sync_lease_holder(prefix: str, mailbox_id: str, folder: str = "INBOX") -> s
     return value.decode() if isinstance(value, bytes) else None
 
 
+async def kill_the_delivering_secondary(
+    c: Cluster, creatio: CreatioStandIn, mailbox_id: str
+) -> tuple[str, str, float]:
+    """SIGKILL the secondary (s1 or s2) holding the folder's sync lease while Creatio holds its
+    request; once the request has lost its client, let Creatio answer again. Returns the victim,
+    the survivor and when the kill happened (time.monotonic)."""
+    holder = await trio.to_thread.run_sync(_sync_lease_holder, c.prefix, mailbox_id)
+    assert holder is not None, "nobody holds the sync lease during a delivery"
+    victim = holder.split("/worker/")[0]
+    assert victim in ("s1", "s2"), holder
+    survivor = "s2" if victim == "s1" else "s1"
+
+    await trio.to_thread.run_sync(c.nodes[victim].kill)
+    killed_at = time.monotonic()
+
+    def aborted() -> bool | None:
+        return True if any(call.status == CLIENT_GONE for call in creatio.calls("ProcessFullEmail")) else None
+
+    await creatio.wait_until(aborted, 10, "the held request to lose its client")
+    creatio.release()
+    return victim, survivor, killed_at
+
+
 @pytest.mark.redis
 @pytest.mark.rabbitmq
 async def test_sigkill_of_a_secondary_mid_delivery(
@@ -428,20 +451,7 @@ async def test_sigkill_of_a_secondary_mid_delivery(
     await flow.append("held")
     held = await creatio.wait_held(timeout=20)
     assert held.mailbox_id == mailbox_id
-    holder = await trio.to_thread.run_sync(_sync_lease_holder, c.prefix, mailbox_id)
-    assert holder is not None, "nobody holds the sync lease during a delivery"
-    victim = holder.split("/worker/")[0]
-    assert victim in ("s1", "s2"), holder
-    survivor = "s2" if victim == "s1" else "s1"
-
-    await trio.to_thread.run_sync(c.nodes[victim].kill)
-    killed_at = time.monotonic()
-
-    def aborted() -> bool | None:
-        return True if any(call.status == CLIENT_GONE for call in creatio.calls("ProcessFullEmail")) else None
-
-    await creatio.wait_until(aborted, 10, "the held request to lose its client")
-    creatio.release()
+    victim, survivor, killed_at = await kill_the_delivering_secondary(c, creatio, mailbox_id)
 
     problem = await settled(flow, creatio, c, "p1", ("p1", survivor))
     figures = count("sigkill secondary mid-delivery", flow, creatio)
@@ -469,20 +479,7 @@ async def test_sigkill_of_a_secondary_mid_backlog_drain(
     for round_number in range(3):
         await flow.append(f"backlog{round_number}")
     held = await creatio.wait_held(timeout=20)
-    holder = await trio.to_thread.run_sync(_sync_lease_holder, c.prefix, held.mailbox_id)
-    assert holder is not None, "nobody holds the sync lease during a delivery"
-    victim = holder.split("/worker/")[0]
-    assert victim in ("s1", "s2"), holder
-    survivor = "s2" if victim == "s1" else "s1"
-
-    await trio.to_thread.run_sync(c.nodes[victim].kill)
-    killed_at = time.monotonic()
-
-    def aborted() -> bool | None:
-        return True if any(call.status == CLIENT_GONE for call in creatio.calls("ProcessFullEmail")) else None
-
-    await creatio.wait_until(aborted, 10, "the held request to lose its client")
-    creatio.release()
+    victim, survivor, killed_at = await kill_the_delivering_secondary(c, creatio, held.mailbox_id)
 
     problem = await settled(flow, creatio, c, "p1", ("p1", survivor))
     figures = count("sigkill secondary mid-backlog", flow, creatio)
