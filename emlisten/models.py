@@ -154,6 +154,18 @@ class SyncTask:
     def has_prefetch(self) -> bool:
         return self.prefetch_to >= self.prefetch_from > 0
 
+    def covered_by(self, checkpoint: Checkpoint | None) -> bool:
+        """The checkpoint already covers what this task announced (a UID protocol's task with a
+        hint; a nudge without one, or a cursor protocol's, always means "ask the server")."""
+        return (
+            checkpoint is not None
+            and not self.seed_cursor
+            and not checkpoint.cursor
+            and self.uid_hint > 0
+            and checkpoint.uidvalidity == self.uidvalidity
+            and checkpoint.last_uid >= self.uid_hint
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "mailbox_id": self.mailbox_id,

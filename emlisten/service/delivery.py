@@ -284,7 +284,7 @@ class DeliveryWorker:
             checkpoint, delivered = await self._deliver_prefetched(
                 mailbox, folder, checkpoint, tasks, seen_at
             )
-            if all(_covered(checkpoint, task) for task in tasks):
+            if all(task.covered_by(checkpoint) for task in tasks):
                 return delivered
         # A session opened only to answer rechecks is closed at once: a mail server keeps a
         # process for every session that is not idling, and most rechecks find nothing.
@@ -445,19 +445,6 @@ class DeliveryWorker:
             extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
-
-
-def _covered(checkpoint: Checkpoint, task: SyncTask) -> bool:
-    """The checkpoint already covers what the task announced (a UID protocol's task with a hint;
-    a nudge without one, or a cursor protocol's, always means "ask the server")."""
-
-    return (
-        not checkpoint.cursor
-        and not task.seed_cursor
-        and task.uid_hint > 0
-        and task.uidvalidity == checkpoint.uidvalidity
-        and checkpoint.last_uid >= task.uid_hint
-    )
 
 
 def _feature_enabled(mailbox: MailboxConfig, name: str) -> bool:

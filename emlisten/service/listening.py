@@ -348,20 +348,6 @@ class MailboxManager:
                 self.local_states.pop(mailbox.id, None)
 
 
-def _caught_up(checkpoint: Checkpoint | None, task: SyncTask) -> bool:
-    """The checkpoint already covers the folder's end as the listener saw it (UID protocols;
-    a cursor-based protocol cannot tell, so it always catches up)."""
-
-    return (
-        checkpoint is not None
-        and not task.seed_cursor
-        and not checkpoint.cursor
-        and task.uid_hint > 0
-        and checkpoint.uidvalidity == task.uidvalidity
-        and checkpoint.last_uid >= task.uid_hint
-    )
-
-
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
@@ -536,7 +522,7 @@ class MailboxSupervisor:
             seed = Checkpoint(task.uidvalidity, task.uid_hint, task.seed_cursor)
             if await self.m.store.seed_checkpoint(task.mailbox_id, task.folder, seed):
                 return  # a new subscription: nothing to catch up on
-            if _caught_up(await self.m.store.get_checkpoint(task.mailbox_id, task.folder), task):
+            if task.covered_by(await self.m.store.get_checkpoint(task.mailbox_id, task.folder)):
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return

@@ -293,9 +293,7 @@ class _Listener:
         if self.prefetch is not None:
             self.wanted = True  # fetched as soon as IDLE is ended
             return
-        seen_at, self.seen_at = self.seen_at, 0.0
-        self._activity()
-        await self.on_new_mail(self._task(uid_hint=0, reason="exists", seen_at=seen_at))
+        await self._announce(self._task(uid_hint=0, reason="exists"))
 
     # -- catch-up and fetching on this session --------------------------------------------------
 
@@ -309,8 +307,10 @@ class _Listener:
             await self.on_new_mail(plain)
             return
         checkpoint = await prefetch.checkpoint(self.info.name)
+        if plain.covered_by(checkpoint):
+            return  # nothing arrived while we were away: the receiver would only read it again
         if (
-            checkpoint is None  # a new subscription: it starts at UIDNEXT, nothing to fetch
+            checkpoint is None  # a new subscription, seeded from this task
             or checkpoint.cursor
             or checkpoint.uidvalidity != self.info.uidvalidity
             or checkpoint.last_uid >= newest
@@ -357,9 +357,7 @@ class _Listener:
             newest = await self.client.last_uid()
             if newest is not None and newest.uid >= self.next_uid:
                 self._advance([newest])
-                seen_at, self.seen_at = self.seen_at, 0.0
-                self._activity()
-                await self.on_new_mail(self._task(uid_hint=newest.uid, reason="exists", seen_at=seen_at))
+                await self._announce(self._task(uid_hint=newest.uid, reason="exists"))
             return
         try:
             await self._fetch(reason="exists", covers_to=0)
@@ -406,14 +404,19 @@ class _Listener:
         newest = max([covers_to, *(m.uid for m in new)])
         # The task speaks for the folder up to the last complete message (all of them: newest).
         prefetch_to = newest if len(complete) == len(new) else (complete[-1].uid if complete else first - 1)
-        seen_at, self.seen_at = self.seen_at, 0.0
-        if new:
-            self._activity()
-        task = self._task(uid_hint=newest, reason=reason, seen_at=seen_at)
+        task = self._task(uid_hint=newest, reason=reason)
         if prefetch_to >= first:
             task = dataclasses.replace(
                 task, prefetched=tuple(complete), prefetch_from=first, prefetch_to=prefetch_to
             )
+        await self._announce(task, activity=bool(new))
+
+    async def _announce(self, task: SyncTask, *, activity: bool = True) -> None:
+        """Hand on new mail, stamped with when it was seen; new mail schedules a recheck."""
+        task = dataclasses.replace(task, seen_at=self.seen_at)
+        self.seen_at = 0.0
+        if activity:
+            self._activity()
         await self.on_new_mail(task)
 
     def _advance(self, fetched: Iterable[FetchedMessage]) -> None:
