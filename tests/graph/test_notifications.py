@@ -63,7 +63,9 @@ def test_client_state_check() -> None:
     signer = RouteSigner(b"k" * 32)
     route = signer.new_route("m", "INBOX")
     assert signer.verify_client_state(route, route.client_state)
-    assert not signer.verify_client_state(route, route.client_state[:-1] + "A")
+    last = route.client_state[-1]
+    tampered = route.client_state[:-1] + ("B" if last == "A" else "A")
+    assert not signer.verify_client_state(route, tampered)
     assert not signer.verify_client_state(route, None)
     assert not signer.verify_client_state(route, 42)
     assert not signer.verify_client_state(route, signer.new_route("m", "INBOX").client_state)
