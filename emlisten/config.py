@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from emlisten._egress import AllowList
 from emlisten.errors import ConfigError
 
 
@@ -42,7 +44,8 @@ class Backoff:
 @dataclass(frozen=True)
 class Settings:
     role: Role = Role.ALL
-    host: str = "0.0.0.0"  # noqa: S104 - a service listens on all interfaces by default
+    #: Loopback unless told otherwise: the container image and the chart set 0.0.0.0.
+    host: str = "127.0.0.1"
     port: int = 8080
     node_id: str = field(default_factory=socket.gethostname)
     redis_url: str | None = None
@@ -54,6 +57,21 @@ class Settings:
     amqp_quorum: bool = False
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
+    #: Start although our own routes (/v1, the console, dead letters) are open to anyone who
+    #: reaches a non-loopback address without a token. Not for production.
+    allow_unauthenticated: bool = False
+    #: Creatio's routes (/api/..., /apiv2/...) need the token too: for a reverse proxy that adds
+    #: it. Off by default: Creatio itself sends none.
+    creatio_routes_need_token: bool = False
+    #: Outbound allow-lists (host names, *.domain, CIDRs; comma or space separated): Creatio
+    #: callback and webhook URLs, and mail servers (IMAP, SMTP, EWS, Graph). Unset: anything but
+    #: link-local and cloud-metadata addresses.
+    callback_allow: str | None = None
+    mail_allow: str | None = None
+    #: Per client address: registration (/api/listeners/create, recreate, update) and
+    #: /api/mailbox/validate requests per minute, and the burst allowed above it (0: no limit).
+    rate_limit_per_minute: float = 600.0
+    rate_limit_burst: int = 60
     #: Largest API request body: a /apiv2/email/send with base64 attachments is the big one.
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
@@ -94,6 +112,9 @@ class Settings:
     #: long after new mail on a listening session, a worker checks the folder once on a session
     #: of its own (0: never).
     recheck_seconds: float = 3.0
+    #: A second look this long after the last new mail (0: none), for a server that hands the
+    #: session to hibernation late, under load, after the first look (Dovecot at times 4-5 s).
+    recheck_late_seconds: float = 12.0
 
     # Ownership (several primaries sharing one store)
     #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead
@@ -196,6 +217,17 @@ def _vendor_redis_url(env: Mapping[str, str]) -> str | None:
     return f"redis://{host}/{database}" if ":" in host else f"redis://{host}:6379/{database}"
 
 
+def is_loopback(host: str) -> bool:
+    """Does binding ``host`` keep the API on this machine?"""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
 def _check(settings: Settings) -> None:
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"port must be 0..65535, got {settings.port}")
@@ -226,7 +258,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
         )
-    for name in ("recheck_seconds", "prefetch_max_bytes", "max_connects_per_second"):
+    for name in ("recheck_seconds", "recheck_late_seconds", "prefetch_max_bytes", "max_connects_per_second"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.max_mailboxes < 0:
@@ -238,6 +270,19 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             "Graph app-only access needs EMLISTEN_GRAPH_TENANT_ID, EMLISTEN_GRAPH_CLIENT_ID and "
             "EMLISTEN_GRAPH_CLIENT_SECRET together"
+        )
+    for kind in ("callback", "mail"):
+        try:
+            AllowList.parse(getattr(settings, f"{kind}_allow"), env_name(f"{kind}_allow"))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if settings.rate_limit_per_minute < 0 or settings.rate_limit_burst < 0:
+        raise ConfigError(f"{env_name('rate_limit_per_minute')} and _BURST must be 0 (off) or positive")
+    if not settings.api_token and not settings.allow_unauthenticated and not is_loopback(settings.host):
+        raise ConfigError(
+            f"listening on {settings.host} (beyond loopback) needs {env_name('api_token')} for "
+            f"emlisten's own routes (/v1, the console); set {env_name('allow_unauthenticated')}=true "
+            "to start without one (anyone who reaches the port could then use them)"
         )
     if settings.idle_renew_seconds >= 29 * 60:
         raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

@@ -102,6 +102,7 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         connect_timeout=settings.connect_timeout_seconds,
         command_timeout=settings.command_timeout_seconds,
         recheck_seconds=settings.recheck_seconds,
+        recheck_late_seconds=settings.recheck_late_seconds,
         ca_file=settings.tls_ca_file,
     )
     sources["graph"] = graph_source_from_settings(settings)

@@ -233,6 +233,32 @@ async def test_one_recheck_per_activity_and_none_for_a_quiet_mailbox(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_late_recheck_finds_mail_that_landed_after_the_first_one(
+    dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy
+) -> None:
+    """Under load a server hands a session to hibernation late, after the first recheck looked:
+    mail landing then goes unannounced, and only the second, later look finds it. Then nothing
+    more until new mail."""
+    source, commands = imap_source(dovecot, recheck_seconds=0.2, recheck_late_seconds=0.8)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, proxied_mailbox(dovecot, mail_user, proxy), sink, prefetch())
+        await sink.next()  # catch-up
+        await dovecot.aappend(mail_user, make_message(subject="announced"))
+        assert (await sink.next()).reason == "exists"
+        sent = len(commands)
+        proxy.drop_server_lines = EXISTS_LINE
+        assert (await sink.next()).reason == "recheck"
+        await dovecot.aappend(mail_user, make_message(subject="after the first look"))
+        late = await sink.next(timeout=5)
+        assert (late.reason, late.uid_hint) == ("recheck", 0)
+        with trio.move_on_after(1.2):
+            task = await sink.next()
+            pytest.fail(f"a third recheck without new mail: {task}")
+        assert commands[sent:] == []  # both looks left the listening session in IDLE
+        nursery.cancel_scope.cancel()
+
+
 async def test_catch_up_past_expunged_mail_needs_no_bodies(dovecot: Dovecot, mail_user: MailUser) -> None:
     uids = [await dovecot.aappend(mail_user, make_message()) for _ in range(3)]
     # The two newest are gone before we reconnect; the checkpoint is at the first.

@@ -65,6 +65,9 @@ class ImapSettings:
     #: a session, publish a ``recheck`` task, so that a worker looks at the folder on a session
     #: of its own (0 disables).
     recheck_seconds: float = 3.0
+    #: A second, later look (0: none): under load a server can hand a session to hibernation
+    #: seconds after it usually does, after the first recheck has looked.
+    recheck_late_seconds: float = 12.0
 
 
 class ImapSource(MailSource):
@@ -84,6 +87,7 @@ class ImapSource(MailSource):
         command_timeout: float = 60.0,
         close_timeout: float = 5.0,
         recheck_seconds: float = 3.0,
+        recheck_late_seconds: float = 12.0,
         prefetch_budget_bytes: int = 256 * 1024 * 1024,
         ca_file: str | None = None,
         client_id: dict[str, str] | None = None,
@@ -97,6 +101,7 @@ class ImapSource(MailSource):
             command_timeout=command_timeout,
             close_timeout=close_timeout,
             recheck_seconds=recheck_seconds,
+            recheck_late_seconds=recheck_late_seconds,
         )
         #: Bounds the memory of message bodies being fetched on listening sessions at once.
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
@@ -235,6 +240,7 @@ class _Listener:
         "on_new_mail",
         "prefetch",
         "recheck_at",
+        "recheck_late_at",
         "seen_at",
         "settings",
         "wanted",
@@ -265,6 +271,7 @@ class _Listener:
         self.wanted = False
         self.seen_at = 0.0
         self.recheck_at = math.inf
+        self.recheck_late_at = math.inf
 
     def _task(self, **fields: Any) -> SyncTask:
         return SyncTask(
@@ -433,14 +440,18 @@ class _Listener:
         """New mail was handled: have the folder looked at again a little later, in case the
         server failed to announce what came next (Dovecot drops notifications while it hands a
         session to imap-hibernate, about two seconds after IDLE began)."""
-        if self.settings.recheck_seconds > 0:
-            self.recheck_at = trio.current_time() + self.settings.recheck_seconds
+        first, late = self.settings.recheck_seconds, self.settings.recheck_late_seconds
+        now = trio.current_time()
+        self.recheck_at = now + first if first > 0 else math.inf
+        self.recheck_late_at = now + late if late > first else math.inf
+        if first <= 0 and late > 0:
+            self.recheck_at, self.recheck_late_at = now + late, math.inf
 
     async def recheck(self) -> None:
         """Ask a worker to look, on a session of its own. Not here: ending IDLE to ask would
         start a new IDLE, and with it a new hand-off window in which mail can go unannounced,
-        and it would keep the session from hibernating."""
-        self.recheck_at = math.inf
+        and it would keep the session from hibernating. The late look, if any, comes next."""
+        self.recheck_at, self.recheck_late_at = self.recheck_late_at, math.inf
         await self.on_new_mail(self._task(uid_hint=0, reason="recheck"))
 
     # -- the session loops ----------------------------------------------------------------------
