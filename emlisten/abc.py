@@ -23,6 +23,7 @@ from emlisten.models import (
     NodeInfo,
     RawMessage,
     SyncTask,
+    WebhookEvent,
 )
 
 #: Published instead of a mailbox id when many mailboxes changed at once.
@@ -186,6 +187,66 @@ class Store(ABC):
     @abstractmethod
     async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
         """UIDs of the folder (within this UIDVALIDITY) that history loads delivered."""
+
+    # -- webhook outboxes and dead letters (emlisten.sink.webhook, docs/webhooks.md) -----------
+    # One outbox per receiver (``WebhookEvent.endpoint``), oldest first. The webhook sink adds
+    # events (the checkpoint moves once they are in), one sender per endpoint sends them and
+    # removes them; those whose retries run out move to the dead letters, which the API lists,
+    # replays and drops. An event id is the event's identity across outbox and dead letters.
+    # Stores that persist (Redis) keep both across restarts.
+
+    @abstractmethod
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> int:
+        """Append the events to the end of their endpoints' outboxes, in the order given.
+
+        An event whose id is already waiting in that outbox, or is in the dead letters, is
+        skipped (a mail delivered twice is queued once). Atomic per call. Returns how many
+        were added."""
+
+    @abstractmethod
+    async def outbox_endpoints(self) -> list[str]:
+        """Endpoints whose outbox holds at least one event (senders to run after a restart)."""
+
+    @abstractmethod
+    async def outbox_peek(self, endpoint: str, limit: int) -> list[WebhookEvent]:
+        """Up to ``limit`` events of the endpoint's outbox, oldest first (not removed); their
+        ``attempts``, ``next_attempt_at`` and ``last_error`` as last recorded."""
+
+    @abstractmethod
+    async def outbox_count(self, endpoint: str) -> int:
+        """How many events wait in the endpoint's outbox."""
+
+    @abstractmethod
+    async def outbox_retry(self, event: WebhookEvent) -> bool:
+        """Record a failed attempt: store ``attempts``, ``next_attempt_at`` and ``last_error``
+        of the waiting event (its place in the outbox is kept). False if it no longer waits."""
+
+    @abstractmethod
+    async def outbox_done(self, endpoint: str, event_id: str) -> bool:
+        """Remove a delivered event from the outbox. False if it was not there."""
+
+    @abstractmethod
+    async def outbox_dead_letter(self, event: WebhookEvent) -> bool:
+        """Move the waiting event to the dead letters, atomically, with the ``attempts``,
+        ``last_error`` and ``dead_at`` given. False (nothing changed) if it no longer waits."""
+
+    @abstractmethod
+    async def list_dead_letters(self, *, offset: int = 0, limit: int = 100) -> tuple[int, list[WebhookEvent]]:
+        """How many dead letters there are, and ``limit`` of them from ``offset``, oldest
+        ``dead_at`` first."""
+
+    @abstractmethod
+    async def get_dead_letter(self, event_id: str) -> WebhookEvent | None: ...
+
+    @abstractmethod
+    async def drop_dead_letter(self, event_id: str) -> bool:
+        """Forget a dead letter for good. False if there was none with this id."""
+
+    @abstractmethod
+    async def replay_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        """Move a dead letter back to the end of its endpoint's outbox, atomically, with
+        ``attempts`` 0, ``next_attempt_at`` 0, ``dead_at`` 0 and ``last_error`` kept. Returns the
+        event as queued, or None when there is no such dead letter (or another replay took it)."""
 
     async def ping(self) -> None:  # noqa: B027 - optional hook, default: always reachable
         """Raise StoreError when the store cannot be reached."""

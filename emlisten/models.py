@@ -36,6 +36,19 @@ class ServerEndpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """Where a mailbox registered through ``/v1`` sends its events (see docs/webhooks.md).
+
+    Empty ``url`` / ``secrets``: the defaults from settings (``EMLISTEN_WEBHOOK_URL``,
+    ``EMLISTEN_WEBHOOK_SECRET``). ``secrets`` are Standard Webhooks ``whsec_`` secrets, the
+    current one first; during a rotation every one of them signs each call. Hidden from ``repr``.
+    """
+
+    url: str = ""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class MailboxConfig:
     """One registered mailbox: a validated ``SynchronizationCredentials`` element.
 
@@ -70,6 +83,9 @@ class MailboxConfig:
     #: Bumped by the service whenever the subscription must be restarted (recreate, changed
     #: credentials); running listeners compare it to know they are stale.
     revision: int = 0
+    #: Set for mailboxes registered through ``/v1``: their mail goes to this webhook (signed
+    #: events, docs/webhooks.md) instead of Creatio's callbacks at ``bpm_endpoint``.
+    webhook: WebhookTarget | None = None
 
     def replace(self, **changes: Any) -> MailboxConfig:
         return dataclasses.replace(self, **changes)
@@ -290,6 +306,29 @@ class Email:
     references: list[str] = field(default_factory=list)
     #: True when the message exceeded the configured maximum size and was cut.
     truncated: bool = False
+
+
+@dataclass(slots=True)
+class WebhookEvent:
+    """One event waiting in a webhook outbox, or in the dead letters once its retries ran out.
+
+    ``payload`` is the JSON body exactly as it is sent (and signed). ``endpoint`` names the
+    outbox it waits in (a key derived from ``url``, opaque to stores): one outbox per receiver.
+    """
+
+    id: str
+    endpoint: str
+    url: str
+    mailbox_id: str
+    type: str
+    payload: str
+    created_at: float
+    attempts: int = 0
+    #: Wall-clock time (Unix seconds) before which it is not tried again.
+    next_attempt_at: float = 0.0
+    last_error: str = ""
+    #: When it was moved to the dead letters (0: still in the outbox).
+    dead_at: float = 0.0
 
 
 def message_key(mailbox_id: str, folder: str, key: str) -> str:

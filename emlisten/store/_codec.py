@@ -20,6 +20,8 @@ from emlisten.models import (
     NodeInfo,
     Security,
     ServerEndpoint,
+    WebhookEvent,
+    WebhookTarget,
 )
 
 FORMAT_VERSION = 1
@@ -89,12 +91,18 @@ def mailbox_to_dict(mailbox: MailboxConfig) -> dict[str, Any]:
         "context": dict(mailbox.context),
         "extra": dict(mailbox.extra),
         "revision": mailbox.revision,
+        "webhook": (
+            None
+            if mailbox.webhook is None
+            else {"url": mailbox.webhook.url, "secrets": list(mailbox.webhook.secrets)}
+        ),
     }
 
 
 def mailbox_from_dict(data: Mapping[str, Any]) -> MailboxConfig:
     try:
         smtp = data.get("smtp")
+        webhook = data.get("webhook")
         return MailboxConfig(
             id=str(data["id"]),
             user_name=str(data["user_name"]),
@@ -116,8 +124,16 @@ def mailbox_from_dict(data: Mapping[str, Any]) -> MailboxConfig:
             context=dict(data.get("context", {})),
             extra=dict(data.get("extra", {})),
             revision=int(data.get("revision", 0)),
+            webhook=(
+                None
+                if webhook is None
+                else WebhookTarget(
+                    url=str(webhook.get("url", "")),
+                    secrets=tuple(str(secret) for secret in webhook.get("secrets", ())),
+                )
+            ),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # The message names the problem, never the values (they may hold credentials).
         raise CodecError(f"bad mailbox document: {exc.__class__.__name__}") from None
 
@@ -223,3 +239,47 @@ def encode_node(node: NodeInfo) -> bytes:
 
 def decode_node(data: bytes | str) -> NodeInfo:
     return node_from_dict(_loads(data))
+
+
+def webhook_event_to_dict(event: WebhookEvent) -> dict[str, Any]:
+    return {
+        "v": FORMAT_VERSION,
+        "id": event.id,
+        "endpoint": event.endpoint,
+        "url": event.url,
+        "mailbox_id": event.mailbox_id,
+        "type": event.type,
+        "payload": event.payload,
+        "created_at": event.created_at,
+        "attempts": event.attempts,
+        "next_attempt_at": event.next_attempt_at,
+        "last_error": event.last_error,
+        "dead_at": event.dead_at,
+    }
+
+
+def webhook_event_from_dict(data: Mapping[str, Any]) -> WebhookEvent:
+    try:
+        return WebhookEvent(
+            id=str(data["id"]),
+            endpoint=str(data["endpoint"]),
+            url=str(data["url"]),
+            mailbox_id=str(data["mailbox_id"]),
+            type=str(data["type"]),
+            payload=str(data["payload"]),
+            created_at=float(data["created_at"]),
+            attempts=int(data.get("attempts", 0)),
+            next_attempt_at=float(data.get("next_attempt_at", 0.0)),
+            last_error=str(data.get("last_error", "")),
+            dead_at=float(data.get("dead_at", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CodecError(f"bad webhook event document: {exc.__class__.__name__}") from None
+
+
+def encode_webhook_event(event: WebhookEvent) -> bytes:
+    return _dumps(webhook_event_to_dict(event))
+
+
+def decode_webhook_event(data: bytes | str) -> WebhookEvent:
+    return webhook_event_from_dict(_loads(data))

@@ -4,6 +4,7 @@ state is lost when the process exits (say so at start-up)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from emlisten.abc import Store
-from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo
+from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo, WebhookEvent
 
 
 class MemoryStore(Store):
@@ -30,6 +31,10 @@ class MemoryStore(Store):
         # UIDs delivered by history loads.
         self._floors: dict[tuple[str, str], Checkpoint] = {}
         self._history: dict[tuple[str, str, int], set[int]] = {}
+        # Webhook outboxes (endpoint -> event id -> event, in insertion order) and dead letters
+        # (event id -> event). Copies go in and out, so callers cannot change what is stored.
+        self._outboxes: dict[str, dict[str, WebhookEvent]] = {}
+        self._dead: dict[str, WebhookEvent] = {}
 
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:
         self._mailboxes[mailbox.id] = mailbox
@@ -126,6 +131,72 @@ class MemoryStore(Store):
 
     async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
         return set(self._history.get((mailbox_id, folder, uidvalidity), ()))
+
+    # -- webhook outboxes and dead letters --------------------------------------------------------
+
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> int:
+        added = 0
+        for event in events:
+            outbox = self._outboxes.setdefault(event.endpoint, {})
+            if event.id in outbox or event.id in self._dead:
+                continue
+            outbox[event.id] = dataclasses.replace(event)
+            added += 1
+        return added
+
+    async def outbox_endpoints(self) -> list[str]:
+        return [endpoint for endpoint, outbox in self._outboxes.items() if outbox]
+
+    async def outbox_peek(self, endpoint: str, limit: int) -> list[WebhookEvent]:
+        outbox = self._outboxes.get(endpoint, {})
+        return [dataclasses.replace(event) for event in itertools.islice(outbox.values(), max(0, limit))]
+
+    async def outbox_count(self, endpoint: str) -> int:
+        return len(self._outboxes.get(endpoint, {}))
+
+    async def outbox_retry(self, event: WebhookEvent) -> bool:
+        waiting = self._outboxes.get(event.endpoint, {}).get(event.id)
+        if waiting is None:
+            return False
+        waiting.attempts = event.attempts
+        waiting.next_attempt_at = event.next_attempt_at
+        waiting.last_error = event.last_error
+        return True
+
+    async def outbox_done(self, endpoint: str, event_id: str) -> bool:
+        outbox = self._outboxes.get(endpoint)
+        if outbox is None or outbox.pop(event_id, None) is None:
+            return False
+        if not outbox:
+            del self._outboxes[endpoint]
+        return True
+
+    async def outbox_dead_letter(self, event: WebhookEvent) -> bool:
+        if not await self.outbox_done(event.endpoint, event.id):
+            return False
+        self._dead[event.id] = dataclasses.replace(event)
+        return True
+
+    async def list_dead_letters(self, *, offset: int = 0, limit: int = 100) -> tuple[int, list[WebhookEvent]]:
+        ordered = sorted(self._dead.values(), key=lambda event: event.dead_at)
+        page = ordered[max(0, offset) : max(0, offset) + max(0, limit)]
+        return len(ordered), [dataclasses.replace(event) for event in page]
+
+    async def get_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        event = self._dead.get(event_id)
+        return None if event is None else dataclasses.replace(event)
+
+    async def drop_dead_letter(self, event_id: str) -> bool:
+        return self._dead.pop(event_id, None) is not None
+
+    async def replay_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        event = self._dead.pop(event_id, None)
+        if event is None:
+            return None
+        queued = dataclasses.replace(event, attempts=0, next_attempt_at=0.0, dead_at=0.0)
+        outbox = self._outboxes.setdefault(event.endpoint, {})
+        outbox.setdefault(event_id, dataclasses.replace(queued))
+        return queued
 
     async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
         self._nodes[node.id] = (node, time.time() + ttl)

@@ -25,7 +25,17 @@ Keys (``P`` is the prefix):
 ``P node-expiry``         zset    node id -> heartbeat expiry (Redis server time, ms)
 ``P lease:<id>``          string  node id holding the mailbox's lease, with a TTL (PX)
 ``P changes``             pubsub  mailbox ids that were created, changed or removed
+``P wh:endpoints``        set     webhook endpoints whose outbox is not empty
+``P wh:seq``              string  counter giving outbox events their order
+``P wh:outbox:<e>``       zset    event id -> order, the outbox of endpoint e
+``P wh:events:<e>``       hash    event id -> encrypted event document (_crypto)
+``P wh:dead``             hash    event id -> encrypted event document (dead letters)
+``P wh:dead-order``       zset    event id -> dead_at (listing order)
 ========================  ======  ===================================================
+
+Webhook events carry mail (subjects, bodies, attachments) and the receiver's URL, which may hold
+a token: their documents are encrypted like mailbox documents, with the event id as associated
+data.
 
 Expiry (heartbeats, leases) is decided by the Redis server's clock (TIME, key TTLs), never by
 the nodes' clocks, so skew between nodes cannot make two of them own one mailbox.
@@ -37,6 +47,7 @@ other: a delivery that finishes after ``/close`` cannot resurrect a mailbox's ch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -53,17 +64,19 @@ from redis.exceptions import RedisError
 from emlisten._bridge import run_asyncio
 from emlisten.abc import Store
 from emlisten.errors import ConfigError, StoreError
-from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo
+from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo, WebhookEvent
 from emlisten.store._codec import (
     CodecError,
     decode_checkpoint,
     decode_mailbox,
     decode_node,
     decode_status,
+    decode_webhook_event,
     encode_checkpoint,
     encode_mailbox,
     encode_node,
     encode_status,
+    encode_webhook_event,
 )
 from emlisten.store._crypto import CredentialCipher
 
@@ -215,6 +228,79 @@ return flags
 """
 
 
+# Webhook outboxes. KEYS[1] endpoints set, KEYS[2] seq counter, KEYS[3] the endpoint's outbox
+# zset, KEYS[4] its events hash, KEYS[5] dead letters hash; ARGV[1] endpoint, then (id, document)
+# pairs. Ids already waiting or dead are skipped. Returns how many were added.
+_OUTBOX_ADD = """
+local added = 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('HEXISTS', KEYS[4], id) == 0 and redis.call('HEXISTS', KEYS[5], id) == 0 then
+    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[2]), id)
+    redis.call('HSET', KEYS[4], id, ARGV[i + 1])
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('SADD', KEYS[1], ARGV[1]) end
+return added
+"""
+
+# KEYS[1] outbox zset, KEYS[2] events hash; ARGV[1] limit. {ids, documents}, oldest first.
+_OUTBOX_PEEK = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #ids == 0 then return {{}, {}} end
+return {ids, redis.call('HMGET', KEYS[2], unpack(ids))}
+"""
+
+# KEYS[1] events hash; ARGV[1] id, ARGV[2] document. Only while it waits.
+_OUTBOX_RETRY = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] endpoints set, KEYS[2] outbox zset, KEYS[3] events hash, KEYS[4] dead hash,
+# KEYS[5] dead-order zset; ARGV[1] endpoint, ARGV[2] id, ARGV[3] dead document or "" (delivered),
+# ARGV[4] dead_at. Removes the waiting event; with a document, files it as a dead letter.
+_OUTBOX_REMOVE = """
+if redis.call('HDEL', KEYS[3], ARGV[2]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[1], ARGV[1]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[2])
+end
+return 1
+"""
+
+# KEYS[1] dead hash, KEYS[2] dead-order zset; ARGV[1] offset, ARGV[2] limit.
+# Returns {count, ids, documents}.
+_DEAD_PAGE = """
+local count = redis.call('ZCARD', KEYS[2])
+local ids = redis.call('ZRANGE', KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
+if #ids == 0 then return {count, {}, {}} end
+return {count, ids, redis.call('HMGET', KEYS[1], unpack(ids))}
+"""
+
+# KEYS[1] dead hash, KEYS[2] dead-order zset. ARGV[1] id.
+_DEAD_DROP = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS as _OUTBOX_ADD plus KEYS[6] dead-order zset; ARGV[1] endpoint, ARGV[2] id, ARGV[3] the
+# queued document. Moves the dead letter back to the end of the outbox (unless it waits there).
+_DEAD_REPLAY = """
+if redis.call('HDEL', KEYS[5], ARGV[2]) == 0 then return 0 end
+redis.call('ZREM', KEYS[6], ARGV[2])
+if redis.call('HEXISTS', KEYS[4], ARGV[2]) == 0 then
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[2]), ARGV[2])
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
 def _describe(exc: BaseException) -> str:
     # redis-py messages name host:port and the failure, never the password.
     text = str(exc)
@@ -279,6 +365,17 @@ class RedisStore(Store):
         self._list_nodes = client.register_script(_LIST_NODES)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._wh_endpoints_key = f"{prefix}wh:endpoints"
+        self._wh_seq_key = f"{prefix}wh:seq"
+        self._wh_dead_key = f"{prefix}wh:dead"
+        self._wh_dead_order_key = f"{prefix}wh:dead-order"
+        self._outbox_add = client.register_script(_OUTBOX_ADD)
+        self._outbox_peek = client.register_script(_OUTBOX_PEEK)
+        self._outbox_retry = client.register_script(_OUTBOX_RETRY)
+        self._outbox_remove = client.register_script(_OUTBOX_REMOVE)
+        self._dead_page = client.register_script(_DEAD_PAGE)
+        self._dead_drop = client.register_script(_DEAD_DROP)
+        self._dead_replay = client.register_script(_DEAD_REPLAY)
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -565,6 +662,129 @@ class RedisStore(Store):
             lambda: self._client.smembers(self._history_key(mailbox_id, folder, uidvalidity))
         )
         return {int(member) for member in members}
+
+
+    # -- webhook outboxes and dead letters -------------------------------------------------------
+
+    def _outbox_key(self, endpoint: str) -> str:
+        return f"{self.prefix}wh:outbox:{endpoint}"
+
+    def _events_key(self, endpoint: str) -> str:
+        return f"{self.prefix}wh:events:{endpoint}"
+
+    def _seal_event(self, event: WebhookEvent) -> bytes:
+        return self._cipher.encrypt(encode_webhook_event(event), associated_data=event.id.encode())
+
+    def _open_event(self, event_id: str, blob: bytes | str) -> WebhookEvent:
+        plaintext = self._cipher.decrypt(_bytes(blob), associated_data=event_id.encode())
+        try:
+            return decode_webhook_event(plaintext)
+        except CodecError as exc:
+            raise StoreError(f"stored webhook event {event_id!r} is unreadable: {exc}") from None
+
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> int:
+        by_endpoint: dict[str, list[WebhookEvent]] = {}
+        for event in events:
+            by_endpoint.setdefault(event.endpoint, []).append(event)
+        calls = []
+        for endpoint, group in by_endpoint.items():
+            keys = [
+                self._wh_endpoints_key,
+                self._wh_seq_key,
+                self._outbox_key(endpoint),
+                self._events_key(endpoint),
+                self._wh_dead_key,
+            ]
+            args: list[str | bytes] = [endpoint]
+            for event in group:
+                args += [event.id, self._seal_event(event)]
+            calls.append((keys, args))
+
+        async def add() -> int:
+            return sum([int(await self._outbox_add(keys=keys, args=args)) for keys, args in calls])
+
+        return await self._run(add) if calls else 0
+
+    async def outbox_endpoints(self) -> list[str]:
+        members: set[bytes | str] = await self._run(lambda: self._client.smembers(self._wh_endpoints_key))  # type: ignore[misc]
+        return sorted(_text(member) for member in members)
+
+    async def outbox_peek(self, endpoint: str, limit: int) -> list[WebhookEvent]:
+        if limit <= 0:
+            return []
+        keys = [self._outbox_key(endpoint), self._events_key(endpoint)]
+        ids, blobs = await self._run(lambda: self._outbox_peek(keys=keys, args=[limit]))
+        return [
+            self._open_event(_text(event_id), blob)
+            for event_id, blob in zip(ids, blobs, strict=True)
+            if blob is not None
+        ]
+
+    async def outbox_count(self, endpoint: str) -> int:
+        return int(await self._run(lambda: self._client.zcard(self._outbox_key(endpoint))))
+
+    async def outbox_retry(self, event: WebhookEvent) -> bool:
+        keys = [self._events_key(event.endpoint)]
+        args: list[str | bytes] = [event.id, self._seal_event(event)]
+        return bool(await self._run(lambda: self._outbox_retry(keys=keys, args=args)))
+
+    def _remove_keys(self, endpoint: str) -> list[str]:
+        return [
+            self._wh_endpoints_key,
+            self._outbox_key(endpoint),
+            self._events_key(endpoint),
+            self._wh_dead_key,
+            self._wh_dead_order_key,
+        ]
+
+    async def outbox_done(self, endpoint: str, event_id: str) -> bool:
+        keys = self._remove_keys(endpoint)
+        args: list[str | bytes | float] = [endpoint, event_id, "", 0]
+        return bool(await self._run(lambda: self._outbox_remove(keys=keys, args=args)))
+
+    async def outbox_dead_letter(self, event: WebhookEvent) -> bool:
+        keys = self._remove_keys(event.endpoint)
+        args: list[str | bytes | float] = [event.endpoint, event.id, self._seal_event(event), event.dead_at]
+        return bool(await self._run(lambda: self._outbox_remove(keys=keys, args=args)))
+
+    async def list_dead_letters(self, *, offset: int = 0, limit: int = 100) -> tuple[int, list[WebhookEvent]]:
+        keys = [self._wh_dead_key, self._wh_dead_order_key]
+        args = [max(0, offset), max(0, limit)]
+        if limit <= 0:
+            count = int(await self._run(lambda: self._client.zcard(self._wh_dead_order_key)))
+            return count, []
+        count, ids, blobs = await self._run(lambda: self._dead_page(keys=keys, args=args))
+        events = [
+            self._open_event(_text(event_id), blob)
+            for event_id, blob in zip(ids, blobs, strict=True)
+            if blob is not None
+        ]
+        return int(count), events
+
+    async def get_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        blob: bytes | str | None = await self._run(lambda: self._client.hget(self._wh_dead_key, event_id))
+        return None if blob is None else self._open_event(event_id, blob)
+
+    async def drop_dead_letter(self, event_id: str) -> bool:
+        keys = [self._wh_dead_key, self._wh_dead_order_key]
+        return bool(await self._run(lambda: self._dead_drop(keys=keys, args=[event_id])))
+
+    async def replay_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        event = await self.get_dead_letter(event_id)
+        if event is None:
+            return None
+        queued = dataclasses.replace(event, attempts=0, next_attempt_at=0.0, dead_at=0.0)
+        keys = [
+            self._wh_endpoints_key,
+            self._wh_seq_key,
+            self._outbox_key(event.endpoint),
+            self._events_key(event.endpoint),
+            self._wh_dead_key,
+            self._wh_dead_order_key,
+        ]
+        args: list[str | bytes] = [event.endpoint, event_id, self._seal_event(queued)]
+        replayed = await self._run(lambda: self._dead_replay(keys=keys, args=args))
+        return queued if replayed else None
 
     # -- nodes and leases ------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from emlisten.models import (
     NodeInfo,
     Security,
     ServerEndpoint,
+    WebhookEvent,
+    WebhookTarget,
 )
 from emlisten.store._codec import (
     CodecError,
@@ -25,10 +27,12 @@ from emlisten.store._codec import (
     decode_mailbox,
     decode_node,
     decode_status,
+    decode_webhook_event,
     encode_checkpoint,
     encode_mailbox,
     encode_node,
     encode_status,
+    encode_webhook_event,
 )
 from emlisten.store._crypto import WRONG_KEY_MESSAGE, CredentialCipher, derive_key
 
@@ -69,6 +73,8 @@ mailboxes = st.builds(
     context=json_mappings,
     extra=json_mappings,
     revision=st.integers(0, 2**31),
+    webhook=st.none()
+    | st.builds(WebhookTarget, url=text, secrets=st.lists(text, max_size=3).map(tuple)),
 )
 
 statuses = st.builds(
@@ -92,6 +98,34 @@ nodes = st.builds(
     started_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
     version=text,
 )
+
+
+webhook_events = st.builds(
+    WebhookEvent,
+    id=text,
+    endpoint=text,
+    url=text,
+    mailbox_id=text,
+    type=text,
+    payload=text,
+    created_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    attempts=st.integers(0, 1000),
+    next_attempt_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    last_error=text,
+    dead_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+
+
+@given(webhook_events)
+def test_webhook_event_round_trip(event: WebhookEvent) -> None:
+    assert decode_webhook_event(encode_webhook_event(event)) == event
+
+
+def test_mailbox_without_webhook_reads_as_creatio() -> None:
+    # Documents written before /v1 existed have no "webhook" key.
+    minimal = {"id": "m", "user_name": "u", "bpm_endpoint": "https://x",
+               "imap": {"host": "h", "port": 143, "security": "starttls"}}
+    assert decode_mailbox(json.dumps(minimal)).webhook is None
 
 
 @given(nodes)
