@@ -4,8 +4,14 @@ only increment counters."""
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from collections import Counter as Tally
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -88,6 +94,9 @@ class Metrics:
             ["command", "outcome"],
             registry=self.registry,
         )
+        #: The web console's view of this node: deliveries per minute and recent events per
+        #: mailbox (in memory, the last hour; see docs/console.md).
+        self.activity = Activity()
 
     def watch(
         self,
@@ -101,3 +110,155 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# -- the web console's activity (docs/console.md) ------------------------------------------------
+
+#: Minutes of delivery history kept per node (the console's chart spans one hour).
+SERIES_MINUTES = 60
+#: Latency samples kept per minute for its percentiles (a uniform sample past that).
+_SAMPLES_PER_MINUTE = 512
+#: Recent events kept per mailbox, and in all: the mailboxes quiet the longest are forgotten
+#: first, so memory stays bounded (~100,000 small records) whatever the number of mailboxes.
+EVENTS_PER_MAILBOX = 20
+EVENTS_IN_ALL = 100_000
+
+
+@dataclass
+class _Minute:
+    start: int  # Unix seconds, a multiple of 60
+    delivered: int = 0
+    failed: int = 0
+    latency_count: int = 0
+    latency_sum: float = 0.0
+    latency_max: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+    def observe(self, latency: float, count: int) -> None:
+        for _ in range(count):
+            self.latency_count += 1
+            if len(self.samples) < _SAMPLES_PER_MINUTE:
+                self.samples.append(latency)
+            else:  # reservoir sampling keeps a uniform sample of the minute
+                slot = random.randrange(self.latency_count)
+                if slot < _SAMPLES_PER_MINUTE:
+                    self.samples[slot] = latency
+        self.latency_sum += latency * count
+        self.latency_max = max(self.latency_max, latency)
+
+    def as_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.samples)
+
+        def percentile(fraction: float) -> float | None:
+            if not ordered:
+                return None
+            return round(ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)], 4)
+
+        return {
+            "t": self.start,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "latency_avg": round(self.latency_sum / self.latency_count, 4) if self.latency_count else None,
+            "latency_p50": percentile(0.5),
+            "latency_p95": percentile(0.95),
+            "latency_max": round(self.latency_max, 4) if self.latency_count else None,
+        }
+
+
+class DeliverySeries:
+    """Emails delivered (and failed deliveries) per wall-clock minute, with the seen-to-delivered
+    latency of each minute, for the last ``SERIES_MINUTES`` minutes."""
+
+    def __init__(self, minutes: int = SERIES_MINUTES) -> None:
+        self.minutes = minutes
+        self._buckets: deque[_Minute] = deque()
+
+    def _bucket(self, now: float) -> _Minute:
+        start = int(now // 60) * 60
+        if self._buckets and self._buckets[-1].start >= start:
+            return self._buckets[-1]  # this minute (or the wall clock stepped back: count it here)
+        self._buckets.append(_Minute(start))
+        while self._buckets[0].start <= start - self.minutes * 60:
+            self._buckets.popleft()
+        return self._buckets[-1]
+
+    def delivered(self, count: int, latency: float | None, now: float | None = None) -> None:
+        bucket = self._bucket(time.time() if now is None else now)
+        bucket.delivered += count
+        if latency is not None:
+            bucket.observe(latency, count)
+
+    def failed(self, now: float | None = None) -> None:
+        self._bucket(time.time() if now is None else now).failed += 1
+
+    def snapshot(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One entry per minute of the last hour, oldest first, the current minute last
+        (minutes without deliveries included, with zeros)."""
+        current = int((time.time() if now is None else now) // 60) * 60
+        by_start = {bucket.start: bucket for bucket in self._buckets}
+        return [
+            (by_start.get(start) or _Minute(start)).as_dict()
+            for start in range(current - (self.minutes - 1) * 60, current + 60, 60)
+        ]
+
+
+class MailboxEvents:
+    """The last few events of each mailbox on this node (state changes, deliveries, failures)."""
+
+    def __init__(self, per_mailbox: int = EVENTS_PER_MAILBOX, in_all: int = EVENTS_IN_ALL) -> None:
+        self.per_mailbox = per_mailbox
+        self.in_all = in_all
+        self._events: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._count = 0
+        #: When this node last delivered mail of each mailbox (Unix seconds).
+        self.last_delivery: dict[str, float] = {}
+
+    def add(self, mailbox_id: str, kind: str, now: float | None = None, **details: Any) -> None:
+        ring = self._events.get(mailbox_id)
+        if ring is None:
+            ring = self._events[mailbox_id] = deque(maxlen=self.per_mailbox)
+        else:
+            self._events.move_to_end(mailbox_id)
+        self._count -= len(ring)
+        ring.append({"at": time.time() if now is None else now, "kind": kind, **details})
+        self._count += len(ring)
+        while self._count > self.in_all and len(self._events) > 1:
+            forgotten_id, forgotten = self._events.popitem(last=False)
+            self._count -= len(forgotten)
+            self.last_delivery.pop(forgotten_id, None)
+
+    def recent(self, mailbox_id: str) -> list[dict[str, Any]]:
+        """Newest first."""
+        return list(reversed(self._events.get(mailbox_id, ())))
+
+    def forget(self, mailbox_id: str) -> None:
+        ring = self._events.pop(mailbox_id, None)
+        if ring is not None:
+            self._count -= len(ring)
+        self.last_delivery.pop(mailbox_id, None)
+
+
+class Activity:
+    """What the web console shows of this node. The service calls these from its hot paths:
+    each call is a few dictionary operations, no I/O."""
+
+    def __init__(self) -> None:
+        self.series = DeliverySeries()
+        self.events = MailboxEvents()
+
+    def delivered(self, mailbox_id: str, folder: str, count: int, latency: float | None) -> None:
+        now = time.time()
+        self.series.delivered(count, latency, now)
+        details: dict[str, Any] = {"folder": folder, "count": count}
+        if latency is not None:
+            details["latency"] = round(latency, 4)
+        self.events.add(mailbox_id, "delivered", now, **details)
+        self.events.last_delivery[mailbox_id] = now
+
+    def delivery_failed(self, mailbox_id: str, folder: str, error: str) -> None:
+        now = time.time()
+        self.series.failed(now)
+        self.events.add(mailbox_id, "delivery_failed", now, folder=folder, error=error)
+
+    def state_changed(self, mailbox_id: str, state: str, error: str | None = None) -> None:
+        self.events.add(mailbox_id, "state", state=state, error=error)

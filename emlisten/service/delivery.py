@@ -423,16 +423,19 @@ class DeliveryWorker:
                     await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
         except trio.TooSlowError:
             self.metrics.deliveries.labels(outcome="failure").inc()
+            self.metrics.activity.delivery_failed(mailbox.id, folder, "no answer within the delivery timeout")
             raise DeliveryError("ProcessFullEmail: no answer within the delivery timeout") from None
-        except DeliveryError:
+        except DeliveryError as error:
             self.metrics.deliveries.labels(outcome="failure").inc()
+            self.metrics.activity.delivery_failed(mailbox.id, folder, str(error))
             raise
         self.metrics.deliveries.labels(outcome="success").inc()
         self.metrics.delivered_emails.inc(len(batch))
-        if seen_at:
-            latency = max(0.0, time.time() - seen_at)
+        latency = max(0.0, time.time() - seen_at) if seen_at else None
+        if latency is not None:
             for _ in batch:
                 self.metrics.delivery_latency.observe(latency)
+        self.metrics.activity.delivered(mailbox.id, folder, len(batch), latency)
         # Shielded: Creatio has the mail; losing the checkpoint now would deliver it twice.
         with trio.CancelScope(shield=True):
             await self.store.advance_checkpoint(mailbox.id, folder, checkpoint)

@@ -383,6 +383,7 @@ class MailboxSupervisor:
             return
         self._written = (state, error)
         self.m.local_states[self.mailbox.id] = state.value
+        self.m.metrics.activity.state_changed(self.mailbox.id, state.value, error)
         status = MailboxStatus(state, last_error=error, updated_at=time.time(), node=self.m.settings.node_id)
         await self.m.store.set_status(self.mailbox.id, status)
 
