@@ -2,6 +2,7 @@
 
 Redis: a uuid key prefix per test, every key under it deleted at the end (SCAN + DEL).
 RabbitMQ: a uuid queue name per test, its queues deleted at the end.
+SQLite: a data directory under the test's own tmp_path.
 Both open the asyncio bridge loop themselves, as the service's root nursery does.
 """
 
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 from emlisten._bridge import open_asyncio_bridge, run_asyncio
 from emlisten.queue.rabbitmq import RabbitMQQueue
 from emlisten.store.redis import RedisStore
+from emlisten.store.sqlite import SqliteStore
 
 REDIS_URL = os.environ.get("EMLISTEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("EMLISTEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -71,6 +73,15 @@ async def redis_store(
                 yield store
         finally:
             await delete_redis_keys(prefix)
+
+
+@asynccontextmanager
+async def sqlite_store(
+    directory: str | os.PathLike[str], *, secret_key: str = TEST_SECRET_KEY
+) -> AsyncIterator[SqliteStore]:
+    """The durable embedded store in ``directory`` (a test's own tmp_path)."""
+    async with SqliteStore.open(directory, secret_key=secret_key) as store:
+        yield store
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""The Store contract, written once and run against every adapter (memory, and Redis for real)."""
+"""The Store contract, written once and run against every adapter (memory, Redis for real, SQLite)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,18 @@ from emlisten.models import (
     ServerEndpoint,
 )
 from emlisten.store.memory import MemoryStore
-from tests.contract.backends import redis_store
+from tests.contract.backends import redis_store, sqlite_store
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "redis":
         async with redis_store() as adapter:
             yield adapter
+        return
+    if request.param == "sqlite":
+        async with sqlite_store(request.getfixturevalue("tmp_path")) as durable:
+            yield durable
         return
     memory: Store = MemoryStore()
     yield memory
