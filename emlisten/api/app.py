@@ -26,6 +26,7 @@ from emlisten.api.credentials import (
 from emlisten.errors import EmlistenError, QueueError, StoreError, ValidationError
 from emlisten.models import MailboxConfig
 from emlisten.service.control import ListenerControl
+from emlisten.ui import PUBLIC_PATHS as CONSOLE_PATHS
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -40,7 +41,7 @@ STATE_CLOSED = "closed"
 _PUBLIC_ROUTES = frozenset(
     (method, path)
     for method in ("GET", "HEAD")
-    for path in ("/api/listeners/status", "/api/listeners/exists", "/readyz", "/metrics")
+    for path in ("/api/listeners/status", "/api/listeners/exists", "/readyz", "/metrics", *CONSOLE_PATHS)
 )
 #: Microsoft Graph sends no bearer token: these routes authenticate each call themselves
 #: (a signed path and clientState), so the API token does not apply to them.

@@ -277,6 +277,7 @@ def _feature_blueprints(
     from emlisten.mail.graph.send import GraphSender
     from emlisten.sender.router import ProtocolSender
     from emlisten.sender.smtp import SmtpSender
+    from emlisten.ui.routes import console_blueprint
 
     imap = _source_of(adapters, "imap", ImapSource)
     ews = _source_of(adapters, "ews", EwsSource)
@@ -293,6 +294,7 @@ def _feature_blueprints(
 
     return [
         admin_blueprint(control, metrics),
+        console_blueprint(control, adapters.store, metrics.activity, node_id=settings.node_id),
         mailbox_blueprint(imap, ews=ews, graph=graph_source),
         send_blueprint(lambda: sender),
         *(graph_blueprint(graph, adapters.queue.publish) for graph in graph_sources(adapters.source)),
