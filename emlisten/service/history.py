@@ -12,22 +12,30 @@ A load runs in a nursery owned by :class:`HistoryLoads` (started from the node's
 it is cancelled on shutdown); the API only submits work. At most one load per mailbox runs in
 the whole cluster: it holds the store's named lease ``history/<mailbox id>`` while it runs.
 Progress stays in the process that runs the load (``HistoryLoads.progress``).
+
+Exchange (EWS and Graph) has no UIDs: items are listed by received date and split from live
+delivery by the folder's history floor (see :mod:`emlisten.mail.ews.history` and
+:mod:`emlisten.mail.graph.history`); what a load delivered is recorded as 63-bit numbers derived
+from the item ids (:func:`item_number`), and each mail carries the ``Email.Id`` live delivery
+gives the same item (from the item id).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import trio
 
-from emlisten.abc import MailSource, Sink, Store
+from emlisten.abc import MailReader, MailSource, Sink, Store
 from emlisten.config import Settings
 from emlisten.errors import (
     DeliveryError,
@@ -36,6 +44,10 @@ from emlisten.errors import (
     MailSourceError,
     StoreError,
 )
+from emlisten.mail.ews.history import EwsHistory
+from emlisten.mail.ews.source import EwsReader
+from emlisten.mail.graph.history import GraphHistory
+from emlisten.mail.graph.source import GraphReader
 from emlisten.mail.imap.source import ImapReader
 from emlisten.mail.mime import to_email
 from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, email_id, message_key
@@ -45,8 +57,8 @@ log = logging.getLogger(__name__)
 
 HistoryState = Literal["running", "done", "failed"]
 
-#: Protocols a history load can read today (it needs UIDs and INTERNALDATE).
-SUPPORTED_PROTOCOLS = frozenset({"imap"})
+#: Protocols a history load can read.
+SUPPORTED_PROTOCOLS = frozenset({"imap", "ews", "graph"})
 #: Consecutive failed attempts (without any mail delivered in between) before a load gives up.
 MAX_ATTEMPTS = 8
 #: UIDs per ``UID FETCH (INTERNALDATE)`` when sorting candidates by date.
@@ -56,6 +68,25 @@ _THREAD_CONVERT_BYTES = 256 * 1024
 #: A start date before this year loads everything (``SEARCH ALL``; ticks 0 is DateTime.MinValue).
 _SEARCH_ALL_BEFORE_YEAR = 1971
 _IMAP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class ItemHistory(Protocol):
+    """History over a protocol without UIDs (EWS, Graph): items by id and received time."""
+
+    async def items(
+        self, folder: str, since: datetime, floor: Checkpoint
+    ) -> list[tuple[str, datetime | None]] | None:
+        """Items received since ``since`` that live delivery does not cover (None: cannot tell)."""
+        ...
+
+    async def fetch(self, item_ids: Sequence[str]) -> list[RawMessage]:
+        """MIME of these items (``key`` = item id), gone ones left out."""
+        ...
+
+
+def item_number(item_id: str) -> int:
+    """A stable 63-bit number for an item id (the store records history deliveries as numbers)."""
+    return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 class HistoryUnsupportedError(Exception):
@@ -263,9 +294,20 @@ class HistoryLoads:
         progress.passes += 1
         progress.total = progress.delivered + progress.vanished
         async with self.source.open_reader(mailbox) as opened:
-            if not isinstance(opened, ImapReader):
+            history: ItemHistory | None = None
+            if isinstance(opened, EwsReader):
+                history = EwsHistory(opened)
+            elif isinstance(opened, GraphReader):
+                history = GraphHistory(opened)
+            elif not isinstance(opened, ImapReader):
                 raise _LoadStopped(f"history loads are not supported for {mailbox.protocol!r} mailboxes yet")
             for folder in mailbox.folders:
+                if history is not None:
+                    await self._load_items_folder(
+                        history, opened, mailbox, folder, progress, count_skipped=first_pass
+                    )
+                    continue
+                assert isinstance(opened, ImapReader)
                 plan = await self._plan_folder(opened, mailbox, folder, progress, count_skipped=first_pass)
                 if plan is None:
                     continue
@@ -295,7 +337,10 @@ class HistoryLoads:
         except FolderNotFoundError as exc:
             log.warning("history load: skipping a folder that does not exist: %s", exc, extra=where)
             return None
-        floor = await self._floor(mailbox.id, folder, Checkpoint(info.uidvalidity, max(info.uidnext - 1, 0)))
+        async def current_end() -> Checkpoint:
+            return Checkpoint(info.uidvalidity, max(info.uidnext - 1, 0))
+
+        floor = await self._floor(mailbox.id, folder, current_end)
         if floor.uidvalidity != info.uidvalidity:
             log.warning(
                 "history load: the folder was rebuilt (UIDVALIDITY %d -> %d) and live delivery has "
@@ -336,7 +381,9 @@ class HistoryLoads:
         )
         return info.uidvalidity, [c.uid for c in wanted]
 
-    async def _floor(self, mailbox_id: str, folder: str, current_end: Checkpoint) -> Checkpoint:
+    async def _floor(
+        self, mailbox_id: str, folder: str, current_end: Callable[[], Awaitable[Checkpoint]]
+    ) -> Checkpoint:
         floor = await self.store.get_history_floor(mailbox_id, folder)
         if floor is not None:
             return floor
@@ -345,7 +392,7 @@ class HistoryLoads:
             # Creatio calls synchronize right after create, maybe before the listener's first
             # connect: start the subscription here. Whoever seeds first sets the floor, so live
             # delivery and this load agree on it.
-            await self.store.seed_checkpoint(mailbox_id, folder, current_end)
+            await self.store.seed_checkpoint(mailbox_id, folder, await current_end())
             floor = await self.store.get_history_floor(mailbox_id, folder)
             if floor is None:
                 raise _LoadStopped("the mailbox was closed")
@@ -396,6 +443,71 @@ class HistoryLoads:
                 progress.total,
                 progress.remaining,
                 extra={"mailbox": mailbox_id, "folder": folder},
+            )
+
+    async def _load_items_folder(
+        self,
+        history: ItemHistory,
+        reader: MailReader,
+        mailbox: MailboxConfig,
+        folder: str,
+        progress: HistoryProgress,
+        *,
+        count_skipped: bool,
+    ) -> None:
+        """One folder of an EWS or Graph mailbox: list, leave out what was delivered, deliver
+        the rest in date order."""
+        where = {"mailbox": mailbox.id, "folder": folder}
+        try:
+            floor = await self._floor(mailbox.id, folder, partial(reader.current_position, folder))
+            items = await history.items(folder, progress.since, floor)
+        except FolderNotFoundError as exc:
+            log.warning("history load: skipping a folder that does not exist: %s", exc, extra=where)
+            return
+        if items is None:
+            log.warning(
+                "history load: the folder's history floor is no longer usable on the server, so "
+                "what live delivery covers cannot be told; skipping the folder",
+                extra=where,
+            )
+            return
+        since = progress.since
+        in_range = [(i, r) for i, r in items if r is None or r >= since]
+        delivered_before = await self.store.history_delivered(mailbox.id, folder, floor.uidvalidity)
+        wanted = [(i, r) for i, r in in_range if item_number(i) not in delivered_before]
+        if count_skipped:
+            progress.skipped += len(in_range) - len(wanted)
+        epoch = datetime.min.replace(tzinfo=UTC)
+        wanted.sort(key=lambda pair: pair[1] or epoch)
+        progress.total += len(wanted)
+        log.info(
+            "history load: %d message(s) to deliver, %d delivered before",
+            len(wanted),
+            len(in_range) - len(wanted),
+            extra=where,
+        )
+        count = self.settings.batch_max_count
+        for start in range(0, len(wanted), count):
+            chunk = wanted[start : start + count]
+            current = await self._mailbox(mailbox.id)
+            received = dict(chunk)
+            fetched = await history.fetch([item_id for item_id, _ in chunk])
+            messages = [
+                dataclasses.replace(
+                    raw, uid=item_number(raw.key), internal_date=raw.internal_date or received.get(raw.key)
+                )
+                for raw in fetched
+            ]
+            progress.vanished += len(chunk) - len(messages)
+            for batch in self._batches(messages):
+                await self._deliver_batch(current, folder, floor.uidvalidity, batch, progress)
+        if wanted:
+            log.info(
+                "history load: delivered %d of %d, %d remaining",
+                progress.delivered,
+                progress.total,
+                progress.remaining,
+                extra=where,
             )
 
     def _batches(self, messages: Sequence[RawMessage]) -> Iterable[list[RawMessage]]:
@@ -465,4 +577,5 @@ __all__ = [
     "HistoryNotRunningError",
     "HistoryProgress",
     "HistoryUnsupportedError",
+    "item_number",
 ]

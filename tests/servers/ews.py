@@ -27,6 +27,8 @@ Exchange, failures included:
 - ``SyncFolderItems`` with opaque sync states (a fresh state string on every answer, as Exchange
   does), ``MaxChangesReturned``, ``IncludesLastItemInRange``; ``Create`` and ``Delete`` changes.
 - ``GetItem`` with ``IncludeMimeContent`` (base64) and ``DateTimeReceived``; ``ErrorItemNotFound``.
+- ``FindItem`` (shallow) with ``IndexedPageItemView`` paging capped at ``find_count_limit``
+  (1,000, as Exchange), a ``DateTimeReceived`` restriction and sort order.
 - A folder tree below ``msgfolderroot`` (Inbox, Sent Items, plus added folders at any depth, also
   calendar/contacts folders); ``FindFolder`` with ``Traversal`` Shallow or Deep and
   ``IndexedPageFolderView`` paging (``IndexedPagingOffset``, ``IncludesLastItemInRange``).
@@ -48,7 +50,7 @@ Exchange, failures included:
   ``autodiscover_moved``, and error 500 for unknown addresses.
 
 Not simulated: SRV records and the unauthenticated GET redirect of Autodiscover, SOAP
-Autodiscover, pull/push subscriptions, FindItem, CreateItem of anything but a MIME
+Autodiscover, pull/push subscriptions, FindItem beyond date restrictions, CreateItem of anything but a MIME
 message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
 mailboxes on one streaming connection from different anchors, HangingConnectionLimit,
 NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
@@ -348,6 +350,8 @@ class EwsSimulator:
         #: Addresses CreateItem refuses with ErrorInvalidRecipients (lowercase).
         self.rejected_recipients: set[str] = set()
         self.max_message_bytes = 25 * 1024 * 1024
+        #: Items one FindItem page returns at most (Exchange's EWSFindCountLimit).
+        self.find_count_limit = 1000
         #: Paths (lowercase) answering POX Autodiscover.
         self.autodiscover_paths: set[str] = {AUTODISCOVER_PATH}
         #: Requested address (lowercase) -> the address a ``redirectAddr`` answer names.
@@ -424,11 +428,14 @@ class EwsSimulator:
     def revoke_token(self, token: str) -> None:
         self.tokens.pop(token, None)
 
-    def add_message(self, address: str, mime: bytes, *, folder_id: str | None = None) -> str:
-        """Deliver ``mime`` into the inbox (or ``folder_id``); notify subscriptions. Returns the item id."""
+    def add_message(
+        self, address: str, mime: bytes, *, folder_id: str | None = None, received: datetime | None = None
+    ) -> str:
+        """Deliver ``mime`` into the inbox (or ``folder_id``); notify subscriptions. Returns the item id.
+        ``received``: its ``DateTimeReceived`` (default now; older for mail that was already there)."""
         account = self.accounts[address.lower()]
         folder = account.folders[folder_id] if folder_id else account.inbox
-        item = EwsItem(_new_id(), _new_id("CQAAABYAAA"), mime, datetime.now(UTC), folder.id)
+        item = EwsItem(_new_id(), _new_id("CQAAABYAAA"), mime, received or datetime.now(UTC), folder.id)
         account.items[item.id] = item
         folder.changes.append((next(self._seq), "Create", item.id))
         stamp = _timestamp(item.received)
@@ -676,6 +683,7 @@ class EwsSimulator:
                 "SyncFolderItems": self._sync_folder_items,
                 "GetItem": self._get_item,
                 "FindFolder": self._find_folder,
+                "FindItem": self._find_item,
                 "CreateItem": self._create_item,
             }.get(operation)
             if handler is None:
@@ -938,6 +946,77 @@ class EwsSimulator:
                 parts.append(f"<t:DateTimeReceived>{_timestamp(item.received)}</t:DateTimeReceived>")
             messages.append(_message(name, f"<m:Items><t:Message>{''.join(parts)}</t:Message></m:Items>"))
         return _response("GetItem", messages)
+
+    def _find_item(self, account: EwsAccount, request: Element) -> bytes:
+        """FindItem (Shallow) in one folder: ``IndexedPageItemView`` paging (at most
+        ``find_count_limit`` per page), a ``Restriction`` of ``IsGreaterThanOrEqualTo`` /
+        ``IsGreaterThan`` / ``IsLessThan`` / ``IsLessThanOrEqualTo`` on ``item:DateTimeReceived``
+        (alone or under ``And``), ``SortOrder`` on ``item:DateTimeReceived``; ItemId and
+        DateTimeReceived in the answer."""
+        name = "FindItemResponseMessage"
+        if request.get("Traversal", "Shallow") != "Shallow":
+            raise _Fault("ErrorInvalidRequest", "The simulator only does Shallow FindItem.")
+        parents = _find(request, "ParentFolderIds")
+        if parents is None or len(parents) != 1:
+            raise _Fault("ErrorSchemaValidation", "ParentFolderIds must name one folder.")
+        folder = self._folder(account, parents[0])
+        if folder is None:
+            return _response(
+                "FindItem",
+                [_message(name, code="ErrorFolderNotFound", text="The specified folder could not be found.")],
+            )
+        items = account.items_in(folder.id)
+        restriction = _find(request, "Restriction")
+        tests = {
+            "IsGreaterThanOrEqualTo": lambda a, b: a >= b,
+            "IsGreaterThan": lambda a, b: a > b,
+            "IsLessThan": lambda a, b: a < b,
+            "IsLessThanOrEqualTo": lambda a, b: a <= b,
+        }
+        if restriction is not None and len(restriction):
+            conditions = list(restriction[0]) if _local(restriction[0].tag) == "And" else [restriction[0]]
+            for condition in conditions:
+                compare = tests.get(_local(condition.tag))
+                field_uri = _find(condition, "FieldURI")
+                constant = _find(condition, "Constant")
+                if compare is None or field_uri is None or constant is None:
+                    raise _Fault("ErrorInvalidRestriction", "This restriction is not simulated.")
+                if field_uri.get("FieldURI") != "item:DateTimeReceived":
+                    raise _Fault("ErrorInvalidRestriction", "Only item:DateTimeReceived is simulated.")
+                try:
+                    bound = datetime.fromisoformat(constant.get("Value", "").replace("Z", "+00:00"))
+                except ValueError:
+                    raise _Fault("ErrorSchemaValidation", "The Constant is not a date-time.") from None
+                if bound.tzinfo is None:
+                    bound = bound.replace(tzinfo=UTC)
+                items = [i for i in items if compare(i.received, bound)]
+        order = _find(request, "FieldOrder")
+        descending = order is not None and order.get("Order") == "Descending"
+        # Ties keep the order of arrival (the change log), as a stable sort on the store.
+        items.sort(key=lambda i: i.received, reverse=descending)
+        view = _find(request, "IndexedPageItemView")
+        offset, limit = 0, self.find_count_limit
+        if view is not None:
+            try:
+                offset = int(view.get("Offset", "0"))
+                limit = int(view.get("MaxEntriesReturned", str(limit)))
+            except ValueError:
+                raise _Fault("ErrorSchemaValidation", "Offset and MaxEntriesReturned are integers.") from None
+            if offset < 0 or limit < 1:
+                raise _Fault("ErrorInvalidIndexedPagingParameters", "Invalid paging parameters.")
+        page = items[offset : offset + min(limit, self.find_count_limit)]
+        entries = "".join(
+            f'<t:Message><t:ItemId Id="{_attr(i.id)}" ChangeKey="{_attr(i.change_key)}"/>'
+            f"<t:DateTimeReceived>{_timestamp(i.received)}</t:DateTimeReceived></t:Message>"
+            for i in page
+        )
+        end = offset + len(page)
+        inner = (
+            f'<m:RootFolder IndexedPagingOffset="{end}" TotalItemsInView="{len(items)}" '
+            f'IncludesLastItemInRange="{str(end >= len(items)).lower()}">'
+            f"<t:Items>{entries}</t:Items></m:RootFolder>"
+        )
+        return _response("FindItem", [_message(name, inner)])
 
     def _find_folder(self, account: EwsAccount, request: Element) -> bytes:
         name = "FindFolderResponseMessage"

@@ -18,7 +18,10 @@ Covered:
   ``resourceData``) POSTed to the subscription's URL for each new message, retried a few times
   when the endpoint fails; lifecycle notifications (``missed``, ``subscriptionRemoved``,
   ``reauthorizationRequired``) on demand; notifications can be dropped for a while.
-- Throttling on demand: the next N requests answer 429 (or 503) with ``Retry-After``; every
+- ``GET .../mailFolders/{id}/messages`` with ``$filter``/``$orderby`` on ``receivedDateTime``,
+  ``$select``, ``$top``/``$skip`` and ``@odata.nextLink`` (pages capped at ``max_list_page``).
+- Throttling on demand: the next N requests (of every mailbox, or of one) answer 429 (or 503)
+  with ``Retry-After``; every
   request is recorded with its arrival time so tests can check that the client waited.
 - A folder tree: Inbox and Sent Items below the (unlisted) root, plus added folders at any depth;
   ``mailFolders`` (the top level) and ``mailFolders/{id}/childFolders``, with ``parentFolderId``,
@@ -33,9 +36,10 @@ Covered:
 
 Not covered: HTTPS (real Graph requires an https notification URL; the simulator accepts
 http), app-only tokens and the token endpoint, rich notifications (resource data, encryption),
-batching (``$batch``), most OData options (``$filter``, ``$orderby``; ``$top`` only on folder
-lists), ``sendMail`` with a JSON message, folder hierarchy changes and ``mailFolders/delta``,
-the notification delays and batching of the real service, and Graph's long retry schedule
+batching (``$batch``), most OData options (``$filter`` and ``$orderby`` only on
+``receivedDateTime`` of a folder's ``messages``; ``$top``/``$skip`` only there and on folder
+lists), ``sendMail`` with a JSON message, folder hierarchy changes and ``mailFolders/delta``, the
+notification delays and batching of the real service, and Graph's long retry schedule
 (hours) for failing notification endpoints.
 """
 
@@ -255,6 +259,7 @@ class GraphSimulator:
         self._last_seq = 0
         self._epoch = 0
         self._throttle: list[tuple[int, str]] = []  # (status, Retry-After) for the next requests
+        self._user_throttle: dict[str, list[tuple[int, str]]] = {}  # the same, per mailbox
         self._dropping: set[str] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -263,6 +268,8 @@ class GraphSimulator:
         #: Addresses sendMail refuses with ErrorInvalidRecipients (lowercase).
         self.rejected_recipients: set[str] = set()
         self.max_request_bytes = 4 * 1024 * 1024
+        #: Messages one ``GET .../messages`` page returns at most, whatever ``$top`` asks.
+        self.max_list_page = 1000
         self.app = self._make_app()
 
     # -- server ------------------------------------------------------------------------------
@@ -346,11 +353,16 @@ class GraphSimulator:
         self._last_seq = seq
         folder.changes.append((seq, kind, message_id))
 
-    def add_message(self, address: str, mime: bytes, folder: str = "inbox") -> str:
-        """A message arrives (as delivered by transport); notifies matching subscriptions."""
+    def add_message(
+        self, address: str, mime: bytes, folder: str = "inbox", *, received: datetime | None = None
+    ) -> str:
+        """A message arrives (as delivered by transport); notifies matching subscriptions.
+        ``received``: its ``receivedDateTime`` (default now)."""
         target = self._folder_of(address, folder)
         parsed = email.message_from_bytes(mime, policy=email.policy.default)
-        message = SimMessage(_new_id(), target.id, mime, _now(), str(parsed.get("Subject", "")))
+        message = SimMessage(
+            _new_id(), target.id, mime, received or _now(), str(parsed.get("Subject", ""))
+        )
         target.messages[message.id] = message
         self._record_change(target, "created", message.id)
         for subscription in self._live_subscriptions():
@@ -376,9 +388,15 @@ class GraphSimulator:
         del target.messages[message_id]
         self._record_change(target, "deleted", message_id)
 
-    def throttle(self, count: int = 1, *, retry_after: str = "1", status: int = 429) -> None:
-        """The next ``count`` requests answer ``status`` with this ``Retry-After``."""
-        self._throttle.extend([(status, retry_after)] * count)
+    def throttle(
+        self, count: int = 1, *, retry_after: str = "1", status: int = 429, user: str | None = None
+    ) -> None:
+        """The next ``count`` requests answer ``status`` with this ``Retry-After``; with ``user``,
+        the next requests on that mailbox only (Graph throttles per app and mailbox)."""
+        if user is None:
+            self._throttle.extend([(status, retry_after)] * count)
+        else:
+            self._user_throttle.setdefault(user.lower(), []).extend([(status, retry_after)] * count)
 
     def drop_notifications(self, address: str, dropping: bool = True) -> None:
         """While dropping, new mail of this user sends no change notification."""
@@ -542,21 +560,29 @@ class GraphSimulator:
             )
         return address, None
 
+    @staticmethod
+    def _throttled(queue: list[tuple[int, str]]) -> Response:
+        status, retry_after = queue.pop(0)
+        code = "TooManyRequests" if status == 429 else "ServiceUnavailable"
+        return _error(
+            status,
+            code,
+            "Application is over its MailboxConcurrency limit.",
+            {"Retry-After": retry_after},
+        )
+
     async def _handle(self, method: str, path: str) -> Response:
         if self._throttle:
-            status, retry_after = self._throttle.pop(0)
-            code = "TooManyRequests" if status == 429 else "ServiceUnavailable"
-            return _error(
-                status,
-                code,
-                "Application is over its MailboxConcurrency limit.",
-                {"Retry-After": retry_after},
-            )
+            return self._throttled(self._throttle)
         caller, failure = self._authenticate()
         if failure is not None:
             return failure
         assert caller is not None
         path = path.strip("/")
+        target = re.match(r"users/([^/]+)", path, re.IGNORECASE)
+        throttled = self._user_throttle.get(target.group(1).lower() if target else caller)
+        if throttled:
+            return self._throttled(throttled)
 
         if path == "subscriptions" and method == "POST":
             return await self._create_subscription(caller)
@@ -591,6 +617,8 @@ class GraphSimulator:
                 return self._folder_list(user, folder.id)
             if tail.lower() in ("messages/delta", "messages/microsoft.graph.delta()") and method == "GET":
                 return self._delta(user, folder)
+            if tail.lower() == "messages" and method == "GET":
+                return self._list_messages(user, folder)
             return _error(400, "BadRequest", "Unsupported segment in this simulator.")
         match = re.fullmatch(r"messages/([^/]+)/\$value", rest)
         if match and method == "GET":
@@ -793,6 +821,67 @@ class GraphSimulator:
             subscription.expiration = expiration
             return _json(subscription.to_json())
         return _error(405, "MethodNotAllowed", "Method not allowed.")
+
+    # -- message lists -----------------------------------------------------------------------
+
+    def _list_messages(self, user: SimUser, folder: SimFolder) -> Response:
+        """``GET .../mailFolders/{id}/messages``: ``$filter`` on ``receivedDateTime`` (ge, gt,
+        lt, le joined by ``and``), ``$orderby=receivedDateTime [asc|desc]`` (default desc, as
+        Graph), ``$select``, ``$top`` (default 10, at most 1000) and ``$skip``; ``@odata.nextLink``."""
+        args = request.args
+        messages = list(folder.messages.values())
+        text = args.get("$filter", "").strip()
+        if text:
+            tests = {
+                "ge": lambda a, b: a >= b,
+                "gt": lambda a, b: a > b,
+                "lt": lambda a, b: a < b,
+                "le": lambda a, b: a <= b,
+            }
+            for clause in re.split(r"\s+and\s+", text, flags=re.IGNORECASE):
+                match = re.fullmatch(r"receivedDateTime\s+(ge|gt|lt|le)\s+(\S+)", clause.strip())
+                if match is None:
+                    return _error(400, "ErrorInvalidUrlQueryFilter", "The query filter is not supported.")
+                try:
+                    bound = _parse_iso(match.group(2))
+                except ValueError:
+                    return _error(400, "BadRequest", "Invalid DateTimeOffset in the filter.")
+                compare = tests[match.group(1)]
+                messages = [m for m in messages if compare(m.received.replace(microsecond=0), bound)]
+        order = args.get("$orderby", "receivedDateTime desc").strip().lower()
+        if order not in ("receiveddatetime", "receiveddatetime asc", "receiveddatetime desc"):
+            return _error(400, "BadRequest", "The simulator orders by receivedDateTime only.")
+        messages.sort(key=lambda m: m.received, reverse=order.endswith("desc"))
+        try:
+            top = int(args.get("$top", "10"))
+            skip = int(args.get("$skip", "0"))
+        except ValueError:
+            return _error(400, "BadRequest", "Invalid $top or $skip.")
+        if not 1 <= top <= 1000 or skip < 0:
+            return _error(400, "BadRequest", "Invalid $top or $skip.")
+        selected = {s.strip() for s in args.get("$select", "").split(",") if s.strip()}
+        # Graph may return fewer than $top (server-driven paging): the nextLink carries on.
+        top = min(top, self.max_list_page)
+        page = messages[skip : skip + top]
+        values = []
+        for message in page:
+            full = {
+                "@odata.etag": f'W/"{message.change_key}"',
+                "id": message.id,
+                "receivedDateTime": _iso(message.received),
+                "subject": message.subject,
+            }
+            values.append({k: v for k, v in full.items() if not selected or k in selected or k == "id"})
+        payload: dict[str, Any] = {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users('x')/messages",
+            "value": values,
+        }
+        if skip + top < len(messages):
+            following = {k: v for k, v in args.items() if k != "$skip"}
+            following["$skip"] = str(skip + top)
+            query = "&".join(f"{quote(k, safe='$')}={quote(v, safe=',:')}" for k, v in following.items())
+            payload["@odata.nextLink"] = f"{self.base_url}{request.path}?{query}"
+        return _json(payload)
 
     # -- delta -------------------------------------------------------------------------------
 
