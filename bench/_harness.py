@@ -1204,11 +1204,16 @@ async def bare_client_cold_start(
 
 async def connect_appenders(stack: MailServerSide, users: Sequence[MailUser]) -> list[RawImap]:
     """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
+    return await connect_appenders_to(stack.dovecot, users)
+
+
+async def connect_appenders_to(dovecot: Dovecot, users: Sequence[MailUser]) -> list[RawImap]:
+    """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
     clients: list[RawImap | None] = [None] * len(users)
 
     async def one(i: int, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
-            client = await RawImap.connect(stack.dovecot.host, stack.dovecot.imap_port)
+            client = await RawImap.connect(dovecot.host, dovecot.imap_port)
             await client.login(users[i].name, users[i].password)
             clients[i] = client
 

@@ -3,7 +3,8 @@
 The benchmarks use it for the two things they must not borrow from the code under test: appending
 mail (so "APPEND done" is timed in the bench's own event loop) and the latency floor probe (a bare
 IDLE session that timestamps ``* n EXISTS`` as soon as the bytes arrive). It handles only what
-Dovecot answers to LOGIN, SELECT, APPEND and IDLE: line-based responses without literals.
+Dovecot answers to LOGIN, SELECT, APPEND and IDLE, and the backlog floor's UID FETCH of whole
+bodies (one literal per FETCH line).
 """
 
 from __future__ import annotations
@@ -101,12 +102,63 @@ class RawImap:
 
     async def select(self, folder: str = "INBOX") -> int:
         """SELECT the folder; returns its EXISTS count."""
+        exists, _ = await self.select_with_uidnext(folder)
+        return exists
+
+    async def select_with_uidnext(self, folder: str = "INBOX") -> tuple[int, int]:
+        """SELECT the folder; returns its EXISTS count and UIDNEXT (0 if the server sent none)."""
         untagged, _ = await self.command(b"SELECT " + _quoted(folder))
+        exists = uidnext = 0
         for line in untagged:
             parts = line.split()
             if len(parts) == 3 and parts[2] == b"EXISTS":
-                return int(parts[1])
-        return 0
+                exists = int(parts[1])
+            start = line.find(b"[UIDNEXT ")
+            if start >= 0:
+                uidnext = int(line[start + 9 : line.index(b"]", start)])
+        return exists, uidnext
+
+    async def _read_exact(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            data = await self._stream.receive_some(max(65536, size - len(self._buffer)))
+            if not data:
+                raise RawImapError("connection closed by the server")
+            self._buffer += data
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    async def uid_fetch_bodies(self, first_uid: int) -> tuple[int, int]:
+        """``UID FETCH first:* (UID BODY.PEEK[])``, literals read and dropped. Returns how many
+        messages at or above ``first_uid`` came back and the highest UID seen (for the next call).
+
+        Only the shape Dovecot answers: one literal per FETCH line, announced as ``{n}``."""
+        tag = self._next_tag()
+        await self._stream.send_all(tag + b" UID FETCH %d:* (UID BODY.PEEK[])\r\n" % first_uid)
+        count, highest = 0, first_uid - 1
+        while True:
+            line = await self.read_line()
+            if line.startswith(tag + b" "):
+                if not line[len(tag) + 1 :].startswith(b"OK"):
+                    raise RawImapError(f"UID FETCH failed: {line[:200]!r}")
+                return count, highest
+            if b" FETCH " in line:
+                start = line.find(b"UID ")
+                uid = int(line[start + 4 :].split(maxsplit=1)[0].rstrip(b")")) if start >= 0 else 0
+                if uid >= first_uid:  # "n:*" answers the last message when n is past it
+                    count += 1
+                    highest = max(highest, uid)
+            while line.endswith(b"}") and b"{" in line:
+                await self._read_exact(int(line[line.rindex(b"{") + 1 : -1]))
+                line = await self.read_line()
+
+    async def idle_done(self, idle_tag: bytes) -> None:
+        """End the IDLE started by ``idle_start`` (untagged lines meanwhile are dropped)."""
+        await self._stream.send_all(b"DONE\r\n")
+        while not (line := await self.read_line()).startswith(idle_tag + b" "):
+            pass
+        if not line[len(idle_tag) + 1 :].startswith(b"OK"):
+            raise RawImapError(f"IDLE ended with {line[:200]!r}")
 
     async def append(self, message: bytes, folder: str = "INBOX") -> bytes:
         """APPEND; returns the tagged OK line (with APPENDUID) once the server confirmed it."""

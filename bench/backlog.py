@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="mails appended to every mailbox while frozen (default 5; --mails is ignored)",
     )
+    parser.set_defaults(floor=True)
 
 
 def run(args: argparse.Namespace) -> Result:

@@ -53,6 +53,7 @@ from bench._harness import (
     close_all,
     common_params,
     connect_appenders,
+    connect_appenders_to,
     create_users,
     established_inodes,
     lost_leases,
@@ -95,6 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, mailboxes: int = 100) -> N
         action="store_const",
         const="primary+secondary",
         help="the same as --topology primary+secondary",
+    )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after emlisten's drain, measure the server's own floor on the same Dovecot: a bare "
+        "client with one IDLE session per mailbox, idle (so hibernated) while the same backlog is "
+        "appended, then DONE / UID FETCH / IDLE on every session at once",
     )
     parser.add_argument(
         "--lease-ttl",
@@ -299,6 +308,92 @@ def _report(result: Result, raw: Mapping[str, Any], mails: int, target: float) -
     )
 
 
+async def bare_client_drain(
+    dovecot: Dovecot, users: Sequence[MailUser], args: argparse.Namespace, *, tls: bool
+) -> dict[str, Any]:
+    """The server's floor for the drain: what a client doing nothing but DONE, one
+    ``UID FETCH next:* (UID BODY.PEEK[])`` and IDLE again on each of its IDLE sessions gets,
+    after the same backlog was appended while the sessions sat in IDLE (hibernated, where the
+    server hibernates them) exactly as emlisten's sat while frozen. No delivery, no parsing."""
+    context = dovecot.client_ssl_context() if tls else None
+    port = dovecot.imaps_port if tls else dovecot.imap_port
+    sessions: list[tuple[RawImap, int, bytes]] = []
+    progress = Progress(f"floor: {len(users)} bare IDLE sessions", len(users))
+
+    async def open_one(user: MailUser, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            client = await RawImap.connect(dovecot.host, port, context)
+            try:
+                await client.login(user.name, user.password)
+                _, uidnext = await client.select_with_uidnext("INBOX")
+                sessions.append((client, uidnext, await client.idle_start()))
+            except BaseException:
+                await client.aclose()
+                raise
+        progress.update(len(sessions))
+
+    fetched = 0
+    finished_at = 0.0
+
+    async def drain_one(client: RawImap, uidnext: int, tag: bytes) -> None:
+        nonlocal fetched, finished_at
+        await client.idle_done(tag)
+        count, _ = await client.uid_fetch_bodies(uidnext)
+        await client.idle_start()
+        fetched += count
+        finished_at = max(finished_at, time.monotonic())
+
+    appenders: list[RawImap] = []
+    try:
+        limiter = trio.CapacityLimiter(64)
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(open_one, user, limiter)
+        progress.close(len(sessions))
+        appenders = await connect_appenders_to(dovecot, users)
+        # Let every session settle into IDLE (and into imap-hibernate) before the backlog lands.
+        await trio.sleep(_settle_seconds(args))
+        started = time.monotonic()
+        await _append_all(appenders, uuid.uuid4().hex[:8], args.mails, args.size, args.parallel)
+        await trio.sleep(1.0)  # as emlisten's freeze: notifications wait in the sockets
+        say(f"floor: DONE / UID FETCH / IDLE on {len(sessions)} sessions at once")
+        thawed_at = time.monotonic()
+        with trio.move_on_after(args.stall_timeout * 10):
+            async with trio.open_nursery() as nursery:
+                for client, uidnext, tag in sessions:
+                    nursery.start_soon(drain_one, client, uidnext, tag)
+        seconds = finished_at - thawed_at if fetched else 0.0
+        return {
+            "fetched": fetched,
+            "drain_seconds": seconds,
+            "rate": fetched / seconds if seconds > 0 else 0.0,
+            "idle_seconds_before_drain": thawed_at - started,
+        }
+    finally:
+        await close_all([client for client, _, _ in sessions] + appenders)
+
+
+def _settle_seconds(args: argparse.Namespace) -> float:
+    hibernate = str(args.hibernate_timeout).lower()
+    if hibernate in ("", "none", "off"):
+        return 1.0
+    return float(hibernate.rstrip("s")) + 2.0
+
+
+def _report_floor(result: Result, floor: Mapping[str, Any], emlisten_rate: float) -> None:
+    result.metrics["floor"] = {
+        "fetched": floor["fetched"],
+        "drain_seconds": round(floor["drain_seconds"], 3),
+        "drain_rate_per_second": round(floor["rate"], 1),
+        "idle_seconds_before_drain": round(floor["idle_seconds_before_drain"], 3),
+    }
+    ratio = f", emlisten at {emlisten_rate / floor['rate']:.2f} x the floor" if floor["rate"] else ""
+    result.row(
+        "floor: bare client DONE / UID FETCH / IDLE on every session, same server",
+        f"{floor['rate']:.0f} mails/s ({floor['fetched']} in {floor['drain_seconds']:.2f} s){ratio}",
+    )
+
+
 async def _measure_all(
     args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser], scenario: str, target: float
 ) -> Result:
@@ -319,6 +414,10 @@ async def _measure_all(
         finally:
             await close_all(appenders)
     _report(result, raw, args.mails, target)
+    if args.floor:
+        floor = await bare_client_drain(dovecot, users, args, tls=args.tls)
+        rate = raw["delivered"] / raw["drain_seconds"] if raw["drain_seconds"] > 0 else 0.0
+        _report_floor(result, floor, rate)
     return result
 
 

@@ -37,6 +37,35 @@ _THREAD_CONVERT_BYTES = 256 * 1024
 _RECHECK_CONCURRENCY = 4
 #: With this many folders delivering at once the worker is draining a backlog: rechecks wait.
 _RECHECK_BUSY_DRAINERS = 8
+#: ... or with this many tasks taken in the last second: after an outage, carried mail is
+#: delivered so fast that few folders deliver at once, while the listeners are still fetching.
+_RECHECK_BUSY_TASKS_PER_SECOND = 64
+
+
+class _RecentCount:
+    """Events in the current and the previous whole second (cheap, no timestamps kept)."""
+
+    __slots__ = ("current", "previous", "second")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.current = 0
+        self.previous = 0
+
+    def _roll(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            self.previous = self.current if second == self.second + 1 else 0
+            self.current = 0
+            self.second = second
+
+    def add(self, now: float) -> None:
+        self._roll(now)
+        self.current += 1
+
+    def in_last_second(self, now: float) -> int:
+        self._roll(now)
+        return max(self.current, self.previous)
 
 
 class _Drainer:
@@ -79,6 +108,7 @@ class DeliveryWorker:
         #: Folders to look at again (``recheck`` tasks), in the order asked, one entry each.
         self._rechecks: dict[DrainKey, None] = {}
         self._recheck_asked = trio.Event()
+        self._recent_tasks = _RecentCount()
         self._intake = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -118,6 +148,7 @@ class DeliveryWorker:
             self._recheck_asked.set()
             nursery.start_soon(self._ack_all, [delivery])
             return
+        self._recent_tasks.add(trio.current_time())
         drainer = self._drainers.get(key)
         if drainer is None:
             drainer = _Drainer(key)
@@ -185,7 +216,11 @@ class DeliveryWorker:
                     await self._recheck_asked.wait()
                 # Busy: draining a backlog (many folders at once), not the odd new mail.
                 now = trio.current_time()
-                if len(self._drainers) >= _RECHECK_BUSY_DRAINERS and now - last_started < 1.0:
+                busy = (
+                    len(self._drainers) >= _RECHECK_BUSY_DRAINERS
+                    or self._recent_tasks.in_last_second(now) >= _RECHECK_BUSY_TASKS_PER_SECOND
+                )
+                if busy and now - last_started < 1.0:
                     await trio.sleep_until(last_started + 1.0)
                     continue
                 key = next(iter(self._rechecks))

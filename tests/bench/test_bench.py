@@ -218,6 +218,8 @@ def test_backlog_scenario(tmp_path: Path) -> None:
     assert (metrics["delivered"], metrics["lost"], metrics["duplicated"]) == (6, 0, 0)
     assert metrics["drain_rate_per_second"] > 0
     assert "sessions_opened_during_drain" in metrics
+    # The server's floor, measured by the bare client on the same mailboxes: every mail fetched.
+    assert metrics["floor"]["fetched"] == 6 and metrics["floor"]["drain_rate_per_second"] > 0
 
 
 @pytest.mark.dovecot
