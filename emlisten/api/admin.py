@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 
 from emlisten.metrics import CONTENT_TYPE, Metrics
 from emlisten.service.control import AdminView
@@ -38,6 +38,11 @@ def admin_blueprint(view: AdminView, metrics: Metrics | None = None) -> Blueprin
     async def readyz() -> Response:
         checks = await view.readiness()
         ready = all(value == "ok" for value in checks.values())
-        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+        payload: dict[str, object] = {"ready": ready, "checks": checks}
+        # Routes anyone can call without a token (emlisten.api._guard.ApiAccess): said here too.
+        open_routes = current_app.config.get("EMLISTEN_OPEN_WITHOUT_TOKEN")
+        if open_routes:
+            payload["open_without_token"] = open_routes
+        return _json(payload, 200 if ready else 503)
 
     return blueprint

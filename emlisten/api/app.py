@@ -15,10 +15,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import quart_trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 import emlisten
+from emlisten.api._guard import (
+    RATE_LIMITED_ROUTES,
+    ApiAccess,
+    BodyRejected,
+    RateLimiter,
+    is_creatio_route,
+    load_json,
+)
 from emlisten.api.credentials import (
     parse_credentials_array,
     parse_mailbox_id_spellings,
@@ -51,10 +59,11 @@ _SELF_AUTHENTICATED_PREFIXES = ("/v1/graph/notifications/", "/v1/graph/lifecycle
 class _BadRequest(Exception):
     """The request as a whole is unusable: 400 with ``Message`` and ``Errors``."""
 
-    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, message: str, errors: list[dict[str, Any]], status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.errors = errors
+        self.status = status
 
 
 def _error_item(field: str, message: str) -> dict[str, Any]:
@@ -62,8 +71,13 @@ def _error_item(field: str, message: str) -> dict[str, Any]:
 
 
 def _json_response(payload: Any, status: int = 200) -> Response:
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate got into a message: \u-escape it
+        text = json.dumps(payload)
     return Response(
-        json.dumps(payload, ensure_ascii=False),
+        text,
         status=status,
         content_type="application/json; charset=utf-8",
     )
@@ -77,7 +91,13 @@ async def _read_json_body() -> Any:
     if not data.strip():
         raise _BadRequest("Empty body: a JSON value was expected", [_error_item("body", "empty")])
     try:
-        return json.loads(data.decode("utf-8-sig"))
+        return load_json(data)
+    except BodyRejected as rejected:
+        raise _BadRequest(
+            "Field too long" if rejected.status == 422 else "Invalid JSON",
+            [_error_item(rejected.field, rejected.message)],
+            status=rejected.status,
+        ) from None
     except UnicodeDecodeError:
         message = "body is not UTF-8"
     except json.JSONDecodeError as error:
@@ -99,28 +119,48 @@ def create_app(
     api_token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     blueprints: Sequence[Blueprint] = (),
+    access: ApiAccess | None = None,
 ) -> quart_trio.QuartTrio:
-    """Build the API app. With ``api_token`` every route but GET status/exists needs
-    ``Authorization: Bearer <api_token>``."""
+    """Build the API app. With ``api_token`` emlisten's own routes need
+    ``Authorization: Bearer <api_token>``, and Creatio's too with
+    ``access.creatio_routes_need_token`` (see emlisten.api._guard)."""
 
     app = quart_trio.QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     # Always turn route exceptions into our JSON 500, even in debug/testing mode.
     app.config["PROPAGATE_EXCEPTIONS"] = False
     expected_token = api_token.encode("utf-8") if api_token else None
+    access = access or ApiAccess()
+    rate_limiter = RateLimiter(access.rate_limit_per_minute, access.rate_limit_burst)
+    # Said at start, in /readyz and by `emlisten status` (emlisten.api.admin reads it).
+    app.config["EMLISTEN_OPEN_WITHOUT_TOKEN"] = open_routes = access.open_without_token(api_token)
+    for routes in open_routes:
+        logger.warning("API on %s: %s answer anyone without a token", access.listen_host, routes)
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
 
     @app.before_request
     async def require_token() -> Response | None:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        # Validate and availability tell callers with the token more (emlisten.api.mailbox).
+        g.emlisten_authenticated = authenticated = (
+            expected_token is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(presented.strip().encode("utf-8"), expected_token)
+        )
+        if request.method == "POST" and request.path in RATE_LIMITED_ROUTES and not authenticated:
+            wait = rate_limiter.take(request.remote_addr or "")
+            if wait:
+                limited = _json_response({"Message": "Too many requests"}, 429)
+                limited.headers["Retry-After"] = RateLimiter.retry_after_header(wait)
+                return limited
         if expected_token is None or (request.method, request.path) in _PUBLIC_ROUTES:
             return None
         if request.method == "POST" and request.path.startswith(_SELF_AUTHENTICATED_PREFIXES):
             return None
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode("utf-8"), expected_token
-        ):
+        if is_creatio_route(request.path) and not access.creatio_routes_need_token:
+            return None
+        if authenticated:
             return None
         response = _json_response({"Message": "Missing or invalid bearer token"}, 401)
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -133,7 +173,13 @@ def create_app(
 
     @app.errorhandler(_BadRequest)
     async def bad_request(error: _BadRequest) -> Response:
-        return _json_response({"Message": error.message, "Errors": error.errors}, 400)
+        return _json_response({"Message": error.message, "Errors": error.errors}, error.status)
+
+    @app.errorhandler(RecursionError)
+    async def nested_too_deeply(error: RecursionError) -> Response:
+        # Routes parsing JSON themselves: a body nested thousands of levels deep.
+        errors = [_error_item("body", "nested too deeply")]
+        return _json_response({"Message": "Invalid JSON", "Errors": errors}, 400)
 
     @app.errorhandler(ValidationError)
     async def rejected_by_service(error: ValidationError) -> Response:
@@ -157,6 +203,9 @@ def create_app(
         for name, value in error.get_headers():
             if name.lower() != "content-type":
                 response.headers[name] = value
+        if status == 413:
+            # The rest of the body is still on the wire: the connection cannot carry another request.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

@@ -90,12 +90,17 @@ def parse_filters(value: Any) -> datetime:
         return parse_filters(decoded)
     match = _MS_JSON_DATE.fullmatch(text)
     if match is not None:
-        return _UNIX_EPOCH + timedelta(milliseconds=int(match.group(1)))
+        try:
+            return _UNIX_EPOCH + timedelta(milliseconds=int(match.group(1)))
+        except OverflowError:  # beyond year 1..9999
+            raise FiltersError("date out of range") from None
     try:
         moment = datetime.fromisoformat(text)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise FiltersError("not a tick count, a JSON object or an ISO 8601 date") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00-01:00 moved to UTC
+        raise FiltersError("date out of range") from None
 
 
 def _field(body: Mapping[Any, Any], name: str) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from emlisten import _egress
 from emlisten.errors import (
     FolderNotFoundError,
     MailAuthError,
@@ -175,7 +176,7 @@ async def probe_smtp(
     try:
         with trio.fail_after(time_limit):
             try:
-                stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+                stream: trio.abc.Stream = await _egress.open_tcp_stream(endpoint.host, endpoint.port, "mail")
             except OSError as exc:
                 raise CheckFailed("connect", f"connection to {where} failed: {_os_text(exc)}") from None
             session = _SmtpSession(stream, where)

@@ -44,6 +44,7 @@ from functools import partial
 import aiosmtplib
 import trio
 
+from emlisten import _egress
 from emlisten._bridge import run_asyncio
 from emlisten.errors import ConfigError, FolderNotFoundError, MailSourceError
 from emlisten.mail.imap import _tls
@@ -191,6 +192,11 @@ class SmtpSender:
         # The asyncio side has its own timeouts per step; this bounds the whole submission.
         with trio.fail_after(self.connect_timeout + 4 * self.timeout):
             try:
+                # Resolved and checked once here; the session connects to these very addresses.
+                addresses = await _egress.resolve_checked(endpoint.host, endpoint.port, "mail")
+            except OSError as error:  # DNS failure, or outside EMLISTEN_MAIL_ALLOW
+                raise _connect_error(error, "connect", f"{endpoint.host}:{endpoint.port}") from None
+            try:
                 await run_asyncio(
                     partial(
                         self._submit,
@@ -201,6 +207,7 @@ class SmtpSender:
                         envelope_from=envelope_from,
                         recipients=recipients,
                         secrets=secrets,
+                        addresses=addresses,
                     )
                 )
             except trio.TooSlowError:
@@ -218,13 +225,14 @@ class SmtpSender:
         envelope_from: str,
         recipients: list[str],
         secrets: _Secrets,
+        addresses: Sequence[str],
     ) -> None:
-        """Runs on the asyncio loop: one SMTP session, one transaction."""
+        """Runs on the asyncio loop: one SMTP session, one transaction, to one of ``addresses``
+        (checked by emlisten._egress; TLS still verifies ``endpoint.host``)."""
 
         where = f"{endpoint.host}:{endpoint.port}"
         smtp = aiosmtplib.SMTP(
-            hostname=endpoint.host,
-            port=endpoint.port,
+            hostname=endpoint.host,  # with a socket given: only the name TLS verifies
             use_tls=endpoint.security is Security.SSL_ON_CONNECT,
             start_tls=False,
             tls_context=context,
@@ -234,7 +242,8 @@ class SmtpSender:
         phase = "connect"
         try:
             try:
-                await smtp.connect(timeout=self.connect_timeout)
+                connected = await _open_socket(addresses, endpoint.port, self.connect_timeout)
+                await smtp.connect(timeout=self.connect_timeout, sock=connected)
                 phase = "EHLO"
                 await smtp.ehlo()
                 if endpoint.security in (Security.STARTTLS, Security.STARTTLS_WHEN_AVAILABLE):
@@ -263,7 +272,7 @@ class SmtpSender:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await smtp.quit()  # the message was accepted; a failed QUIT changes nothing
         finally:
-            smtp.close()
+            smtp.close()  # also the socket: asyncio owns it from connect() on, even when that fails
             # close() only schedules the socket's release: let the loop run it now.
             await asyncio.sleep(0)
 
@@ -330,6 +339,22 @@ class SmtpSender:
                 f" nothing was sent: {listed}",
             )
         await smtp.data(message)
+
+
+async def _open_socket(addresses: Sequence[str], port: int, time_limit: float) -> socket.socket:
+    """A connected socket to the first of ``addresses`` that answers (asyncio side)."""
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError("no address to connect to")
+    for address in addresses:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (address, port)), time_limit)
+            return sock
+        except OSError as error:  # TimeoutError included
+            sock.close()
+            last = error
+    raise last
 
 
 def _size_limit(smtp: aiosmtplib.SMTP) -> int | None:

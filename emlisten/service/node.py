@@ -24,9 +24,10 @@ from typing import TypeVar
 import trio
 from quart import Blueprint
 
-from emlisten import __version__
+from emlisten import __version__, _egress
 from emlisten._bridge import open_asyncio_bridge
 from emlisten.abc import MailSource, Sink, Store, TaskQueue
+from emlisten.api._guard import ApiAccess
 from emlisten.api.admin import admin_blueprint
 from emlisten.api.app import create_app
 from emlisten.api.history import history_blueprint
@@ -175,6 +176,7 @@ async def _run(
 ) -> None:
     role = settings.role
     shared_queue = not isinstance(adapters.queue, InProcessQueue)
+    _egress.configure(callback_allow=settings.callback_allow, mail_allow=settings.mail_allow)
     log.info(
         "emlisten %s starting: node=%s role=%s store=%s queue=%s",
         __version__,
@@ -223,6 +225,7 @@ async def _run(
     app = create_app(
         control,
         api_token=settings.api_token,
+        access=ApiAccess.from_settings(settings),
         max_body_bytes=settings.max_request_bytes,
         blueprints=[
             *_feature_blueprints(settings, adapters, control, metrics),

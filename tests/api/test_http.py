@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import emlisten
+from emlisten.api._guard import ApiAccess
 from emlisten.api.app import create_app
 from emlisten.api.server import serve_api
 from emlisten.errors import QueueError, StoreError, ValidationError
@@ -104,8 +105,9 @@ async def start_api(
     *,
     api_token: str | None = None,
     max_body_bytes: int = 10 * 1024 * 1024,
+    access: ApiAccess | None = None,
 ) -> int:
-    app = create_app(control, api_token=api_token, max_body_bytes=max_body_bytes)
+    app = create_app(control, api_token=api_token, max_body_bytes=max_body_bytes, access=access)
     port: int = await nursery.start(serve_api, app, "127.0.0.1", 0)
     return port
 
@@ -425,7 +427,9 @@ async def test_logs_counts_never_bodies(api: Api, caplog: pytest.LogCaptureFixtu
 @pytest.fixture
 async def secured(nursery: trio.Nursery) -> AsyncIterator[Api]:
     control = RecordingControl()
-    port = await start_api(nursery, control, api_token=TOKEN)
+    # The token on Creatio's routes too (a reverse proxy adds it): the strictest set-up.
+    strict = ApiAccess(creatio_routes_need_token=True)
+    port = await start_api(nursery, control, api_token=TOKEN, access=strict)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         yield Api(client, control, port)
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import trio
 
+from emlisten.api._guard import ApiAccess
 from emlisten.api.app import create_app
 from emlisten.api.send import SEND_PATH, send_blueprint
 from emlisten.api.server import serve_api
@@ -30,7 +31,9 @@ FILE = bytes(range(256)) * 10
 async def running_api(
     sender_factory: Callable[[], SmtpSender], *, api_token: str | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(RecordingControl(), api_token=api_token)  # type: ignore[arg-type]
+    # The token on Creatio's routes too: the set-up with a reverse proxy adding it.
+    access = ApiAccess(creatio_routes_need_token=True)
+    app = create_app(RecordingControl(), api_token=api_token, access=access)  # type: ignore[arg-type]
     app.register_blueprint(send_blueprint(sender_factory))
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(serve_api, app, "127.0.0.1", 0)

@@ -28,6 +28,7 @@ from types import TracebackType
 
 import trio
 
+from emlisten import _egress
 from emlisten.errors import (
     ConfigError,
     FolderNotFoundError,
@@ -249,7 +250,8 @@ class ImapClient:
         try:
             with trio.fail_after(self.connect_timeout):
                 try:
-                    tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+                    # Only to an address EMLISTEN_MAIL_ALLOW permits (EgressDenied: an OSError).
+                    tcp = await _egress.open_tcp_stream(endpoint.host, endpoint.port, "mail")
                 except socket.gaierror as exc:
                     raise MailConnectError(
                         f"DNS lookup of {endpoint.host} failed: {exc.strerror or exc}"
