@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import backlog, burst, cold_start, failover, follow_up, idle, latency, pause, random_traffic
+from bench import backlog, burst, cold_start, failover, follow_up, idle, latency, pause, random_traffic, soak
 from bench._harness import BenchError, print_table, write_results
 
 SCENARIOS = {
@@ -31,6 +31,7 @@ SCENARIOS = {
     ),
     "follow-up": (follow_up, "a second mail 1.4-2.0 s after the first on a hibernating Dovecot: its delay"),
     "random-traffic": (random_traffic, "mail to random mailboxes at a fixed rate: delays, mails that waited"),
+    "soak": (soak, "faults one after another while mail flows: every mail of the ledger delivered, once"),
 }
 
 

@@ -55,6 +55,9 @@ class Settings:
     amqp_queue: str = "emlisten.sync"
     #: Declare the queue as a quorum queue (replicated; needs a RabbitMQ cluster to pay off).
     amqp_quorum: bool = False
+    #: Without Redis: keep mailboxes, checkpoints and statuses in SQLite in this directory, so a
+    #: restart resumes every mailbox (docs/deployment.md). Unset: in memory, lost at exit.
+    data_dir: str | None = None
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     #: Start although our own routes (/v1, the console, dead letters) are open to anyone who

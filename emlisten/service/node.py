@@ -79,6 +79,11 @@ def check_topology(settings: Settings) -> None:
         raise ConfigError(
             "EMLISTEN_SECRET_KEY is required with Redis: mailbox credentials are encrypted at rest"
         )
+    if settings.data_dir and not settings.redis_url and not settings.secret_key:
+        raise ConfigError(
+            "EMLISTEN_DATA_DIR needs EMLISTEN_SECRET_KEY: mailbox credentials are encrypted at rest "
+            "(keep the key outside the data directory); unset EMLISTEN_DATA_DIR to keep state in memory"
+        )
 
 
 def build_local_adapters(settings: Settings) -> Adapters:
@@ -134,6 +139,15 @@ async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:
                     settings.redis_url, secret_key=settings.secret_key, prefix=settings.redis_prefix
                 )
             )
+            if settings.data_dir:
+                log.info("EMLISTEN_DATA_DIR is not used: the store is Redis")
+        elif settings.data_dir:
+            from emlisten.store.sqlite import SqliteStore
+
+            assert settings.secret_key is not None
+            store = await stack.enter_async_context(
+                SqliteStore.open(settings.data_dir, secret_key=settings.secret_key)
+            )
         if settings.amqp_url:
             from emlisten.queue.rabbitmq import RabbitMQQueue
 
@@ -186,7 +200,10 @@ async def _run(
         adapters.queue.name,
     )
     if adapters.store.name == "memory":
-        log.warning("in-memory store: subscriptions and checkpoints are lost when this process exits")
+        log.warning(
+            "in-memory store: subscriptions and checkpoints are lost when this process exits "
+            "(set EMLISTEN_DATA_DIR to keep them)"
+        )
     metrics = Metrics()
     manager = MailboxManager(
         settings, adapters.store, adapters.queue, adapters.source, adapters.sink, metrics=metrics

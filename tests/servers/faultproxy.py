@@ -6,6 +6,10 @@ Serve with ``await nursery.start(proxy.serve)`` and point the client at ``proxy.
   a network path dies or the server crashes; new connections are accepted as before.
 - ``block()``: until ``unblock()``, new connections are reset as soon as they arrive (the
   client sees "connection reset") and the open ones are cut.
+- ``black_hole()``: until ``restore()``, nothing passes in either direction and new connections
+  get no answer (their upstream is not dialled): a path that silently drops packets. The bytes
+  held meanwhile travel on afterwards, as TCP retransmission would deliver them; a client whose
+  own timeout fires first sees a dead connection, as it would.
 - ``drop_server_lines``: while set, lines from the server that match this pattern are dropped
   (e.g. ``* 3 EXISTS``: a server that fails to announce new mail). Only for line protocols, and
   only lines that cannot occur inside a literal.
@@ -58,6 +62,8 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._blocked = False
         self._changed = trio.Event()
+        self._path_open = trio.Event()
+        self._path_open.set()
 
     @property
     def open_count(self) -> int:
@@ -102,6 +108,23 @@ class FaultProxy:
     def unblock(self) -> None:
         self._blocked = False
 
+    def black_hole(self) -> None:
+        """Hold every byte and every new connection until ``restore()`` (no reset, no answer)."""
+        if self._path_open.is_set():
+            self._path_open = trio.Event()
+
+    def restore(self) -> None:
+        """End a ``black_hole()``: the held bytes and connections go on."""
+        self._path_open.set()
+
+    @property
+    def black_holed(self) -> bool:
+        return not self._path_open.is_set()
+
+    async def _through_path(self) -> None:
+        while not self._path_open.is_set():
+            await self._path_open.wait()
+
     # -- observing -------------------------------------------------------------------------------
 
     async def wait_accepted(self, count: int, timeout: float = 10.0) -> None:
@@ -134,6 +157,7 @@ class FaultProxy:
         self._links.add(link)
         try:
             with link.scope:
+                await self._through_path()
                 try:
                     link.upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
                 except OSError:
@@ -170,8 +194,8 @@ class FaultProxy:
                 kept.append(line)
         return b"".join(kept)
 
-    @staticmethod
     async def _pump(
+        self,
         source: trio.SocketStream,
         sink: trio.SocketStream,
         link: _Link,
@@ -185,6 +209,7 @@ class FaultProxy:
                     data = line_filter(pending)
                     if not data:
                         continue
+                await self._through_path()
                 await sink.send_all(data)
             # A clean half-close travels on; the other direction keeps flowing.
             await sink.send_eof()
