@@ -115,6 +115,15 @@ class Settings:
     #: long after new mail on a listening session, a worker checks the folder once on a session
     #: of its own (0: never).
     recheck_seconds: float = 3.0
+    #: EWS with user name + password: "auto" (as the server's WWW-Authenticate challenge asks:
+    #: Negotiate, else NTLM, else Basic), or "basic", "ntlm", "negotiate" only.
+    ews_auth: str = "auto"
+    #: EWS connections per credential group (EWS URL + credentials) for requests; streaming
+    #: responses get one each beyond these (a stream carries up to 200 subscriptions).
+    ews_connections_per_account: int = 4
+    #: /api/mailbox/validate for EWS and Graph: the whole check, and connecting to the server.
+    validate_timeout_seconds: float = 10.0
+    validate_connect_timeout_seconds: float = 5.0
     #: A second look this long after the last new mail (0: none), for a server that hands the
     #: session to hibernation late, under load, after the first look (Dovecot at times 4-5 s).
     recheck_late_seconds: float = 12.0
@@ -264,6 +273,11 @@ def _check(settings: Settings) -> None:
     for name in ("recheck_seconds", "recheck_late_seconds", "prefetch_max_bytes", "max_connects_per_second"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
+    if settings.ews_auth.strip().lower() not in ("auto", "basic", "ntlm", "negotiate"):
+        raise ConfigError(f"{env_name('ews_auth')} must be one of auto, basic, ntlm, negotiate")
+    for name in ("ews_connections_per_account", "validate_timeout_seconds", "validate_connect_timeout_seconds"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{env_name(name)} must be positive")
     if settings.max_mailboxes < 0:
         raise ConfigError(f"{env_name('max_mailboxes')} must be 0 (no cap) or positive")
     if settings.public_url and not settings.public_url.lower().startswith(("http://", "https://")):

@@ -116,6 +116,8 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         connect_timeout=settings.connect_timeout_seconds,
         request_timeout=settings.command_timeout_seconds,
         ca_file=settings.tls_ca_file,
+        auth_mode=settings.ews_auth,
+        connections_per_account=settings.ews_connections_per_account,
     )
     return sources
 

@@ -48,7 +48,8 @@ def autodiscover_mailbox(ews: EwsSimulator, account: EwsAccount, **fields: objec
 
 
 def autodiscover_requests(ews: EwsSimulator) -> int:
-    return sum(1 for r in ews.requests if r.operation == "Autodiscover")
+    """Authenticated Autodiscover requests (``auto`` probes a server once without credentials)."""
+    return sum(1 for r in ews.requests if r.operation == "Autodiscover" and r.status != 401)
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,9 +6,18 @@ Trio loop (Hypercorn on a free loopback port) at ``/EWS/Exchange.asmx`` and beha
 Exchange, failures included:
 
 - Accounts with Basic auth (user name + password) and OAuth bearer tokens; anything else gets
-  HTTP 401 with ``WWW-Authenticate``. ``ExchangeImpersonation`` (``PrimarySmtpAddress``) is
-  honoured for accounts allowed to impersonate, else a ``ErrorImpersonateUserDenied`` fault.
-  ``X-AnchorMailbox`` is recorded per request.
+  HTTP 401 with ``WWW-Authenticate``. ``auth=("ntlm", "negotiate")`` makes it an NTLM-only server
+  as IIS with Windows authentication is (Basic refused with 401): pyspnego is the acceptor, with
+  the accounts in a credential file (``NTLM_USER_FILE``); the handshake authenticates the TCP
+  connection (told apart by the client's address and port), whose later requests need no
+  ``Authorization``; Negotiate carries NTLM in SPNEGO. ``handshakes`` counts completed ones,
+  ``close_connections`` answers every request but 401s with ``Connection: close`` (each request
+  then needs a new handshake), and a dropped stream forgets its connection's authentication.
+- ``GetFolder`` (ids only) and ``Unsubscribe`` (recorded in ``unsubscribed``; the subscription
+  leaves its stream, which ends with ``ConnectionStatus`` Closed when it carries no other).
+- ``ExchangeImpersonation`` (``PrimarySmtpAddress``) is honoured for accounts allowed to
+  impersonate, else a ``ErrorImpersonateUserDenied`` fault. ``X-AnchorMailbox`` is recorded per
+  request.
 - Mailboxes with folders (``inbox`` plus any added), items with MIME, a change log per folder.
   ``add_message`` appends an item and queues ``CreatedEvent`` + ``NewMailEvent`` on every
   streaming subscription of that folder (events wait for the next connection, as in Exchange).
@@ -53,7 +62,7 @@ Not simulated: SRV records and the unauthenticated GET redirect of Autodiscover,
 Autodiscover, pull/push subscriptions, FindItem beyond date restrictions, CreateItem of anything but a MIME
 message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
 mailboxes on one streaming connection from different anchors, HangingConnectionLimit,
-NTLM/Negotiate, EWS schema validation beyond the elements read, and real throttling budgets.
+Kerberos, EWS schema validation beyond the elements read, and real throttling budgets.
 Every request is logged in ``requests`` (with its trio time) so tests can assert waits.
 """
 
@@ -64,9 +73,12 @@ import email.policy
 import itertools
 import json
 import logging
+import operator
+import os
 import secrets
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +88,8 @@ from typing import Any
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import escape
 
+import spnego
+import spnego.exceptions
 import trio
 from defusedxml.ElementTree import fromstring
 
@@ -94,6 +108,36 @@ SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 TYPES_NS = "http://schemas.microsoft.com/exchange/services/2006/types"
 MESSAGES_NS = "http://schemas.microsoft.com/exchange/services/2006/messages"
 ERRORS_NS = "http://schemas.microsoft.com/exchange/services/2006/errors"
+
+
+#: ``WWW-Authenticate`` names of the connection-authenticating schemes.
+_HANDSHAKE_SCHEMES = {"negotiate": "Negotiate", "ntlm": "NTLM"}
+_ntlm_store: str | None = None
+
+
+def _ntlm_register(names: Sequence[str], password: str) -> None:
+    """Add an account to this process's NTLM credential file (pyspnego's acceptor reads the file
+    named by ``NTLM_USER_FILE``; one file serves every simulator of the process)."""
+    global _ntlm_store
+    if _ntlm_store is None:
+        handle, _ntlm_store = tempfile.mkstemp(prefix="emlisten-ntlm-", suffix=".txt")
+        os.close(handle)
+        os.environ["NTLM_USER_FILE"] = _ntlm_store
+    with open(_ntlm_store, "a", encoding="utf-8") as store:
+        store.writelines(f":{name}:{password}\n" for name in names)
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send`` adding ``extra`` headers to the response start (a handshake's final token)."""
+    if not extra:
+        return send
+
+    async def send_with(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return send_with
 
 
 def _attr(value: str) -> str:
@@ -327,12 +371,24 @@ class EwsSimulator:
         keepalive_seconds: float = 1.0,
         minute_seconds: float = 60.0,
         split_chunks: bool = True,
+        auth: Sequence[str] = ("basic",),
+        close_connections: bool = False,
     ) -> None:
         self.host = host
         self.port = 0
         self.keepalive_seconds = keepalive_seconds
         self.minute_seconds = minute_seconds
         self.split_chunks = split_chunks
+        #: Schemes accepted for user + password: "basic", "ntlm", "negotiate" (bearer always).
+        self.auth_schemes = tuple(a.lower() for a in auth)
+        self.close_connections = close_connections
+        #: Completed NTLM/Negotiate handshakes (one per authenticated TCP connection).
+        self.handshakes = 0
+        #: Connections (client address, port) authenticated by a handshake, and their account.
+        self._connection_accounts: dict[tuple[Any, ...], str] = {}
+        self._handshakes_in_progress: dict[tuple[Any, ...], tuple[str, Any]] = {}
+        #: Subscription ids removed by Unsubscribe, in order.
+        self.unsubscribed: list[str] = []
         self.accounts: dict[str, EwsAccount] = {}  # by lowercased address
         self.tokens: dict[str, str] = {}  # bearer token -> address
         self.requests: list[EwsRequest] = []
@@ -393,6 +449,8 @@ class EwsSimulator:
         name = user or f"user-{uuid.uuid4().hex[:10]}"
         address = name if "@" in name else f"{name}@ews.example.test"
         account = EwsAccount(address, name, password or secrets.token_urlsafe(12), can_impersonate)
+        if any(s in _HANDSHAKE_SCHEMES for s in self.auth_schemes):
+            _ntlm_register((name, address), account.password)
         root = EwsFolder(_new_id("AQMkAroot"), "Top of Information Store", folder_class="")
         inbox = EwsFolder(_new_id("AQMkAinbox"), "Inbox", root.id)
         sent = EwsFolder(_new_id("AQMkAsent"), "Sent Items", root.id)
@@ -554,6 +612,35 @@ class EwsSimulator:
         if body is None:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        connection = tuple(scope.get("client") or ())
+        if self.close_connections:
+            send = self._closing(send, connection)
+        try:
+            await self._route(scope, body, headers, connection, receive, send)
+        except _Drop:
+            # The TCP connection goes: so does its authentication.
+            self._connection_accounts.pop(connection, None)
+            raise
+
+    def _closing(self, send: Send, connection: tuple[Any, ...]) -> Send:
+        async def send_and_close(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 401:
+                # Not during a handshake: its legs must share the connection.
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                self._connection_accounts.pop(connection, None)
+            await send(message)
+
+        return send_and_close
+
+    async def _route(
+        self,
+        scope: Scope,
+        body: bytes,
+        headers: dict[str, str],
+        connection: tuple[Any, ...],
+        receive: Receive,
+        send: Send,
+    ) -> None:
         path = str(scope["path"]).lower()
         if (
             path in self.autodiscover_paths
@@ -563,7 +650,7 @@ class EwsSimulator:
             if scope["method"] != "POST":
                 await self._plain(send, 405, b"Autodiscover accepts POST only")
                 return
-            await self._autodiscover(path, body, headers, send)
+            await self._autodiscover(path, body, headers, connection, send)
             return
         if scope["path"] != EWS_PATH:
             await self._plain(send, 404, b"not found")
@@ -571,7 +658,7 @@ class EwsSimulator:
         if scope["method"] != "POST":
             await self._plain(send, 405, b"EWS accepts POST only")
             return
-        await self._handle(body, headers, receive, send)
+        await self._handle(body, headers, connection, receive, send)
 
     @staticmethod
     async def _plain(
@@ -608,6 +695,76 @@ class EwsSimulator:
         self.requests.append(request)
         self._notify_change()
 
+    def _challenges(self, scheme: str, realm: str) -> list[tuple[bytes, bytes]]:
+        if scheme == "bearer":
+            return [(b"www-authenticate", b'Bearer error="invalid_token"')]
+        found = []
+        for accepted in self.auth_schemes:
+            if accepted in _HANDSHAKE_SCHEMES:
+                found.append((b"www-authenticate", _HANDSHAKE_SCHEMES[accepted].encode()))
+            elif accepted == "basic":
+                found.append((b"www-authenticate", f'Basic realm="{realm}"'.encode()))
+        return found
+
+    def _account_named(self, principal: str) -> EwsAccount | None:
+        name = principal.rsplit("\\", 1)[-1].lower()
+        for account in self.accounts.values():
+            if name in (account.user.lower(), account.address.lower()):
+                return account
+        return None
+
+    def _authorize(
+        self, headers: Mapping[str, str], connection: tuple[Any, ...], realm: str
+    ) -> tuple[EwsAccount | None, str, list[tuple[bytes, bytes]]]:
+        """(account or None, scheme, headers: the challenge for a 401, or a final token)."""
+        value = headers.get("authorization", "")
+        scheme = value.partition(" ")[0].lower()
+        if scheme in _HANDSHAKE_SCHEMES and scheme in self.auth_schemes:
+            return self._handshake(scheme, value.partition(" ")[2].strip(), connection, realm)
+        if not value and connection in self._connection_accounts:
+            return self.accounts.get(self._connection_accounts[connection]), "connection", []
+        if scheme == "basic" and "basic" not in self.auth_schemes:
+            return None, scheme, self._challenges(scheme, realm)
+        account, scheme = self._authenticate(headers)
+        return account, scheme, [] if account is not None else self._challenges(scheme, realm)
+
+    def _handshake(
+        self, scheme: str, token: str, connection: tuple[Any, ...], realm: str
+    ) -> tuple[EwsAccount | None, str, list[tuple[bytes, bytes]]]:
+        name = _HANDSHAKE_SCHEMES[scheme]
+        self._connection_accounts.pop(connection, None)
+        started = self._handshakes_in_progress.get(connection)
+        context = (
+            started[1] if started is not None and started[0] == scheme else spnego.server(protocol=scheme)
+        )
+        try:
+            answer = context.step(base64.b64decode(token))
+        except (spnego.exceptions.SpnegoError, ValueError):
+            # A wrong password or an unknown user: start again from the challenge.
+            self._handshakes_in_progress.pop(connection, None)
+            return None, scheme, self._challenges(scheme, realm)
+        if not context.complete:
+            self._handshakes_in_progress[connection] = (scheme, context)
+            return (
+                None,
+                scheme,
+                [(b"www-authenticate", f"{name} {base64.b64encode(answer or b'').decode()}".encode())],
+            )
+        self._handshakes_in_progress.pop(connection, None)
+        account = self._account_named(str(context.client_principal or ""))
+        if account is None:
+            return None, scheme, self._challenges(scheme, realm)
+        self._connection_accounts[connection] = account.address.lower()
+        self.handshakes += 1
+        final = (
+            [(b"www-authenticate", f"{name} {base64.b64encode(answer).decode()}".encode())] if answer else []
+        )
+        return account, scheme, final
+
+    def authenticated_connections(self) -> int:
+        """Connections authenticated by a handshake and not known to be closed."""
+        return len(self._connection_accounts)
+
     def _authenticate(self, headers: Mapping[str, str]) -> tuple[EwsAccount | None, str]:
         value = headers.get("authorization", "")
         scheme, _, credentials = value.partition(" ")
@@ -628,15 +785,22 @@ class EwsSimulator:
             return (self.accounts.get(address) if address else None), scheme
         return None, scheme
 
-    async def _handle(self, raw: bytes, headers: Mapping[str, str], receive: Receive, send: Send) -> None:
+    async def _handle(
+        self,
+        raw: bytes,
+        headers: Mapping[str, str],
+        connection: tuple[Any, ...],
+        receive: Receive,
+        send: Send,
+    ) -> None:
         now = trio.current_time()
         anchor = headers.get("x-anchormailbox")
-        caller, scheme = self._authenticate(headers)
+        caller, scheme, auth_headers = self._authorize(headers, connection, "ews")
         if caller is None:
             self._record(EwsRequest(now, "", None, 401, anchor, None, authorization_scheme=scheme))
-            challenge = b'Bearer error="invalid_token"' if scheme == "bearer" else b'Basic realm="ews"'
-            await self._plain(send, 401, b"401 Unauthorized", [(b"www-authenticate", challenge)])
+            await self._plain(send, 401, b"401 Unauthorized", auth_headers)
             return
+        send = _with_headers(send, auth_headers)
         operation, impersonated = "", None
         try:
             try:
@@ -683,6 +847,8 @@ class EwsSimulator:
                 "SyncFolderItems": self._sync_folder_items,
                 "GetItem": self._get_item,
                 "FindFolder": self._find_folder,
+                "GetFolder": self._get_folder,
+                "Unsubscribe": self._unsubscribe,
                 "FindItem": self._find_item,
                 "CreateItem": self._create_item,
             }.get(operation)
@@ -713,19 +879,19 @@ class EwsSimulator:
         )
         await self._xml(send, 200, answer)
 
-    async def _autodiscover(self, path: str, raw: bytes, headers: Mapping[str, str], send: Send) -> None:
+    async def _autodiscover(
+        self, path: str, raw: bytes, headers: Mapping[str, str], connection: tuple[Any, ...], send: Send
+    ) -> None:
         now = trio.current_time()
         anchor = headers.get("x-anchormailbox")
-        caller, scheme = self._authenticate(headers)
+        caller, scheme, auth_headers = self._authorize(headers, connection, "autodiscover")
         if caller is None:
             self._record(
                 EwsRequest(now, "Autodiscover", None, 401, anchor, None, authorization_scheme=scheme)
             )
-            challenge = (
-                b'Bearer error="invalid_token"' if scheme == "bearer" else b'Basic realm="autodiscover"'
-            )
-            await self._plain(send, 401, b"401 Unauthorized", [(b"www-authenticate", challenge)])
+            await self._plain(send, 401, b"401 Unauthorized", auth_headers)
             return
+        send = _with_headers(send, auth_headers)
         self._record(
             EwsRequest(
                 now, "Autodiscover", caller.address.lower(), 200, anchor, None, authorization_scheme=scheme
@@ -813,6 +979,54 @@ class EwsSimulator:
         if name == "DistinguishedFolderId":
             folder_id = account.distinguished.get(folder_id, "")
         return account.folders.get(folder_id)
+
+    def _unsubscribe(self, account: EwsAccount, request: Element) -> bytes:
+        subscription_id = _text(request, "SubscriptionId")
+        subscription = self._subscriptions.get(subscription_id)
+        if subscription is None or subscription.expired or subscription.address != account.address.lower():
+            return _response(
+                "Unsubscribe",
+                [
+                    _message(
+                        "UnsubscribeResponseMessage",
+                        code="ErrorSubscriptionNotFound",
+                        text="The subscription could not be found.",
+                    )
+                ],
+            )
+        del self._subscriptions[subscription_id]
+        self.unsubscribed.append(subscription_id)
+        for stream_id in subscription.streams:
+            stream = self._streams.get(stream_id)
+            if stream is not None and subscription in stream.subscriptions:
+                stream.subscriptions.remove(subscription)
+                stream.poke()
+        self._notify_change()
+        return _response("Unsubscribe", [_message("UnsubscribeResponseMessage")])
+
+    def _get_folder(self, account: EwsAccount, request: Element) -> bytes:
+        name = "GetFolderResponseMessage"
+        ids = _find(request, "FolderIds")
+        if ids is None or len(ids) == 0:
+            raise _Fault("ErrorSchemaValidation", "FolderIds is required.")
+        messages = []
+        for element in ids:
+            folder = self._folder(account, element)
+            if folder is None:
+                code = "ErrorFolderNotFound"
+                text = "The specified folder could not be found in the store."
+                if _local(element.tag) == "FolderId" and not element.get("Id", "").startswith("AQMkA"):
+                    code, text = "ErrorInvalidIdMalformed", "Id is malformed."
+                messages.append(_message(name, "<m:Folders/>", code=code, text=text))
+                continue
+            messages.append(
+                _message(
+                    name,
+                    f'<m:Folders><t:{folder.kind}><t:FolderId Id="{_attr(folder.id)}" ChangeKey="AQAAAA=="/>'
+                    f"<t:DisplayName>{escape(folder.name)}</t:DisplayName></t:{folder.kind}></m:Folders>",
+                )
+            )
+        return _response("GetFolder", messages)
 
     def _subscribe(self, account: EwsAccount, request: Element) -> bytes:
         streaming = _find(request, "StreamingSubscriptionRequest")
@@ -968,10 +1182,10 @@ class EwsSimulator:
         items = account.items_in(folder.id)
         restriction = _find(request, "Restriction")
         tests = {
-            "IsGreaterThanOrEqualTo": lambda a, b: a >= b,
-            "IsGreaterThan": lambda a, b: a > b,
-            "IsLessThan": lambda a, b: a < b,
-            "IsLessThanOrEqualTo": lambda a, b: a <= b,
+            "IsGreaterThanOrEqualTo": operator.ge,
+            "IsGreaterThan": operator.gt,
+            "IsLessThan": operator.lt,
+            "IsLessThanOrEqualTo": operator.le,
         }
         if restriction is not None and len(restriction):
             conditions = list(restriction[0]) if _local(restriction[0].tag) == "And" else [restriction[0]]

@@ -21,7 +21,8 @@ the two DNS names (tests, and sites whose Autodiscover lives elsewhere).
 Rules: at most ``MAX_REDIRECTS`` (10) redirects of any kind per discovery; a redirect never goes
 from https to http; a candidate that cannot be reached, answers another HTTP status, or answers
 something that is not an Autodiscover document is skipped for the next one. HTTP 401/403 stop at
-once with ``MailAuthError`` (``MailTokenRejectedError`` with a bearer token): the same credentials
+once with ``MailAuthError`` (``MailTokenRejectedError`` with a bearer token; the message names the
+schemes the server offers): the same credentials
 would be refused elsewhere too, and repeating them only counts towards an account lockout. When
 every candidate fails: ``MailConnectError("Autodiscover found no EWS URL for <domain>: tried ...")``.
 """
@@ -40,6 +41,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
 from emlisten.errors import MailAuthError, MailConnectError, MailProtocolError, MailTokenRejectedError
+from emlisten.mail.ews._auth import offered
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,9 @@ async def discover_ews_url(
     hint: str = "",
     bases: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """The EWS URL for ``address`` (see the module docstring). ``headers`` carry the auth."""
+    """The EWS URL for ``address`` (see the module docstring). ``http`` authenticates (its
+    transport is an ``AuthenticatedPool``: Basic, NTLM or Negotiate as the server asks); ``headers``
+    are added to each request (``X-AnchorMailbox``)."""
     redirects = 0
     tried: list[str] = []
     domain = domain_of(address)
@@ -197,7 +201,8 @@ async def discover_ews_url(
         status = response.status_code
         if status in (401, 403):
             what = "OAuth token" if bearer else "credentials"
-            message = f"Autodiscover {urlsplit(url).netloc} rejected the {what} (HTTP {status})"
+            message = f"Autodiscover {urlsplit(url).netloc} rejected the {what} (HTTP {status}"
+            message += f"; it offers {offered(response)})" if status == 401 and not bearer else ")"
             raise MailTokenRejectedError(message) if bearer else MailAuthError(message)
         if status in _HTTP_REDIRECTS and response.headers.get("location"):
             target = urljoin(url, response.headers["location"])

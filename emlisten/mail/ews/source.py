@@ -33,11 +33,16 @@ batch). Items deleted before ``GetItem`` are skipped. An unusable sync state
 (``ErrorInvalidSyncStateData``) continues from the folder's current end, like an IMAP
 UIDVALIDITY change.
 
-Authentication: Basic (``UserName``/``Password``) or, with ``UseOAuth``, ``Authorization: Bearer``
-with ``AccessToken``. Every request carries ``X-AnchorMailbox`` (the mailbox address). The
-emlisten extension field ``ImpersonatedUser`` (an SMTP address) adds the ``ExchangeImpersonation``
-header, for service accounts with the ApplicationImpersonation role; the anchor is then that
-address. HTTP 401/403 raise ``MailAuthError`` (``MailTokenRejectedError`` with a bearer token).
+Authentication (``_auth.py``): with ``UseOAuth``, ``Authorization: Bearer`` with ``AccessToken``;
+else ``UserName``/``Password`` with Basic, NTLM or Negotiate, as the server's ``WWW-Authenticate``
+challenge asks (``EMLISTEN_EWS_AUTH=auto``) or as set (``basic|ntlm|negotiate``). Connections are
+pooled per credential group (EWS URL, credentials, TLS verification) in an ``AuthenticatedPool``:
+at most ``connections_per_account`` for requests, plus one per open streaming response, each
+authenticated once and kept (NTLM authenticates a connection). Every request carries
+``X-AnchorMailbox`` (the mailbox address). The emlisten extension field ``ImpersonatedUser`` (an
+SMTP address) adds the ``ExchangeImpersonation`` header, for service accounts with the
+ApplicationImpersonation role; the anchor is then that address. HTTP 401/403 raise
+``MailAuthError`` (``MailTokenRejectedError`` with a bearer token).
 
 EWS URL: ``service_url``, or - when it is empty (``IsAutodiscover`` credentials) - found with POX
 Autodiscover (``autodiscover.py``) for the mailbox address on first use, then cached per mailbox
@@ -71,6 +76,7 @@ from emlisten.errors import (
     MailTokenRejectedError,
 )
 from emlisten.mail.ews import _soap
+from emlisten.mail.ews._auth import STREAM_EXTENSION, AuthenticatedPool, AuthMode, Credentials, offered
 from emlisten.mail.ews._multiplex import MAX_SUBSCRIPTIONS_PER_CONNECTION, Member, StreamingHub
 from emlisten.mail.ews.autodiscover import autodiscover_url_hint, discover_ews_url
 from emlisten.mail.imap._tls import context_for
@@ -128,6 +134,12 @@ class EwsSettings:
     handover_grace: float = 2.0
     #: Membership changes within this delay share one re-issued request.
     settle_delay: float = 0.05
+    #: ``EMLISTEN_EWS_AUTH``: how user name + password authenticate (bearer tokens always do).
+    auth_mode: AuthMode = AuthMode.AUTO
+    #: Connections for requests per credential group (streams get one each beyond these).
+    connections_per_account: int = 4
+    #: Unsubscribe a listener's subscription when it stops (close); see ``EwsSource.listen``.
+    unsubscribe_timeout: float = 5.0
 
 
 class ServerBusyError(MailConnectError):
@@ -155,14 +167,20 @@ def mailbox_address(mailbox: MailboxConfig) -> str:
     return impersonated_user(mailbox) or mailbox.sender_email or mailbox.user_name
 
 
-def authorization(mailbox: MailboxConfig) -> str:
-    """The ``Authorization`` header value (Basic, or Bearer with ``UseOAuth``)."""
+def credentials(mailbox: MailboxConfig) -> Credentials:
+    """What the mailbox authenticates with: its bearer token with ``UseOAuth``, else user + password."""
     if mailbox.use_oauth:
         if not mailbox.access_token:
             raise MailTokenRejectedError(f"no OAuth access token for {mailbox.user_name!r}")
-        return f"Bearer {mailbox.access_token}"
-    pair = f"{mailbox.user_name}:{mailbox.password}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
+        return Credentials(mailbox.user_name, "", mailbox.access_token)
+    return Credentials(mailbox.user_name, mailbox.password)
+
+
+def credential_digest(mailbox: MailboxConfig) -> str:
+    """Groups connections by credentials: a digest, so the secret itself is kept nowhere else."""
+    found = credentials(mailbox)
+    material = "\0".join(("bearer", found.token) if found.token else ("user", found.user, found.password))
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
 def _response_error(code: str, message: str, *, bearer: bool) -> MailSourceError:
@@ -189,15 +207,15 @@ class EwsClient:
         self.url = mailbox.service_url
         self.settings = settings
         self._impersonate = impersonated_user(mailbox)
+        # No Authorization here: the transport (an AuthenticatedPool) authenticates.
         self._headers = {
             "Content-Type": "text/xml; charset=utf-8",
             "Accept": "text/xml",
             "X-AnchorMailbox": mailbox_address(mailbox),
-            "Authorization": authorization(mailbox),
         }
         self._bearer = mailbox.use_oauth
-        #: Groups streaming connections: a digest, so the secret itself is kept nowhere else.
-        self.auth_identity = hashlib.sha256(self._headers["Authorization"].encode()).hexdigest()
+        #: Groups streaming connections by credentials.
+        self.auth_identity = credential_digest(mailbox)
 
     @property
     def where(self) -> str:
@@ -207,10 +225,15 @@ class EwsClient:
     def _envelope(self, body: str) -> bytes:
         return _soap.envelope(body, impersonate=self._impersonate, version=self.settings.server_version)
 
-    def _check_status(self, status: int) -> None:
+    def _check_status(self, response: httpx.Response) -> None:
+        status = response.status_code
         if status in (401, 403):
             what = "OAuth token" if self._bearer else "credentials"
-            message = f"EWS {self.where} rejected the {what} (HTTP {status})"
+            message = f"EWS {self.where} rejected the {what} (HTTP {status}"
+            if status == 401 and not self._bearer:
+                mode = self.settings.auth_mode.value
+                message += f"; it offers {offered(response)}, EMLISTEN_EWS_AUTH={mode}"
+            message += ")"
             raise MailTokenRejectedError(message) if self._bearer else MailAuthError(message)
 
     def _error(self, code: str, message: str) -> MailSourceError:
@@ -240,7 +263,7 @@ class EwsClient:
                 raise MailConnectError(f"EWS {self.where}: no answer in time") from None
             except httpx.HTTPError as exc:
                 raise MailConnectError(f"EWS {self.where}: {type(exc).__name__}: {exc}") from None
-            self._check_status(response.status_code)
+            self._check_status(response)
             root = self._parse_answer(response.status_code, response.content)
             fault = _soap.fault_of(root)
             if fault is not None:
@@ -295,8 +318,10 @@ class EwsClient:
                 content=self._envelope(body),
                 headers=self._headers,
                 timeout=timeout,
+                # A connection of its own (beyond the pool's bound): a stream holds it for minutes.
+                extensions={STREAM_EXTENSION: True},
             ) as response:
-                self._check_status(response.status_code)
+                self._check_status(response)
                 if response.status_code != 200:
                     content = await response.aread()
                     return await on_envelope(self._parse_answer(response.status_code, content))
@@ -315,6 +340,21 @@ class EwsClient:
         if splitter.leftover():
             raise MailConnectError(f"EWS {self.where}: stream cut in the middle of an envelope")
         return True
+
+
+class _Borrowed(httpx.AsyncBaseTransport):
+    """A shared pool as one client's transport: closing the client leaves the pool open."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: AuthenticatedPool) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """The pool's owner closes it."""
 
 
 class EwsSource(MailSource):
@@ -338,6 +378,9 @@ class EwsSource(MailSource):
         subscriptions_per_connection: int = MAX_SUBSCRIPTIONS_PER_CONNECTION,
         handover_grace: float = 2.0,
         autodiscover_bases: Mapping[str, Sequence[str]] | None = None,
+        auth_mode: AuthMode | str = AuthMode.AUTO,
+        connections_per_account: int = 4,
+        unsubscribe_timeout: float = 5.0,
     ) -> None:
         """``autodiscover_bases`` maps a mail domain to the Autodiscover base URLs tried instead
         of ``https://domain`` and ``https://autodiscover.domain`` (tests; unusual sites)."""
@@ -355,8 +398,19 @@ class EwsSource(MailSource):
             default_back_off=default_back_off,
             subscriptions_per_connection=subscriptions_per_connection,
             handover_grace=handover_grace,
+            auth_mode=AuthMode.parse(auth_mode) if isinstance(auth_mode, str) else auth_mode,
+            connections_per_account=connections_per_account,
+            unsubscribe_timeout=unsubscribe_timeout,
         )
+        if connections_per_account < 1:
+            raise ValueError("connections_per_account must be at least 1")
         self.ca_file = ca_file
+        #: Authenticated connection pools by (origin, credentials, TLS verification), with their
+        #: number of users; a pool closes when its last user leaves.
+        self._pools: dict[tuple[str, ...], tuple[AuthenticatedPool, int]] = {}
+        #: The scheme each server origin took (``auto``), shared by all pools: a server is
+        #: probed without credentials once per process, not once per pool.
+        self._schemes: dict[str, str] = {}
         #: Streaming hubs by (EWS URL, credentials, impersonation, TLS verification).
         self._hubs: dict[tuple[str, ...], StreamingHub] = {}
         self.autodiscover_bases = {
@@ -366,14 +420,48 @@ class EwsSource(MailSource):
         self._discovered: dict[str, tuple[tuple[str, str], str]] = {}
         self._discovery_locks: dict[str, trio.Lock] = {}
 
+    def _pool_key(self, mailbox: MailboxConfig) -> tuple[str, ...]:
+        parts = urlsplit(mailbox.service_url)
+        origin = f"{parts.scheme}://{parts.netloc}".lower()
+        return (origin, credential_digest(mailbox), str(mailbox.imap.verify_certificate))
+
+    def _new_pool(self, mailbox: MailboxConfig) -> AuthenticatedPool:
+        return AuthenticatedPool(
+            credentials(mailbox),
+            mode=self.settings.auth_mode,
+            verify=context_for(mailbox.imap.verify_certificate, self.ca_file),
+            max_connections=self.settings.connections_per_account,
+            schemes=self._schemes,
+        )
+
     @asynccontextmanager
-    async def _http(self, mailbox: MailboxConfig) -> AsyncIterator[httpx.AsyncClient]:
+    async def _http(
+        self, mailbox: MailboxConfig, *, timeouts: httpx.Timeout | None = None
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """An HTTP client on the shared authenticated pool of the mailbox's credential group."""
         settings = self.settings
-        verify = context_for(mailbox.imap.verify_certificate, self.ca_file)
-        timeout = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
-        limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
-        async with httpx.AsyncClient(verify=verify, timeout=timeout, limits=limits) as http:
-            yield http
+        key = self._pool_key(mailbox)
+        pool, users = self._pools.get(key) or (self._new_pool(mailbox), 0)
+        self._pools[key] = (pool, users + 1)
+        timeout = timeouts or httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
+        try:
+            async with httpx.AsyncClient(transport=_Borrowed(pool), timeout=timeout) as http:
+                yield http
+        finally:
+            pool, users = self._pools[key]
+            if users > 1:
+                self._pools[key] = (pool, users - 1)
+            else:
+                del self._pools[key]
+                with trio.CancelScope(shield=True):
+                    await pool.aclose()
+
+    def authenticated_connections(self) -> int:
+        """TCP connections held by the pools (idle or busy; for status, tests and benchmarks)."""
+        return sum(pool.connections for pool, _ in self._pools.values())
+
+    def pools(self) -> list[AuthenticatedPool]:
+        return [pool for pool, _ in self._pools.values()]
 
     def _make_client(self, http: httpx.AsyncClient, mailbox: MailboxConfig) -> EwsClient:
         return EwsClient(http, mailbox, self.settings)
@@ -411,8 +499,11 @@ class EwsSource(MailSource):
         async with lock:
             cached = self._discovered.get(mailbox.id)
             if cached is None or cached[0] != fingerprint:
-                headers = {"Authorization": authorization(mailbox), "X-AnchorMailbox": address}
-                async with self._http(mailbox) as http:
+                headers = {"X-AnchorMailbox": address}
+                # A pool of its own: candidates are other hosts than the EWS URL's.
+                pool = self._new_pool(mailbox)
+                timeout = httpx.Timeout(self.settings.request_timeout, connect=self.settings.connect_timeout)
+                async with httpx.AsyncClient(transport=pool, timeout=timeout) as http:
                     url = await discover_ews_url(
                         http,
                         address,
@@ -615,7 +706,8 @@ __all__ = [
     "EwsSettings",
     "EwsSource",
     "ServerBusyError",
-    "authorization",
+    "credential_digest",
+    "credentials",
     "impersonated_user",
     "mailbox_address",
 ]

@@ -1,0 +1,356 @@
+"""EWS authentication: Basic, bearer tokens, and NTLM / Negotiate on kept, authenticated connections.
+
+NTLM (and Negotiate, which falls back to NTLM where Kerberos is not available) authenticates a
+TCP connection, not a request: a three-leg handshake (``Authorization: NTLM <negotiate>`` -> 401
+with the server's challenge -> ``Authorization: NTLM <authenticate>``) makes the connection
+belong to the user, and the server then serves every later request on it without credentials.
+So the handshake must stay on one connection, and the connection is worth keeping.
+
+:class:`AuthenticatedPool` is an httpx transport that does exactly that. It owns up to
+``max_connections`` single-connection sub-transports (plus one per open streaming response,
+see ``stream`` below), each remembering whether its connection is authenticated. A request
+leases an idle connection (waiting for one when all are busy), is sent on it - after the
+handshake if the connection is new - and returns the connection when its response is closed.
+When the server has closed the connection meanwhile, the next request there is answered 401
+and the handshake runs again on the new connection (once; a second refusal is the answer).
+
+The scheme comes from the ``WWW-Authenticate`` challenge of the server (``AuthMode.AUTO``:
+Negotiate, else NTLM, else Basic, remembered per origin), or is fixed by ``EMLISTEN_EWS_AUTH``.
+Basic and bearer tokens are sent with every request (bearer always, whatever the mode). The
+handshake itself is pyspnego's (``spnego.client``; without a Kerberos library Negotiate carries
+NTLM inside SPNEGO). Creatio's ``UserName`` is used as given: ``DOMAIN\\user``, ``user@domain``
+or ``user``.
+
+Secrets: the pool keeps the password to answer challenges; it has no repr showing it, and
+tokens never leave this module other than in ``Authorization`` headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+import spnego
+import spnego.exceptions
+import trio
+
+log = logging.getLogger(__name__)
+
+#: Marks a request whose response stays open for long (GetStreamingEvents): it gets a connection
+#: of its own beyond ``max_connections``, so streams never starve ordinary requests.
+STREAM_EXTENSION = "emlisten.stream"
+
+
+class AuthMode(enum.StrEnum):
+    AUTO = "auto"
+    BASIC = "basic"
+    NTLM = "ntlm"
+    NEGOTIATE = "negotiate"
+
+    @classmethod
+    def parse(cls, value: str) -> AuthMode:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ValueError(f"EWS auth must be one of {names}, got {value!r}") from None
+
+
+#: Schemes that authenticate the connection (handshake), by their ``WWW-Authenticate`` name.
+CONNECTION_SCHEMES = {"ntlm": "NTLM", "negotiate": "Negotiate"}
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a mailbox authenticates with. ``token`` set: bearer, the rest unused."""
+
+    user: str
+    password: str = field(repr=False)
+    token: str = field(default="", repr=False)
+
+
+def challenges(response: httpx.Response) -> dict[str, str]:
+    """``WWW-Authenticate`` challenges of a response: lowercased scheme -> its parameter text
+    (for NTLM/Negotiate the base64 token, "" on the first answer)."""
+    found: dict[str, str] = {}
+    for value in response.headers.get_list("www-authenticate"):
+        # Several challenges may share one header, comma-separated; NTLM/Negotiate tokens
+        # contain no commas, and Basic's realm parameter is kept only for display.
+        for part in value.split(","):
+            scheme, _, rest = part.strip().partition(" ")
+            if scheme and "=" not in scheme:
+                found.setdefault(scheme.lower(), rest.strip())
+    return found
+
+
+def offered(response: httpx.Response) -> str:
+    """The schemes a 401 offers, for messages (e.g. ``NTLM, Negotiate``)."""
+    names = {"basic": "Basic", "bearer": "Bearer", **CONNECTION_SCHEMES}
+    return ", ".join(names.get(s, s) for s in challenges(response)) or "none"
+
+
+def choose_scheme(mode: AuthMode, offered_schemes: dict[str, str]) -> str | None:
+    """The scheme to answer a 401 with, or None when the mode allows none of those offered."""
+    if mode is AuthMode.AUTO:
+        for scheme in ("negotiate", "ntlm", "basic"):
+            if scheme in offered_schemes:
+                return scheme
+        return None
+    return mode.value if mode.value in offered_schemes else None
+
+
+def basic_header(credentials: Credentials) -> str:
+    pair = f"{credentials.user}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+class _Connection:
+    """One single-connection sub-transport and whether (and how) its connection is authenticated."""
+
+    __slots__ = ("authenticated", "transport")
+
+    def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
+        self.transport = transport
+        #: The scheme of the handshake done on the current TCP connection, "" if none.
+        self.authenticated = ""
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that gives its connection back to the pool when closed."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, release: _Release) -> None:
+        self._inner = inner
+        self._release = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._release()
+
+
+class _Release:
+    def __init__(self, pool: AuthenticatedPool, connection: _Connection, stream: bool) -> None:
+        self.pool = pool
+        self.connection = connection
+        self.stream = stream
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.pool._give_back(self.connection, self.stream)
+
+
+class AuthenticatedPool(httpx.AsyncBaseTransport):
+    """Connections of one credential group (see the module docstring).
+
+    ``verify``: the SSL context (or False). ``mode``: ``EMLISTEN_EWS_AUTH``. Requests carry no
+    ``Authorization`` of their own; the pool adds it (or the connection already is).
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        mode: AuthMode = AuthMode.AUTO,
+        verify: object = True,
+        max_connections: int = 4,
+        keepalive_expiry: float = 120.0,
+        schemes: dict[str, str] | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self._credentials = credentials
+        self.mode = mode
+        self._verify = verify
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self._idle: list[_Connection] = []
+        self._idle_streams: list[_Connection] = []
+        #: Connections in use for ordinary requests (bounded) and for streams.
+        self.busy = 0
+        self.busy_streams = 0
+        self._slots = trio.Semaphore(max_connections)
+        #: The scheme that worked, by origin (``scheme://host:port``).
+        self.schemes: dict[str, str] = schemes if schemes is not None else {}
+        #: Handshakes completed (one per authenticated TCP connection; for tests and status).
+        self.handshakes = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AuthenticatedPool(user={self._credentials.user!r}, mode={self.mode.value})"
+
+    @property
+    def connections(self) -> int:
+        """Connections this pool holds (idle or busy)."""
+        return self.busy + self.busy_streams + len(self._idle) + len(self._idle_streams)
+
+    def _new_connection(self) -> _Connection:
+        transport = httpx.AsyncHTTPTransport(
+            verify=self._verify,  # type: ignore[arg-type]
+            limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=self.keepalive_expiry
+            ),
+        )
+        return _Connection(transport)
+
+    async def _lease(self, stream: bool, pool_timeout: float | None) -> _Connection:
+        if self._closed:
+            raise httpx.ConnectError("connection pool closed")
+        if stream:
+            self.busy_streams += 1
+            return self._idle_streams.pop() if self._idle_streams else self._new_connection()
+        with trio.move_on_after(pool_timeout if pool_timeout is not None else float("inf")):
+            await self._slots.acquire()
+            self.busy += 1
+            return self._idle.pop() if self._idle else self._new_connection()
+        raise httpx.PoolTimeout("no free EWS connection in time")
+
+    def _give_back(self, connection: _Connection, stream: bool) -> None:
+        if stream:
+            self.busy_streams -= 1
+            (self._idle_streams if not self._closed else []).append(connection)
+        else:
+            self.busy -= 1
+            (self._idle if not self._closed else []).append(connection)
+            self._slots.release()
+        if self._closed:
+            trio.lowlevel.spawn_system_task(connection.transport.aclose)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        stream = bool(request.extensions.get(STREAM_EXTENSION))
+        timeouts = request.extensions.get("timeout") or {}
+        connection = await self._lease(stream, timeouts.get("pool"))
+        release = _Release(self, connection, stream)
+        try:
+            response = await self._send(connection, request)
+        except BaseException:
+            release()
+            raise
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_ReleasingStream(response.stream, release),  # type: ignore[arg-type]
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def _send(self, connection: _Connection, request: httpx.Request) -> httpx.Response:
+        credentials = self._credentials
+        if credentials.token:
+            request.headers["Authorization"] = f"Bearer {credentials.token}"
+            return await connection.transport.handle_async_request(request)
+        origin = _origin(request.url)
+        known = self.schemes.get(origin, "")
+        if known == "basic" or (self.mode is AuthMode.BASIC):
+            request.headers["Authorization"] = basic_header(credentials)
+            response = await connection.transport.handle_async_request(request)
+            if response.status_code != 401 or self.mode is AuthMode.BASIC:
+                return response
+            # The server stopped taking Basic (reconfigured): choose again from its challenge.
+            self.schemes.pop(origin, None)
+        else:
+            # An authenticated connection needs no header; a new one is answered 401 and the
+            # challenge tells which schemes the server takes.
+            request.headers.pop("Authorization", None)
+            response = await connection.transport.handle_async_request(request)
+            if response.status_code != 401:
+                return response
+            connection.authenticated = ""
+        scheme = choose_scheme(self.mode, challenges(response))
+        if scheme is None:
+            return response
+        await _discard(response)
+        if scheme == "basic":
+            request.headers["Authorization"] = basic_header(credentials)
+            response = await connection.transport.handle_async_request(request)
+            if response.status_code != 401:
+                self.schemes[origin] = "basic"
+            return response
+        return await self._handshake(connection, request, scheme, origin)
+
+    async def _handshake(
+        self, connection: _Connection, request: httpx.Request, scheme: str, origin: str
+    ) -> httpx.Response:
+        name = CONNECTION_SCHEMES[scheme]
+        credentials = self._credentials
+        try:
+            context = spnego.client(
+                credentials.user,
+                credentials.password,
+                hostname=request.url.host or "unspecified",
+                service="HTTP",
+                protocol=scheme,
+            )
+            token = context.step()
+        except spnego.exceptions.SpnegoError as exc:
+            reason = exc.nt_status or "error"
+            raise httpx.ProtocolError(f"{name}: cannot start the handshake ({reason})") from None
+        while True:
+            if token is None:
+                raise httpx.ProtocolError(f"{name}: the handshake produced no token")
+            request.headers["Authorization"] = f"{name} {base64.b64encode(token).decode('ascii')}"
+            response = await connection.transport.handle_async_request(request)
+            server_token = challenges(response).get(scheme, "")
+            if response.status_code != 401:
+                if server_token and not context.complete:
+                    # Negotiate's last leg (mutual authentication) rides on the answer.
+                    try:
+                        context.step(base64.b64decode(server_token))
+                    except (spnego.exceptions.SpnegoError, binascii.Error, ValueError):
+                        log.debug("%s: final server token not understood", name)
+                connection.authenticated = scheme
+                self.schemes[origin] = scheme
+                self.handshakes += 1
+                return response
+            if not server_token or context.complete:
+                # Refused (wrong password, unknown user): the 401 is the answer.
+                return response
+            await _discard(response)
+            try:
+                token = context.step(base64.b64decode(server_token))
+            except (spnego.exceptions.SpnegoError, binascii.Error, ValueError):
+                raise httpx.ProtocolError(f"{name}: the server's challenge is not understood") from None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle, self._idle_streams = self._idle + self._idle_streams, [], []
+        for connection in idle:
+            await connection.transport.aclose()
+
+
+async def _discard(response: httpx.Response) -> None:
+    """Read and close a response we answer ourselves (the connection stays usable)."""
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+
+
+def _origin(url: httpx.URL) -> str:
+    parts = urlsplit(str(url))
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+__all__ = [
+    "CONNECTION_SCHEMES",
+    "STREAM_EXTENSION",
+    "AuthMode",
+    "AuthenticatedPool",
+    "Credentials",
+    "basic_header",
+    "challenges",
+    "choose_scheme",
+    "offered",
+]

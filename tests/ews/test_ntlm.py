@@ -1,0 +1,172 @@
+"""NTLM and Negotiate against an EWS simulator that demands them (pyspnego as the acceptor)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from emlisten.errors import MailAuthError, MailConnectError
+from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource
+from emlisten.mail.ews._auth import AuthMode, choose_scheme
+from emlisten.models import Checkpoint
+from tests.ews.conftest import ews_mailbox
+from tests.ews.test_source import Tasks, mime, read_new, start_listening
+from tests.servers.ews import EwsSimulator, running_ews_simulator
+
+
+@pytest.fixture
+async def ntlm_ews() -> AsyncIterator[EwsSimulator]:
+    """An EWS server with Windows authentication only (Negotiate and NTLM, as IIS offers them)."""
+    async with running_ews_simulator(
+        minute_seconds=0.4, keepalive_seconds=0.1, auth=("negotiate", "ntlm")
+    ) as simulator:
+        yield simulator
+
+
+def ntlm_source(mode: AuthMode = AuthMode.AUTO, **options: object) -> EwsSource:
+    return EwsSource(
+        connection_timeout_minutes=1,
+        stream_idle_timeout=5,
+        request_timeout=10,
+        default_back_off=0.05,
+        auth_mode=mode,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_scheme_choice() -> None:
+    offered = {"negotiate": "", "ntlm": "", "basic": 'realm="x"'}
+    assert choose_scheme(AuthMode.AUTO, offered) == "negotiate"
+    assert choose_scheme(AuthMode.AUTO, {"ntlm": "", "basic": ""}) == "ntlm"
+    assert choose_scheme(AuthMode.AUTO, {"basic": ""}) == "basic"
+    assert choose_scheme(AuthMode.NTLM, offered) == "ntlm"
+    assert choose_scheme(AuthMode.BASIC, {"negotiate": "", "ntlm": ""}) is None
+    assert choose_scheme(AuthMode.NEGOTIATE, {"ntlm": ""}) is None
+    with pytest.raises(ValueError, match="basic, ntlm, negotiate"):
+        AuthMode.parse("kerberos")
+
+
+async def test_basic_only_client_is_refused(ntlm_ews: EwsSimulator) -> None:
+    account = ntlm_ews.add_account()
+    source = ntlm_source(AuthMode.BASIC)
+    async with source.open_reader(ews_mailbox(ntlm_ews, account)) as reader:
+        with pytest.raises(MailAuthError) as refused:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    assert "HTTP 401" in str(refused.value) and "NTLM" in str(refused.value)
+    assert account.password not in str(refused.value)
+    # The server saw Basic, refused it, and no handshake ever completed.
+    assert [r.authorization_scheme for r in ntlm_ews.requests if r.status == 401] == ["basic"]
+    assert ntlm_ews.handshakes == 0
+
+
+@pytest.mark.parametrize("mode", [AuthMode.AUTO, AuthMode.NTLM, AuthMode.NEGOTIATE])
+async def test_handshake_once_then_the_connection_serves_every_request(
+    ntlm_ews: EwsSimulator, mode: AuthMode
+) -> None:
+    account = ntlm_ews.add_account()
+    for n in range(3):
+        ntlm_ews.add_message(account.address, mime(f"old {n}"))
+    source = ntlm_source(mode)
+    mailbox = ews_mailbox(ntlm_ews, account)
+    async with source.open_reader(mailbox) as reader:
+        for _ in range(5):
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    ok = [r for r in ntlm_ews.requests if r.status == 200]
+    assert len(ok) == 5
+    # One handshake: its last leg carried the first request, the other four went without.
+    assert ntlm_ews.handshakes == 1
+    expected = "ntlm" if mode is AuthMode.NTLM else "negotiate"
+    assert [r.authorization_scheme for r in ok] == [expected] + ["connection"] * 4
+
+
+async def test_wrong_password_is_an_auth_error_quickly(ntlm_ews: EwsSimulator) -> None:
+    account = ntlm_ews.add_account()
+    mailbox = ews_mailbox(ntlm_ews, account, Password="not-the-password")
+    started = trio.current_time()
+    async with ntlm_source().open_reader(mailbox) as reader:
+        with pytest.raises(MailAuthError, match="HTTP 401"):
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    assert trio.current_time() - started < 2
+    assert ntlm_ews.handshakes == 0
+
+
+async def test_listens_and_reads_on_an_ntlm_only_server(
+    ntlm_ews: EwsSimulator, nursery: trio.Nursery
+) -> None:
+    account = ntlm_ews.add_account()
+    mailbox = ews_mailbox(ntlm_ews, account)
+    source = ntlm_source()
+    tasks = Tasks()
+    scope = await start_listening(nursery, source, mailbox, tasks)
+    (catch_up,) = tasks.of("catch-up")
+    ntlm_ews.add_message(account.address, mime("över NTLM"))
+    await tasks.wait("exists", 1)
+    (data,), _ = await read_new(source, mailbox, Checkpoint(EWS_UIDVALIDITY, 0, catch_up.seed_cursor or ""))
+    assert b"NTLM" in data
+    # The stream has a connection of its own; requests share the pool's: two handshakes.
+    assert ntlm_ews.handshakes == 2
+    assert source.authenticated_connections() == 2
+    scope.cancel()
+
+
+async def test_a_dropped_connection_authenticates_again(
+    ntlm_ews: EwsSimulator, nursery: trio.Nursery
+) -> None:
+    account = ntlm_ews.add_account()
+    mailbox = ews_mailbox(ntlm_ews, account)
+    source = ntlm_source()
+    tasks = Tasks()
+    failed = trio.Event()
+
+    async def listen_until_dropped() -> None:
+        with pytest.raises(MailConnectError):
+            await source.listen(mailbox, "INBOX", tasks)
+        failed.set()
+
+    # The pool outlives one listen when a reader holds it open (as the worker's reader does).
+    async with source.open_reader(mailbox):
+        nursery.start_soon(listen_until_dropped)
+        await ntlm_ews.wait_until(lambda: ntlm_ews.open_streams(account.address) == 1, what="stream open")
+        before = ntlm_ews.handshakes
+        assert ntlm_ews.drop_streams(account.address) == 1
+        await failed.wait()
+        # Listening again (as the supervisor does): the stream's new TCP connection is refused
+        # without credentials and authenticates again; delivery goes on.
+        scope = await start_listening(nursery, source, mailbox, tasks)
+        ntlm_ews.add_message(account.address, mime("after the drop"))
+        await tasks.wait("exists", 1)
+        assert ntlm_ews.handshakes == before + 1
+        scope.cancel()
+
+
+async def test_server_closing_every_connection_costs_a_handshake_each_time() -> None:
+    async with running_ews_simulator(auth=("ntlm",), close_connections=True) as server:
+        account = server.add_account()
+        source = ntlm_source()
+        async with source.open_reader(ews_mailbox(server, account)) as reader:
+            for _ in range(3):
+                await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        assert server.handshakes == 3
+        assert [r.status for r in server.requests].count(200) == 3
+
+
+async def test_connections_are_bounded_per_account_not_per_reader(ntlm_ews: EwsSimulator) -> None:
+    account = ntlm_ews.add_account()
+    mailbox = ews_mailbox(ntlm_ews, account)
+    source = ntlm_source(connections_per_account=2)
+    seen: list[int] = []
+
+    async def read() -> None:
+        async with source.open_reader(mailbox) as reader:
+            for _ in range(3):
+                await reader.current_position("INBOX")  # type: ignore[attr-defined]
+                seen.append(source.authenticated_connections())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(read)
+    assert max(seen) <= 2
+    assert ntlm_ews.handshakes <= 2
+    assert len([r for r in ntlm_ews.requests if r.status == 200]) == 30
