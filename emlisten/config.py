@@ -150,6 +150,22 @@ class Settings:
     #: in the task (no second session); larger mail is read by the worker. 0: always the worker.
     prefetch_max_bytes: int = 256 * 1024
 
+    # Webhooks: mailboxes registered through /v1 (docs/webhooks.md)
+    #: Receiver of the mailboxes registered without a webhook URL of their own.
+    webhook_url: str | None = None
+    #: Standard Webhooks signing secret ("whsec_..."; several, space-separated, during a
+    #: rotation) of the mailboxes registered without one.
+    webhook_secret: str | None = field(default=None, repr=False)
+    #: Seconds to wait before each retry, comma-separated (each delay jittered +-20 %); an event
+    #: whose last retry fails becomes a dead letter. The default spans 27.7 hours.
+    webhook_retry_schedule: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
+    webhook_timeout_seconds: float = 30.0
+    #: Calls in flight at once per receiver (a mailbox's own events still go one at a time).
+    webhook_concurrency: int = 8
+    #: Attachments up to this size travel base64-encoded in message.new events; larger ones as
+    #: metadata only.
+    webhook_inline_attachment_bytes: int = 1024 * 1024
+
     @property
     def reconnect_backoff(self) -> Backoff:
         return Backoff(self.reconnect_base_seconds, self.reconnect_cap_seconds)
@@ -161,6 +177,19 @@ class Settings:
     @property
     def delivery_backoff(self) -> Backoff:
         return Backoff(self.delivery_retry_base_seconds, self.delivery_retry_cap_seconds)
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        """``webhook_retry_schedule`` as seconds (ConfigError when it is not a list of them)."""
+        try:
+            delays = tuple(float(part) for part in self.webhook_retry_schedule.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(
+                f"{env_name('webhook_retry_schedule')} must be comma-separated seconds, e.g. 5,30,120"
+            ) from None
+        if any(not 0 <= delay < 30 * 86400 for delay in delays):
+            raise ConfigError(f"{env_name('webhook_retry_schedule')}: each delay must be 0..30 days")
+        return delays
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -301,5 +330,13 @@ def _check(settings: Settings) -> None:
             f"emlisten's own routes (/v1, the console); set {env_name('allow_unauthenticated')}=true "
             "to start without one (anyone who reaches the port could then use them)"
         )
+    settings.webhook_retry_delays  # noqa: B018 - raises ConfigError when malformed
+    for name in ("webhook_timeout_seconds", "webhook_concurrency"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{env_name(name)} must be positive")
+    if settings.webhook_inline_attachment_bytes < 0:
+        raise ConfigError(f"{env_name('webhook_inline_attachment_bytes')} must be 0 (never) or positive")
+    if settings.webhook_url and not settings.webhook_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{env_name('webhook_url')} must be an http(s) URL")
     if settings.idle_renew_seconds >= 29 * 60:
         raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

@@ -306,6 +306,8 @@ class Email:
     references: list[str] = field(default_factory=list)
     #: True when the message exceeded the configured maximum size and was cut.
     truncated: bool = False
+    #: The folder it was found in (set by the delivery worker; webhook events carry it).
+    folder: str = ""
 
 
 @dataclass(slots=True)

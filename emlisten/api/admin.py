@@ -1,4 +1,4 @@
-"""emlisten's own API, for operators and ``emlisten status``: ``/v1/mailboxes``, ``/v1/nodes``,
+"""emlisten's own API, for operators and ``emlisten status``: ``/v1/nodes``,
 ``/readyz`` (store and queue reachable; liveness stays on ``/api/listeners/status``)."""
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ def admin_blueprint(view: AdminView, metrics: Metrics | None = None) -> Blueprin
         async def prometheus() -> Response:
             return Response(metrics.render(), status=200, content_type=CONTENT_TYPE)
 
-    @blueprint.get("/v1/mailboxes")
-    async def mailboxes() -> Response:
-        items = await view.mailboxes()
-        return _json({"mailboxes": items, "count": len(items)})
+    # GET /v1/mailboxes is served by emlisten.api.v1 (paged, with the same fields).
 
     @blueprint.get("/v1/nodes")
     async def nodes() -> Response:

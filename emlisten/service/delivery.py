@@ -422,6 +422,7 @@ class DeliveryWorker:
             size = len(raw.data)
             # Big mails take tens of milliseconds to parse: keep them off the event loop.
             email = await trio.to_thread.run_sync(convert) if size > _THREAD_CONVERT_BYTES else convert()
+            email.folder = folder
             previous = batch[-1][0] if batch else None
             if (
                 previous is not None

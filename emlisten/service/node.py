@@ -32,6 +32,7 @@ from emlisten.api.admin import admin_blueprint
 from emlisten.api.app import create_app
 from emlisten.api.history import history_blueprint
 from emlisten.api.server import serve_api
+from emlisten.api.v1 import node_v1_blueprint
 from emlisten.config import Role, Settings
 from emlisten.errors import ConfigError, StoreError
 from emlisten.mail.ews import EwsSource
@@ -47,6 +48,7 @@ from emlisten.service.listeners import StoreListenerControl
 from emlisten.service.listening import MailboxManager
 from emlisten.service.readers import ReaderPool
 from emlisten.sink.creatio import CreatioSink
+from emlisten.sink.webhook import RoutingSink, WebhookSink, find_webhook_sink
 from emlisten.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,10 @@ def build_local_adapters(settings: Settings) -> Adapters:
         store=MemoryStore(),
         queue=InProcessQueue(),
         source=RoutingSource(mail_sources(settings)),
-        sink=CreatioSink(timeout=settings.delivery_timeout_seconds),
+        # Mailboxes registered through /v1 go to their webhook (docs/webhooks.md).
+        sink=RoutingSink(
+            CreatioSink(timeout=settings.delivery_timeout_seconds), WebhookSink.from_settings(settings)
+        ),
     )
 
 
@@ -249,6 +254,7 @@ async def _run(
         blueprints=[
             *_feature_blueprints(settings, adapters, control, metrics),
             history_blueprint(history, adapters.store),
+            node_v1_blueprint(settings, control, adapters.store, adapters.sink, history=history.progress),
         ],
     )
     try:
@@ -257,6 +263,10 @@ async def _run(
                 root.start_soon(_watch_signals, shutdown)
             await root.start(readers.run)
             await root.start(history.run)
+            webhooks = find_webhook_sink(adapters.sink)
+            if webhooks is not None:
+                webhooks.bind(adapters.store, node_id=settings.node_id)
+                await root.start(webhooks.run)
             if role.works or not shared_queue:
                 # Secondaries always work; so does any node whose queue is its own.
                 await root.start(worker.run)

@@ -1,0 +1,571 @@
+"""Generic webhooks: signed JSON events to any application's URL (docs/webhooks.md).
+
+Mailboxes registered through ``/v1`` carry a webhook (URL and ``whsec_`` secrets, defaults from
+settings); :class:`RoutingSink` sends their mail here and everyone else's to Creatio.
+
+Delivery has two halves, so that a slow receiver never holds up the delivery worker:
+
+1. :meth:`WebhookSink.deliver` turns each message into one ``message.new`` event and appends the
+   events to the receiver's durable outbox in the Store (one outbox per URL). It returns once
+   they are stored, and the worker moves the checkpoint.
+2. One sender per receiver URL (one in the whole cluster: it holds the store lease
+   ``webhook/<endpoint>``) sends the outbox: up to ``concurrency`` calls at once, but one at a time
+   per mailbox, so each mailbox's events arrive in order. A failed call (timeout, connection
+   error, 408, 429, 5xx, 3xx) is retried after the next delay of the retry schedule (jittered
+   +-20 %; a 429's ``Retry-After`` wins); any other 4xx is final. An event whose last retry failed,
+   or that failed finally, moves to the dead letters (listed, replayed and dropped through
+   ``/v1/dead-letters``). Receivers each have their own sender, calls and queue.
+
+Signatures follow Standard Webhooks: ``webhook-id`` (the event id), ``webhook-timestamp`` (Unix
+seconds of the attempt) and ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of
+"id.timestamp.body">`` for each secret (space-separated during a rotation), keyed with the
+base64-decoded part of the ``whsec_`` secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import trio
+
+from emlisten import __version__
+from emlisten.abc import Sink, Store
+from emlisten.config import Settings
+from emlisten.errors import DeliveryError, StoreError
+from emlisten.models import Email, MailboxConfig, WebhookEvent, WebhookTarget
+
+log = logging.getLogger(__name__)
+
+#: No default receiver or secret (EMLISTEN_WEBHOOK_URL / _SECRET unset).
+_NO_DEFAULT = WebhookTarget()
+
+__all__ = [
+    "EVENT_VERSION",
+    "RoutingSink",
+    "WebhookSink",
+    "endpoint_key",
+    "find_webhook_sink",
+    "message_event_id",
+    "sign",
+]
+
+#: Version of the event payloads (``"version"`` in every event); bumped on incompatible changes.
+EVENT_VERSION = 1
+#: Outbox events the sender looks at per pass (the heads of each mailbox's events among them).
+_WINDOW = 1000
+#: Longest ``Retry-After`` honoured.
+_MAX_RETRY_AFTER = 86400.0
+_JITTER = 0.2
+#: A store error while recording an attempt: wait this long before the event is tried again.
+_STORE_PAUSE = 1.0
+
+
+def endpoint_key(url: str) -> str:
+    """The outbox name of a receiver URL (a hash: URLs may hold tokens, and keys are visible)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def message_event_id(email_message: Email) -> str:
+    """Stable per mailbox and message: ``Email.id`` is a uuid5 of mailbox, folder and message."""
+    return f"msg_{email_message.id.replace('-', '')}"
+
+
+def _signing_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one ``v1,<signature>`` per secret, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(_signing_key(secret), signed, hashlib.sha256).digest()).decode()
+        for secret in secrets
+    )
+
+
+def _iso(moment: datetime | float) -> str:
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_payload(
+    mailbox_id: str, message: Email, *, created_at: float, inline_limit: int
+) -> dict[str, Any]:
+    """The ``message.new`` event of one message (schema in docs/webhooks.md)."""
+    return {
+        "type": "message.new",
+        "version": EVENT_VERSION,
+        "id": message_event_id(message),
+        "mailbox": mailbox_id,
+        "timestamp": _iso(created_at),
+        "data": {
+            "id": message.id,
+            "folder": message.folder,
+            "subject": message.subject,
+            "from": message.sender,
+            "to": list(message.recipients),
+            "cc": list(message.copy_recipients),
+            "bcc": list(message.blind_copy_recipients),
+            "date": _iso(message.send_date) if message.send_date else None,
+            "message_id": message.message_id,
+            "in_reply_to": message.in_reply_to,
+            "references": list(message.references),
+            "importance": message.importance.name.lower(),
+            "text": None if message.is_html_body else message.body,
+            "html": message.body if message.is_html_body else None,
+            "truncated": message.truncated,
+            "headers": [{"name": name, "value": value} for name, value in message.headers],
+            "attachments": [
+                {
+                    "id": attachment.id,
+                    "filename": attachment.name,
+                    "content_type": attachment.content_type,
+                    "size": len(attachment.data),
+                    "inline": attachment.is_inline,
+                    "content_id": attachment.content_id,
+                    # Larger attachments travel as metadata only (docs/webhooks.md).
+                    "content": (
+                        base64.b64encode(attachment.data).decode("ascii")
+                        if len(attachment.data) <= inline_limit
+                        else None
+                    ),
+                }
+                for attachment in message.attachments
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    ok: bool
+    error: str = ""
+    final: bool = False
+    retry_after: float | None = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), capped; None when absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return min(max(0.0, moment.timestamp() - time.time()), _MAX_RETRY_AFTER)
+
+
+@dataclass(eq=False)
+class _Sender:
+    endpoint: str
+    wake: trio.Event = field(default_factory=trio.Event)
+
+
+class WebhookSink(Sink):
+    """Accepts events into durable per-receiver outboxes and runs their senders (see the module
+    docstring). Bind it to the store (:meth:`bind`) and run :meth:`run` in the node's nursery."""
+
+    def __init__(
+        self,
+        *,
+        default: WebhookTarget = _NO_DEFAULT,
+        retry_delays: Sequence[float] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200),
+        timeout: float = 30.0,
+        concurrency: int = 8,
+        inline_attachment_bytes: int = 1024 * 1024,
+        lease_ttl: float = 15.0,
+        poll_seconds: float = 1.0,
+        idle_seconds: float = 30.0,
+    ) -> None:
+        self.default = default
+        self.retry_delays = tuple(retry_delays)
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.inline_attachment_bytes = inline_attachment_bytes
+        self.lease_ttl = lease_ttl
+        self.poll_seconds = poll_seconds
+        self.idle_seconds = idle_seconds
+        self._store: Store | None = None
+        self._owner = f"webhooks/{uuid.uuid4().hex[:12]}"
+        self._nursery: trio.Nursery | None = None
+        self._senders: dict[str, _Sender] = {}
+        self._secrets: dict[str, tuple[float, tuple[str, ...]]] = {}
+        # Receivers are slow or dead independently: no shared connection limit (each sender
+        # bounds its own calls), so one cannot take the pool from another.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
+            headers={"User-Agent": f"emlisten/{__version__}"},
+            follow_redirects=False,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookSink:
+        return cls(
+            default=WebhookTarget(
+                url=settings.webhook_url or "", secrets=tuple((settings.webhook_secret or "").split())
+            ),
+            retry_delays=settings.webhook_retry_delays,
+            timeout=settings.webhook_timeout_seconds,
+            concurrency=settings.webhook_concurrency,
+            inline_attachment_bytes=settings.webhook_inline_attachment_bytes,
+            lease_ttl=max(15.0, settings.lease_ttl_seconds),
+        )
+
+    def bind(self, store: Store, *, node_id: str = "") -> None:
+        """The store holding the outboxes (the node's store, known only once it is open)."""
+        self._store = store
+        if node_id:
+            self._owner = f"{node_id}/webhooks/{uuid.uuid4().hex[:12]}"
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise DeliveryError("webhook sink is not bound to a store")
+        return self._store
+
+    # -- Sink ------------------------------------------------------------------------------------
+
+    def _url(self, mailbox: MailboxConfig) -> str:
+        url = (mailbox.webhook.url if mailbox.webhook else "") or self.default.url
+        if not url:
+            raise DeliveryError("no webhook URL: the mailbox has none and EMLISTEN_WEBHOOK_URL is not set")
+        return url
+
+    def _event(
+        self, mailbox: MailboxConfig, event_id: str, kind: str, payload: dict[str, Any]
+    ) -> WebhookEvent:
+        url = self._url(mailbox)
+        return WebhookEvent(
+            id=event_id,
+            endpoint=endpoint_key(url),
+            url=url,
+            mailbox_id=mailbox.id,
+            type=kind,
+            payload=json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+            created_at=time.time(),
+        )
+
+    async def _enqueue(self, events: Sequence[WebhookEvent]) -> None:
+        try:
+            await self.store.outbox_add(events)
+        except StoreError as exc:
+            raise DeliveryError(f"webhook outbox unavailable: {exc}") from None
+        for endpoint in dict.fromkeys(event.endpoint for event in events):
+            self._ensure_sender(endpoint)
+
+    async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:
+        """Queue one ``message.new`` event per message; returns once they are in the outbox."""
+        now = time.time()
+        events = [
+            self._event(
+                mailbox,
+                message_event_id(message),
+                "message.new",
+                message_payload(
+                    mailbox.id, message, created_at=now, inline_limit=self.inline_attachment_bytes
+                ),
+            )
+            for message in emails
+        ]
+        await self._enqueue(events)
+
+    async def notify_new_ids(self, mailbox: MailboxConfig, ids: Sequence[str]) -> None:
+        """Not used: mailboxes registered through /v1 always get full messages."""
+
+    async def report_state(
+        self, mailbox: MailboxConfig, *, available: bool, error_class: str = "", message: str = ""
+    ) -> None:
+        """A ``mailbox.state`` event: the mailbox started or stopped working."""
+        now = time.time()
+        event_id = f"evt_{uuid.uuid4().hex}"
+        payload = {
+            "type": "mailbox.state",
+            "version": EVENT_VERSION,
+            "id": event_id,
+            "mailbox": mailbox.id,
+            "timestamp": _iso(now),
+            "data": {"available": available, "error_class": error_class, "message": message},
+        }
+        await self._enqueue([self._event(mailbox, event_id, "mailbox.state", payload)])
+
+    async def request_token_refresh(self, mailbox: MailboxConfig) -> None:
+        """A ``mailbox.token_expired`` event: the application should PATCH a new access_token."""
+        now = time.time()
+        event_id = f"evt_{uuid.uuid4().hex}"
+        payload = {
+            "type": "mailbox.token_expired",
+            "version": EVENT_VERSION,
+            "id": event_id,
+            "mailbox": mailbox.id,
+            "timestamp": _iso(now),
+            "data": {},
+        }
+        await self._enqueue([self._event(mailbox, event_id, "mailbox.token_expired", payload)])
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- senders ---------------------------------------------------------------------------------
+
+    def wake(self, event: WebhookEvent) -> None:
+        """A replayed (or otherwise new) event waits in this endpoint's outbox."""
+        self._ensure_sender(event.endpoint)
+
+    def _ensure_sender(self, endpoint: str) -> None:
+        sender = self._senders.get(endpoint)
+        if sender is not None:
+            sender.wake.set()
+        elif self._nursery is not None:
+            sender = self._senders[endpoint] = _Sender(endpoint)
+            self._nursery.start_soon(self._run_sender, sender, name=f"webhook-sender:{endpoint[:8]}")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the senders until cancelled: those for outboxes found in the store (left over from a
+        restart, or filled by other nodes) and those deliveries start."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                while True:
+                    try:
+                        for endpoint in await self.store.outbox_endpoints():
+                            self._ensure_sender(endpoint)
+                    except (StoreError, DeliveryError) as exc:
+                        log.warning("cannot list webhook outboxes: %s", exc)
+                    await trio.sleep(self.poll_seconds * 2)
+            finally:
+                self._nursery = None
+
+    async def _run_sender(self, sender: _Sender) -> None:
+        lease = f"webhook/{sender.endpoint}"
+        store = self.store
+        try:
+            wait = 0.01
+            while not await store.claim_leases(self._owner, [lease], self.lease_ttl):
+                # Another node sends this receiver's outbox; stand by while it has events.
+                if not await store.outbox_count(sender.endpoint):
+                    return
+                await trio.sleep(wait)
+                wait = min(wait * 2, self.lease_ttl / 3)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_lease, lease, nursery.cancel_scope)
+                    await self._send(sender, nursery)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await store.release_leases(self._owner, [lease])
+        except StoreError as exc:
+            log.warning("webhook sender stopped: %s", exc)
+        finally:
+            if self._senders.get(sender.endpoint) is sender:
+                del self._senders[sender.endpoint]
+
+    async def _keep_lease(self, lease: str, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            try:
+                held = await self.store.renew_leases(self._owner, [lease], self.lease_ttl)
+            except StoreError as exc:
+                log.warning("cannot renew the webhook lease: %s", exc)
+                continue
+            if not held:
+                log.warning("lost the lease of a webhook outbox: another node sends it now")
+                scope.cancel()
+                return
+
+    async def _send(self, sender: _Sender, nursery: trio.Nursery) -> None:
+        """Send the outbox until it stays empty for ``idle_seconds``."""
+        store = self.store
+        slots = trio.Semaphore(self.concurrency)
+        in_flight: set[str] = set()
+        idle_since: float | None = None
+        while True:
+            sender.wake = trio.Event()
+            events = await store.outbox_peek(sender.endpoint, _WINDOW)
+            if not events and not in_flight:
+                now = trio.current_time()
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= self.idle_seconds and not sender.wake.is_set():
+                    # No await since the peek: a delivery after this point starts a new sender.
+                    del self._senders[sender.endpoint]
+                    return
+            else:
+                idle_since = None
+            now_wall = time.time()
+            next_due = math.inf
+            heads: dict[str, WebhookEvent] = {}
+            for event in events:
+                heads.setdefault(event.mailbox_id, event)
+            for mailbox_id, event in heads.items():
+                if mailbox_id in in_flight:
+                    continue
+                if event.next_attempt_at > now_wall:
+                    next_due = min(next_due, event.next_attempt_at)
+                    continue
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    break  # a finishing call wakes us
+                in_flight.add(mailbox_id)
+                nursery.start_soon(self._attempt, sender, event, in_flight, slots)
+            timeout = min(self.poll_seconds, max(0.0, next_due - time.time()))
+            with trio.move_on_after(timeout):
+                await sender.wake.wait()
+
+    async def _attempt(
+        self, sender: _Sender, event: WebhookEvent, in_flight: set[str], slots: trio.Semaphore
+    ) -> None:
+        try:
+            outcome = await self._post(event)
+            with trio.CancelScope(shield=True):
+                await self._record(event, outcome)
+        except StoreError as exc:
+            log.warning("webhook outbox: %s", exc, extra={"mailbox": event.mailbox_id})
+            await trio.sleep(_STORE_PAUSE)
+        finally:
+            in_flight.discard(event.mailbox_id)
+            slots.release()
+            sender.wake.set()
+
+    async def _record(self, event: WebhookEvent, outcome: _Outcome) -> None:
+        store = self.store
+        if outcome.ok:
+            await store.outbox_done(event.endpoint, event.id)
+            return
+        event.attempts += 1
+        event.last_error = outcome.error
+        if outcome.final or event.attempts > len(self.retry_delays):
+            event.dead_at = time.time()
+            await store.outbox_dead_letter(event)
+            log.warning(
+                "webhook event dead-lettered after %d attempt(s): %s",
+                event.attempts,
+                outcome.error,
+                extra={"mailbox": event.mailbox_id},
+            )
+            return
+        if outcome.retry_after is not None:
+            delay = outcome.retry_after
+        else:
+            base = self.retry_delays[event.attempts - 1]
+            delay = random.uniform(base * (1 - _JITTER), base * (1 + _JITTER))
+        event.next_attempt_at = time.time() + delay
+        await store.outbox_retry(event)
+        log.info(
+            "webhook call failed (attempt %d), retrying in %.1fs: %s",
+            event.attempts,
+            delay,
+            outcome.error,
+            extra={"mailbox": event.mailbox_id},
+        )
+
+    async def _secrets_for(self, mailbox_id: str) -> tuple[str, ...]:
+        now = time.monotonic()
+        cached = self._secrets.get(mailbox_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        mailbox = await self.store.get_mailbox(mailbox_id)
+        secrets = (mailbox.webhook.secrets if mailbox and mailbox.webhook else ()) or self.default.secrets
+        if len(self._secrets) > 10000:
+            self._secrets.clear()
+        # Briefly cached: a rotation (PATCH) is signed with the new secrets within seconds.
+        self._secrets[mailbox_id] = (now + 5.0, secrets)
+        return secrets
+
+    async def _post(self, event: WebhookEvent) -> _Outcome:
+        secrets = await self._secrets_for(event.mailbox_id)
+        if not secrets:
+            return _Outcome(
+                False,
+                "no signing secret (the mailbox has none and EMLISTEN_WEBHOOK_SECRET is not set)",
+                final=True,
+            )
+        body = event.payload.encode()
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": event.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secrets, event.id, timestamp, body),
+        }
+        try:
+            with trio.fail_after(self.timeout + 5):
+                response = await self._client.post(event.url, content=body, headers=headers)
+        except (httpx.TimeoutException, trio.TooSlowError):
+            return _Outcome(False, f"no answer within {self.timeout:g}s")
+        except httpx.HTTPError as exc:
+            return _Outcome(False, f"cannot reach the receiver: {type(exc).__name__}")
+        status = response.status_code
+        if 200 <= status < 300:
+            return _Outcome(True)
+        snippet = response.text[:200].replace("\n", " ")
+        error = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+        if status == 429:
+            return _Outcome(False, error, retry_after=_retry_after(response.headers.get("retry-after")))
+        if 400 <= status < 500 and status != 408:
+            return _Outcome(False, error, final=True)
+        return _Outcome(False, error)
+
+
+class RoutingSink(Sink):
+    """Mailboxes with a webhook (registered through /v1) go to the webhook sink, the others to
+    Creatio's callbacks."""
+
+    def __init__(self, creatio: Sink, webhooks: WebhookSink) -> None:
+        self.creatio = creatio
+        self.webhooks = webhooks
+
+    def _for(self, mailbox: MailboxConfig) -> Sink:
+        return self.creatio if mailbox.webhook is None else self.webhooks
+
+    async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:
+        await self._for(mailbox).deliver(mailbox, emails, idempotency_key=idempotency_key)
+
+    async def notify_new_ids(self, mailbox: MailboxConfig, ids: Sequence[str]) -> None:
+        await self._for(mailbox).notify_new_ids(mailbox, ids)
+
+    async def report_state(
+        self, mailbox: MailboxConfig, *, available: bool, error_class: str = "", message: str = ""
+    ) -> None:
+        await self._for(mailbox).report_state(
+            mailbox, available=available, error_class=error_class, message=message
+        )
+
+    async def request_token_refresh(self, mailbox: MailboxConfig) -> None:
+        await self._for(mailbox).request_token_refresh(mailbox)
+
+    async def aclose(self) -> None:
+        await self.creatio.aclose()
+        await self.webhooks.aclose()
+
+
+def find_webhook_sink(sink: Sink) -> WebhookSink | None:
+    """The webhook sink of a node's sink (itself, or one route of a RoutingSink)."""
+    if isinstance(sink, WebhookSink):
+        return sink
+    if isinstance(sink, RoutingSink):
+        return sink.webhooks
+    return None
