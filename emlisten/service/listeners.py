@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 _BULK = 50
 
 
+def same_source(a: MailboxConfig, b: MailboxConfig) -> bool:
+    """Whether two registrations read the same mail: same protocol, server and user. A mailbox
+    registered again with the same source resumes from its checkpoints (docs/architecture.md)."""
+    return (
+        a.protocol == b.protocol
+        and a.imap.host.casefold() == b.imap.host.casefold()
+        and a.imap.port == b.imap.port
+        and a.service_url.casefold() == b.service_url.casefold()
+        and a.user_name.casefold() == b.user_name.casefold()
+    )
+
+
 class StoreListenerControl:
     """Implements both ListenerControl (Creatio's API) and AdminView (the native API)."""
 
@@ -57,6 +69,15 @@ class StoreListenerControl:
         stored = []
         for mailbox in mailboxes:
             previous = existing.get(mailbox.id)
+            if previous is not None and not same_source(previous, mailbox):
+                # Known id, another server or user: its checkpoints describe other folders. Forget
+                # them (and its history records) so listening starts at the newest message there.
+                await self.store.remove_mailbox(mailbox.id)
+                log.info(
+                    "mailbox moved to another server or user: checkpoints dropped",
+                    extra={"mailbox": mailbox.id},
+                )
+                previous = None
             if previous is None:
                 new_statuses[mailbox.id] = MailboxStatus(MailboxState.STARTING, updated_at=now)
                 revision = 1
