@@ -97,7 +97,11 @@ def build_local_adapters(settings: Settings) -> Adapters:
         source=RoutingSource(mail_sources(settings)),
         # Mailboxes registered through /v1 go to their webhook (docs/webhooks.md).
         sink=RoutingSink(
-            CreatioSink(timeout=settings.delivery_timeout_seconds), WebhookSink.from_settings(settings)
+            CreatioSink(
+                timeout=settings.delivery_timeout_seconds,
+                max_connections=settings.callback_max_connections,
+            ),
+            WebhookSink.from_settings(settings),
         ),
     )
 

@@ -78,7 +78,7 @@ def subscription_info(mailbox: MailboxConfig) -> dict[str, Any]:
 
 
 class CreatioSink(Sink):
-    def __init__(self, *, timeout: float = 300.0, max_connections: int = 100) -> None:
+    def __init__(self, *, timeout: float = 300.0, max_connections: int = 32) -> None:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             # Keep every connection alive: with a backlog, hundreds of mailboxes deliver at once to
