@@ -23,12 +23,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     EMLISTEN_ROLE=all \
+    EMLISTEN_DATA_DIR=/data \
     EMLISTEN_HOST=0.0.0.0 \
     EMLISTEN_PORT=8080
 RUN groupadd --system --gid 10001 emlisten \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin emlisten
+       --shell /usr/sbin/nologin emlisten \
+    && mkdir /data && chown 10001:10001 /data && chmod 0700 /data
 COPY --from=builder /opt/venv /opt/venv
+# Mailboxes, checkpoints and statuses of the single-process mode (docs/deployment.md): mount a
+# named volume here; EMLISTEN_SECRET_KEY is required with it (credentials are encrypted at rest).
+VOLUME ["/data"]
 # Numeric user so Kubernetes can check runAsNonRoot.
 USER 10001:10001
 WORKDIR /tmp

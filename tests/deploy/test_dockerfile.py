@@ -126,6 +126,18 @@ def test_final_stage_runs_unprivileged_with_the_documented_environment(stages: l
         assert setting in env
 
 
+def test_final_stage_keeps_state_in_a_volume_owned_by_the_service_user(stages: list[Stage]) -> None:
+    final = stages[-1]
+    assert json.loads(final.one("VOLUME")) == ["/data"]
+    assert "EMLISTEN_DATA_DIR=/data" in " ".join(final.all("ENV"))
+    # Created in the image with the service user as owner: a fresh named volume copies that.
+    assert "mkdir /data && chown 10001:10001 /data" in final.one("RUN")
+    # The volume is declared after the RUN that prepares it (a later RUN's changes to a
+    # declared volume are discarded).
+    names = [name for name, _ in final.instructions]
+    assert names.index("VOLUME") > names.index("RUN")
+
+
 def test_entrypoint_is_the_console_script_ci_exercises(stages: list[Stage]) -> None:
     entrypoint = json.loads(stages[-1].one("ENTRYPOINT"))
     assert entrypoint == ["emlisten", "serve"]
