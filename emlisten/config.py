@@ -91,6 +91,13 @@ class Settings:
     graph_tenant_id: str | None = None
     graph_client_id: str | None = None
     graph_client_secret: str | None = field(default=None, repr=False)
+    #: Microsoft Graph endpoint for Graph mailboxes whose ServiceUrl is the global
+    #: https://graph.microsoft.com (or empty): a national cloud (e.g.
+    #: https://microsoftgraph.chinacloudapi.cn, https://graph.microsoft.us) or a test server.
+    graph_base_url: str = "https://graph.microsoft.com"
+    #: Login authority of the client-credentials grant (national clouds: e.g.
+    #: https://login.chinacloudapi.cn, https://login.microsoftonline.us).
+    graph_authority: str = "https://login.microsoftonline.com"
 
     # Listening
     idle_renew_seconds: float = 25 * 60.0
@@ -315,6 +322,9 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"{env_name('max_mailboxes')} must be 0 (no cap) or positive")
     if settings.public_url and not settings.public_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"{env_name('public_url')} must be an http(s) URL")
+    for name in ("graph_base_url", "graph_authority"):
+        if not str(getattr(settings, name)).lower().startswith(("http://", "https://")):
+            raise ConfigError(f"{env_name(name)} must be an http(s) URL")
     graph_app = (settings.graph_tenant_id, settings.graph_client_id, settings.graph_client_secret)
     if any(graph_app) and not all(graph_app):
         raise ConfigError(

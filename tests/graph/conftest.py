@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from emlisten.config import Settings
-from emlisten.mail.graph import AppCredentials, GraphSettings, GraphSource
+from emlisten.mail.graph import AppCredentials, GraphSettings, GraphSource, graph_sources
 from emlisten.models import MailboxConfig, MailboxState, Security, ServerEndpoint
 from emlisten.service.listeners import StoreListenerControl
 from emlisten.service.node import Adapters, build_local_adapters, run_node
@@ -93,16 +93,22 @@ async def start_graph_service(
     *,
     graph_settings: GraphSettings | None = None,
     app_credentials: AppCredentials | None = None,
+    source_from_settings: bool = False,
     **setting_changes: Any,
 ) -> GraphService:
+    """``source_from_settings``: the node's own GraphSource, built from the ``EMLISTEN_*``
+    settings (``setting_changes``) as in production."""
     settings = graph_test_settings(**setting_changes)
     adapters = build_local_adapters(settings)
-    source = GraphSource(
-        secret_key=settings.secret_key,
-        app_credentials=app_credentials,
-        settings=graph_settings or GraphSettings(),
-    )
-    adapters.source.sources["graph"] = source  # type: ignore[attr-defined]
+    if source_from_settings:
+        (source,) = graph_sources(adapters.source)
+    else:
+        source = GraphSource(
+            secret_key=settings.secret_key,
+            app_credentials=app_credentials,
+            settings=graph_settings or GraphSettings(),
+        )
+        adapters.source.sources["graph"] = source  # type: ignore[attr-defined]
     shutdown, stopped = trio.Event(), trio.Event()
 
     async def run(task_status: trio.TaskStatus[int]) -> None:

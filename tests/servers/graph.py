@@ -51,6 +51,7 @@ import email.policy
 import itertools
 import json
 import logging
+import operator
 import re
 import secrets
 import time
@@ -147,6 +148,63 @@ class SimMessage:
     received: datetime
     subject: str
     change_key: int = 0
+
+
+#: Attachments from this size on must go through an upload session (Graph: 3 MB).
+UPLOAD_SESSION_MIN_BYTES = 3 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SimAttachment:
+    name: str
+    content_type: str
+    data: bytes
+    inline: bool
+    content_id: str
+
+
+def _attachment_of(item: dict[str, Any], data: bytes) -> SimAttachment:
+    return SimAttachment(
+        name=str(item.get("name") or "attachment"),
+        content_type=str(item.get("contentType") or "application/octet-stream"),
+        data=data,
+        inline=bool(item.get("isInline")),
+        content_id=str(item.get("contentId") or ""),
+    )
+
+
+@dataclass
+class SimDraft:
+    id: str
+    user: str
+    mime: bytes
+    attachments: list[SimAttachment] = field(default_factory=list)
+
+    def final_mime(self) -> bytes:
+        """The draft's MIME with its added attachments, as Exchange builds the sent message."""
+        if not self.attachments:
+            return self.mime
+        message = email.message_from_bytes(self.mime, policy=email.policy.default)
+        assert isinstance(message, email.message.EmailMessage)
+        for attachment in self.attachments:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            message.add_attachment(
+                attachment.data,
+                maintype=maintype or "application",
+                subtype=subtype or "octet-stream",
+                filename=attachment.name,
+                disposition="inline" if attachment.inline else "attachment",
+                cid=f"<{attachment.content_id}>" if attachment.content_id else None,
+            )
+        return message.as_bytes(policy=email.policy.SMTP)
+
+
+@dataclass
+class SimUpload:
+    draft_id: str
+    item: dict[str, Any]
+    size: int
+    received: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -268,6 +326,14 @@ class GraphSimulator:
         #: Addresses sendMail refuses with ErrorInvalidRecipients (lowercase).
         self.rejected_recipients: set[str] = set()
         self.max_request_bytes = 4 * 1024 * 1024
+        #: Drafts (large mail: draft, attachments, send) and open upload sessions by token.
+        self.drafts: dict[str, SimDraft] = {}
+        self.uploads: dict[str, SimUpload] = {}
+        #: Size of every upload-session chunk received.
+        self.upload_chunks: list[int] = []
+        #: Exchange Online's limits for one attachment and one message (150 MB).
+        self.max_attachment_bytes = 150 * 1024 * 1024
+        self.max_message_bytes = 150 * 1024 * 1024
         #: Messages one ``GET .../messages`` page returns at most, whatever ``$top`` asks.
         self.max_list_page = 1000
         self.app = self._make_app()
@@ -525,14 +591,22 @@ class GraphSimulator:
             self._changed_now()
             return response
 
+        @app.put("/upload/<token>")
+        async def upload(token: str) -> Response:
+            response = await self._upload_chunk(token)
+            recorded = RecordedRequest("PUT", "/upload/...", response.status_code, time.monotonic())
+            self.requests.append(recorded)
+            self._changed_now()
+            return response
+
         @app.post("/<tenant>/oauth2/v2.0/token")
         async def token_endpoint(tenant: str) -> Response:
             form = await request.form
             self.token_requests += 1
             secret = self.apps.get((tenant, form.get("client_id", "")))
-            if form.get("grant_type") != "client_credentials" or form.get("scope") != (
-                "https://graph.microsoft.com/.default"
-            ):
+            # The global audience, or this server's own (as a national cloud has its own).
+            scopes = ("https://graph.microsoft.com/.default", f"{self.base_url}/.default")
+            if form.get("grant_type") != "client_credentials" or form.get("scope") not in scopes:
                 return _json({"error": "invalid_request", "error_description": "AADSTS900144"}, 400)
             if secret is None or form.get("client_secret") != secret:
                 return _json({"error": "invalid_client", "error_description": "AADSTS7000215"}, 401)
@@ -620,6 +694,11 @@ class GraphSimulator:
             if tail.lower() == "messages" and method == "GET":
                 return self._list_messages(user, folder)
             return _error(400, "BadRequest", "Unsupported segment in this simulator.")
+        if rest.lower() == "messages" and method == "POST":
+            return await self._create_draft(user)
+        match = re.fullmatch(r"messages/([^/]+)(/.*)?", rest)
+        if match and match.group(1) in self.drafts:
+            return await self._draft_request(user, method, match.group(1), (match.group(2) or "").strip("/"))
         match = re.fullmatch(r"messages/([^/]+)/\$value", rest)
         if match and method == "GET":
             for folder in user.folders.values():
@@ -663,6 +742,10 @@ class GraphSimulator:
             return _error(
                 400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
             )
+        return self._submit(user, mime)
+
+    def _submit(self, user: SimUser, mime: bytes) -> Response:
+        """Send ``mime`` as ``user``: check it as Exchange does, keep a copy, deliver it."""
         headers = BytesHeaderParser(policy=email.policy.default).parsebytes(mime)
 
         def addresses(*names: str) -> list[str]:
@@ -822,6 +905,119 @@ class GraphSimulator:
             return _json(subscription.to_json())
         return _error(405, "MethodNotAllowed", "Method not allowed.")
 
+    # -- drafts and upload sessions (large mail) ---------------------------------------------
+
+    async def _create_draft(self, user: SimUser) -> Response:
+        """``POST users/{id}/messages`` in the MIME form: a draft (not in any listed folder)."""
+        data = await request.get_data(as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > self.max_request_bytes:
+            return _error(413, "RequestEntityTooLarge", "The request is larger than the maximum allowed.")
+        if not request.headers.get("Content-Type", "").lower().startswith("text/plain"):
+            return _error(400, "BadRequest", "The simulator only creates drafts in MIME form (text/plain).")
+        try:
+            mime = base64.b64decode(b"".join(data.split()), validate=True)
+        except ValueError:
+            return _error(
+                400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."
+            )
+        draft = SimDraft(_new_id(), user.email, mime)
+        self.drafts[draft.id] = draft
+        return _json({"id": draft.id, "isDraft": True}, 201)
+
+    async def _draft_request(self, user: SimUser, method: str, draft_id: str, tail: str) -> Response:
+        draft = self.drafts[draft_id]
+        if draft.user != user.email:
+            return _error(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        if tail == "" and method == "DELETE":
+            del self.drafts[draft_id]
+            return Response("", status=204)
+        if tail == "attachments" and method == "POST":
+            body = await request.get_json(force=True, silent=True)
+            if not isinstance(body, dict) or body.get("@odata.type") != "#microsoft.graph.fileAttachment":
+                return _error(400, "BadRequest", "Expected a fileAttachment.")
+            try:
+                content = base64.b64decode(str(body.get("contentBytes", "")), validate=True)
+            except ValueError:
+                return _error(400, "BadRequest", "Invalid contentBytes.")
+            if len(content) >= UPLOAD_SESSION_MIN_BYTES:
+                return _error(413, "RequestEntityTooLarge", "3 MB or more: use an upload session.")
+            draft.attachments.append(_attachment_of(body, content))
+            return _json({"id": _new_id(), "name": body.get("name")}, 201)
+        if tail.lower() == "attachments/createuploadsession" and method == "POST":
+            body = await request.get_json(force=True, silent=True)
+            item = body.get("AttachmentItem") if isinstance(body, dict) else None
+            if not isinstance(item, dict) or item.get("attachmentType") != "file":
+                return _error(400, "BadRequest", "AttachmentItem with attachmentType file is required.")
+            size = item.get("size")
+            if not isinstance(size, int) or size <= 0:
+                return _error(400, "BadRequest", "AttachmentItem.size is required.")
+            if size > self.max_attachment_bytes:
+                return _error(
+                    413, "ErrorAttachmentSizeExceeded", "The attachment is larger than the maximum allowed."
+                )
+            token = secrets.token_urlsafe(24)
+            self.uploads[token] = SimUpload(draft_id, item, size)
+            expires = _iso_ms(_now() + timedelta(minutes=15))
+            return _json(
+                {
+                    "uploadUrl": f"{self.base_url}/upload/{token}",
+                    "expirationDateTime": expires,
+                    "nextExpectedRanges": ["0-"],
+                },
+                201,
+            )
+        if tail == "send" and method == "POST":
+            if any(u.draft_id == draft_id for u in self.uploads.values()):
+                return _error(400, "ErrorInvalidRequest", "An attachment upload is not complete.")
+            mime = draft.final_mime()
+            if len(mime) > self.max_message_bytes:
+                return _error(413, "ErrorMessageSizeExceeded", "The message exceeds the maximum size.")
+            answer = self._submit(user, mime)
+            if answer.status_code == 202:
+                del self.drafts[draft_id]
+            return answer
+        return _error(400, "BadRequest", "Unsupported draft request in this simulator.")
+
+    async def _upload_chunk(self, token: str) -> Response:
+        """``PUT`` of one byte range to an upload URL (pre-authenticated: an Authorization header
+        is refused, as Graph does)."""
+        upload = self.uploads.get(token)
+        if upload is None:
+            return _error(404, "ItemNotFound", "The upload session was not found.")
+        if "Authorization" in request.headers:
+            return _error(401, "InvalidAuthenticationToken", "Do not send a token to an upload URL.")
+        data = await request.get_data(as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > self.max_request_bytes:
+            return _error(413, "RequestEntityTooLarge", "The chunk is larger than the maximum allowed.")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", request.headers.get("Content-Range", ""))
+        if match is None:
+            return _error(400, "InvalidContentRange", "Content-Range is required.")
+        start, end, total = (int(g) for g in match.groups())
+        if total != upload.size or start != len(upload.received) or end - start + 1 != len(data):
+            return _error(416, "InvalidRange", "The range does not match the upload session.")
+        if end + 1 < total and len(data) % (320 * 1024):
+            return _error(400, "InvalidChunkSize", "Chunks must be multiples of 320 KiB.")
+        upload.received += data
+        self.upload_chunks.append(len(data))
+        if len(upload.received) < total:
+            return _json(
+                {
+                    "expirationDateTime": _iso_ms(_now() + timedelta(minutes=15)),
+                    "nextExpectedRanges": [f"{len(upload.received)}-"],
+                }
+            )
+        del self.uploads[token]
+        draft = self.drafts.get(upload.draft_id)
+        if draft is None:
+            return _error(404, "ErrorItemNotFound", "The draft is gone.")
+        draft.attachments.append(_attachment_of(upload.item, bytes(upload.received)))
+        response = Response("", status=201)
+        location = f"{self.base_url}/v1.0/users/{draft.user}/messages/{draft.id}/attachments"
+        response.headers["Location"] = location
+        return response
+
     # -- message lists -----------------------------------------------------------------------
 
     def _list_messages(self, user: SimUser, folder: SimFolder) -> Response:
@@ -832,12 +1028,7 @@ class GraphSimulator:
         messages = list(folder.messages.values())
         text = args.get("$filter", "").strip()
         if text:
-            tests = {
-                "ge": lambda a, b: a >= b,
-                "gt": lambda a, b: a > b,
-                "lt": lambda a, b: a < b,
-                "le": lambda a, b: a <= b,
-            }
+            tests = {"ge": operator.ge, "gt": operator.gt, "lt": operator.lt, "le": operator.le}
             for clause in re.split(r"\s+and\s+", text, flags=re.IGNORECASE):
                 match = re.fullmatch(r"receivedDateTime\s+(ge|gt|lt|le)\s+(\S+)", clause.strip())
                 if match is None:

@@ -89,6 +89,9 @@ class GraphSettings:
     default_retry_after: float = 2.0
     #: See emlisten.mail.graph.delta.
     dedup_window_seconds: float = DEFAULT_WINDOW_SECONDS
+    #: Graph endpoint of mailboxes whose service URL is the global one (or empty):
+    #: ``EMLISTEN_GRAPH_BASE_URL`` (national clouds, test servers).
+    base_url: str = DEFAULT_SERVICE_URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +102,26 @@ class AppCredentials:
     client_id: str
     client_secret: str = ""
     authority: str = DEFAULT_AUTHORITY
+    #: The token's audience: ``<Graph base URL>/.default`` (each national cloud has its own).
+    scope: str = GRAPH_SCOPE
 
     def __repr__(self) -> str:  # the secret never shows
         return f"AppCredentials(tenant_id={self.tenant_id!r}, client_id={self.client_id!r})"
+
+
+def graph_origin(service_url: str, base_url: str) -> str:
+    """The Graph endpoint of a mailbox: its service URL, unless that is empty or the global
+    ``https://graph.microsoft.com`` (Creatio's default), which mean the configured base URL."""
+    explicit = (service_url or "").strip().rstrip("/")
+    if not explicit or explicit.lower() == DEFAULT_SERVICE_URL:
+        return (base_url or DEFAULT_SERVICE_URL).rstrip("/")
+    return explicit
+
+
+def graph_scope(base_url: str) -> str:
+    """The client-credentials scope for a Graph endpoint (``https://graph.microsoft.us/.default``)."""
+    parts = urlsplit((base_url or DEFAULT_SERVICE_URL).rstrip("/"))
+    return f"{parts.scheme}://{parts.netloc}/.default"
 
 
 def folder_segment(folder: str) -> str:
@@ -145,7 +165,7 @@ class _AppTokens:
                         "grant_type": "client_credentials",
                         "client_id": self.app.client_id,
                         "client_secret": self.app.client_secret,
-                        "scope": GRAPH_SCOPE,
+                        "scope": self.app.scope,
                     },
                 )
             except httpx.HTTPError as exc:
@@ -173,7 +193,7 @@ class GraphSession:
         self.mailbox = mailbox
         self.settings = settings
         self.app_tokens = app_tokens
-        origin = (mailbox.service_url or DEFAULT_SERVICE_URL).rstrip("/")
+        origin = graph_origin(mailbox.service_url, settings.base_url)
         parts = urlsplit(origin)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.base = f"{self.origin}/{API_VERSION}"
@@ -671,6 +691,8 @@ __all__ = [
     "GraphSource",
     "announce_api",
     "folder_segment",
+    "graph_origin",
+    "graph_scope",
     "graph_source_from_settings",
     "graph_sources",
     "start_cursor",
@@ -681,11 +703,19 @@ def graph_source_from_settings(settings: Settings) -> GraphSource:
     """The node's GraphSource, configured from ``EMLISTEN_*`` settings."""
     app = None
     if settings.graph_tenant_id and settings.graph_client_id and settings.graph_client_secret:
-        app = AppCredentials(settings.graph_tenant_id, settings.graph_client_id, settings.graph_client_secret)
+        app = AppCredentials(
+            settings.graph_tenant_id,
+            settings.graph_client_id,
+            settings.graph_client_secret,
+            authority=settings.graph_authority,
+            scope=graph_scope(settings.graph_base_url),
+        )
     return GraphSource(
         public_url=settings.public_url,
         secret_key=settings.secret_key,
         app_credentials=app,
         ca_file=settings.tls_ca_file,
-        settings=GraphSettings(request_timeout=settings.command_timeout_seconds),
+        settings=GraphSettings(
+            request_timeout=settings.command_timeout_seconds, base_url=settings.graph_base_url
+        ),
     )
