@@ -9,8 +9,8 @@ import time
 import trio
 
 from emlisten.models import MailboxState
-from tests.exchange_ops.conftest import ews_account, ews_credentials, graph_account, graph_credentials
 from tests.ews.test_source import mime
+from tests.exchange_ops.conftest import ews_account, ews_credentials, graph_account, graph_credentials
 from tests.graph.conftest import GraphService
 from tests.servers.ews import EwsSimulator
 from tests.servers.graph import GraphSimulator
