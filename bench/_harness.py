@@ -57,6 +57,12 @@ service imap-hibernate {
 service auth {
   client_limit = 20000
 }
+service imap {
+  # Every session that is awake holds an imap process (about 0.9 MB here): a burst into
+  # 10,000 hibernated mailboxes wakes them all at once, and the test server's own limit
+  # (10,000) then closed sessions and refused logins for minutes.
+  process_limit = 25000
+}
 """
 
 
