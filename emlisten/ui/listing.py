@@ -1,20 +1,24 @@
 """The console's mailbox list: paged, filtered and sorted on the server, fast at 10,000 mailboxes.
 
-Registrations are encrypted at rest (Redis): decrypting all of them on every poll would cost more
-than the console's budget. The directory keeps a summary of each (no secrets: id, address,
-protocol, server, folders, where its mail goes) and per request reads only the id list, the
-states (one batched read) and, for the rows of the page, the lease owners. New ids are read at
-once; a changed registration (a new address or server) shows within ``refresh_seconds``, as the
-stalest summaries are re-read a batch at a time.
+Registrations are encrypted at rest (Redis), and reading 10,000 states costs more than the
+console's budget once the store is busy. So the list is chosen and ordered from a snapshot of
+every mailbox's summary (no secrets: id, address, protocol, server, folders, where its mail goes)
+and state, at most ``max_age`` seconds old and taken again in the background; the 50 rows shown
+are then read fresh (their states and lease owners). Summaries are kept between snapshots: new
+ids are read at once, and a changed registration (a new address or server) shows within
+``refresh_seconds``, as the stalest summaries are re-read a batch at a time.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import trio
 
 from emlisten.abc import Store
 from emlisten.metrics import Activity
@@ -34,6 +38,8 @@ _STATE_ORDER = {
     MailboxState.CLOSED.value: 5,
 }
 _READ_CHUNK = 1000
+#: A snapshot older than this is taken again before answering (nobody asked for a while).
+_WAIT_PAST_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +84,35 @@ def _without_secrets(url: str) -> str:
     return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    taken_at: float  # time.monotonic()
+    #: Every registered mailbox, sorted by address.
+    by_email: list[MailboxSummary]
+    statuses: Mapping[str, MailboxStatus | None]
+
+
 class MailboxDirectory:
-    def __init__(self, store: Store, *, refresh_seconds: float = 30.0, refresh_batch: int = 500) -> None:
+    """Answers the console's list from a snapshot of every mailbox's summary and state, taken
+    again in the background when it is older than ``max_age`` seconds (a request never waits
+    for it, but the very first). The rows of the page are read fresh."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_age: float = 1.0,
+        refresh_seconds: float = 30.0,
+        refresh_batch: int = 500,
+    ) -> None:
         self.store = store
+        self.max_age = max_age
         self.refresh_seconds = refresh_seconds
         self.refresh_batch = refresh_batch
         self._summaries: dict[str, MailboxSummary] = {}
         self._read_at: dict[str, float] = {}
+        self._snapshot: _Snapshot | None = None
+        self._lock = trio.Lock()
 
     async def summaries(self) -> dict[str, MailboxSummary]:
         """Every registered mailbox's summary (ids in the store's order)."""
@@ -113,6 +141,22 @@ class MailboxDirectory:
         known = self._summaries
         return {mailbox_id: known[mailbox_id] for mailbox_id in ids if mailbox_id in known}
 
+    async def refresh(self) -> None:
+        """Take a new snapshot (one at a time; a caller that waited for another's is done)."""
+        requested_at = time.monotonic()
+        async with self._lock:
+            if self._snapshot is not None and self._snapshot.taken_at >= requested_at:
+                return
+            taken_at = time.monotonic()
+            summaries = await self.summaries()
+            statuses = await self.store.get_statuses(list(summaries))
+            by_email = sorted(summaries.values(), key=lambda s: (s.email.lower(), s.id))
+            self._snapshot = _Snapshot(taken_at, by_email, statuses)
+
+    @property
+    def refreshing(self) -> bool:
+        return self._lock.locked()
+
     async def page(
         self,
         activity: Activity,
@@ -123,35 +167,48 @@ class MailboxDirectory:
         sort: str = "email",
         offset: int = 0,
         limit: int = 50,
+        refresh_later: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
     ) -> dict[str, Any]:
         """One page of the list. ``counts`` are per state over the mailboxes that match
-        ``query`` and ``protocol`` (the state filter aside), so the console can show them all."""
+        ``query`` and ``protocol`` (the state filter aside), so the console can show them all.
+        ``refresh_later(refresh)`` runs a refresh of a stale snapshot after the answer."""
 
-        summaries = await self.summaries()
+        age = math.inf if self._snapshot is None else time.monotonic() - self._snapshot.taken_at
+        if age > _WAIT_PAST_SECONDS or refresh_later is None:
+            # The first request, or the first after a quiet spell: too old to show even once.
+            await self.refresh()
+        elif age > self.max_age and not self.refreshing:
+            refresh_later(self.refresh)
+        snapshot = self._snapshot
+        assert snapshot is not None
+        statuses = snapshot.statuses
         needle = query.strip().lower()
         matching = [
             s
-            for s in summaries.values()
+            for s in snapshot.by_email
             if (not needle or needle in s.haystack) and (not protocol or s.protocol == protocol)
         ]
-        statuses = await self.store.get_statuses([s.id for s in matching])
         counts: dict[str, int] = {}
         for s in matching:
             state_of = _state(statuses.get(s.id))
             counts[state_of] = counts.get(state_of, 0) + 1
         if state:
             matching = [s for s in matching if _state(statuses.get(s.id)) == state]
-        matching.sort(key=_sort_key(sort, statuses))
+        if sort != "email":
+            matching.sort(key=_sort_key(sort, statuses))
         rows = matching[offset : offset + limit]
+        # What the page shows is read now: the snapshot only chose and ordered the rows.
+        fresh = await self.store.get_statuses([s.id for s in rows])
         owners = await self.store.lease_owners([s.id for s in rows])
         return {
-            "registered": len(summaries),
+            "registered": len(snapshot.by_email),
             "total": len(matching),
             "offset": offset,
             "limit": limit,
             "counts": counts,
+            "as_of_seconds": round(time.monotonic() - snapshot.taken_at, 3),
             "items": [
-                row(s, statuses.get(s.id), owners.get(s.id), activity.events.last_delivery.get(s.id))
+                row(s, fresh.get(s.id), owners.get(s.id), activity.events.last_delivery.get(s.id))
                 for s in rows
             ],
         }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from quart import Blueprint, Response, redirect, request
+from quart import Blueprint, Response, current_app, redirect, request
 from werkzeug.exceptions import NotFound
 
 from emlisten import __version__
@@ -133,6 +133,7 @@ def console_blueprint(
             sort=sort if sort in SORTS else "email",
             offset=_int_arg("offset", 0, 0, 10**9),
             limit=_int_arg("limit", 50, 1, MAX_PAGE),
+            refresh_later=current_app.add_background_task,
         )
         return _json(page)
 

@@ -382,6 +382,7 @@ async function refresh() {
   running = true;
   waitingForToken = false;
   clearTimeout(timer);
+  const tokenUsed = sessionStorage.getItem(TOKEN_KEY);
   try {
     const [overview, page, stats, dead, detail] = await Promise.all([
       api("/ui/api/overview"),
@@ -413,7 +414,9 @@ async function refresh() {
     $("token-change").hidden = !sessionStorage.getItem(TOKEN_KEY);
   } catch (error) {
     $("live").className = "live failed";
-    if (error instanceof Unauthorized) {
+    if (error instanceof Unauthorized && tokenUsed !== sessionStorage.getItem(TOKEN_KEY)) {
+      again = true; // a token was given meanwhile: try it at once
+    } else if (error instanceof Unauthorized) {
       // Wait for the token form (its submit refreshes): polling on would only be refused.
       waitingForToken = true;
       $("live").textContent = "API token needed";
