@@ -28,7 +28,8 @@ meanwhile is written. If the process stops before that, the changes since the la
 lost as above (duplicates, not losses). At start, a data directory that cannot be opened for
 writing is a clear ``StoreError`` and the process exits without touching any mailbox.
 
-Secrets: mailbox documents (credentials, callback URLs) and webhook events (mail content) are
+Secrets: mailbox documents (credentials, callback URLs) and webhook events (mail content, in
+outboxes and dead letters, kept like the rest: a mail whose checkpoint moved is in the outbox) are
 encrypted with ``EMLISTEN_SECRET_KEY`` exactly as in Redis (:mod:`emlisten.store._crypto`); ids,
 folder names, statuses and checkpoints are in clear. Not kept: node heartbeats and leases (one
 process owns the directory: a lock file refuses a second one; leases live in memory and start
@@ -37,6 +38,7 @@ free).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -51,15 +53,17 @@ from typing import Any, TypeVar
 import trio
 
 from emlisten.errors import StoreError
-from emlisten.models import Checkpoint, MailboxConfig, MailboxStatus
+from emlisten.models import Checkpoint, MailboxConfig, MailboxStatus, WebhookEvent
 from emlisten.store._codec import (
     CodecError,
     decode_checkpoint,
     decode_mailbox,
     decode_status,
+    decode_webhook_event,
     encode_checkpoint,
     encode_mailbox,
     encode_status,
+    encode_webhook_event,
 )
 from emlisten.store._crypto import CredentialCipher
 from emlisten.store.memory import MemoryStore
@@ -90,6 +94,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS floors (
     mailbox TEXT NOT NULL, folder TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (mailbox, folder)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    endpoint TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, doc BLOB NOT NULL,
+    PRIMARY KEY (endpoint, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (id TEXT PRIMARY KEY, doc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS history (
     mailbox TEXT NOT NULL, folder TEXT NOT NULL, uidvalidity INTEGER NOT NULL, uid INTEGER NOT NULL,
     PRIMARY KEY (mailbox, folder, uidvalidity, uid)
@@ -115,10 +124,20 @@ class _Dirty:
     checkpoints: set[tuple[str, str]] = field(default_factory=set)
     floors: set[tuple[str, str]] = field(default_factory=set)
     history: dict[tuple[str, str, int], set[int]] = field(default_factory=dict)
+    #: Webhook events: (endpoint, event id) of outboxes, event ids of dead letters.
+    outbox: set[tuple[str, str]] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(
-            self.purged or self.mailboxes or self.statuses or self.checkpoints or self.floors or self.history
+            self.purged
+            or self.mailboxes
+            or self.statuses
+            or self.checkpoints
+            or self.floors
+            or self.history
+            or self.outbox
+            or self.dead
         )
 
     def merge(self, other: _Dirty) -> None:
@@ -130,6 +149,8 @@ class _Dirty:
         self.floors |= other.floors
         for key, uids in other.history.items():
             self.history.setdefault(key, set()).update(uids)
+        self.outbox |= other.outbox
+        self.dead |= other.dead
 
 
 class _Database:
@@ -172,6 +193,9 @@ class SqliteStore(MemoryStore):
         self.directory = directory
         self._limiter = trio.CapacityLimiter(1)
         self._dirty = _Dirty()
+        #: Position of each waiting webhook event in its outbox (memory keeps insertion order).
+        self._outbox_seq: dict[tuple[str, str], int] = {}
+        self._next_seq = 1
         self._wake = trio.Event()
         #: Set when the commit of the rows dirty now has been tried.
         self._committed = trio.Event()
@@ -239,6 +263,10 @@ class SqliteStore(MemoryStore):
                 table: await self._thread(self._db.query, f"SELECT * FROM {table}")  # noqa: S608 - fixed names
                 for table in ("mailboxes", "statuses", "checkpoints", "floors", "history")
             }
+            rows["outbox"] = await self._thread(
+                self._db.query, "SELECT endpoint, id, seq, doc FROM outbox ORDER BY seq"
+            )
+            rows["dead_letters"] = await self._thread(self._db.query, "SELECT id, doc FROM dead_letters")
         except sqlite3.Error as exc:
             raise StoreError(
                 f"data directory {self.directory}: cannot use {DB_FILE}: {_describe(exc)}"
@@ -253,10 +281,22 @@ class SqliteStore(MemoryStore):
                 self._checkpoints[(mailbox_id, folder)] = decode_checkpoint(document)
             for mailbox_id, folder, document in rows["floors"]:
                 self._floors[(mailbox_id, folder)] = decode_checkpoint(document)
+            for endpoint, event_id, seq, blob in rows["outbox"]:
+                self._outboxes.setdefault(endpoint, {})[event_id] = self._open_event(event_id, blob)
+                self._outbox_seq[(endpoint, event_id)] = seq
+                self._next_seq = max(self._next_seq, seq + 1)
+            for event_id, blob in rows["dead_letters"]:
+                self._dead[event_id] = self._open_event(event_id, blob)
         except CodecError as exc:
             raise StoreError(f"data directory {self.directory}: unreadable document: {exc}") from None
         for mailbox_id, folder, uidvalidity, uid in rows["history"]:
             self._history.setdefault((mailbox_id, folder, uidvalidity), set()).add(uid)
+
+    def _seal_event(self, event: WebhookEvent) -> bytes:
+        return self._cipher.encrypt(encode_webhook_event(event), associated_data=event.id.encode())
+
+    def _open_event(self, event_id: str, blob: bytes) -> WebhookEvent:
+        return decode_webhook_event(self._cipher.decrypt(bytes(blob), associated_data=event_id.encode()))
 
     async def _check_key(self) -> None:
         found = await self._thread(self._db.query, "SELECT value FROM meta WHERE key = 'key-check'")
@@ -320,6 +360,28 @@ class SqliteStore(MemoryStore):
                             (*key, encode_checkpoint(checkpoint).decode()),
                         )
                     )
+        for endpoint, event_id in dirty.outbox:
+            event = self._outboxes.get(endpoint, {}).get(event_id)
+            if event is None:
+                statements.append(("DELETE FROM outbox WHERE endpoint = ? AND id = ?", (endpoint, event_id)))
+            else:
+                statements.append(
+                    (
+                        "INSERT OR REPLACE INTO outbox (endpoint, id, seq, doc) VALUES (?, ?, ?, ?)",
+                        (endpoint, event_id, self._outbox_seq[(endpoint, event_id)], self._seal_event(event)),
+                    )
+                )
+        for event_id in dirty.dead:
+            dead = self._dead.get(event_id)
+            if dead is None:
+                statements.append(("DELETE FROM dead_letters WHERE id = ?", (event_id,)))
+            else:
+                statements.append(
+                    (
+                        "INSERT OR REPLACE INTO dead_letters (id, doc) VALUES (?, ?)",
+                        (event_id, self._seal_event(dead)),
+                    )
+                )
         for (mailbox_id, folder, uidvalidity), uids in dirty.history.items():
             for uid in uids:
                 statements.append(
@@ -456,6 +518,68 @@ class SqliteStore(MemoryStore):
         await super().mark_history_delivered(mailbox_id, folder, uidvalidity, members)
         self._dirty.history.setdefault((mailbox_id, folder, uidvalidity), set()).update(members)
         await self._persisted()
+
+    # -- webhook outboxes and dead letters -------------------------------------------------------
+
+    def _queued(self, endpoint: str, event_id: str) -> None:
+        """The event now waits in its outbox: give it a place after everything before it."""
+        key = (endpoint, event_id)
+        if key not in self._outbox_seq and event_id in self._outboxes.get(endpoint, {}):
+            self._outbox_seq[key] = self._next_seq
+            self._next_seq += 1
+        self._dirty.outbox.add(key)
+
+    def _left_outbox(self, endpoint: str, event_id: str) -> None:
+        self._outbox_seq.pop((endpoint, event_id), None)
+        self._dirty.outbox.add((endpoint, event_id))
+
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> int:
+        added = await super().outbox_add(events)
+        if added:
+            for event in events:
+                self._queued(event.endpoint, event.id)
+            await self._persisted()
+        return added
+
+    async def outbox_retry(self, event: WebhookEvent) -> bool:
+        if not await super().outbox_retry(event):
+            return False
+        self._dirty.outbox.add((event.endpoint, event.id))
+        await self._persisted()
+        return True
+
+    async def outbox_done(self, endpoint: str, event_id: str) -> bool:
+        if not await super().outbox_done(endpoint, event_id):
+            return False
+        self._left_outbox(endpoint, event_id)
+        await self._persisted()
+        return True
+
+    async def outbox_dead_letter(self, event: WebhookEvent) -> bool:
+        # Both moves in memory before anything is written: one transaction carries them.
+        if not await MemoryStore.outbox_done(self, event.endpoint, event.id):
+            return False
+        self._dead[event.id] = dataclasses.replace(event)
+        self._left_outbox(event.endpoint, event.id)
+        self._dirty.dead.add(event.id)
+        await self._persisted()
+        return True
+
+    async def drop_dead_letter(self, event_id: str) -> bool:
+        if not await super().drop_dead_letter(event_id):
+            return False
+        self._dirty.dead.add(event_id)
+        await self._persisted()
+        return True
+
+    async def replay_dead_letter(self, event_id: str) -> WebhookEvent | None:
+        queued = await super().replay_dead_letter(event_id)
+        if queued is None:
+            return None
+        self._dirty.dead.add(event_id)
+        self._queued(queued.endpoint, event_id)
+        await self._persisted()
+        return queued
 
 
 def _lock_directory(path: Path) -> int:

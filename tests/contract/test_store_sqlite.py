@@ -4,6 +4,7 @@ secret in plain text on disk, refuses a second process and a wrong key, and keep
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pytest
 import trio
 
 from emlisten.errors import StoreError
-from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, Security, ServerEndpoint
+from emlisten.models import (
+    Checkpoint,
+    MailboxConfig,
+    MailboxState,
+    MailboxStatus,
+    Security,
+    ServerEndpoint,
+    WebhookEvent,
+)
 from emlisten.store._crypto import WRONG_KEY_MESSAGE
 from emlisten.store.sqlite import DB_FILE, SqliteStore
 from tests.contract.backends import sqlite_store
@@ -176,3 +185,41 @@ async def test_a_failing_disk_keeps_mail_flowing_and_catches_up(tmp_path: Path) 
     async with sqlite_store(tmp_path) as store:
         assert sorted(await store.list_mailbox_ids()) == ["m-1", "m-2"]
         assert await store.get_checkpoints("m-1") == {"INBOX": Checkpoint(1, 9)}
+
+
+def event(event_id: str, endpoint: str = "receiver-a") -> WebhookEvent:
+    return WebhookEvent(
+        id=event_id,
+        endpoint=endpoint,
+        url=f"https://{endpoint}.example/hook",
+        mailbox_id="m-1",
+        type="message.new",
+        payload='{"subject": "confidential quarterly figures"}',
+        created_at=1.0,
+    )
+
+
+async def test_webhook_outboxes_and_dead_letters_survive_a_restart_in_order(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        assert await store.outbox_add([event("e1"), event("e2"), event("e3"), event("e4", "receiver-b")]) == 4
+        retried = dataclasses.replace(event("e2"), attempts=2, next_attempt_at=50.0, last_error="HTTP 500")
+        assert await store.outbox_retry(retried)
+        assert await store.outbox_dead_letter(dataclasses.replace(event("e1"), attempts=9, dead_at=7.0))
+        assert await store.outbox_done("receiver-b", "e4")
+
+    async with sqlite_store(tmp_path) as store:
+        assert await store.outbox_endpoints() == ["receiver-a"]
+        assert await store.outbox_peek("receiver-a", 10) == [retried, event("e3")]
+        total, dead = await store.list_dead_letters()
+        assert (total, [d.id for d in dead], dead[0].attempts) == (1, ["e1"], 9)
+        # Replayed: to the end of its outbox, and it stays there across the next restart.
+        assert await store.replay_dead_letter("e1") is not None
+
+    async with sqlite_store(tmp_path) as store:
+        assert [e.id for e in await store.outbox_peek("receiver-a", 10)] == ["e2", "e3", "e1"]
+        assert await store.list_dead_letters() == (0, [])
+        await store.outbox_add([event("e5")])
+        assert [e.id for e in await store.outbox_peek("receiver-a", 10)] == ["e2", "e3", "e1", "e5"]
+        await store.flush()
+        content = await trio.to_thread.run_sync(_file_contents, tmp_path, "open")
+    assert all(b"confidential quarterly" not in data for data in content.values())
