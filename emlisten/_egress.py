@@ -111,7 +111,7 @@ class AllowList:
         hosts: list[str] = []
         for entry in text.replace(",", " ").split():
             try:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                networks.append(ipaddress.ip_network(entry.replace("[", "").replace("]", ""), strict=False))
                 continue
             except ValueError:
                 pass

@@ -34,7 +34,13 @@ def fetch(url: str, token: str | None, timeout: float = 10.0) -> dict[str, Any]:
             mailboxes = client.get(f"{base}/v1/mailboxes")
             for response in (nodes, mailboxes):
                 response.raise_for_status()
-            return {"nodes": nodes.json()["nodes"], "mailboxes": mailboxes.json()["mailboxes"]}
+            snapshot = {"nodes": nodes.json()["nodes"], "mailboxes": mailboxes.json()["mailboxes"]}
+            # /readyz says which routes anyone can call without a token (503 still has a body).
+            ready = client.get(f"{base}/readyz")
+            opened = ready.json().get("open_without_token") if ready.content else None
+            if opened:
+                snapshot["open_without_token"] = list(opened)
+            return snapshot
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         raise Unreachable(f"cannot read {base}: {exc}") from None
 
@@ -105,6 +111,8 @@ def render(console: Console, snapshot: dict[str, Any], *, limit: int) -> None:
     console.print(mailboxes)
     if len(ordered) > limit:
         console.print(f"... and {len(ordered) - limit} more (use --json for all)")
+    for routes in snapshot.get("open_without_token", []):
+        console.print(f"[red]warning: open to anyone without a token: {routes}[/red]")
     s = summarise(snapshot)
     console.print(
         f"{s['nodes']} node(s), {s['mailboxes']} mailbox(es): [green]{s['listening']} listening[/green], "

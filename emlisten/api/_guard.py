@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from emlisten.config import Settings, is_loopback
 
 __all__ = [
@@ -206,3 +208,49 @@ class RateLimiter:
 RATE_LIMITED_ROUTES = frozenset(
     ("/api/listeners/create", "/api/listeners/recreate", "/api/listeners/update", "/api/mailbox/validate")
 )
+
+
+def drain_unread_body(asgi_app: Any) -> Any:
+    """ASGI middleware so that a request answered early (a 413, a 401) leaves a usable or a
+    closed connection, never a stuck one.
+
+    - After the app answered without reading the whole body, read and drop the rest: Hypercorn
+      hands the body over through a small queue, which left full blocks the connection.
+    - A response saying ``Connection: close`` ends with a shielded send: the close happens inside
+      that send, and Quart-Trio cancels the request's tasks as soon as the client's side ends,
+      which used to cancel the close itself and leave the socket open, unanswered.
+    """
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await asgi_app(scope, receive, send)
+            return
+        finished = False
+        closing = False
+
+        async def tracking_receive() -> Any:
+            nonlocal finished
+            message = await receive()
+            if message.get("type") == "http.disconnect" or not message.get("more_body", False):
+                finished = True
+            return message
+
+        async def closing_send(message: Any) -> None:
+            nonlocal closing
+            if message.get("type") == "http.response.start":
+                closing = any(
+                    bytes(name).lower() == b"connection" and b"close" in bytes(value).lower()
+                    for name, value in message.get("headers", ())
+                )
+            if closing and message.get("type") == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True) as shielded:
+                    shielded.deadline = trio.current_time() + 10.0  # a small error answer
+                    await send(message)
+                return
+            await send(message)
+
+        await asgi_app(scope, tracking_receive, closing_send)
+        while not finished:
+            await tracking_receive()
+
+    return app

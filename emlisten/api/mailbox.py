@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
+from emlisten import _egress
 from emlisten.api.app import _BadRequest, _error_item, _json_response, _read_json_body
 from emlisten.api.credentials import parse_credentials
 from emlisten.errors import MailSourceError, ValidationError
@@ -33,7 +34,7 @@ from emlisten.mail.folders import list_folders
 from emlisten.mail.graph import GraphSource
 from emlisten.mail.graph.folders import list_graph_folders
 from emlisten.mail.imap.source import ImapSource
-from emlisten.mail.validate import validate
+from emlisten.mail.validate import ValidationResult, validate
 from emlisten.models import MailboxConfig
 
 __all__ = ["AVAILABILITY_TIMEOUT", "mailbox_blueprint"]
@@ -60,28 +61,37 @@ def mailbox_blueprint(
     verify_availability_tls: bool = True,
     ews: EwsSource | None = None,
     graph: GraphSource | None = None,
+    validate_timeout: float = 10.0,
+    validate_connect_timeout: float = 5.0,
 ) -> Blueprint:
     """The routes, talking to mail servers through ``source`` (default: ``ImapSource()``).
 
     ``check_smtp``: validate also checks SMTP when the credentials carry SMTP fields.
-    ``ews`` and ``graph`` list the folders of EWS and Graph mailboxes (defaults: new sources;
-    validation still speaks IMAP only).
+    ``ews`` and ``graph`` validate and list the folders of EWS and Graph mailboxes (defaults:
+    new sources), in their own protocol within ``validate_timeout`` (connecting within
+    ``validate_connect_timeout``).
     """
 
     imap = source if source is not None else ImapSource()
     exchange: dict[str, EwsSource | GraphSource | None] = {"ews": ews, "graph": graph}
 
+    def ews_source() -> EwsSource:
+        found = exchange["ews"]
+        if not isinstance(found, EwsSource):
+            found = exchange["ews"] = EwsSource()
+        return found
+
+    def graph_source() -> GraphSource:
+        found = exchange["graph"]
+        if not isinstance(found, GraphSource):
+            found = exchange["graph"] = GraphSource()
+        return found
+
     async def folder_list(mailbox: MailboxConfig) -> list[dict[str, Any]]:
         if mailbox.protocol == "ews":
-            ews_source = exchange["ews"]
-            if not isinstance(ews_source, EwsSource):
-                ews_source = exchange["ews"] = EwsSource()
-            return await list_ews_folders(mailbox, ews_source)
+            return await list_ews_folders(mailbox, ews_source())
         if mailbox.protocol == "graph":
-            graph_source = exchange["graph"]
-            if not isinstance(graph_source, GraphSource):
-                graph_source = exchange["graph"] = GraphSource()
-            return await list_graph_folders(mailbox, graph_source)
+            return await list_graph_folders(mailbox, graph_source())
         return await list_folders(mailbox, imap)
 
     blueprint = Blueprint("mailbox", __name__)
@@ -104,7 +114,21 @@ def mailbox_blueprint(
                     "Data": {"Stage": "input", "Category": "input", "Field": error.field},
                 }
             )
-        result = await validate(mailbox, imap, check_smtp=check_smtp)
+        started = trio.current_time()
+        result = await validate(
+            mailbox,
+            imap,
+            check_smtp=check_smtp,
+            ews=ews_source() if mailbox.protocol == "ews" else None,
+            graph=graph_source() if mailbox.protocol == "graph" else None,
+            time_limit=validate_timeout,
+            connect_timeout=validate_connect_timeout,
+        )
+        if not _authenticated() and _reveals_port_state(result):
+            # A caller without the token learns "not reachable", never refused vs silent vs
+            # "something else listens there", and not from the timing either.
+            result = _unreachable(result)
+            await trio.sleep_until(started + imap.settings.connect_timeout)
         logger.info(
             "validate: %s (%s)",
             "valid" if result.is_valid else "invalid",
@@ -131,9 +155,14 @@ def mailbox_blueprint(
         url = _availability_url(await _read_json_body())
         parts = urlsplit(url)
         where = _host_port(parts.hostname or "", parts.port, parts.scheme)
+        started = trio.current_time()
         problem = await _reach(url, where, availability_timeout, verify_availability_tls)
         if problem is not None:
             logger.info("availability: %s unreachable", where)
+            if not _authenticated():
+                # Same answer, same time for a refused, a silent or a forbidden address.
+                problem = f"no HTTP response from {where} within {availability_timeout:g}s"
+                await trio.sleep_until(started + availability_timeout)
             return _json_response({"Message": problem}, 502)
         return _json_response("pong")
 
@@ -170,6 +199,10 @@ def _availability_url(body: Any) -> str:
             [_error_item("body", 'expected a URL as a JSON string or {"Url": "..."}')],
         )
     url = body.strip()
+    if len(url) > _MAX_URL_CHARS:
+        raise _BadRequest(
+            "Field too long", [_error_item("Url", f"longer than {_MAX_URL_CHARS} characters")], status=422
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -180,9 +213,33 @@ def _availability_url(body: Any) -> str:
     return url
 
 
+def _authenticated() -> bool:
+    """The caller presented the API token (emlisten.api.app sets the flag)."""
+    return bool(g.get("emlisten_authenticated", False))
+
+
+#: Validation failures that tell a closed port from a silent one, or from another service.
+_PORT_STATE_CATEGORIES = frozenset(("connect", "timeout", "protocol", "tls"))
+_MAX_URL_CHARS = 2048
+
+
+def _reveals_port_state(result: ValidationResult) -> bool:
+    return not result.is_valid and (result.data or {}).get("Category") in _PORT_STATE_CATEGORIES
+
+
+def _unreachable(result: ValidationResult) -> ValidationResult:
+    data = dict(result.data or {})
+    stage, server = data.get("Stage", "imap"), data.get("Server", "")
+    data["Category"] = "connect"
+    message = f"{str(stage).upper()}: no {str(stage).upper()} server answered at {server}"
+    return ValidationResult(False, message, data)
+
+
 def _host_port(host: str, port: int | None, scheme: str) -> str:
     if port is None:
         port = 443 if scheme.lower() == "https" else 80
+    if len(host) > 100:  # quoted in answers and logs
+        host = host[:100] + "..."
     try:
         if ipaddress.ip_address(host).version == 6:
             host = f"[{host}]"
@@ -195,8 +252,10 @@ async def _reach(url: str, where: str, time_limit: float, verify: bool) -> str |
     """None when ``url`` answered anything HTTP within ``time_limit``, else why not."""
     with trio.move_on_after(time_limit):
         try:
+            # Only addresses EMLISTEN_CALLBACK_ALLOW permits (emlisten._egress), redirects not followed.
+            transport = _egress.http_transport("callback", verify=verify)
             async with (
-                httpx.AsyncClient(timeout=time_limit, verify=verify, follow_redirects=False) as client,
+                httpx.AsyncClient(timeout=time_limit, transport=transport, follow_redirects=False) as client,
                 client.stream("GET", url) as response,
             ):
                 logger.debug("availability: %s answered %d", where, response.status_code)
