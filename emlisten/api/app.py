@@ -24,6 +24,7 @@ from emlisten.api._guard import (
     ApiAccess,
     BodyRejected,
     RateLimiter,
+    drain_unread_body,
     is_creatio_route,
     load_json,
 )
@@ -127,6 +128,7 @@ def create_app(
 
     app = quart_trio.QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.asgi_app = drain_unread_body(app.asgi_app)  # type: ignore[method-assign]
     # Always turn route exceptions into our JSON 500, even in debug/testing mode.
     app.config["PROPAGATE_EXCEPTIONS"] = False
     expected_token = api_token.encode("utf-8") if api_token else None
