@@ -1,4 +1,4 @@
-"""The Store's webhook outboxes and dead letters, run against every adapter (memory, Redis)."""
+"""The Store's webhook outboxes and dead letters, run against every adapter (memory, Redis, SQLite)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,18 @@ from emlisten.abc import Store
 from emlisten.models import WebhookEvent
 from emlisten.store.memory import MemoryStore
 from emlisten.store.redis import RedisStore
-from tests.contract.backends import REDIS_URL, redis_store
+from tests.contract.backends import REDIS_URL, redis_store, sqlite_store
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "redis":
         async with redis_store() as adapter:
             yield adapter
+        return
+    if request.param == "sqlite":
+        async with sqlite_store(request.getfixturevalue("tmp_path")) as durable:
+            yield durable
         return
     memory: Store = MemoryStore()
     yield memory
