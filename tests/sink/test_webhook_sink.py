@@ -1,0 +1,191 @@
+"""The webhook sink on its own: signatures, stable ids, the durable outbox across restarts (Redis),
+one sender per receiver across nodes, settings. Real HTTP receiver, real stores."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import standardwebhooks
+import svix.webhooks
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from emlisten._bridge import open_asyncio_bridge
+from emlisten.abc import Store
+from emlisten.config import load_settings
+from emlisten.errors import ConfigError
+from emlisten.models import (
+    Attachment,
+    Email,
+    MailboxConfig,
+    Security,
+    ServerEndpoint,
+    WebhookTarget,
+    email_id,
+)
+from emlisten.sink.webhook import WebhookSink, endpoint_key, sign
+from emlisten.store.memory import MemoryStore
+from emlisten.store.redis import RedisStore
+from tests.contract.backends import REDIS_URL, TEST_SECRET_KEY, delete_redis_keys, unique_prefix
+from tests.secret_scan import register_secret
+from tests.servers.webhook import WebhookReceiver
+
+SECRET = register_secret("whsec_" + base64.b64encode(b"sink-test-key-0123456789abcdef!!").decode())
+
+
+def mailbox(url: str, mailbox_id: str = "0f8fad5b-d9cb-469f-a165-70867728950e") -> MailboxConfig:
+    return MailboxConfig(
+        id=mailbox_id,
+        user_name="alice@example.com",
+        imap=ServerEndpoint("imap.example.com", 993, Security.SSL_ON_CONNECT),
+        bpm_endpoint="",
+        webhook=WebhookTarget(url, (SECRET,)),
+    )
+
+
+def message(mailbox_id: str, uid: int, *, attachment: bytes = b"") -> Email:
+    made = Email(
+        id=email_id(mailbox_id, "INBOX", f"7/{uid}"), subject=f"mail {uid}", body="hi", folder="INBOX"
+    )
+    if attachment:
+        made.attachments.append(Attachment(id="a1", name="a.bin", data=attachment))
+    return made
+
+
+@asynccontextmanager
+async def running(sink: WebhookSink, store: Store) -> AsyncIterator[WebhookSink]:
+    sink.bind(store, node_id="n1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        yield sink
+        nursery.cancel_scope.cancel()
+    await sink.aclose()
+
+
+@given(
+    secret=st.binary(min_size=24, max_size=64),
+    msg_id=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=40),
+    body=st.text(max_size=200),
+)
+def test_signatures_verify_with_both_libraries(secret: bytes, msg_id: str, body: str) -> None:
+    whsec = "whsec_" + base64.b64encode(secret).decode()
+    other = "whsec_" + base64.b64encode(secret[::-1] + b"x").decode()
+    timestamp = int(time.time())
+    payload = json.dumps({"text": body}, ensure_ascii=False).encode()  # verifiers parse JSON
+    headers = {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign([other, whsec], msg_id, timestamp, payload),
+    }
+    standardwebhooks.Webhook(whsec).verify(payload, headers)
+    svix.webhooks.Webhook(whsec).verify(payload, headers)
+    tampered = dict(headers, **{"webhook-id": msg_id + "x"})
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(whsec).verify(payload, tampered)
+
+
+async def test_the_same_mail_carries_the_same_event_id(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    target = mailbox(receiver.url("/same"))
+    async with running(WebhookSink(retry_delays=(0.05,)), MemoryStore()) as sink:
+        await sink.store.put_mailbox(target)
+        await sink.deliver(target, [message(target.id, 1)], idempotency_key="k")
+        await sink.deliver(target, [message(target.id, 1)], idempotency_key="k")  # queued once
+        await receiver.wait_accepted("/same", 1)
+        with trio.fail_after(5):  # the sender records the answer just after the receiver sent it
+            while await sink.store.outbox_endpoints():
+                await trio.sleep(0.01)
+        # Delivered already: the same mail queued again (a redelivery) goes again, same id.
+        await sink.deliver(target, [message(target.id, 1), message(target.id, 2)], idempotency_key="k2")
+        calls = await receiver.wait_accepted("/same", 3)
+    ids = [call.headers["webhook-id"] for call in calls]
+    assert ids[0] == ids[1] != ids[2]
+    assert [call.event["data"]["subject"] for call in calls] == ["mail 1", "mail 1", "mail 2"]
+    assert ids[0] == "msg_" + email_id(target.id, "INBOX", "7/1").replace("-", "")
+
+
+async def test_attachment_size_limit_and_state_events(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    target = mailbox(receiver.url("/state"))
+    async with running(WebhookSink(inline_attachment_bytes=10), MemoryStore()) as sink:
+        await sink.store.put_mailbox(target)
+        await sink.deliver(target, [message(target.id, 1, attachment=b"0123456789")], idempotency_key="a")
+        await sink.deliver(target, [message(target.id, 2, attachment=b"0123456789X")], idempotency_key="b")
+        await sink.report_state(
+            target, available=False, error_class="AuthenticationException", message="refused"
+        )
+        calls = await receiver.wait_accepted("/state", 3)
+    small, large = (call.event["data"]["attachments"][0] for call in calls[:2])
+    assert base64.b64decode(small["content"]) == b"0123456789" and small["size"] == 10
+    assert large["content"] is None and large["size"] == 11
+    state = standardwebhooks.Webhook(SECRET).verify(calls[2].body, calls[2].headers)
+    assert state["type"] == "mailbox.state" and state["mailbox"] == target.id
+    assert state["data"] == {
+        "available": False,
+        "error_class": "AuthenticationException",
+        "message": "refused",
+    }
+
+
+@pytest.mark.redis
+async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    url = receiver.url("/restart")
+    await receiver.stop()
+    prefix = unique_prefix()
+    target = mailbox(url)
+    async with open_asyncio_bridge():
+        try:
+            async with RedisStore.open(REDIS_URL, secret_key=TEST_SECRET_KEY, prefix=prefix) as store:
+                await store.put_mailbox(target)
+                async with running(WebhookSink(retry_delays=(0.1,) * 200), store) as first:
+                    await first.deliver(
+                        target, [message(target.id, n) for n in range(1, 4)], idempotency_key="k"
+                    )
+                    with trio.fail_after(10):
+                        while not (waiting := await store.outbox_peek(endpoint_key(url), 1)) or (
+                            waiting[0].attempts < 1
+                        ):
+                            await trio.sleep(0.02)
+                # The first process is gone. Two new ones on the same Redis: the outbox is
+                # still there, and only one of them sends it.
+            async with (
+                RedisStore.open(REDIS_URL, secret_key=TEST_SECRET_KEY, prefix=prefix) as store_a,
+                RedisStore.open(REDIS_URL, secret_key=TEST_SECRET_KEY, prefix=prefix) as store_b,
+                running(WebhookSink(retry_delays=(0.1,) * 200, poll_seconds=0.1), store_a),
+                running(WebhookSink(retry_delays=(0.1,) * 200, poll_seconds=0.1), store_b),
+            ):
+                await receiver.start(nursery)
+                calls = await receiver.wait_accepted("/restart", 3)
+                await trio.sleep(0.5)  # would let a second sender's duplicate arrive
+                assert len(receiver.calls_to("/restart")) == 3
+        finally:
+            await delete_redis_keys(prefix)
+    assert [call.event["data"]["subject"] for call in calls] == ["mail 1", "mail 2", "mail 3"]
+
+
+def test_settings_give_the_schedule_and_defaults() -> None:
+    settings = load_settings(
+        {
+            "EMLISTEN_WEBHOOK_RETRY_SCHEDULE": "1, 2.5,10",
+            "EMLISTEN_WEBHOOK_URL": "https://hooks.example.com/mail",
+            "EMLISTEN_WEBHOOK_SECRET": f"{SECRET} whsec_b2xk",
+        }
+    )
+    sink = WebhookSink.from_settings(settings)
+    assert sink.retry_delays == (1.0, 2.5, 10.0)
+    assert sink.default == WebhookTarget("https://hooks.example.com/mail", (SECRET, "whsec_b2xk"))
+    assert sum(load_settings({}).webhook_retry_delays) >= 86400  # the default spans over a day
+    for bad in ("1,x", "-1"):
+        with pytest.raises(ConfigError, match="EMLISTEN_WEBHOOK_RETRY_SCHEDULE"):
+            load_settings({"EMLISTEN_WEBHOOK_RETRY_SCHEDULE": bad})
+    assert SECRET not in repr(settings)
