@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import trio
 
-from emlisten import __version__
+from emlisten import __version__, _egress
 from emlisten.abc import Sink, Store
 from emlisten.config import Settings
 from emlisten.errors import DeliveryError, StoreError
@@ -214,7 +214,10 @@ class WebhookSink(Sink):
         # bounds its own calls), so one cannot take the pool from another.
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
+            # Only to addresses EMLISTEN_CALLBACK_ALLOW permits (emlisten._egress).
+            transport=_egress.http_transport(
+                "callback", limits=httpx.Limits(max_connections=None, max_keepalive_connections=200)
+            ),
             headers={"User-Agent": f"emlisten/{__version__}"},
             follow_redirects=False,
         )

@@ -39,6 +39,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import trio
 
+from emlisten import _egress
 from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.config import Settings
 from emlisten.errors import (
@@ -527,9 +528,10 @@ class GraphSource(MailSource):
                 context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
             else:
                 context = False
-            client = httpx.AsyncClient(
-                verify=context, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
-            )
+            # Only to addresses EMLISTEN_MAIL_ALLOW permits (emlisten._egress).
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            transport = _egress.http_transport("mail", verify=context, limits=limits)
+            client = httpx.AsyncClient(transport=transport)
             self._clients[verify] = client
         self._users += 1
         try:
