@@ -420,6 +420,66 @@ def test_templates_refuse_unworkable_combinations(values: dict[str, Any], compla
     assert complaint in str(caught.value)
 
 
+# --- single-node mode with persistence (EMLISTEN_DATA_DIR on a volume) ---
+
+
+def test_persistence_gives_the_single_primary_a_data_volume() -> None:
+    documents = render({"persistence": {"enabled": True}, "secretKey": "a-long-random-key"})
+    assert validate_all(documents) == []
+    statefulset = only(documents, "StatefulSet")
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default class
+    assert {"name": "data", "mountPath": "/data"} in container(statefulset)["volumeMounts"]
+    env = env_of(statefulset)
+    assert env["EMLISTEN_DATA_DIR"]["value"] == "/data"
+    # The key that encrypts the volume's credentials comes from the Secret, not the volume.
+    assert env["EMLISTEN_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "EMLISTEN_SECRET_KEY"
+    assert "EMLISTEN_REDIS_URL" not in only(documents, "Secret")["stringData"]
+    # The pod can write it: the volume is group-owned by fsGroup 10001, the service's group.
+    assert statefulset["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+
+
+@pytest.mark.parametrize(("storage_class", "expected"), [("fast-ssd", "fast-ssd"), ("-", "")])
+def test_persistence_storage_class(storage_class: str, expected: str) -> None:
+    values = {
+        "persistence": {"enabled": True, "storageClass": storage_class, "size": "5Gi"},
+        "existingSecret": "mine",
+    }
+    (claim,) = only(render(values), "StatefulSet")["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["storageClassName"] == expected
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_without_persistence_nothing_is_kept() -> None:
+    statefulset = only(render(), "StatefulSet")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    assert "EMLISTEN_DATA_DIR" not in env_of(statefulset)
+    assert [m["mountPath"] for m in container(statefulset)["volumeMounts"]] == ["/tmp"]
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"persistence": {"enabled": True}}, "set secretKey"),
+        ({"persistence": {"enabled": True}, "redis": {"host": "r"}, "secretKey": "k"}, "single-node mode"),
+        ({"persistence": {"enabled": True}, "replicaCount": 2, "secretKey": "k"}, "shared store"),
+    ],
+)
+def test_persistence_refuses_what_cannot_work(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        render(values)
+    assert complaint in str(caught.value)
+
+
+def test_schema_rejects_a_bad_volume_size() -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        render({"persistence": {"enabled": True, "size": "lots"}, "secretKey": "k"})
+    assert "at '/persistence/size': 'lots' does not match pattern" in str(caught.value)
+
+
 def test_values_file_passes_its_own_schema_and_lint() -> None:
     with helm.Chart.load(str(CHART)) as chart:
         chart.validate_schema({})

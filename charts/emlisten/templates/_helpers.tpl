@@ -126,6 +126,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.existingSecret) (or (include "emlisten.redisConfigured" .) (include "emlisten.rabbitmqConfigured" .) .Values.secretKey .Values.apiToken) }}true{{ end }}
 {{- end }}
 
+{{/* Whether the primary keeps its state on a volume (single-node mode with persistence). */}}
+{{- define "emlisten.persistent" -}}
+{{- if and .Values.persistence.enabled (not (include "emlisten.redisConfigured" .)) }}true{{ end }}
+{{- end }}
+
 {{/* Refuse values that would start pods which cannot work together. */}}
 {{- define "emlisten.validate" -}}
 {{- if not .Values.existingSecret }}
@@ -140,6 +145,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (include "emlisten.redisConfigured" .) (not .Values.secretKey) }}
 {{- fail "with Redis, mail credentials are encrypted at rest: set secretKey (or existingSecret)" }}
 {{- end }}
+{{- if and (include "emlisten.persistent" .) (not .Values.secretKey) }}
+{{- fail "with persistence, mail credentials are encrypted on the volume: set secretKey (or existingSecret)" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.persistence.enabled (include "emlisten.redisConfigured" .) }}
+{{- fail "persistence is for the single-node mode: with Redis the state lives there (set persistence.enabled=false)" }}
 {{- end }}
 {{- end }}
 
@@ -227,6 +238,11 @@ spec:
               optional: true
         {{- end }}
         {{- end }}
+        {{- if and (eq .role "primary") (include "emlisten.persistent" $root) }}
+        # Mailboxes, checkpoints and statuses survive restarts on the volume (single-node mode).
+        - name: EMLISTEN_DATA_DIR
+          value: /data
+        {{- end }}
         {{- range $name, $value := $values.env }}
         - name: {{ $name }}
           value: {{ $value | toString | quote }}
@@ -260,6 +276,10 @@ spec:
         # Writable scratch space on a read-only root filesystem.
         - name: tmp
           mountPath: /tmp
+        {{- if and (eq .role "primary") (include "emlisten.persistent" $root) }}
+        - name: data
+          mountPath: /data
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {}
