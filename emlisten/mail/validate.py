@@ -17,6 +17,25 @@ rejected``, ``folder 'X' not found``) and, machine-readably, in ``data``::
 
 On success ``data`` is ``{"Imap": {"Server", "Folders"}, "Smtp": {"Server", "Authenticated"}
 | null}``. Passwords and tokens never appear in messages.
+
+EWS and Graph mailboxes (``protocol``) are checked in their own protocol, never IMAP, with the
+same answer shape (``Stage`` ``ews`` or ``graph``) and within ``time_limit`` (connecting within
+``connect_timeout``): both are settings (``EMLISTEN_VALIDATE_TIMEOUT_SECONDS``,
+``EMLISTEN_VALIDATE_CONNECT_TIMEOUT_SECONDS``), so a server that answers is never waited on for
+longer than it takes to answer.
+
+- EWS: DNS, then (without an EWS URL) Autodiscover, then one ``GetFolder`` of every folder in
+  ``FolderIds`` (the inbox when empty) through the source's authenticated connections (Basic,
+  NTLM or Negotiate as the server asks). 401/403 -> ``authentication`` (``token`` with OAuth);
+  ``ErrorFolderNotFound``/``ErrorInvalidIdMalformed`` -> ``folder``; impersonation refused ->
+  ``authentication``; refused/unreachable -> ``connect``; a TLS failure -> ``tls``; anything not
+  EWS (another HTTP status, not SOAP) -> ``protocol``. Success: ``{"Ews": {"Server", "Folders",
+  "Authentication"}, "Smtp": null}`` (``Authentication``: ``basic``, ``ntlm``, ``negotiate`` or
+  ``bearer``).
+- Graph: DNS, then ``GET /users/{mailbox}/mailFolders/{folder}`` for each folder (``inbox``
+  when empty). 401 -> ``token`` (``authentication`` when the app-only token request itself is
+  refused); 403 and an unknown user -> ``authentication``; 404 on a folder -> ``folder``.
+  Success: ``{"Graph": {"Server", "Folders"}, "Smtp": null}``.
 """
 
 from __future__ import annotations
@@ -26,7 +45,9 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlsplit
 
+import httpx
 import trio
 
 from emlisten import _egress
@@ -37,9 +58,12 @@ from emlisten.errors import (
     MailSourceError,
     MailTokenRejectedError,
 )
+from emlisten.mail.ews import _soap
+from emlisten.mail.ews.source import EwsClient, EwsSource
+from emlisten.mail.graph.source import GraphSource, folder_segment
 from emlisten.mail.imap import _tls
 from emlisten.mail.imap.source import ImapSource
-from emlisten.models import MailboxConfig, Security, ServerEndpoint
+from emlisten.models import INBOX, MailboxConfig, Security, ServerEndpoint
 
 __all__ = ["CheckFailed", "ValidationResult", "probe_smtp", "validate"]
 
@@ -67,7 +91,25 @@ class CheckFailed(Exception):
         self.message = message
 
 
-async def validate(mailbox: MailboxConfig, source: ImapSource, *, check_smtp: bool) -> ValidationResult:
+async def validate(
+    mailbox: MailboxConfig,
+    source: ImapSource,
+    *,
+    check_smtp: bool,
+    ews: EwsSource | None = None,
+    graph: GraphSource | None = None,
+    time_limit: float = 10.0,
+    connect_timeout: float = 5.0,
+) -> ValidationResult:
+    """``source`` checks IMAP mailboxes; ``ews``/``graph`` (default: new sources) the others."""
+    if mailbox.protocol == "ews":
+        return await validate_ews(
+            mailbox, ews or EwsSource(), time_limit=time_limit, connect_timeout=connect_timeout
+        )
+    if mailbox.protocol == "graph":
+        return await validate_graph(
+            mailbox, graph or GraphSource(), time_limit=time_limit, connect_timeout=connect_timeout
+        )
     imap = mailbox.imap
     imap_server = _where(imap)
     try:
@@ -95,6 +137,241 @@ async def validate(mailbox: MailboxConfig, source: ImapSource, *, check_smtp: bo
         data["Smtp"] = {"Server": _where(smtp), "Authenticated": authenticated}
         return ValidationResult(True, "IMAP and SMTP settings are valid", data)
     return ValidationResult(True, "IMAP settings are valid", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# EWS and Graph
+
+#: EWS response codes that mean "these credentials may not open this mailbox".
+_EWS_ACCESS_CODES = frozenset(
+    {
+        "ErrorAccessDenied",
+        "ErrorImpersonateUserDenied",
+        "ErrorImpersonationDenied",
+        "ErrorNonExistentMailbox",
+        "ErrorMailboxMoveInProgress",
+        "ErrorInvalidSmtpAddress",
+    }
+)
+_EWS_FOLDER_CODES = frozenset({"ErrorFolderNotFound", "ErrorInvalidIdMalformed", "ErrorInvalidFolderId"})
+
+
+def _url_where(url: str, fallback: ServerEndpoint) -> str:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return _where(fallback)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    return _where(ServerEndpoint(parts.hostname, port, Security.NONE))
+
+
+def _http_failure(error: httpx.HTTPError, where: str, connect_timeout: float) -> CheckFailed:
+    """A category for a transport error: TLS, or not reachable (refused, timed out, reset)."""
+    denied = _egress.denial(error)
+    if denied is not None:
+        return CheckFailed("connect", f"{where}: {denied}")
+    cause: BaseException | None = error
+    for _ in range(20):  # short chains; the bound only guards against a cycle
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason
+            return CheckFailed(
+                "tls", f"TLS handshake with {where} failed: certificate verification failed: {reason}"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return CheckFailed("tls", f"TLS handshake with {where} failed: {cause.reason or cause}")
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, httpx.ConnectTimeout):
+        return CheckFailed("connect", f"connection to {where} timed out after {connect_timeout:g}s")
+    if isinstance(error, httpx.TimeoutException):
+        return CheckFailed("timeout", f"{where} accepted the connection but did not answer in time")
+    if isinstance(error, httpx.ConnectError):
+        return CheckFailed("connect", f"connection to {where} failed: {_innermost_reason(error)}")
+    return CheckFailed("connect", f"connection to {where} lost: {type(error).__name__}")
+
+
+def _innermost_reason(error: BaseException) -> str:
+    """The innermost OS reason (e.g. "Connection refused") behind an httpx error."""
+    cause: BaseException = error
+    for _ in range(20):  # short chains; the bound only guards against a cycle
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if isinstance(cause, BaseExceptionGroup):  # one error per address tried
+            return "; ".join(dict.fromkeys(_innermost_reason(e) for e in cause.exceptions))
+        # httpcore re-raises transport errors inside ``except`` (context, not cause).
+        inner = cause.__cause__ or cause.__context__
+        if inner is None:
+            break
+        cause = inner
+    return str(cause)[:200] or type(error).__name__
+
+
+def _classify_exchange(error: MailSourceError) -> CheckFailed:
+    """Errors raised before the check's own request (Autodiscover, the app-only token)."""
+    text = str(error)
+    if isinstance(error, MailTokenRejectedError):
+        return CheckFailed("token", f"OAuth token rejected: {text}")
+    if isinstance(error, MailAuthError):
+        return CheckFailed("authentication", f"authentication failed: {text}")
+    if isinstance(error, FolderNotFoundError):
+        return CheckFailed("folder", text)
+    if isinstance(error, MailConnectError):
+        return CheckFailed("connect", text)
+    return CheckFailed("protocol", text)
+
+
+async def validate_ews(
+    mailbox: MailboxConfig, source: EwsSource, *, time_limit: float, connect_timeout: float
+) -> ValidationResult:
+    where = _url_where(mailbox.service_url, mailbox.imap)
+    folders = list(mailbox.folders or (INBOX,))
+    try:
+        with trio.fail_after(time_limit):
+            host = urlsplit(mailbox.service_url).hostname or mailbox.imap.host
+            await _resolve(host, mailbox.imap.port)
+            try:
+                mailbox = await source.resolve(mailbox)
+            except MailSourceError as error:
+                raise _classify_exchange(error) from None
+            where = _url_where(mailbox.service_url, mailbox.imap)
+            scheme = await _check_ews(
+                mailbox, source, folders, where=where, connect_timeout=connect_timeout, time_limit=time_limit
+            )
+    except trio.TooSlowError:
+        return _failed("ews", CheckFailed("timeout", f"no answer from {where} within {time_limit:g}s"), where)
+    except CheckFailed as failure:
+        return _failed("ews", failure, where)
+    data: dict[str, Any] = {
+        "Ews": {"Server": where, "Folders": folders, "Authentication": scheme},
+        "Smtp": None,
+    }
+    return ValidationResult(True, "EWS settings are valid", data)
+
+
+async def _check_ews(
+    mailbox: MailboxConfig,
+    source: EwsSource,
+    folders: list[str],
+    *,
+    where: str,
+    connect_timeout: float,
+    time_limit: float,
+) -> str:
+    """One GetFolder of every folder; the authentication scheme that worked."""
+    timeouts = httpx.Timeout(time_limit, connect=connect_timeout)
+    async with source._http(mailbox, timeouts=timeouts) as http:
+        client = EwsClient(http, mailbox, source.settings)
+        try:
+            response = await http.post(
+                client.url, content=client._envelope(_soap.get_folders(folders)), headers=client._headers
+            )
+        except httpx.HTTPError as error:
+            raise _http_failure(error, where, connect_timeout) from None
+        if response.status_code in (401, 403):
+            try:
+                client._check_status(response)
+            except MailSourceError as error:
+                raise _classify_exchange(error) from None
+        if response.status_code not in (200, 500):
+            raise CheckFailed(
+                "protocol", f"{where} answered HTTP {response.status_code}: is this the EWS URL?"
+            )
+        try:
+            root = _soap.parse(response.content)
+            fault = _soap.fault_of(root)
+            if fault is not None:
+                raise _ews_code_failure(fault.code, fault.message, bearer=mailbox.use_oauth)
+            messages = _soap.response_messages(root)
+        except MailSourceError as error:
+            raise CheckFailed("protocol", f"{where} did not answer as EWS does: {error}") from None
+        missing = [f for f, m in zip(folders, messages, strict=False) if m.code in _EWS_FOLDER_CODES]
+        if missing:
+            names = ", ".join(repr(f) for f in missing)
+            noun = "folder" if len(missing) == 1 else "folders"
+            raise CheckFailed("folder", f"{noun} {names} not found")
+        for message in messages:
+            if not message.ok:
+                raise _ews_code_failure(message.code, message.message, bearer=mailbox.use_oauth)
+        if mailbox.use_oauth:
+            return "bearer"
+        return source.auth_scheme(client.url)
+
+
+def _ews_code_failure(code: str, message: str, *, bearer: bool) -> CheckFailed:
+    text = f"EWS {code}" + (f": {message}" if message else "")
+    if code in _EWS_ACCESS_CODES:
+        return CheckFailed("token" if bearer and code == "ErrorAccessDenied" else "authentication", text)
+    if code in _EWS_FOLDER_CODES:
+        return CheckFailed("folder", text)
+    return CheckFailed("protocol", text)
+
+
+async def validate_graph(
+    mailbox: MailboxConfig, source: GraphSource, *, time_limit: float, connect_timeout: float
+) -> ValidationResult:
+    folders = list(mailbox.folders or (INBOX,))
+    async with source.session(mailbox) as session:
+        where = _url_where(session.origin, mailbox.imap)
+        try:
+            with trio.fail_after(time_limit):
+                await _resolve(urlsplit(session.origin).hostname or "", mailbox.imap.port)
+                timeouts = httpx.Timeout(time_limit, connect=connect_timeout)
+                try:
+                    authorization = await session._authorization()
+                except MailSourceError as error:
+                    raise _classify_exchange(error) from None
+                missing: list[str] = []
+                for folder in folders:
+                    url = session.url(
+                        f"/users/{session.user}/mailFolders/{quote(folder_segment(folder), safe='')}"
+                    )
+                    try:
+                        response = await session.http.get(
+                            url + "?$select=id",
+                            headers={"Authorization": authorization, "Accept": "application/json"},
+                            timeout=timeouts,
+                        )
+                    except httpx.HTTPError as error:
+                        raise _http_failure(error, where, connect_timeout) from None
+                    code = _graph_code(response)
+                    if response.status_code == 200:
+                        continue
+                    if response.status_code == 401:
+                        category = "token" if mailbox.use_oauth else "authentication"
+                        raise CheckFailed(category, f"Graph rejected the token (HTTP 401 {code})".strip())
+                    if response.status_code == 403 or code in (
+                        "ErrorInvalidUser",
+                        "MailboxNotEnabledForRESTAPI",
+                    ):
+                        raise CheckFailed(
+                            "authentication",
+                            f"Graph refused access to {mailbox.sender_email or mailbox.user_name!r} "
+                            f"(HTTP {response.status_code} {code})",
+                        )
+                    if response.status_code == 404:
+                        missing.append(folder)
+                        continue
+                    raise CheckFailed(
+                        "protocol", f"{where} answered HTTP {response.status_code} {code}".strip()
+                    )
+                if missing:
+                    names = ", ".join(repr(f) for f in missing)
+                    noun = "folder" if len(missing) == 1 else "folders"
+                    raise CheckFailed("folder", f"{noun} {names} not found")
+        except trio.TooSlowError:
+            failure = CheckFailed("timeout", f"no answer from {where} within {time_limit:g}s")
+            return _failed("graph", failure, where)
+        except CheckFailed as failure:
+            return _failed("graph", failure, where)
+    data: dict[str, Any] = {"Graph": {"Server": where, "Folders": folders}, "Smtp": None}
+    return ValidationResult(True, "Graph settings are valid", data)
+
+
+def _graph_code(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", {}).get("code", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _where(endpoint: ServerEndpoint) -> str:

@@ -40,6 +40,8 @@ import spnego
 import spnego.exceptions
 import trio
 
+from emlisten import _egress
+
 log = logging.getLogger(__name__)
 
 #: Marks a request whose response stays open for long (GetStreamingEvents): it gets a connection
@@ -197,8 +199,10 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         return self.busy + self.busy_streams + len(self._idle) + len(self._idle_streams)
 
     def _new_connection(self) -> _Connection:
-        transport = httpx.AsyncHTTPTransport(
-            verify=self._verify,  # type: ignore[arg-type]
+        # Every connection checked against EMLISTEN_MAIL_ALLOW (emlisten._egress).
+        transport = _egress.http_transport(
+            "mail",
+            verify=self._verify,
             limits=httpx.Limits(
                 max_connections=1, max_keepalive_connections=1, keepalive_expiry=self.keepalive_expiry
             ),

@@ -142,6 +142,19 @@ def create_item_send(mime_base64: str, *, save_copy: bool) -> str:
     )
 
 
+def get_folders(folders: Sequence[str]) -> str:
+    """``GetFolder`` of these folders, ids only (does each exist and may we open it?)."""
+    ids = "".join(folder_id(f) for f in folders)
+    return (
+        "<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape>"
+        f"<m:FolderIds>{ids}</m:FolderIds></m:GetFolder>"
+    )
+
+
+def unsubscribe(subscription_id: str) -> str:
+    return f"<m:Unsubscribe><m:SubscriptionId>{text(subscription_id)}</m:SubscriptionId></m:Unsubscribe>"
+
+
 #: Folder properties a folder list needs (``FindFolder`` shape).
 _FOLDER_FIELDS = (
     "folder:DisplayName",
@@ -489,6 +502,7 @@ __all__ = [
     "find_folders_deep",
     "folder_id",
     "folder_page",
+    "get_folders",
     "get_items_mime",
     "get_streaming_events",
     "mime_item",
@@ -500,4 +514,5 @@ __all__ = [
     "sync_folder_items",
     "sync_result",
     "text",
+    "unsubscribe",
 ]

@@ -463,6 +463,11 @@ class EwsSource(MailSource):
     def pools(self) -> list[AuthenticatedPool]:
         return [pool for pool, _ in self._pools.values()]
 
+    def auth_scheme(self, url: str) -> str:
+        """The scheme user name + password took at ``url``'s server ("" before the first answer)."""
+        parts = urlsplit(url)
+        return self._schemes.get(f"{parts.scheme}://{parts.netloc}".lower(), "")
+
     def _make_client(self, http: httpx.AsyncClient, mailbox: MailboxConfig) -> EwsClient:
         return EwsClient(http, mailbox, self.settings)
 
