@@ -331,7 +331,13 @@ def _feature_blueprints(
     return [
         admin_blueprint(control, metrics),
         console_blueprint(control, adapters.store, metrics.activity, node_id=settings.node_id),
-        mailbox_blueprint(imap, ews=ews, graph=graph_source),
+        mailbox_blueprint(
+            imap,
+            ews=ews,
+            graph=graph_source,
+            validate_timeout=settings.validate_timeout_seconds,
+            validate_connect_timeout=settings.validate_connect_timeout_seconds,
+        ),
         send_blueprint(lambda: sender),
         *(graph_blueprint(graph, adapters.queue.publish) for graph in graph_sources(adapters.source)),
     ]
