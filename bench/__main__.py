@@ -6,7 +6,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import backlog, burst, cold_start, failover, follow_up, idle, latency, pause, random_traffic, soak
+from bench import (
+    backlog,
+    burst,
+    cold_start,
+    exchange_history,
+    failover,
+    follow_up,
+    idle,
+    latency,
+    pause,
+    random_traffic,
+    soak,
+)
 from bench._harness import BenchError, print_table, write_results
 
 SCENARIOS = {
@@ -32,6 +44,10 @@ SCENARIOS = {
     "follow-up": (follow_up, "a second mail 1.4-2.0 s after the first on a hibernating Dovecot: its delay"),
     "random-traffic": (random_traffic, "mail to random mailboxes at a fixed rate: delays, mails that waited"),
     "soak": (soak, "faults one after another while mail flows: every mail of the ledger delivered, once"),
+    "exchange-history": (
+        exchange_history,
+        "history load of N messages from the EWS simulator beside live mail: mails/s, duplicates",
+    ),
 }
 
 
