@@ -285,6 +285,11 @@ async def _run(
             task_status.started(port)
             await shutdown.wait()
             log.info("shutting down (grace %.0fs)", settings.shutdown_grace_seconds)
+            ews_source = _source_of(adapters, "ews", EwsSource)
+            if ews_source is not None:
+                # Another node takes the mailboxes over: leave their EWS subscriptions to lapse
+                # (docs/exchange.md#unsubscribe-on-close-and-on-shutdown).
+                ews_source.keep_subscriptions()
             front.cancel()
             worker.stop_intake()
             with trio.move_on_after(settings.shutdown_grace_seconds) as grace:

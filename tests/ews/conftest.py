@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
+import trio
 
 from emlisten.api.credentials import parse_credentials
 from emlisten.mail.ews import EwsSource
-from emlisten.models import MailboxConfig
+from emlisten.models import MailboxConfig, MailboxState
+from emlisten.service.node import build_local_adapters, run_node
+from tests.servers.creatio import CreatioStandIn
 from tests.servers.ews import EwsAccount, EwsSimulator, running_ews_simulator
+from tests.service.conftest import fast_settings
 
 
 @pytest.fixture
@@ -44,3 +50,48 @@ def ews_credentials(simulator: EwsSimulator, account: EwsAccount, **fields: Any)
 
 def ews_mailbox(simulator: EwsSimulator, account: EwsAccount, **fields: Any) -> MailboxConfig:
     return parse_credentials(ews_credentials(simulator, account, **fields))
+
+
+@dataclass
+class Node:
+    http: httpx.AsyncClient
+    shutdown: trio.Event
+    stopped: trio.Event
+    adapters: Any
+
+
+@pytest.fixture
+def node_settings() -> dict[str, Any]:
+    """Setting changes of the ``node`` fixture (a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+async def node(creatio: CreatioStandIn, node_settings: dict[str, Any]) -> AsyncIterator[Node]:
+    """A node (API, supervisor, worker) in a nursery of its own: the test sees it stop."""
+    settings = fast_settings(None, **node_settings)
+    adapters = build_local_adapters(settings)
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await run_node(
+                settings, adapters, handle_signals=False, shutdown=shutdown, task_status=task_status
+            )
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as inner:
+        port = await inner.start(run)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            yield Node(http, shutdown, stopped, adapters)
+        shutdown.set()
+
+
+async def wait_listening(adapters: Any, mailbox_id: str) -> None:
+    with trio.fail_after(15):
+        while True:
+            status = (await adapters.store.get_statuses([mailbox_id]))[mailbox_id]
+            if status is not None and status.state is MailboxState.LISTENING:
+                return
+            await trio.sleep(0.01)

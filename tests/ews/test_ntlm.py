@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,8 +12,10 @@ from emlisten.errors import MailAuthError, MailConnectError
 from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource
 from emlisten.mail.ews._auth import AuthMode, choose_scheme
 from emlisten.models import Checkpoint
-from tests.ews.conftest import ews_mailbox
+from tests.ews.conftest import Node, ews_credentials, ews_mailbox, wait_listening
 from tests.ews.test_source import Tasks, mime, read_new, start_listening
+from tests.secret_scan import register_secret
+from tests.servers.creatio import CreatioStandIn
 from tests.servers.ews import EwsSimulator, running_ews_simulator
 
 
@@ -170,3 +173,34 @@ async def test_connections_are_bounded_per_account_not_per_reader(ntlm_ews: EwsS
     assert max(seen) <= 2
     assert ntlm_ews.handshakes <= 2
     assert len([r for r in ntlm_ews.requests if r.status == 200]) == 30
+
+
+async def test_ntlm_only_mailbox_delivers_through_the_service_and_survives_a_drop(
+    ntlm_ews: EwsSimulator, creatio: CreatioStandIn, node: Node
+) -> None:
+    account = ntlm_ews.add_account()
+    register_secret(account.password)
+    creds = ews_credentials(ntlm_ews, account, BpmEndpoint=creatio.endpoint())
+    assert (await node.http.post("/api/listeners/create", json=[creds])).status_code == 200
+    await wait_listening(node.adapters, creds["Id"])
+    attachment = bytes(range(256)) * 40
+    ntlm_ews.add_message(account.address, mime("över NTLM", "body ✓\n", attachment))
+    (email,) = await creatio.wait_for_emails(creds["Id"], 1, timeout=15)
+    assert email["Subject"] == "över NTLM" and "body ✓" in email["Body"]
+    assert base64.b64decode(email["Attachments"][0]["Base64Data"]) == attachment
+    # Windows authentication only: nothing was ever sent with Basic, every answer came after
+    # a handshake on its connection.
+    assert {r.authorization_scheme for r in ntlm_ews.requests if r.status == 200} <= {
+        "negotiate",
+        "connection",
+    }
+    before = ntlm_ews.handshakes
+
+    # The server drops the stream's connection: the supervisor listens again, the new
+    # connection authenticates again, and mail keeps coming.
+    assert ntlm_ews.drop_streams(account.address) == 1
+    await ntlm_ews.wait_until(lambda: ntlm_ews.handshakes > before, what="a new handshake")
+    await ntlm_ews.wait_until(lambda: ntlm_ews.open_streams(account.address) == 1, what="stream again")
+    ntlm_ews.add_message(account.address, mime("after the drop"))
+    emails = await creatio.wait_for_emails(creds["Id"], 2, timeout=15)
+    assert [e["Subject"] for e in emails] == ["över NTLM", "after the drop"]

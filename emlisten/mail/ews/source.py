@@ -18,6 +18,10 @@ Listening (one folder, one ``listen`` call):
    mid-envelope, network error, no byte for ``stream_idle_timeout``) raises
    ``MailConnectError``: the mailbox supervisor reconnects with its backoff, and the new
    ``listen`` subscribes again and publishes a catch-up task.
+5. When ``listen`` ends (the mailbox was closed or changed, or an error), its subscription is
+   removed with ``Unsubscribe`` (unless the server already lost it). On shutdown the node calls
+   ``keep_subscriptions`` first: the mailboxes go to other nodes, which subscribe anew, and the
+   old subscriptions lapse on the server (docs/exchange.md).
 
 Connections: listeners of one group (EWS URL, credentials, impersonated mailbox) share
 ``GetStreamingEvents`` connections of up to 200 subscriptions (``_multiplex.StreamingHub``);
@@ -419,6 +423,8 @@ class EwsSource(MailSource):
         #: Discovered EWS URLs by mailbox id: ((address, hint), URL).
         self._discovered: dict[str, tuple[tuple[str, str], str]] = {}
         self._discovery_locks: dict[str, trio.Lock] = {}
+        #: Set on shutdown: stopping listeners leave their subscriptions (``keep_subscriptions``).
+        self._keep_subscriptions = False
 
     def _pool_key(self, mailbox: MailboxConfig) -> tuple[str, ...]:
         parts = urlsplit(mailbox.service_url)
@@ -562,34 +568,60 @@ class EwsSource(MailSource):
             while True:
                 message = await client.call_one(_soap.subscribe_streaming([folder]))
                 subscription = _soap.subscription_id(message)
-                if not started:
-                    # After subscribing: mail from here on is either before this state or notified.
-                    seed = (await reader.current_position(folder)).cursor
-                await on_new_mail(
-                    SyncTask(
-                        mailbox_id=mailbox.id,
-                        folder=folder,
-                        uidvalidity=EWS_UIDVALIDITY,
-                        reason="catch-up",
-                        seed_cursor=seed,
-                    )
-                )
-                member = self._member(mailbox, folder, subscription, on_new_mail)
-                connection = self._hub(client, mailbox).join(member)
+                member: Member | None = None
                 try:
-                    await member.settled.wait()
-                    if member.live and not started:
-                        task_status.started(FolderInfo(folder, EWS_UIDVALIDITY, 0, 0))
-                        started = True
-                    await member.ended.wait()
+                    if not started:
+                        # After subscribing: mail from here on is either before this state or notified.
+                        seed = (await reader.current_position(folder)).cursor
+                    await on_new_mail(
+                        SyncTask(
+                            mailbox_id=mailbox.id,
+                            folder=folder,
+                            uidvalidity=EWS_UIDVALIDITY,
+                            reason="catch-up",
+                            seed_cursor=seed,
+                        )
+                    )
+                    member = self._member(mailbox, folder, subscription, on_new_mail)
+                    connection = self._hub(client, mailbox).join(member)
+                    try:
+                        await member.settled.wait()
+                        if member.live and not started:
+                            task_status.started(FolderInfo(folder, EWS_UIDVALIDITY, 0, 0))
+                            started = True
+                        await member.ended.wait()
+                    finally:
+                        connection.remove(member)
                 finally:
-                    connection.remove(member)
+                    # A subscription the server still has (not lost) is ours to remove.
+                    if member is None or not member.lost:
+                        await self._unsubscribe(client, subscription)
                 if member.error is not None:
                     raise member.error
                 refused = refused + 1 if member.refused else 0
                 if refused >= 2:
                     # Subscribing again at once would loop: let the supervisor back off.
                     raise MailConnectError(f"EWS {client.where} keeps refusing new subscriptions")
+
+    def keep_subscriptions(self) -> None:
+        """Shutdown: from now on, listeners that stop leave their subscriptions on the server.
+
+        Called by the node when it shuts down: each of its mailboxes is taken over by another
+        node, which subscribes anew; the old subscriptions lapse on the server by themselves
+        (Exchange expires a streaming subscription about 30 minutes after its last connection).
+        Unsubscribing thousands of them would spend the shutdown grace on requests to Exchange
+        and delay the handover. Closing or changing a mailbox unsubscribes (see ``listen``)."""
+        self._keep_subscriptions = True
+
+    async def _unsubscribe(self, client: EwsClient, subscription: str) -> None:
+        if self._keep_subscriptions:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.unsubscribe_timeout):
+            try:
+                await client.call(_soap.unsubscribe(subscription))
+            except MailSourceError as exc:
+                # Not fatal: the server expires it by itself.
+                log.info("EWS Unsubscribe failed (%s): the server will expire it", type(exc).__name__)
 
     @staticmethod
     def _member(
