@@ -19,6 +19,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="emlisten" \
       org.opencontainers.image.description="Mailbox listener service (IMAP IDLE to Creatio callbacks)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# All interfaces (a bare `emlisten serve` keeps to loopback): the container then needs
+# EMLISTEN_API_TOKEN for emlisten's own routes, or refuses to start (EMLISTEN_ALLOW_UNAUTHENTICATED=true
+# opts out). Creatio's routes need no token; guard them by who can reach the port (docs/security.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \

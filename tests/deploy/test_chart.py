@@ -127,13 +127,23 @@ def validate_all(documents: list[dict[str, Any]]) -> list[str]:
 def test_default_values_render_a_single_in_memory_node() -> None:
     documents = render()
     assert validate_all(documents) == []
-    assert kinds(documents) == ["PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds(documents) == [
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "Service",
+        "ServiceAccount",
+        "StatefulSet",
+    ]
     statefulset = only(documents, "StatefulSet")
     assert statefulset["spec"]["replicas"] == 1
     env = env_of(statefulset)
     assert env["EMLISTEN_ROLE"]["value"] == "primary"
-    # No store/queue configured: no Secret and no reference to one (in-memory fallbacks).
+    # No store/queue configured: no reference to them (in-memory fallbacks); the Secret holds
+    # only the generated API token.
     assert not {"EMLISTEN_REDIS_URL", "EMLISTEN_AMQP_URL", "EMLISTEN_SECRET_KEY"} & env.keys()
+    assert set(only(documents, "Secret")["stringData"]) == {"EMLISTEN_API_TOKEN"}
     assert container(statefulset)["image"] == f"emlisten:{emlisten.__version__}"
 
 
@@ -145,6 +155,7 @@ def test_production_values_render_valid_manifests() -> None:
         "HorizontalPodAutoscaler",
         "HorizontalPodAutoscaler",
         "Ingress",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "PodDisruptionBudget",
         "Service",
@@ -515,3 +526,86 @@ def test_readme_documents_every_value() -> None:
     ]
     assert missing == []
     assert "WorkerReplicaCount" in documented
+
+
+# --- secure defaults: token, listening address, NetworkPolicy ---
+
+
+def _pod_settings(documents: list[dict[str, Any]]) -> Any:
+    """The settings the primary's environment gives emlisten (secret references resolved from
+    the chart's Secret): proves the pod would start, not refuse."""
+    from emlisten.config import load_settings
+
+    secret = next((d["stringData"] for d in documents if d["kind"] == "Secret"), {})
+    env: dict[str, str] = {}
+    for name, entry in env_of(only(documents, "StatefulSet")).items():
+        if "value" in entry:
+            env[name] = str(entry["value"])
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            env[name] = secret[entry["valueFrom"]["secretKeyRef"]["key"]]
+    return load_settings(env)
+
+
+def test_the_chart_listens_on_all_interfaces_with_a_generated_token() -> None:
+    documents = render()
+    token = only(documents, "Secret")["stringData"]["EMLISTEN_API_TOKEN"]
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", token)
+    settings = _pod_settings(documents)
+    assert (settings.host, settings.api_token, settings.allow_unauthenticated) == ("0.0.0.0", token, False)
+    given = _pod_settings(render({"apiToken": "chosen-token"}))
+    assert given.api_token == "chosen-token"
+
+
+def test_allow_unauthenticated_starts_without_a_token() -> None:
+    documents = render({"allowUnauthenticated": True})
+    assert "Secret" not in kinds(documents)
+    settings = _pod_settings(documents)
+    assert settings.allow_unauthenticated and settings.api_token is None
+
+
+def _peers(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    peers: list[dict[str, Any]] = rule["from"]
+    return peers
+
+
+def test_network_policy_admits_only_creatio_monitoring_and_emlisten() -> None:
+    documents = render()
+    assert validate_all(documents) == []
+    policy = only(documents, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "emlisten",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert _peers(policy) == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "creatio"}}},
+        {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        },
+        {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/name": "emlisten", "app.kubernetes.io/instance": "rel"}
+            }
+        },
+    ]
+
+
+def test_network_policy_selectors_come_from_values() -> None:
+    # Helm merges maps with the defaults: a default label is dropped by setting it to null.
+    creatio = {
+        "podSelector": {"matchLabels": {"app": "bpmonline", "app.kubernetes.io/name": None}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "crm"}},
+    }
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    documents = render({"networkPolicy": {"creatio": creatio, "extraFrom": [ingress]}})
+    assert validate_all(documents) == []
+    peers = _peers(only(documents, "NetworkPolicy"))
+    assert peers[0] == {
+        "podSelector": {"matchLabels": {"app": "bpmonline"}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "crm"}},
+    }
+    assert peers[-1] == ingress
+    assert "NetworkPolicy" not in kinds(render({"networkPolicy": {"enabled": False}}))

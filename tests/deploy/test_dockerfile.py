@@ -350,3 +350,31 @@ def test_compose_dovecot_config_is_inline_and_matches_the_port(compose: dict[str
     assert "port = 143" in config
     assert "1143:143" in compose["services"]["dovecot"]["ports"]
     assert "passdb {" in config
+
+
+def _image_environment(stages: list[Stage]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in stages[-1].all("ENV"):
+        for pair in args.split():
+            name, _, value = pair.partition("=")
+            env[name] = value
+    return {name: value for name, value in env.items() if name.startswith("EMLISTEN_")}
+
+
+def test_the_image_listens_on_all_interfaces_and_insists_on_a_token(stages: list[Stage]) -> None:
+    from emlisten.config import load_settings
+    from emlisten.errors import ConfigError
+
+    env = _image_environment(stages)
+    assert env["EMLISTEN_HOST"] == "0.0.0.0"
+    with pytest.raises(ConfigError, match="EMLISTEN_API_TOKEN"):
+        load_settings(env)
+    assert load_settings({**env, "EMLISTEN_API_TOKEN": "t"}).host == "0.0.0.0"
+    assert load_settings({**env, "EMLISTEN_ALLOW_UNAUTHENTICATED": "true"}).api_token is None
+
+
+def test_compose_gives_every_emlisten_service_a_token(compose: dict[str, Any]) -> None:
+    services = {name: s for name, s in compose["services"].items() if s.get("image") == "emlisten:local"}
+    assert services
+    for name, service in services.items():
+        assert service["environment"].get("EMLISTEN_API_TOKEN"), name

@@ -123,7 +123,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Whether the chart renders its own Secret (something to put in it, no existingSecret). */}}
 {{- define "emlisten.createSecret" -}}
-{{- if and (not .Values.existingSecret) (or (include "emlisten.redisConfigured" .) (include "emlisten.rabbitmqConfigured" .) .Values.secretKey .Values.apiToken) }}true{{ end }}
+{{- if and (not .Values.existingSecret) (or (include "emlisten.redisConfigured" .) (include "emlisten.rabbitmqConfigured" .) .Values.secretKey .Values.apiToken (not .Values.allowUnauthenticated)) }}true{{ end }}
+{{- end }}
+
+{{/* The API token: the value given, else the one already in the chart's Secret (kept across
+upgrades), else a new random one; empty with allowUnauthenticated and no value. */}}
+{{- define "emlisten.apiToken" -}}
+{{- if .Values.apiToken }}
+{{- .Values.apiToken }}
+{{- else if not .Values.allowUnauthenticated }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "emlisten.fullname" .) }}
+{{- $data := (get (default dict $existing) "data") | default dict }}
+{{- if hasKey $data "EMLISTEN_API_TOKEN" }}
+{{- index $data "EMLISTEN_API_TOKEN" | b64dec }}
+{{- else }}
+{{- randAlphaNum 40 }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Whether the primary keeps its state on a volume (single-node mode with persistence). */}}
@@ -204,8 +220,13 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.name
+        # All interfaces: the NetworkPolicy (networkPolicy.*) decides who reaches the port.
         - name: EMLISTEN_HOST
           value: "0.0.0.0"
+        {{- if $values.allowUnauthenticated }}
+        - name: EMLISTEN_ALLOW_UNAUTHENTICATED
+          value: "true"
+        {{- end }}
         - name: EMLISTEN_PORT
           value: "8080"
         - name: EMLISTEN_LOG_LEVEL
@@ -229,13 +250,17 @@ spec:
               optional: true
         {{- end }}
         {{- else if include "emlisten.createSecret" $root }}
+        {{- /* Only the keys the chart's Secret holds. */}}
+        {{- $held := dict "EMLISTEN_REDIS_URL" (include "emlisten.redisConfigured" $root) "EMLISTEN_AMQP_URL" (include "emlisten.rabbitmqConfigured" $root) "EMLISTEN_SECRET_KEY" $values.secretKey "EMLISTEN_API_TOKEN" (or $values.apiToken (not $values.allowUnauthenticated)) }}
         {{- range $secretEnv }}
+        {{- if get $held (index . 0) }}
         - name: {{ index . 0 }}
           valueFrom:
             secretKeyRef:
               name: {{ $secret }}
               key: {{ index . 0 }}
               optional: true
+        {{- end }}
         {{- end }}
         {{- end }}
         {{- if and (eq .role "primary") (include "emlisten.persistent" $root) }}
