@@ -17,6 +17,7 @@ from bench import (
     latency,
     pause,
     random_traffic,
+    restarts,
     soak,
 )
 from bench._harness import BenchError, print_table, write_results
@@ -43,6 +44,10 @@ SCENARIOS = {
     ),
     "follow-up": (follow_up, "a second mail 1.4-2.0 s after the first on a hibernating Dovecot: its delay"),
     "random-traffic": (random_traffic, "mail to random mailboxes at a fixed rate: delays, mails that waited"),
+    "restarts": (
+        restarts,
+        "a single container (SQLite data directory) restarted N times while mail arrives: lost, doubled",
+    ),
     "soak": (soak, "faults one after another while mail flows: every mail of the ledger delivered, once"),
     "exchange-history": (
         exchange_history,
