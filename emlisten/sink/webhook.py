@@ -179,6 +179,26 @@ def _retry_after(value: str | None) -> float | None:
 class _Sender:
     endpoint: str
     wake: trio.Event = field(default_factory=trio.Event)
+    #: New events were added to the outbox (by this node): read it again.
+    dirty: bool = True
+    #: The outbox as last read, minus what was sent since (oldest first).
+    cached: list[WebhookEvent] = field(default_factory=list)
+    #: Attempts recorded while a read of the outbox was in progress (id -> the event as
+    #: recorded, None once it left the outbox): that read may predate the record, so its copies
+    #: of them are stale.
+    recorded_during_read: dict[str, WebhookEvent | None] | None = None
+
+    def recorded(self, event: WebhookEvent, *, removed: bool) -> None:
+        if self.recorded_during_read is not None:
+            self.recorded_during_read[event.id] = None if removed else event
+        if removed:
+            self.cached = [e for e in self.cached if e.id != event.id]
+        else:
+            for cached in self.cached:
+                if cached.id == event.id and cached is not event:
+                    cached.attempts = event.attempts
+                    cached.next_attempt_at = event.next_attempt_at
+                    cached.last_error = event.last_error
 
 
 class WebhookSink(Sink):
@@ -338,6 +358,7 @@ class WebhookSink(Sink):
     def _ensure_sender(self, endpoint: str) -> None:
         sender = self._senders.get(endpoint)
         if sender is not None:
+            sender.dirty = True
             sender.wake.set()
         elif self._nursery is not None:
             sender = self._senders[endpoint] = _Sender(endpoint)
@@ -399,28 +420,53 @@ class WebhookSink(Sink):
                 return
 
     async def _send(self, sender: _Sender, nursery: trio.Nursery) -> None:
-        """Send the outbox until it stays empty for ``idle_seconds``."""
+        """Send the outbox until it stays empty for ``idle_seconds``.
+
+        The outbox is read again when this node added events, every ``poll_seconds`` (events
+        other nodes added), and when what was read is used up; in between, finished calls only
+        update the copy in memory (a read per call would cost a store round trip each)."""
         store = self.store
         slots = trio.Semaphore(self.concurrency)
         in_flight: set[str] = set()
         idle_since: float | None = None
+        last_read = -math.inf
+        full = False
         while True:
             sender.wake = trio.Event()
-            events = await store.outbox_peek(sender.endpoint, _WINDOW)
-            if not events and not in_flight:
-                now = trio.current_time()
-                if idle_since is None:
-                    idle_since = now
-                elif now - idle_since >= self.idle_seconds and not sender.wake.is_set():
-                    # No await since the peek: a delivery after this point starts a new sender.
-                    del self._senders[sender.endpoint]
-                    return
-            else:
-                idle_since = None
+            now = trio.current_time()
+            if (
+                sender.dirty
+                or not sender.cached
+                or now - last_read >= self.poll_seconds
+                or (full and len(sender.cached) < _WINDOW // 2)
+            ):
+                sender.dirty = False
+                recorded: dict[str, WebhookEvent | None] = {}
+                sender.recorded_during_read = recorded
+                try:
+                    fresh = await store.outbox_peek(sender.endpoint, _WINDOW)
+                finally:
+                    sender.recorded_during_read = None
+                last_read = trio.current_time()
+                full = len(fresh) >= _WINDOW
+                sender.cached = []
+                for read in fresh:
+                    current = recorded.get(read.id, read)
+                    if current is not None:  # None: it left the outbox meanwhile
+                        sender.cached.append(current)
+                if not fresh and not in_flight:
+                    if idle_since is None:
+                        idle_since = last_read
+                    elif last_read - idle_since >= self.idle_seconds and not sender.dirty:
+                        # No await since the read: a delivery after this point starts a new sender.
+                        del self._senders[sender.endpoint]
+                        return
+                else:
+                    idle_since = None
             now_wall = time.time()
             next_due = math.inf
             heads: dict[str, WebhookEvent] = {}
-            for event in events:
+            for event in sender.cached:
                 heads.setdefault(event.mailbox_id, event)
             for mailbox_id, event in heads.items():
                 if mailbox_id in in_flight:
@@ -444,20 +490,23 @@ class WebhookSink(Sink):
         try:
             outcome = await self._post(event)
             with trio.CancelScope(shield=True):
-                await self._record(event, outcome)
+                removed = await self._record(event, outcome)
+            sender.recorded(event, removed=removed)
         except StoreError as exc:
             log.warning("webhook outbox: %s", exc, extra={"mailbox": event.mailbox_id})
             await trio.sleep(_STORE_PAUSE)
+            sender.dirty = True  # the outbox may differ from what this sender believes
         finally:
             in_flight.discard(event.mailbox_id)
             slots.release()
             sender.wake.set()
 
-    async def _record(self, event: WebhookEvent, outcome: _Outcome) -> None:
+    async def _record(self, event: WebhookEvent, outcome: _Outcome) -> bool:
+        """Store the outcome of a call; True when the event left the outbox."""
         store = self.store
         if outcome.ok:
             await store.outbox_done(event.endpoint, event.id)
-            return
+            return True
         event.attempts += 1
         event.last_error = outcome.error
         if outcome.final or event.attempts > len(self.retry_delays):
@@ -469,7 +518,7 @@ class WebhookSink(Sink):
                 outcome.error,
                 extra={"mailbox": event.mailbox_id},
             )
-            return
+            return True
         if outcome.retry_after is not None:
             delay = outcome.retry_after
         else:
@@ -484,6 +533,7 @@ class WebhookSink(Sink):
             outcome.error,
             extra={"mailbox": event.mailbox_id},
         )
+        return False
 
     async def _secrets_for(self, mailbox_id: str) -> tuple[str, ...]:
         now = time.monotonic()
@@ -520,7 +570,11 @@ class WebhookSink(Sink):
         except (httpx.TimeoutException, trio.TooSlowError):
             return _Outcome(False, f"no answer within {self.timeout:g}s")
         except httpx.HTTPError as exc:
-            return _Outcome(False, f"cannot reach the receiver: {type(exc).__name__}")
+            denied = _egress.denial(exc)
+            reason = denied.strerror if denied is not None else type(exc).__name__
+            return _Outcome(False, f"cannot reach the receiver: {reason}")
+        except ValueError:  # httpx.InvalidURL among them
+            return _Outcome(False, "the webhook URL cannot be used", final=True)
         status = response.status_code
         if 200 <= status < 300:
             return _Outcome(True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from tests.servers._http import Receive, Scope, Send, lifespan_or_other, read_body, serve_app, server_config
 
@@ -54,6 +55,7 @@ class WebhookReceiver:
         self.calls: list[WebhookCall] = []
         self.behaviours: dict[str, Behaviour] = {}
         self.in_progress: dict[str, int] = {}
+        self.most_in_progress: dict[str, int] = {}
         self._changed = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -103,6 +105,9 @@ class WebhookReceiver:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         behaviour = self.behaviours.setdefault(path, Behaviour())
         self.in_progress[path] = self.in_progress.get(path, 0) + 1
+        self.most_in_progress[path] = max(self.most_in_progress.get(path, 0), self.in_progress[path])
+        # Let other calls arrive before this one is answered, so concurrency shows.
+        await trio.lowlevel.checkpoint()
         self._notify()
         try:
             if behaviour.gate is not None:

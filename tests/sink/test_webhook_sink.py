@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -133,6 +135,29 @@ async def test_attachment_size_limit_and_state_events(nursery: trio.Nursery) -> 
         "error_class": "AuthenticationException",
         "message": "refused",
     }
+
+
+async def test_many_mailboxes_failing_at_random_each_arrive_once_in_order(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    rng = random.Random(14)
+    # Every call draws its answer: a third fail (503, retried), the rest are accepted.
+    receiver.behave("/many", answers=[(503 if rng.random() < 0.33 else 204, {}) for _ in range(3000)])
+    targets = [mailbox(receiver.url("/many"), str(uuid.UUID(int=n))) for n in range(20)]
+    sink = WebhookSink(retry_delays=(0.01,) * 40, concurrency=4)
+    async with running(sink, MemoryStore()) as sink:
+        for target in targets:
+            await sink.store.put_mailbox(target)
+        for uid in range(1, 31):
+            for target in targets:
+                await sink.deliver(target, [message(target.id, uid)], idempotency_key=f"{target.id}/{uid}")
+        calls = await receiver.wait_accepted("/many", 600, timeout=60)
+    by_mailbox: dict[str, list[str]] = {}
+    for call in calls:
+        by_mailbox.setdefault(call.event["mailbox"], []).append(call.event["data"]["subject"])
+    assert by_mailbox == {target.id: [f"mail {uid}" for uid in range(1, 31)] for target in targets}
+    assert len({call.headers["webhook-id"] for call in calls}) == 600
+    assert 1 < receiver.most_in_progress["/many"] <= 4
 
 
 @pytest.mark.redis
