@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +39,11 @@ _STATE_ORDER = {
     MailboxState.CLOSED.value: 5,
 }
 _READ_CHUNK = 1000
+_STARTING = MailboxState.STARTING.value
 #: A snapshot older than this is taken again before answering (nobody asked for a while).
-_WAIT_PAST_SECONDS = 10.0
+_WAIT_PAST_SECONDS = 30.0
+#: Snapshots are at least this many times their own cost apart (at most 1/5 of the node's time).
+_REFRESH_DUTY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,18 +94,22 @@ class _Snapshot:
     #: Every registered mailbox, sorted by address.
     by_email: list[MailboxSummary]
     statuses: Mapping[str, MailboxStatus | None]
+    states: Mapping[str, str]
+    #: Mailboxes per state, over all of them.
+    counts: dict[str, int]
 
 
 class MailboxDirectory:
     """Answers the console's list from a snapshot of every mailbox's summary and state, taken
-    again in the background when it is older than ``max_age`` seconds (a request never waits
-    for it, but the very first). The rows of the page are read fresh."""
+    again in the background when it is older than ``max_age`` seconds, or five times what the
+    last one took when the store is slow (a request waits for it only when there is none, or it
+    is older than 30 s). The rows of the page are read fresh."""
 
     def __init__(
         self,
         store: Store,
         *,
-        max_age: float = 1.0,
+        max_age: float = 2.0,
         refresh_seconds: float = 30.0,
         refresh_batch: int = 500,
     ) -> None:
@@ -112,6 +120,8 @@ class MailboxDirectory:
         self._summaries: dict[str, MailboxSummary] = {}
         self._read_at: dict[str, float] = {}
         self._snapshot: _Snapshot | None = None
+        #: How long the last snapshot took: a busy store is asked less often.
+        self.last_refresh_seconds = 0.0
         self._lock = trio.Lock()
 
     async def summaries(self) -> dict[str, MailboxSummary]:
@@ -149,9 +159,16 @@ class MailboxDirectory:
                 return
             taken_at = time.monotonic()
             summaries = await self.summaries()
-            statuses = await self.store.get_statuses(list(summaries))
+            ids = list(summaries)
+            statuses: dict[str, MailboxStatus | None] = {}
+            # In chunks: requests are answered between them, not after all 10,000.
+            for start in range(0, len(ids), _READ_CHUNK):
+                statuses.update(await self.store.get_statuses(ids[start : start + _READ_CHUNK]))
+                await trio.lowlevel.checkpoint()
             by_email = sorted(summaries.values(), key=lambda s: (s.email.lower(), s.id))
-            self._snapshot = _Snapshot(taken_at, by_email, statuses)
+            states = {mailbox_id: _state(status) for mailbox_id, status in statuses.items()}
+            self._snapshot = _Snapshot(taken_at, by_email, statuses, states, dict(Counter(states.values())))
+            self.last_refresh_seconds = time.monotonic() - taken_at
 
     @property
     def refreshing(self) -> bool:
@@ -177,25 +194,25 @@ class MailboxDirectory:
         if age > _WAIT_PAST_SECONDS or refresh_later is None:
             # The first request, or the first after a quiet spell: too old to show even once.
             await self.refresh()
-        elif age > self.max_age and not self.refreshing:
+        elif age > max(self.max_age, _REFRESH_DUTY * self.last_refresh_seconds) and not self.refreshing:
             refresh_later(self.refresh)
         snapshot = self._snapshot
         assert snapshot is not None
-        statuses = snapshot.statuses
+        statuses, states = snapshot.statuses, snapshot.states
         needle = query.strip().lower()
-        matching = [
-            s
-            for s in snapshot.by_email
-            if (not needle or needle in s.haystack) and (not protocol or s.protocol == protocol)
-        ]
-        counts: dict[str, int] = {}
-        for s in matching:
-            state_of = _state(statuses.get(s.id))
-            counts[state_of] = counts.get(state_of, 0) + 1
+        if needle or protocol:
+            matching = [
+                s
+                for s in snapshot.by_email
+                if (not needle or needle in s.haystack) and (not protocol or s.protocol == protocol)
+            ]
+            counts = dict(Counter(states.get(s.id, _STARTING) for s in matching))
+        else:
+            matching, counts = snapshot.by_email, snapshot.counts
         if state:
-            matching = [s for s in matching if _state(statuses.get(s.id)) == state]
+            matching = [s for s in matching if states.get(s.id, _STARTING) == state]
         if sort != "email":
-            matching.sort(key=_sort_key(sort, statuses))
+            matching = sorted(matching, key=_sort_key(sort, statuses))
         rows = matching[offset : offset + limit]
         # What the page shows is read now: the snapshot only chose and ordered the rows.
         fresh = await self.store.get_statuses([s.id for s in rows])
