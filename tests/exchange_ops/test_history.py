@@ -163,3 +163,35 @@ async def test_graph_history_waits_out_429_of_its_mailbox(
     after = [r for r in mine if r.at > throttled[1].at]
     assert after and min(r.at for r in after) >= throttled[1].at + 0.5
     assert len(node.creatio.emails_for(mailbox_id)) == 5
+
+
+async def test_ews_load_shows_progress_and_stops_when_the_mailbox_is_closed(
+    node: GraphService, ews_sim: EwsSimulator
+) -> None:
+    account = ews_account(ews_sim)
+    for when in OLD_DATES:
+        ews_sim.add_message(account.address, mime(subject_of(when)), received=when)
+    credentials = ews_credentials(ews_sim, account, node.creatio)
+    mailbox_id = await create_listening(node, credentials)
+    node.creatio.fail_mailbox(mailbox_id, 500)  # the load keeps retrying its first batch
+    await synchronize(node, credentials)
+    await node.creatio.wait_for_calls("ProcessFullEmail", 2)
+    # Each retry plans again (the total is recounted then): poll until a pass has planned.
+    with trio.fail_after(10):
+        while True:
+            body = (await node.http.get("/v1/mailboxes")).json()
+            (entry,) = [m for m in body["mailboxes"] if m["id"] == mailbox_id]
+            running = entry["history"]
+            if running["total"] == 5:
+                break
+            await trio.sleep(0.02)
+    assert (running["state"], running["delivered"], running["remaining"]) == ("running", 0, 5)
+
+    response = await node.http.post("/api/listeners/close", json=[mailbox_id])
+    assert response.status_code == 200
+    lease = f"history/{mailbox_id}"
+    with trio.fail_after(10):
+        while (await node.adapters.store.lease_owners([lease]))[lease] is not None:
+            await trio.sleep(0.02)
+    node.creatio.fail_mailbox(mailbox_id, None)
+    assert node.creatio.emails_for(mailbox_id) == []
