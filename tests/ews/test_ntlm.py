@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 
 from emlisten.errors import MailAuthError, MailConnectError
-from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource
+from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth
 from emlisten.mail.ews._auth import AuthMode, choose_scheme
 from emlisten.models import Checkpoint
 from tests.ews.conftest import Node, ews_credentials, ews_mailbox, wait_listening
 from tests.ews.test_source import Tasks, mime, read_new, start_listening
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
+from tests.servers.dovecot import make_tls_files
 from tests.servers.ews import EwsSimulator, running_ews_simulator
 
 
@@ -204,3 +206,30 @@ async def test_ntlm_only_mailbox_delivers_through_the_service_and_survives_a_dro
     ntlm_ews.add_message(account.address, mime("after the drop"))
     emails = await creatio.wait_for_emails(creds["Id"], 2, timeout=15)
     assert [e["Subject"] for e in emails] == ["över NTLM", "after the drop"]
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_tls_files(tmp_path_factory.mktemp("ews-tls"))
+
+
+async def test_extended_protection_binds_the_handshake_to_the_tls_certificate(
+    tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, cert, key = tls_files
+    async with running_ews_simulator(
+        auth=("negotiate", "ntlm"), tls=(str(cert), str(key)), channel_binding=True
+    ) as server:
+        account = server.add_account()
+        mailbox = ews_mailbox(server, account)
+        assert mailbox.service_url.startswith("https://")
+        async with ntlm_source(ca_file=str(ca)).open_reader(mailbox) as reader:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        assert server.handshakes == 1
+
+        # The same client without channel bindings is refused by this server (EPA "Require").
+        monkeypatch.setattr(_auth, "channel_bindings", lambda response: None)
+        async with ntlm_source(ca_file=str(ca)).open_reader(mailbox) as reader:
+            with pytest.raises(MailAuthError, match="HTTP 401"):
+                await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        assert server.handshakes == 1

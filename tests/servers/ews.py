@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import hashlib
 import itertools
 import json
 import logging
@@ -91,7 +92,10 @@ from xml.sax.saxutils import escape
 import spnego
 import spnego.exceptions
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from defusedxml.ElementTree import fromstring
+from spnego.channel_bindings import GssChannelBindings
 
 from tests.servers._http import Receive, Scope, Send, lifespan_or_other, read_body, serve_app, server_config
 
@@ -373,7 +377,11 @@ class EwsSimulator:
         split_chunks: bool = True,
         auth: Sequence[str] = ("basic",),
         close_connections: bool = False,
+        tls: tuple[str, str] | None = None,
+        channel_binding: bool = False,
     ) -> None:
+        """``tls``: (certificate PEM, key PEM) files: serve https. ``channel_binding``: NTLM and
+        Negotiate demand Extended Protection (the client's token bound to that certificate)."""
         self.host = host
         self.port = 0
         self.keepalive_seconds = keepalive_seconds
@@ -382,6 +390,17 @@ class EwsSimulator:
         #: Schemes accepted for user + password: "basic", "ntlm", "negotiate" (bearer always).
         self.auth_schemes = tuple(a.lower() for a in auth)
         self.close_connections = close_connections
+        self.tls = tls
+        self._bindings: GssChannelBindings | None = None
+        if channel_binding:
+            if tls is None:
+                raise ValueError("channel binding needs TLS")
+            with open(tls[0], "rb") as pem:
+                der = x509.load_pem_x509_certificate(pem.read()).public_bytes(serialization.Encoding.DER)
+            # RFC 5929 with the test certificates' signature hash (SHA-256), computed here and
+            # not with the client's code, so a client getting it wrong is refused.
+            end_point = hashlib.sha256(der).digest()
+            self._bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         #: Completed NTLM/Negotiate handshakes (one per authenticated TCP connection).
         self.handshakes = 0
         #: Connections (client address, port) authenticated by a handshake, and their account.
@@ -427,6 +446,8 @@ class EwsSimulator:
         config.keep_alive_timeout = 75
         # Hundreds of listeners may connect at once (the multiplexing tests).
         config.backlog = 1024
+        if self.tls is not None:
+            config.certfile, config.keyfile = self.tls
         async with trio.open_nursery() as nursery:
             self.port = await nursery.start(serve_app, self._asgi, config)
             task_status.started()
@@ -434,12 +455,12 @@ class EwsSimulator:
     @property
     def url(self) -> str:
         """The EWS endpoint URL (what Creatio sends as ``ServiceUrl``)."""
-        return f"http://{self.host}:{self.port}{EWS_PATH}"
+        return f"{self.base_url}{EWS_PATH}"
 
     @property
     def base_url(self) -> str:
-        """``http://host:port``: an Autodiscover base URL for ``EwsSource(autodiscover_bases=)``."""
-        return f"http://{self.host}:{self.port}"
+        """``http(s)://host:port``: an Autodiscover base URL for ``EwsSource(autodiscover_bases=)``."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     # -- accounts and mail -----------------------------------------------------------------
 
@@ -735,7 +756,9 @@ class EwsSimulator:
         self._connection_accounts.pop(connection, None)
         started = self._handshakes_in_progress.get(connection)
         context = (
-            started[1] if started is not None and started[0] == scheme else spnego.server(protocol=scheme)
+            started[1]
+            if started is not None and started[0] == scheme
+            else spnego.server(protocol=scheme, channel_bindings=self._bindings)
         )
         try:
             answer = context.step(base64.b64decode(token))

@@ -39,6 +39,10 @@ import httpx
 import spnego
 import spnego.exceptions
 import trio
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from spnego.channel_bindings import GssChannelBindings
 
 from emlisten import _egress
 
@@ -105,6 +109,34 @@ def choose_scheme(mode: AuthMode, offered_schemes: dict[str, str]) -> str | None
                 return scheme
         return None
     return mode.value if mode.value in offered_schemes else None
+
+
+def tls_server_end_point(certificate_der: bytes) -> bytes:
+    """RFC 5929 ``tls-server-end-point``: the certificate's hash with its signature's hash
+    algorithm, SHA-256 for MD5, SHA-1 or an unknown one."""
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    try:
+        algorithm = certificate.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+    if algorithm is None or isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate_der)
+    return digest.finalize()
+
+
+def channel_bindings(response: httpx.Response) -> GssChannelBindings | None:
+    """Extended Protection for Authentication: NTLM/Negotiate tokens bound to the server's TLS
+    certificate (Exchange 2019 CU14+ requires it by default). None over plain HTTP."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is None:
+        return None
+    certificate = ssl_object.getpeercert(binary_form=True)
+    if not certificate:
+        return None
+    return GssChannelBindings(application_data=b"tls-server-end-point:" + tls_server_end_point(certificate))
 
 
 def basic_header(credentials: Credentials) -> str:
@@ -275,6 +307,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         scheme = choose_scheme(self.mode, challenges(response))
         if scheme is None:
             return response
+        bindings = channel_bindings(response)
         await _discard(response)
         if scheme == "basic":
             request.headers["Authorization"] = basic_header(credentials)
@@ -282,10 +315,15 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             if response.status_code != 401:
                 self.schemes[origin] = "basic"
             return response
-        return await self._handshake(connection, request, scheme, origin)
+        return await self._handshake(connection, request, scheme, origin, bindings)
 
     async def _handshake(
-        self, connection: _Connection, request: httpx.Request, scheme: str, origin: str
+        self,
+        connection: _Connection,
+        request: httpx.Request,
+        scheme: str,
+        origin: str,
+        bindings: GssChannelBindings | None,
     ) -> httpx.Response:
         name = CONNECTION_SCHEMES[scheme]
         credentials = self._credentials
@@ -296,6 +334,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                 hostname=request.url.host or "unspecified",
                 service="HTTP",
                 protocol=scheme,
+                channel_bindings=bindings,
             )
             token = context.step()
         except spnego.exceptions.SpnegoError as exc:
