@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from email import message_from_bytes
+from email.policy import default as default_policy
 from typing import Any
 
 from emlisten.mail.graph.send import DIRECT_SEND_LIMIT, split_attachments
@@ -131,3 +133,40 @@ def test_split_takes_out_the_biggest_attachments_until_the_rest_fits() -> None:
     rest, detached = split_attachments(mime)
     assert [(d.name, d.data) for d in detached] == [("big.bin", BIG[: 3 * MB])]
     assert b"small.txt" in rest and b"big.bin" not in rest and len(rest) < 10_000
+
+
+async def test_graph_adds_smaller_attachments_by_post_and_deletes_the_draft_on_refusal(
+    node: GraphService, graph_sim: GraphSimulator
+) -> None:
+    sender, token = graph_account(graph_sim)
+    recipient, _ = graph_account(graph_sim)
+    medium, large = os.urandom(2_200_000), os.urandom(4_000_000)
+    email = email_json(sender, recipient)
+    email["Attachments"][0] = {"Name": "gross.bin", "Base64Data": base64.b64encode(large).decode()}
+    email["Attachments"].append({"Name": "mittel.bin", "Base64Data": base64.b64encode(medium).decode()})
+    credentials = graph_credentials(graph_sim, sender, token, node.creatio)
+    response = await node.http.post("/apiv2/email/send", json={"Email": email, "Credentials": credentials})
+    assert response.status_code == 200, response.text
+    assert len(graph_sim.requests_to("POST", r"/attachments/createUploadSession$")) == 1
+    (posted,) = graph_sim.requests_to("POST", r"/attachments$")
+    assert posted.status == 201
+    (sent,) = graph_sim.sent
+    parts = {
+        part.get_filename(): part
+        for part in message_from_bytes(sent.mime, policy=default_policy).walk()
+        if part.get_filename() is not None
+    }
+    assert parts["gross.bin"].get_payload(decode=True) == large
+    assert parts["mittel.bin"].get_payload(decode=True) == medium
+    # The small inline image stayed in the draft's MIME, with its Content-ID.
+    assert parts["logo.png"].get_payload(decode=True) == LOGO
+    assert parts["logo.png"]["Content-ID"] == "<logo@creatio>"
+    (received,) = graph_sim.messages_in(recipient, "inbox")
+    assert len(received.mime) > 8 * MB
+
+    # Over the server's attachment limit: the size answer, and no draft left behind.
+    graph_sim.max_attachment_bytes = 3_500_000
+    response = await node.http.post("/apiv2/email/send", json={"Email": email, "Credentials": credentials})
+    assert response.status_code == 422, response.text
+    assert graph_sim.drafts == {} and len(graph_sim.sent) == 1
+    assert graph_sim.requests_to("DELETE", r"/messages/[^/]+$")[-1].status == 204
