@@ -19,6 +19,7 @@ from bench import (
     random_traffic,
     restarts,
     soak,
+    webhook_outage,
 )
 from bench._harness import BenchError, print_table, write_results
 
@@ -49,6 +50,14 @@ SCENARIOS = {
         "a single container (SQLite data directory) restarted N times while mail arrives: lost, doubled",
     ),
     "soak": (soak, "faults one after another while mail flows: every mail of the ledger delivered, once"),
+    "webhook-latency": (
+        webhook_outage.latency,
+        "APPEND-done to the webhook call, next to the Creatio callback of the same kind of mailbox",
+    ),
+    "webhook-outage": (
+        webhook_outage.outage,
+        "receiver down N s while mails arrive: all delivered once after it returns; another one meanwhile",
+    ),
     "exchange-history": (
         exchange_history,
         "history load of N messages from the EWS simulator beside live mail: mails/s, duplicates",
