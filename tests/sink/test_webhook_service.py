@@ -250,3 +250,33 @@ async def test_final_4xx_and_exhausted_retries_become_dead_letters_and_replay(
         calls = await receiver.wait_accepted("/hooks/gone", 2)
         assert [c.event["data"]["subject"] for c in calls] == ["gone 1", "gone 2"]
         assert await dead_letters() == []
+
+
+async def test_refused_credentials_and_the_fix_are_mailbox_state_events(
+    service: RunningService, receiver: WebhookReceiver, make_mail_user: Any
+) -> None:
+    user: MailUser = make_mail_user()
+    body = {
+        "host": service.dovecot.host,
+        "port": service.dovecot.imaps_port,
+        "username": user.name,
+        "password": "wrong-password-123",
+        "webhook": {"url": receiver.url("/hooks/state"), "secret": SECRET},
+    }
+    created = await service.http.post("/v1/mailboxes", json=body)
+    assert created.status_code == 201, created.text
+    mailbox_id = created.json()["id"]
+    (refused,) = await receiver.wait_accepted("/hooks/state", 1)
+    event = verified(refused)
+    assert (event["type"], event["mailbox"]) == ("mailbox.state", mailbox_id)
+    assert event["data"]["available"] is False
+    assert event["data"]["error_class"] == "AuthenticationException"
+    assert (await service.http.get(f"/v1/mailboxes/{mailbox_id}")).json()["state"] == "authenticationError"
+
+    fixed = await service.http.patch(f"/v1/mailboxes/{mailbox_id}", json={"password": user.password})
+    assert fixed.status_code == 200, fixed.text
+    calls = await receiver.wait_accepted("/hooks/state", 2)
+    assert verified(calls[1])["data"]["available"] is True
+    await service.dovecot.aappend(user, mail("after the fix"))
+    calls = await receiver.wait_accepted("/hooks/state", 3)
+    assert verified(calls[2])["data"]["subject"] == "after the fix"
