@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -319,3 +321,32 @@ async def test_registration_keeps_checkpoints_only_for_the_same_server_and_user(
         assert await store.get_mailbox("m-1") == moved.replace(revision=1)
         status = (await store.get_statuses(["m-1"]))["m-1"]
         assert status is not None and status.state is MailboxState.STARTING
+
+
+@pytest.mark.parametrize("problem", ["no secret key", "unusable directory"])
+def test_a_data_directory_that_cannot_be_used_stops_the_start_clearly(tmp_path: Path, problem: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMLISTEN_")}
+    env.update({"EMLISTEN_NODE_ID": "single", "EMLISTEN_SECRET_KEY": SECRET_KEY})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env["EMLISTEN_DATA_DIR"] = str(blocker / "data")
+    if problem == "no secret key":
+        env["EMLISTEN_DATA_DIR"] = str(tmp_path / "data")
+        del env["EMLISTEN_SECRET_KEY"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "emlisten", "serve", "--host", "127.0.0.1", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    scan_text(completed.stderr)
+    if problem == "no secret key":
+        assert completed.returncode == 2
+        assert "EMLISTEN_DATA_DIR needs EMLISTEN_SECRET_KEY" in completed.stderr
+        assert not (tmp_path / "data").exists()  # refused before anything was written
+    else:
+        assert completed.returncode == 3
+        assert f"data directory {blocker / 'data'}: not usable" in completed.stderr
+    assert "ready: API on" not in completed.stderr
