@@ -294,8 +294,14 @@ class Soak:
         node.spawn()
         await node.wait_ready(self.stack.http, within=120.0)
 
+    async def watch_nodes(self) -> None:
+        """Every 2 s, as an orchestrator would: a node that exited without being killed is a
+        finding; note it and start it again."""
+        while True:
+            await trio.sleep(2)
+            await self.check_nodes()
+
     async def check_nodes(self) -> None:
-        """A node that exited without being killed is a finding: note it and start it again."""
         for name, node in self.stack.nodes.items():
             if node.process is not None and node.process.poll() is not None:
                 code = node.process.returncode
@@ -425,7 +431,6 @@ class Soak:
         record.ended = self.now()
         say_fault(record.ended, f"fault {kind} #{number} over ({record.detail}); waiting for the backlog")
         self.faults.append(record)
-        await self.check_nodes()
         before_end = {e.index for e in self.ledger.entries if e.appended_at - self.started <= record.ended}
         drained = await self.tally.wait_delivered(before_end, self.args.recover_timeout)
         say_fault(self.now(), "backlog drained" if drained else "backlog NOT drained; going on")
@@ -618,6 +623,7 @@ async def _soak(
                     write_steadily, dovecot, users, ledger, args.rate, random.Random(args.seed + 1)
                 )
                 background.start_soon(soak.creatio_failover_job)
+                background.start_soon(soak.watch_nodes)
                 await trio.sleep(10 * min(1.0, args.fault_scale * 2))  # mail flowing before the first fault
                 deadline = soak.now() + args.minutes * 60
                 counts: Counter[str] = Counter()
@@ -663,6 +669,20 @@ def _log_counts(node: EmlistenProcess) -> dict[str, int]:
 # -- figures -----------------------------------------------------------------------------------
 
 
+def delayed_until(appended: float, delivered: float, windows: Sequence[tuple[float, float]]) -> float:
+    """The end of the last fault that delayed a mail: a fault running when it was appended, or
+    one that began while the mail still had time (``TARGET_PAST_FAULT_SECONDS`` after the
+    previous end, or after the append) and before it was delivered. A fault that began later
+    does not excuse the wait: the mail should have arrived by then. The append time if none."""
+    reference = appended
+    for start, end in sorted(windows):
+        if end < appended or start > delivered:
+            continue
+        if start <= reference + TARGET_PAST_FAULT_SECONDS:
+            reference = max(reference, end)
+    return reference
+
+
 def _figures(
     result: Result,
     soak: Soak,
@@ -680,15 +700,13 @@ def _figures(
     delays = [delivered_at[e.index] - (e.appended_at - t0) for e in entries if e.index in delivered_at]
     unconfirmed_delivered = sum(1 for i in ledger.unconfirmed if i in delivered_at)
 
-    # Per mail: the delay past the end of the faults that overlapped its wait.
+    # Per mail: its delay past the end of the fault(s) that delayed it.
     windows = sorted((f.started, f.ended) for f in soak.faults)
-    past_fault: list[float] = []
-    for e in entries:
-        if e.index not in delivered_at:
-            continue
-        appended, got = e.appended_at - t0, delivered_at[e.index]
-        reference = max([appended] + [end for start, end in windows if start <= got and end >= appended])
-        past_fault.append(got - reference)
+    past_fault = [
+        delivered_at[e.index] - delayed_until(e.appended_at - t0, delivered_at[e.index], windows)
+        for e in entries
+        if e.index in delivered_at
+    ]
     late = sum(1 for d in past_fault if d > TARGET_PAST_FAULT_SECONDS)
 
     # Per fault: first delivery after its end and the backlog drained.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from bench.soak import delayed_until
 from tests.bench.test_bench import run_bench
 from tests.servers.faultproxy import FaultProxy
 
@@ -102,3 +103,14 @@ async def test_fault_proxy_black_hole_holds_bytes_and_connections_until_restored
         await client.aclose()
         await late.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_mail_is_excused_only_by_the_faults_that_delayed_it() -> None:
+    faults = [(100.0, 110.0), (200.0, 230.0)]
+    assert delayed_until(50.0, 51.0, faults) == 50.0  # no fault in its way
+    assert delayed_until(105.0, 140.0, faults) == 110.0  # appended during the first
+    assert delayed_until(95.0, 140.0, faults) == 110.0  # the first began while it waited
+    # The second began more than 60 s after the first ended: the mail should have been there.
+    assert delayed_until(105.0, 250.0, faults) == 110.0
+    # ...unless the second began within 60 s of its append.
+    assert delayed_until(150.0, 250.0, faults) == 230.0
