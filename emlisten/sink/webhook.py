@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -72,6 +73,8 @@ _MAX_RETRY_AFTER = 86400.0
 _JITTER = 0.2
 #: A store error while recording an attempt: wait this long before the event is tried again.
 _STORE_PAUSE = 1.0
+#: ``last_error`` of a call that could not connect (the receiver is down or unreachable).
+_UNREACHABLE = "cannot reach the receiver"
 
 
 def endpoint_key(url: str) -> str:
@@ -187,6 +190,22 @@ class _Sender:
     #: recorded, None once it left the outbox): that read may predate the record, so its copies
     #: of them are stale.
     recorded_during_read: dict[str, WebhookEvent | None] | None = None
+    #: When a connection test of an unreachable receiver last started (trio clock).
+    last_probe: float = -math.inf
+    probing: bool = False
+    #: A call could not connect since the receiver last answered.
+    unreachable: bool = False
+    #: Events to try now whatever their schedule says (see receiver_is_back).
+    released: set[str] = field(default_factory=set)
+
+    def receiver_is_back(self) -> None:
+        """The receiver answered: events that wait only because it was unreachable go now,
+        instead of at the next step of their retry schedule (a long outage has reached steps of
+        hours). Each is released once: failing again, it follows its schedule."""
+        if self.unreachable:
+            self.unreachable = False
+            self.released.update(e.id for e in self.cached if e.last_error.startswith(_UNREACHABLE))
+            self.wake.set()
 
     def recorded(self, event: WebhookEvent, *, removed: bool) -> None:
         if self.recorded_during_read is not None:
@@ -216,6 +235,7 @@ class WebhookSink(Sink):
         lease_ttl: float = 15.0,
         poll_seconds: float = 1.0,
         idle_seconds: float = 30.0,
+        probe_seconds: float = 10.0,
     ) -> None:
         self.default = default
         self.retry_delays = tuple(retry_delays)
@@ -225,6 +245,7 @@ class WebhookSink(Sink):
         self.lease_ttl = lease_ttl
         self.poll_seconds = poll_seconds
         self.idle_seconds = idle_seconds
+        self.probe_seconds = probe_seconds
         self._store: Store | None = None
         self._owner = f"webhooks/{uuid.uuid4().hex[:12]}"
         self._nursery: trio.Nursery | None = None
@@ -471,7 +492,7 @@ class WebhookSink(Sink):
             for mailbox_id, event in heads.items():
                 if mailbox_id in in_flight:
                     continue
-                if event.next_attempt_at > now_wall:
+                if event.next_attempt_at > now_wall and event.id not in sender.released:
                     next_due = min(next_due, event.next_attempt_at)
                     continue
                 try:
@@ -479,10 +500,37 @@ class WebhookSink(Sink):
                 except trio.WouldBlock:
                     break  # a finishing call wakes us
                 in_flight.add(mailbox_id)
+                sender.released.discard(event.id)
                 nursery.start_soon(self._attempt, sender, event, in_flight, slots)
+            if (
+                next_due < math.inf
+                and not in_flight
+                and not sender.probing
+                and trio.current_time() - sender.last_probe >= self.probe_seconds
+                and any(e.last_error.startswith(_UNREACHABLE) for e in heads.values())
+            ):
+                sender.probing = True
+                sender.last_probe = trio.current_time()
+                nursery.start_soon(self._probe, sender, heads[next(iter(heads))].url)
             timeout = min(self.poll_seconds, max(0.0, next_due - time.time()))
             with trio.move_on_after(timeout):
                 await sender.wake.wait()
+
+    async def _probe(self, sender: _Sender, url: str) -> None:
+        """While a receiver is unreachable, test every ``probe_seconds`` whether it accepts a TCP
+        connection again (no request: nothing is sent, no attempt is spent)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with trio.move_on_after(min(self.timeout, 10.0)):
+                stream = await _egress.open_tcp_stream(parts.hostname or "", port, "callback")
+                await stream.aclose()
+                log.info("webhook receiver reachable again: sending what waits for it")
+                sender.receiver_is_back()
+        except (OSError, ValueError):
+            pass  # still down
+        finally:
+            sender.probing = False
 
     async def _attempt(
         self, sender: _Sender, event: WebhookEvent, in_flight: set[str], slots: trio.Semaphore
@@ -492,6 +540,10 @@ class WebhookSink(Sink):
             with trio.CancelScope(shield=True):
                 removed = await self._record(event, outcome)
             sender.recorded(event, removed=removed)
+            if outcome.ok:
+                sender.receiver_is_back()
+            elif outcome.error.startswith(_UNREACHABLE):
+                sender.unreachable = True
         except StoreError as exc:
             log.warning("webhook outbox: %s", exc, extra={"mailbox": event.mailbox_id})
             await trio.sleep(_STORE_PAUSE)
@@ -572,7 +624,7 @@ class WebhookSink(Sink):
         except httpx.HTTPError as exc:
             denied = _egress.denial(exc)
             reason = denied.strerror if denied is not None else type(exc).__name__
-            return _Outcome(False, f"cannot reach the receiver: {reason}")
+            return _Outcome(False, f"{_UNREACHABLE}: {reason}")
         except ValueError:  # httpx.InvalidURL among them
             return _Outcome(False, "the webhook URL cannot be used", final=True)
         status = response.status_code

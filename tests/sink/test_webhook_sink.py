@@ -160,6 +160,29 @@ async def test_many_mailboxes_failing_at_random_each_arrive_once_in_order(nurser
     assert 1 < receiver.most_in_progress["/many"] <= 4
 
 
+async def test_a_receiver_back_from_a_long_outage_gets_its_mail_at_once(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    target = mailbox(receiver.url("/back"))
+    await receiver.stop()
+    # An hour between attempts: only the reachability test explains a delivery within seconds.
+    sink = WebhookSink(retry_delays=(3600.0,) * 3, probe_seconds=0.2)
+    async with running(sink, MemoryStore()) as sink:
+        await sink.store.put_mailbox(target)
+        others = [mailbox(receiver.url("/back"), str(uuid.UUID(int=n))) for n in range(1, 4)]
+        for other in [target, *others]:
+            await sink.store.put_mailbox(other)
+            await sink.deliver(other, [message(other.id, 1), message(other.id, 2)], idempotency_key="k")
+        endpoint = endpoint_key(target.webhook.url if target.webhook else "")
+        with trio.fail_after(10):
+            while not all(e.attempts for e in (await sink.store.outbox_peek(endpoint, 10))[::2]):
+                await trio.sleep(0.02)
+        await receiver.start(nursery)
+        calls = await receiver.wait_accepted("/back", 8, timeout=10)
+    assert len({call.headers["webhook-id"] for call in calls}) == 8
+    assert len(receiver.calls_to("/back")) == 8  # nothing was sent while it was down
+
+
 @pytest.mark.redis
 async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
     receiver = WebhookReceiver()
