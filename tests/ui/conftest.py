@@ -71,6 +71,7 @@ class Browser:
         return await trio.to_thread.run_sync(function, *args)
 
     async def open(self, url: str) -> None:
+        await self.console_errors()  # forget what an earlier page logged
         await self.run(self.driver.get, url)
         # Marks this page load: still there later means nothing reloaded the page.
         await self.run(self.driver.execute_script, "window.__consoleTestLoad = 1;")

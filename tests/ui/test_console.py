@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
+import pytest
 import trio
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, make_message
-from tests.service.conftest import running_service
+from tests.servers.webhook import WebhookReceiver
+from tests.service.conftest import RunningService, running_service
 from tests.ui.conftest import Browser
 
-API_TOKEN = "console-test-api-token"
-register_secret(API_TOKEN)
+API_TOKEN = register_secret("console-test-api-token")
+WEBHOOK_SECRET = register_secret("whsec_" + base64.b64encode(b"console-test-webhook-key-0123456").decode())
 
 
 def js(script: str) -> Callable[[WebDriver], object]:
@@ -28,24 +31,51 @@ def row_state(mailbox_id: str) -> Callable[[WebDriver], object]:
     )
 
 
+@pytest.fixture
+async def receiver(nursery: trio.Nursery) -> WebhookReceiver:
+    server = WebhookReceiver()
+    await server.start(nursery)
+    return server
+
+
+async def open_console(browser: Browser, service: RunningService) -> None:
+    """Open the page and give it the API token it asks for."""
+    await browser.open(f"{service.url}/ui/")
+    await browser.wait_until(js("return !document.getElementById('token-form').hidden;"))
+    await browser.type("#token", API_TOKEN)
+    await browser.click("#token-form button[type=submit]")
+    await browser.wait_until(js("return document.getElementById('live').textContent.startsWith('live');"))
+    assert not await browser.run(lambda: browser.driver.find_element("id", "token-form").is_displayed())
+    refused = await browser.console_errors()  # the calls made before the token was given
+    assert refused and all("status of 401" in message for message in refused), refused
+
+
+async def register_v1(service: RunningService, username: str, password: str, webhook_url: str) -> str:
+    body = {
+        "protocol": "imap",
+        "host": service.dovecot.host,
+        "port": service.dovecot.imaps_port,
+        "tls": True,
+        "username": username,
+        "password": password,
+        "folders": ["INBOX"],
+        "webhook": {"url": webhook_url, "secret": WEBHOOK_SECRET},
+    }
+    response = await service.http.post("/v1/mailboxes", json=body)
+    assert response.status_code == 201, response.text
+    mailbox_id: str = response.json()["id"]
+    return mailbox_id
+
+
 async def test_mailbox_appears_changes_state_and_delivers_without_reload(
     dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, browser: Browser
 ) -> None:
     user = dovecot.add_user()
     async with running_service(dovecot, creatio, nursery, api_token=API_TOKEN) as service:
         service.http.headers["Authorization"] = f"Bearer {API_TOKEN}"
-        await browser.open(f"{service.url}/ui/")
-
         # A token is set: the page asks for it, then shows live data.
-        await browser.wait_until(js("return !document.getElementById('token-form').hidden;"))
-        await browser.type("#token", API_TOKEN)
-        await browser.click("#token-form button[type=submit]")
-        await browser.wait_until(js("return document.getElementById('live').textContent.startsWith('live');"))
+        await open_console(browser, service)
         assert "test-node" in await browser.text("#node-rows")
-        assert not await browser.run(lambda: browser.driver.find_element("id", "token-form").is_displayed())
-        refused = await browser.console_errors()  # the calls made before the token was given
-        refused = [message for message in refused if "/v1/dead-letters" not in message]  # until /v1 lands
-        assert refused and all("status of 401" in message for message in refused), refused
 
         # Registered through the API with a wrong password: the row appears, failing.
         credentials = service.credentials(user, Password="wrong-password")
@@ -89,4 +119,52 @@ async def test_mailbox_appears_changes_state_and_delivers_without_reload(
 
         assert await browser.not_reloaded()
         await browser.screenshot("console-mailbox-detail.png")
+        assert await browser.console_errors() == []
+
+
+async def test_dead_letter_is_replayed_from_the_page(
+    dovecot: Dovecot,
+    creatio: CreatioStandIn,
+    nursery: trio.Nursery,
+    receiver: WebhookReceiver,
+    browser: Browser,
+) -> None:
+    user, locked_out = dovecot.add_user(), dovecot.add_user()
+    async with running_service(
+        dovecot, creatio, nursery, api_token=API_TOKEN, webhook_retry_schedule="0.05"
+    ) as service:
+        service.http.headers["Authorization"] = f"Bearer {API_TOKEN}"
+        await open_console(browser, service)
+        # The receiver refuses for good (410 is final): the first mail becomes a dead letter.
+        receiver.behave("/hooks/console", status=410)
+        mailbox_id = await register_v1(service, user.name, user.password, receiver.url("/hooks/console"))
+        failing_id = await register_v1(
+            service, locked_out.name, "wrong-password", receiver.url("/hooks/other")
+        )
+        await browser.wait_until(lambda d: row_state(mailbox_id)(d) == "listening")
+        await browser.wait_until(lambda d: row_state(failing_id)(d) == "authenticationError")
+
+        await dovecot.aappend(user, make_message(subject="Refused at first"))
+        dead_row = "#dead-letter-rows tr[data-id]"
+        dead_id = await browser.wait_until(js(f"return document.querySelector('{dead_row}')?.dataset.id;"))
+        assert isinstance(dead_id, str)
+        row_text = await browser.text(f'#dead-letter-rows tr[data-id="{dead_id}"]')
+        assert mailbox_id in row_text and "message.new" in row_text and "HTTP 410" in row_text
+        await browser.wait_until(
+            js("return document.getElementById('chart-totals').textContent.includes('1 delivered');")
+        )
+        await browser.screenshot("console-dead-letter.png")
+
+        # The receiver is fixed; the operator presses Replay: the same event arrives, accepted.
+        receiver.behave("/hooks/console", status=204)
+        await browser.click(f'#dead-letter-rows tr[data-id="{dead_id}"] button.replay')
+        (replayed,) = await receiver.wait_accepted("/hooks/console", 1)
+        assert replayed.headers["webhook-id"] == dead_id
+        assert replayed.event["data"]["subject"] == "Refused at first"
+        await browser.wait_until(js(f"return !document.querySelector('{dead_row}');"))
+        assert "queued again" in await browser.text("#dead-letter-message")
+        assert (await service.http.get("/v1/dead-letters")).json()["items"] == []
+
+        assert await browser.not_reloaded()
+        await browser.screenshot("console-dead-letter-replayed.png")
         assert await browser.console_errors() == []

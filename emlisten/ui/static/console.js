@@ -163,8 +163,9 @@ function renderStats(data) {
             paths: uPlot.paths.bars({ size: [0.7, 40] }),
             points: { show: false },
           },
-          { label: "latency avg", scale: "s", stroke: "#12805c", width: 1.5, spanGaps: false },
-          { label: "latency p95", scale: "s", stroke: "#b54708", width: 1.5, dash: [4, 3], spanGaps: false },
+          // Points too: a minute with mail between two quiet ones has no line to draw.
+          { label: "latency avg", scale: "s", stroke: "#12805c", width: 1.5, points: { show: true, size: 5 } },
+          { label: "latency p95", scale: "s", stroke: "#b54708", width: 1.5, dash: [4, 3], points: { show: true, size: 5 } },
         ],
       },
       columns,
