@@ -1,9 +1,11 @@
 """Scenario ``exchange-history``: a history load of N messages (default 10,000) from an EWS server
-while the mailbox's listener delivers live mail at the same time.
+(or, with ``--protocol graph``, a Graph server) while the mailbox's listener delivers live mail
+at the same time.
 
-The EWS server is the project's EWS simulator (tests/servers/ews.py) and Creatio the stand-in,
-both in this process's Trio loop; emlisten runs as its own process (in-memory store, default
-settings, log level WARNING). One EWS mailbox holds N messages received over the last
+The server is the project's EWS simulator (tests/servers/ews.py; or the Graph simulator,
+tests/servers/graph.py) and Creatio the stand-in, both in this process's Trio loop; emlisten
+runs as its own process (in-memory store, default settings, log level WARNING). One mailbox
+holds N messages received over the last
 ``--days`` days (``--size`` bytes each). The mailbox is registered and listening; then
 ``POST /api/email/synchronize`` asks for everything since 2000-01-01 while ``--live-rate`` new
 messages per second arrive in the same inbox (the listener delivers them) until the load is
@@ -41,6 +43,7 @@ from bench._harness import (
 )
 from tests.servers.creatio import CreatioStandIn, get_ci
 from tests.servers.ews import EwsSimulator
+from tests.servers.graph import GraphSimulator
 
 TARGET_RATE = 200.0
 
@@ -53,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--live-rate", type=float, default=10.0, help="live messages per second during the load (default 10)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long (s)")
+    parser.add_argument("--protocol", choices=("ews", "graph"), default="ews", help="default ews")
     parser.add_argument(
         "--env",
         action="append",
@@ -93,10 +97,69 @@ async def _history(http: httpx.AsyncClient, base: str, mailbox_id: str) -> dict[
     return history
 
 
+class _Server:
+    """The mail server side: the EWS or the Graph simulator, one mailbox on it."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.ews = EwsSimulator(keepalive_seconds=30.0)
+        self.graph = GraphSimulator()
+        self.address = ""
+        self._secret = ""
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if self.protocol == "ews":
+            await nursery.start(self.ews.serve)
+            account = self.ews.add_account()
+            self.address, self._secret = account.address, account.password
+        else:
+            await nursery.start(self.graph.serve)
+            self.address, self._secret = self.graph.add_user()
+
+    def add(self, mime: bytes, received: datetime | None = None) -> None:
+        if self.protocol == "ews":
+            self.ews.add_message(self.address, mime, received=received)
+        else:
+            self.graph.add_message(self.address, mime, received=received)
+
+    def credentials(self, mailbox_id: str, standin: CreatioStandIn) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "Id": mailbox_id,
+            "SenderEmailAddress": self.address,
+            "BpmEndpoint": standin.endpoint(),
+            "BpmUser": "Supervisor",
+            "FolderIds": [],
+        }
+        if self.protocol == "ews":
+            account = self.ews.accounts[self.address.lower()]
+            body.update(UserName=account.user, Password=self._secret, ServiceUrl=self.ews.url)
+        else:
+            body.update(
+                UserName=self.address,
+                UseOAuth=True,
+                AccessToken=self._secret,
+                Protocol="graph",
+                ServiceUrl=self.graph.base_url,
+            )
+        return body
+
+    def calls(self) -> dict[str, int]:
+        if self.protocol == "ews":
+            return {
+                "find_item_calls": len(self.ews.requests_for(self.address, "FindItem")),
+                "get_item_calls": len(self.ews.requests_for(self.address, "GetItem")),
+            }
+        return {
+            "list_calls": len(self.graph.requests_to("GET", r"/mailFolders/[^/]+/messages$")),
+            "mime_calls": len(self.graph.requests_to("GET", r"/\$value$")),
+        }
+
+
 async def _measure(args: argparse.Namespace) -> Result:
     result = Result(
         "exchange-history",
         {
+            "protocol": args.protocol,
             "messages": args.messages,
             "size_bytes": args.size,
             "days": args.days,
@@ -109,23 +172,22 @@ async def _measure(args: argparse.Namespace) -> Result:
     env = {"EMLISTEN_LOG_LEVEL": "WARNING", "EMLISTEN_NODE_ID": "bench", **parse_env(args.env)}
     log_dir = Path(tempfile.mkdtemp(prefix="emlisten-bench-"))
     standin = CreatioStandIn()
-    ews = EwsSimulator(keepalive_seconds=30.0)
+    server = _Server(args.protocol)
     emlisten = EmlistenProcess(env, log_dir)
     async with trio.open_nursery() as nursery:
         await nursery.start(standin.serve)
-        await nursery.start(ews.serve)
-        account = ews.add_account()
+        await server.start(nursery)
         now = datetime.now(UTC)
         step = timedelta(days=args.days) / args.messages
         for index in range(args.messages):
-            ews.add_message(account.address, _mime(tag, index, args.size), received=now - step * (index + 1))
-        say(f"{args.messages} messages in the EWS mailbox")
+            server.add(_mime(tag, index, args.size), received=now - step * (index + 1))
+        say(f"{args.messages} messages in the {args.protocol} mailbox")
         limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits) as http:
             emlisten.spawn()
             try:
                 await emlisten.wait_ready(http)
-                await _run(args, result, http, emlisten, standin, ews, account.address, tag, live_tag)
+                await _run(args, result, http, emlisten, standin, server, tag, live_tag)
             finally:
                 await emlisten.stop()
         nursery.cancel_scope.cancel()
@@ -139,23 +201,12 @@ async def _run(
     http: httpx.AsyncClient,
     emlisten: EmlistenProcess,
     standin: CreatioStandIn,
-    ews: EwsSimulator,
-    address: str,
+    server: _Server,
     tag: str,
     live_tag: str,
 ) -> None:
-    account = ews.accounts[address.lower()]
     mailbox_id = str(uuid.uuid4())
-    credentials = {
-        "Id": mailbox_id,
-        "UserName": account.user,
-        "Password": account.password,
-        "SenderEmailAddress": account.address,
-        "ServiceUrl": ews.url,
-        "BpmEndpoint": standin.endpoint(),
-        "BpmUser": "Supervisor",
-        "FolderIds": [],
-    }
+    credentials = server.credentials(mailbox_id, standin)
     base = emlisten.url
     response = await http.post(f"{base}/api/listeners/create", json=[credentials], timeout=60)
     if response.status_code != 200:
@@ -177,7 +228,7 @@ async def _run(
             return
         interval = 1.0 / args.live_rate
         while not done_event.is_set():
-            ews.add_message(address, _mime(live_tag, live_sent, 512))
+            server.add(_mime(live_tag, live_sent, 512))
             live_sent += 1
             with trio.move_on_after(interval):
                 await done_event.wait()
@@ -240,8 +291,7 @@ async def _run(
             "old_missing": old_missing,
             "duplicate_email_ids": duplicate_ids,
             "emails_at_standin": len(emails),
-            "find_item_calls": len(ews.requests_for(address, "FindItem")),
-            "get_item_calls": len(ews.requests_for(address, "GetItem")),
+            **server.calls(),
         }
     )
     result.row(
@@ -256,6 +306,7 @@ async def _run(
     result.row("old mail not delivered", str(old_missing), "0", old_missing == 0)
     result.row("Email.Ids delivered twice", str(duplicate_ids), "0", duplicate_ids == 0)
     result.notes.append(
-        "EWS simulator and Creatio stand-in in the bench process; emlisten a separate process "
-        "(in-memory store, default settings). The machine is shared with other work: upper bounds."
+        f"{args.protocol.upper()} simulator and Creatio stand-in in the bench process; emlisten a "
+        "separate process (in-memory store, default settings). The machine is shared with other "
+        "work: upper bounds."
     )
