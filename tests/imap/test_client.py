@@ -236,6 +236,31 @@ async def test_idle_sees_new_mail(dovecot: Dovecot, mail_user: MailUser) -> None
         await client.noop()  # usable again after DONE
 
 
+async def test_done_and_uid_fetch_in_one_write(dovecot: Dovecot, mail_user: MailUser) -> None:
+    """New mail while idling: DONE and UID FETCH go out pipelined; both answers are read, the
+    session is usable after, and a refused FETCH is an error without breaking the session."""
+    async with client_for(dovecot, Security.SSL_ON_CONNECT) as client:
+        await client.login(mail_user.name, mail_user.password)
+        await client.select("INBOX")
+        await client.idle_start()
+        uid = await dovecot.aappend(mail_user, make_message(subject="pipelined"))
+        response = await client.idle_wait(30)
+        while response is not None and response.type != "EXISTS":
+            response = await client.idle_wait(30)
+        before, fetched = await client.idle_done_uid_fetch(f"{uid}:*", "(UID BODY.PEEK[])")
+        assert not client.idling
+        assert [m.uid for m in fetched] == [uid]
+        assert fetched[0].body is not None and b"Subject: pipelined" in fetched[0].body
+        assert all(r.type != "FETCH" for r in before)
+        await client.noop()
+
+        await client.idle_start()
+        with pytest.raises(MailProtocolError, match="UID FETCH"):
+            await client.idle_done_uid_fetch("1:*", "(NO-SUCH-ITEM)")
+        assert not client.idling
+        await client.noop()  # IDLE ended cleanly before the refused command
+
+
 async def test_idle_context_manager(dovecot: Dovecot, mail_user: MailUser) -> None:
     async with client_for(dovecot) as client:
         await client.login(mail_user.name, mail_user.password)

@@ -351,16 +351,23 @@ class _Listener:
         finally:
             self.budget.give_back(weight)
 
-    async def fetch_new(self) -> None:
-        """Fetch what the server announced (prefetch mode), and hand it on."""
+    def _fetch_weight(self) -> int | None:
+        """Memory taken from the ByteBudget for fetching what the server announced, or None
+        when a reader should fetch it instead: more than one fetch should hold, or no memory to
+        spare now (never wait for it: a slow server must not hold up the others)."""
         assert self.prefetch is not None
-        self.wanted = False
         expected = self.exists - self.fetched_exists
         weight = max(1, expected) * (self.prefetch.max_message_bytes + 1)
         if expected > self.prefetch.max_messages or not self.budget.try_take(weight):
-            # More than one fetch should hold, or no memory to spare for it now (never wait
-            # for it: a slow server must not hold up the others): only learn the newest UID,
-            # and let a reader fetch.
+            return None
+        return weight
+
+    async def fetch_new(self) -> None:
+        """Fetch what the server announced (prefetch mode), and hand it on."""
+        self.wanted = False
+        weight = self._fetch_weight()
+        if weight is None:
+            # Only learn the newest UID, and let a reader fetch.
             newest = await self.client.last_uid()
             if newest is not None and newest.uid >= self.next_uid:
                 self._advance([newest])
@@ -371,22 +378,39 @@ class _Listener:
         finally:
             self.budget.give_back(weight)
 
-    async def _fetch(self, *, reason: str, covers_to: int) -> None:
+    async def end_idle_and_fetch(self, wait_seconds: float) -> bool:
+        """The common case of new mail while idling: DONE and the fetch in one round trip.
+        False (IDLE still on) when the fetch should go to a reader: the caller ends IDLE."""
+        weight = self._fetch_weight()
+        if weight is None:
+            return False
+        self.wanted = False
+        try:
+            await self._fetch(reason="exists", covers_to=0, ending_idle=wait_seconds)
+        finally:
+            self.budget.give_back(weight)
+        return True
+
+    async def _fetch(self, *, reason: str, covers_to: int, ending_idle: float | None = None) -> None:
         """UID FETCH next_uid:* with bodies cut at the size limit; publish what is complete.
 
         ``covers_to``: the task may claim the folder up to this UID even when nothing newer is
-        there (a catch-up past expunged mail)."""
+        there (a catch-up past expunged mail). ``ending_idle``: the session is in IDLE; end it
+        in the same write, waiting this long for the answers."""
         prefetch = self.prefetch
         assert prefetch is not None
         first = self.next_uid
         limit = prefetch.max_message_bytes
         unsolicited: list[Response] = []
+        items = f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)"
         # The caller took the memory for this fetch from the ByteBudget.
-        fetched = await self.client.uid_fetch(
-            f"{first}:*",
-            f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)",
-            unsolicited=unsolicited,
-        )
+        if ending_idle is None:
+            fetched = await self.client.uid_fetch(f"{first}:*", items, unsolicited=unsolicited)
+        else:
+            before, fetched = await self.client.idle_done_uid_fetch(
+                f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited
+            )
+            self.note(before)
         self.note(unsolicited)
         # "n:*" also matches the newest message when n is above every UID: filter it out.
         new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
@@ -486,7 +510,8 @@ class _Listener:
                     await self.handle((response,))
             # DONE doubles as a liveness probe: a dead peer never sends the tagged OK.
             timeout = settings.keepalive_timeout if probe else settings.command_timeout
-            await self.handle(await client.idle_done(timeout=timeout))
+            if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
+                await self.handle(await client.idle_done(timeout=timeout))
             if probe:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
             while self.wanted:
