@@ -385,7 +385,15 @@ class MailboxSupervisor:
         self.m.local_states[self.mailbox.id] = state.value
         self.m.metrics.activity.state_changed(self.mailbox.id, state.value, error)
         status = MailboxStatus(state, last_error=error, updated_at=time.time(), node=self.m.settings.node_id)
-        await self.m.store.set_status(self.mailbox.id, status)
+        try:
+            await self.m.store.set_status(self.mailbox.id, status)
+        except StoreError as exc:
+            # The status is for the API, not for the mail: a store outage must not end the
+            # supervisor (the error would stop the whole node). Written at the next change.
+            self._written = None
+            log.warning(
+                "could not record the state %s: %s", state.value, exc, extra={"mailbox": self.mailbox.id}
+            )
 
     async def run(self) -> None:
         settings = self.m.settings
@@ -394,7 +402,11 @@ class MailboxSupervisor:
         auth_retry = Retry(settings.auth_backoff)
         # A restart (e.g. /update with a new password) inherits "Creatio was told it is broken",
         # so that the recovery is reported too.
-        previous = (await self.m.store.get_statuses([mailbox_id])).get(mailbox_id)
+        try:
+            previous = (await self.m.store.get_statuses([mailbox_id])).get(mailbox_id)
+        except StoreError as error:
+            log.warning("could not read the last state: %s", error, extra={"mailbox": mailbox_id})
+            previous = None
         self.reported_unavailable = (
             previous is not None and previous.state is MailboxState.AUTHENTICATION_ERROR
         )
