@@ -294,11 +294,13 @@ async def _run(
             **server.calls(),
         }
     )
+    # The target is for EWS; Graph's figure is for information (one request per mail).
+    ews = args.protocol == "ews"
     result.row(
         "history load",
         f"{delivered} mails in {elapsed:.1f} s = {rate:.0f} mails/s",
-        f">= {TARGET_RATE:.0f}/s",
-        rate >= TARGET_RATE,
+        f">= {TARGET_RATE:.0f}/s" if ews else "",
+        rate >= TARGET_RATE if ews else None,
     )
     result.row("emlisten CPU during the load", f"{cpu:.1f} s ({100 * cpu / elapsed:.0f} % of a core)")
     live_text = f"{live_sent} sent, {live_missing} not delivered"
