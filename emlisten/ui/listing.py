@@ -11,6 +11,7 @@ ids are read at once, and a changed registration (a new address or server) shows
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from emlisten.abc import Store
+from emlisten.errors import StoreError
 from emlisten.metrics import Activity
 from emlisten.models import MailboxConfig, MailboxState, MailboxStatus
 
@@ -38,6 +40,8 @@ _STATE_ORDER = {
     MailboxState.LISTENING.value: 4,
     MailboxState.CLOSED.value: 5,
 }
+log = logging.getLogger(__name__)
+
 _READ_CHUNK = 1000
 _STARTING = MailboxState.STARTING.value
 #: A snapshot older than this is taken again before answering (nobody asked for a while).
@@ -170,6 +174,12 @@ class MailboxDirectory:
             self._snapshot = _Snapshot(taken_at, by_email, statuses, states, dict(Counter(states.values())))
             self.last_refresh_seconds = time.monotonic() - taken_at
 
+    async def _refresh_in_background(self) -> None:
+        try:
+            await self.refresh()
+        except StoreError as exc:  # the next request tries again (and waits, past 30 s)
+            log.warning("console: cannot read the mailboxes for the list: %s", exc)
+
     @property
     def refreshing(self) -> bool:
         return self._lock.locked()
@@ -195,7 +205,7 @@ class MailboxDirectory:
             # The first request, or the first after a quiet spell: too old to show even once.
             await self.refresh()
         elif age > max(self.max_age, _REFRESH_DUTY * self.last_refresh_seconds) and not self.refreshing:
-            refresh_later(self.refresh)
+            refresh_later(self._refresh_in_background)
         snapshot = self._snapshot
         assert snapshot is not None
         statuses, states = snapshot.statuses, snapshot.states

@@ -100,7 +100,7 @@ def console_blueprint(
 
     @blueprint.get("/ui")
     async def console_root() -> Any:
-        return redirect("/ui/", 308)
+        return redirect("/ui/", 302)
 
     @blueprint.get("/ui/")
     async def console_page() -> Response:

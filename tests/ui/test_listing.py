@@ -17,14 +17,23 @@ from emlisten.abc import Store
 from emlisten.api.app import create_app
 from emlisten.api.server import serve_api
 from emlisten.metrics import Activity
-from emlisten.models import MailboxConfig, MailboxState, MailboxStatus, Security, ServerEndpoint
+from emlisten.models import (
+    MailboxConfig,
+    MailboxState,
+    MailboxStatus,
+    Security,
+    ServerEndpoint,
+    WebhookTarget,
+)
 from emlisten.service.listeners import StoreListenerControl
 from emlisten.store.memory import MemoryStore
 from emlisten.ui.routes import console_blueprint
 from tests.contract.backends import redis_store
+from tests.secret_scan import register_secret
 
 MAILBOXES = 10_000
-TOKEN = "listing-test-token"
+TOKEN = register_secret("listing-test-token")
+SECRET = register_secret("whsec_bGlzdGluZy10ZXN0LXdlYmhvb2stc2VjcmV0LTAxMjM0")
 #: The issue's target for one page of the console's list.
 TARGET_SECONDS = 0.200
 
@@ -157,10 +166,18 @@ async def test_ten_thousand_in_redis() -> None:
 async def test_detail_and_token() -> None:
     store = MemoryStore()
     await register(store, 3)
+    hooked = mailbox(5).replace(
+        webhook=WebhookTarget(
+            "https://user:pw@hooks.example.test:8443/in?token=receiver-query-token", (SECRET,)
+        )
+    )
+    await store.put_mailbox(hooked)
     async with console_api(store) as http:
         anonymous = httpx.AsyncClient(base_url=str(http.base_url))
         async with anonymous:
             # The page and its files need no token; the data does.
+            redirect = await anonymous.get("/ui")
+            assert (redirect.status_code, redirect.headers["Location"]) == (302, "/ui/")
             assert (await anonymous.get("/ui/")).status_code == 200
             assert (await anonymous.get("/ui/static/vendor/uPlot.iife.min.js")).status_code == 200
             for path in (
@@ -178,3 +195,10 @@ async def test_detail_and_token() -> None:
         assert detail["folders"] == [{"name": "INBOX", "uidvalidity": None, "last_uid": None}]
         assert "not-a-real-password" not in str(detail)
         assert (await http.get("/ui/api/mailboxes/no-such-mailbox")).status_code == 404
+        # A receiver URL may carry credentials: the console shows scheme, host and path only.
+        webhook = (await http.get(f"/ui/api/mailboxes/{hooked.id}")).json()
+        assert (webhook["sink"], webhook["webhook_url"]) == ("webhook", "https://hooks.example.test:8443/in")
+        listed = (await http.get("/ui/api/mailboxes?q=user00005")).json()["items"]
+        assert [m["sink"] for m in listed] == ["webhook"]
+        for text in (str(webhook), str(listed)):
+            assert "receiver-query-token" not in text and SECRET not in text and ":pw@" not in text
