@@ -4,6 +4,7 @@ secret in plain text on disk, refuses a second process and a wrong key, and keep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 from pathlib import Path
@@ -90,9 +91,9 @@ async def test_a_returned_change_is_on_disk_already(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             for uid in range(2, 502):
                 nursery.start_soon(advance, uid)
-        with sqlite3.connect(tmp_path / DB_FILE) as reader:
-            (document,) = reader.execute("SELECT doc FROM checkpoints WHERE mailbox = 'm-1'").fetchone()
-        assert '"last_uid":501' in document
+        with contextlib.closing(sqlite3.connect(tmp_path / DB_FILE)) as reader:
+            (last_uid,) = reader.execute("SELECT last_uid FROM checkpoints WHERE mailbox = 'm-1'").fetchone()
+        assert last_uid == 501
         # 500 concurrent changes shared a few transactions.
         assert store.commits < 100
 

@@ -5,8 +5,8 @@ once. Creatio registering a known mailbox again resumes too; another server or u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import sqlite3
 import subprocess
@@ -153,19 +153,17 @@ async def wait_inbox_checkpoint(
 async def durable_checkpoint(data_dir: Path, mailbox_id: str, last_uid: int, timeout: float = 10) -> None:
     """Wait until the INBOX checkpoint is committed to the data directory (read from the file)."""
 
-    def read() -> str | None:
-        with sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True) as db:
+    def read() -> int | None:
+        with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)) as db:
             row = db.execute(
-                "SELECT doc FROM checkpoints WHERE mailbox = ? AND folder = 'INBOX'", (mailbox_id,)
+                "SELECT last_uid FROM checkpoints WHERE mailbox = ? AND folder = 'INBOX'", (mailbox_id,)
             ).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else int(row[0])
 
     with trio.move_on_after(timeout):
-        while True:
-            document = await trio.to_thread.run_sync(read)
-            if document is not None and json.loads(document)["last_uid"] == last_uid:
-                return
+        while await trio.to_thread.run_sync(read) != last_uid:
             await trio.sleep(0.05)
+        return
     raise AssertionError(f"the checkpoint of {mailbox_id} was never committed at UID {last_uid}")
 
 
