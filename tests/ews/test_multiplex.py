@@ -176,3 +176,41 @@ async def test_simulator_refuses_more_than_200_subscriptions(ews: EwsSimulator, 
 def test_connection_capacity_is_checked(limit: int) -> None:
     with pytest.raises(ValueError):
         EwsSource(subscriptions_per_connection=limit)
+
+
+async def test_a_service_account_groups_mailboxes_with_server_affinity(
+    ews: EwsSimulator, nursery: trio.Nursery
+) -> None:
+    source = EwsSource(connection_timeout_minutes=30, stream_idle_timeout=10, request_timeout=20)
+    service = ews.add_account(can_impersonate=True)
+    targets = [ews.add_account() for _ in range(250)]
+    tasks = Tasks()
+    limiter = trio.CapacityLimiter(50)
+    async with trio.open_nursery() as starters:
+        for target in targets:
+            mailbox = ews_mailbox(
+                ews, service, SenderEmailAddress=target.address, ImpersonatedUser=target.address
+            )
+
+            async def start(mailbox: MailboxConfig = mailbox) -> None:
+                async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
+                    await source.listen(mailbox, "INBOX", tasks, task_status=task_status)
+
+                async with limiter:
+                    await nursery.start(run)
+
+            starters.start_soon(start)
+    # 250 mailboxes on two connections (not 250): Exchange's 200 per connection.
+    await ews.wait_until(lambda: ews.open_stream_sizes() == [200, 50], what="two connections")
+    assert sorted(source.streaming_connections(), reverse=True) == [200, 50]
+    # Each group was subscribed with its anchor and affinity, and is read with the same anchor
+    # and the server's cookie (else the simulator refuses another mailbox's subscription).
+    anchors = {s.anchor for s in ews._subscriptions.values()}
+    assert len(anchors) == 2 and anchors <= {t.address.lower() for t in targets}
+    assert ews.grouped_streams
+    for anchor, cookie in ews.grouped_streams:
+        assert anchor in anchors and cookie == f"X-BackEndOverrideCookie=mbx01~{anchor}"
+    for index in (0, 199, 249):
+        ews.add_message(targets[index].address, mime(f"to {index}"))
+    await tasks.wait("exists", 6)
+    assert len(tasks.of("catch-up")) == 250

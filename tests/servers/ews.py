@@ -246,6 +246,8 @@ class _Subscription:
     #: (event type, item id, folder id, timestamp) waiting for a stream.
     pending: list[tuple[str, str, str, str]] = field(default_factory=list)
     streams: set[int] = field(default_factory=set)
+    #: ``X-AnchorMailbox`` of the Subscribe request when it asked for server affinity.
+    anchor: str = ""
 
 
 @dataclass(frozen=True)
@@ -408,6 +410,11 @@ class EwsSimulator:
         self._handshakes_in_progress: dict[tuple[Any, ...], tuple[str, Any]] = {}
         #: Subscription ids removed by Unsubscribe, in order.
         self.unsubscribed: list[str] = []
+        #: The request being handled (handlers are synchronous) and headers for its answer.
+        self._request_headers: Mapping[str, str] = {}
+        self._response_headers: list[tuple[bytes, bytes]] = []
+        #: (X-AnchorMailbox, Cookie) of every GetStreamingEvents request carrying several mailboxes.
+        self.grouped_streams: list[tuple[str, str]] = []
         self.accounts: dict[str, EwsAccount] = {}  # by lowercased address
         self.tokens: dict[str, str] = {}  # bearer token -> address
         self.requests: list[EwsRequest] = []
@@ -591,6 +598,10 @@ class EwsSimulator:
             for stream in self._streams.values()
         ]
         return sorted((n for n in sizes if n), reverse=True)
+
+    def open_stream_sizes(self) -> list[int]:
+        """Subscriptions carried by each open streaming response (any mailbox), largest first."""
+        return sorted((len(stream.subscriptions) for stream in self._streams.values()), reverse=True)
 
     def subscription_of_folder(self, address: str, folder_id: str) -> str:
         """The live subscription id on ``folder_id`` (exactly one expected)."""
@@ -863,7 +874,15 @@ class EwsSimulator:
                         authorization_scheme=scheme,
                     )
                 )
-                await self._stream(target, request, receive, send)
+                await self._stream(
+                    target,
+                    request,
+                    receive,
+                    send,
+                    caller=caller,
+                    anchor=anchor or "",
+                    cookie=headers.get("cookie", ""),
+                )
                 return
             handler = {
                 "Subscribe": self._subscribe,
@@ -879,6 +898,8 @@ class EwsSimulator:
                 raise _Fault(
                     "ErrorInvalidRequest", f"The operation {operation} is not supported by the simulator."
                 )
+            self._response_headers = []
+            self._request_headers = headers
             answer = handler(target, request)
         except _Fault as fault:
             self._record(
@@ -900,7 +921,7 @@ class EwsSimulator:
                 now, operation, target.address.lower(), 200, anchor, impersonated, authorization_scheme=scheme
             )
         )
-        await self._xml(send, 200, answer)
+        await self._xml(_with_headers(send, self._response_headers), 200, answer)
 
     async def _autodiscover(
         self, path: str, raw: bytes, headers: Mapping[str, str], connection: tuple[Any, ...], send: Send
@@ -1075,6 +1096,11 @@ class EwsSimulator:
         if not folder_ids or not events:
             raise _Fault("ErrorSchemaValidation", "FolderIds and EventTypes are required.")
         subscription = _Subscription(_new_id("EQBt"), account.address.lower(), frozenset(folder_ids), events)
+        if self._request_headers.get("x-preferserveraffinity", "").lower() == "true":
+            # Exchange keeps the group on the anchor's mailbox server and names it in a cookie.
+            subscription.anchor = self._request_headers.get("x-anchormailbox", "").lower()
+            cookie = f"X-BackEndOverrideCookie=mbx01~{subscription.anchor}; path=/"
+            self._response_headers.append((b"set-cookie", cookie.encode()))
         self._subscriptions[subscription.id] = subscription
         return _response(
             "Subscribe",
@@ -1373,7 +1399,17 @@ class EwsSimulator:
 
     # -- streaming -------------------------------------------------------------------------
 
-    async def _stream(self, account: EwsAccount, request: Element, receive: Receive, send: Send) -> None:
+    async def _stream(
+        self,
+        account: EwsAccount,
+        request: Element,
+        receive: Receive,
+        send: Send,
+        *,
+        caller: EwsAccount,
+        anchor: str,
+        cookie: str,
+    ) -> None:
         ids = [(e.text or "").strip() for e in _find_all(request, "SubscriptionId")]
         try:
             minutes = int(_text(request, "ConnectionTimeout"))
@@ -1396,11 +1432,21 @@ class EwsSimulator:
             )
             return
         subscriptions = [self._subscriptions.get(i) for i in ids]
-        unknown = [
-            i
-            for i, s in zip(ids, subscriptions, strict=True)
-            if s is None or s.expired or s.address != account.address.lower()
-        ]
+
+        def served(subscription: _Subscription | None) -> bool:
+            if subscription is None or subscription.expired:
+                return False
+            if subscription.address == account.address.lower():
+                return True
+            # Another mailbox's subscription: only for a service account, and only on the
+            # mailbox server of the group (made with this anchor and affinity).
+            return (
+                caller.can_impersonate and bool(subscription.anchor) and subscription.anchor == anchor.lower()
+            )
+
+        unknown = [i for i, s in zip(ids, subscriptions, strict=True) if not served(s)]
+        if len({s.address for s in subscriptions if s is not None}) > 1 and not unknown:
+            self.grouped_streams.append((anchor.lower(), cookie))
         if unknown or not ids:
             listed = "".join(f"<t:SubscriptionId>{escape(i)}</t:SubscriptionId>" for i in unknown)
             await self._xml(

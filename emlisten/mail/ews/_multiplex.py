@@ -8,6 +8,16 @@ whenever membership changes (after a short settle delay, so a burst of joins cos
 reads the old response until the new one is open (plus ``handover_grace``), and dispatches each
 notification to its member by ``SubscriptionId``.
 
+Service accounts (``ImpersonatedUser``): the listeners of every mailbox the account impersonates
+share connections, up to 200 subscriptions each, which Exchange serves only when the whole group
+lives on one mailbox server: a connection has an *anchor* (the address of the mailbox that opened
+it), every ``Subscribe`` for it is sent with ``X-AnchorMailbox: <anchor>`` and
+``X-PreferServerAffinity: true``, the ``X-BackEndOverrideCookie`` of the first answer goes with
+later ``Subscribe`` and ``GetStreamingEvents`` requests of the group, and those carry the anchor
+too (Microsoft's "maintain affinity between a group of subscriptions and the Mailbox server").
+A listener *reserves* its place on a connection before subscribing, so it subscribes with that
+connection's affinity. Other credentials (a user's own) form a group per mailbox, as before.
+
 Outcomes for a member: ``live`` is set once its id is in an open response; ``lost`` when the
 server names its id in ``ErrorSubscriptionIds`` (only that member re-subscribes); ``error`` when
 its connection breaks or the server refuses the request (every member of that request gets the
@@ -167,8 +177,15 @@ class _Request:
 class StreamingConnection:
     """One ``GetStreamingEvents`` connection carrying up to ``capacity`` subscriptions."""
 
-    def __init__(self, hub: StreamingHub) -> None:
+    def __init__(self, hub: StreamingHub, anchor: str = "") -> None:
         self.hub = hub
+        #: The group's anchor mailbox (grouped hubs only; "" otherwise).
+        self.anchor = anchor
+        #: ``X-BackEndOverrideCookie`` value from the group's first Subscribe answer.
+        self.backend_cookie = ""
+        #: Listeners that reserved a place and are subscribing.
+        self.reserved = 0
+        self.running = False
         self.members: dict[str, Member] = {}
         self.requests: list[_Request] = []
         self.wake = trio.Event()
@@ -193,7 +210,18 @@ class StreamingConnection:
         if self._client is None or self._client_for is not lead:
             self._client = self.hub.make_client(self._http, lead.mailbox)
             self._client_for = lead
+        if self.anchor:
+            self._client.set_affinity(self.affinity_headers())
         return self._client
+
+    def affinity_headers(self) -> dict[str, str]:
+        """Headers keeping the group on its mailbox server ({} for an ungrouped hub)."""
+        if not self.anchor:
+            return {}
+        headers = {"X-AnchorMailbox": self.anchor, "X-PreferServerAffinity": "true"}
+        if self.backend_cookie:
+            headers["Cookie"] = f"X-BackEndOverrideCookie={self.backend_cookie}"
+        return headers
 
     def client_for_errors(self) -> EwsClient:
         if self._client is None:
@@ -306,8 +334,11 @@ class StreamingHub:
         *,
         open_http: Callable[[MailboxConfig], AbstractAsyncContextManager[httpx.AsyncClient]],
         make_client: ClientFactory,
+        grouped: bool = False,
     ) -> None:
         self.key = key
+        #: Several mailboxes (a service account's) share connections, with server affinity.
+        self.grouped = grouped
         self.open_http = open_http
         self.make_client = make_client
         self.settings = settings
@@ -317,16 +348,44 @@ class StreamingHub:
         self.connections: list[StreamingConnection] = []
         self._registry = registry
 
-    def join(self, member: Member) -> StreamingConnection:
+    def reserve(self, anchor: str) -> StreamingConnection:
+        """A place on a connection with room (a new one, anchored at ``anchor`` when the hub
+        is grouped, if none has room); :meth:`join` or :meth:`unreserve` ends the reservation."""
         for connection in self.connections:
-            if len(connection.members) < self.capacity:
-                connection.add(member)
+            if len(connection.members) + connection.reserved < self.capacity:
+                connection.reserved += 1
                 return connection
-        connection = StreamingConnection(self)
-        connection.add(member)
+        connection = StreamingConnection(self, anchor if self.grouped else "")
+        connection.reserved += 1
         self.connections.append(connection)
-        trio.lowlevel.spawn_system_task(self._run, connection)
         return connection
+
+    def join(self, member: Member, connection: StreamingConnection) -> StreamingConnection:
+        """``member`` on ``connection``, which it reserved. If that connection ended meanwhile
+        (its last member left), on a new one with the same anchor and cookie: the member's
+        subscription was made with them."""
+        if connection not in self.connections:
+            ended = connection
+            connection = StreamingConnection(self, ended.anchor)
+            connection.backend_cookie = ended.backend_cookie
+            self.connections.append(connection)
+        else:
+            connection.reserved -= 1
+        connection.add(member)
+        if not connection.running:
+            connection.running = True
+            trio.lowlevel.spawn_system_task(self._run, connection)
+        return connection
+
+    def unreserve(self, connection: StreamingConnection) -> None:
+        connection.reserved -= 1
+        if not connection.running and not connection.members and not connection.reserved:
+            connection._close()
+            self._forget_if_empty()
+
+    def _forget_if_empty(self) -> None:
+        if not self.connections and self._registry.get(self.key) is self:
+            del self._registry[self.key]
 
     async def _run(self, connection: StreamingConnection) -> None:
         try:
@@ -335,8 +394,7 @@ class StreamingHub:
             log.exception("EWS streaming connection failed")
             connection._fail(list(connection.members), MailConnectError("EWS streaming connection failed"))
         finally:
-            if not self.connections and self._registry.get(self.key) is self:
-                del self._registry[self.key]
+            self._forget_if_empty()
 
 
 class HubSettings(Protocol):

@@ -202,7 +202,16 @@ class EwsClient:
     Holds the credentials in request headers; it has no repr that could show them.
     """
 
-    __slots__ = ("_bearer", "_headers", "_http", "_impersonate", "auth_identity", "settings", "url")
+    __slots__ = (
+        "_bearer",
+        "_headers",
+        "_http",
+        "_impersonate",
+        "auth_identity",
+        "backend_cookie",
+        "settings",
+        "url",
+    )
 
     def __init__(self, http: httpx.AsyncClient, mailbox: MailboxConfig, settings: EwsSettings) -> None:
         if not mailbox.service_url:
@@ -220,6 +229,12 @@ class EwsClient:
         self._bearer = mailbox.use_oauth
         #: Groups streaming connections by credentials.
         self.auth_identity = credential_digest(mailbox)
+        #: ``X-BackEndOverrideCookie`` of the last answer that set one (server affinity).
+        self.backend_cookie = ""
+
+    def set_affinity(self, headers: Mapping[str, str]) -> None:
+        """Send ``headers`` (the group's anchor, affinity and cookie) with every request."""
+        self._headers.update(headers)
 
     @property
     def where(self) -> str:
@@ -255,19 +270,24 @@ class EwsClient:
         if attempt >= self.settings.busy_retries:
             raise ServerBusyError(f"EWS {self.where} is busy (ErrorServerBusy {attempt} times in a row)")
 
-    async def call(self, body: str) -> list[_soap.ResponseMessage]:
-        """Post one operation; its response messages (retrying after ``ErrorServerBusy``)."""
+    async def call(
+        self, body: str, *, headers: Mapping[str, str] | None = None
+    ) -> list[_soap.ResponseMessage]:
+        """Post one operation; its response messages (retrying after ``ErrorServerBusy``).
+        ``headers`` are added to this request's (and win)."""
         attempt = 0
+        sent = {**self._headers, **headers} if headers else self._headers
         while True:
             try:
-                response = await self._http.post(
-                    self.url, content=self._envelope(body), headers=self._headers
-                )
+                response = await self._http.post(self.url, content=self._envelope(body), headers=sent)
             except httpx.TimeoutException:
                 raise MailConnectError(f"EWS {self.where}: no answer in time") from None
             except httpx.HTTPError as exc:
                 raise MailConnectError(f"EWS {self.where}: {type(exc).__name__}: {exc}") from None
             self._check_status(response)
+            cookie = response.cookies.get("X-BackEndOverrideCookie")
+            if cookie:
+                self.backend_cookie = cookie
             root = self._parse_answer(response.status_code, response.content)
             fault = _soap.fault_of(root)
             if fault is not None:
@@ -283,8 +303,8 @@ class EwsClient:
             attempt += 1
             await self.back_off(busy.back_off_ms, attempt)
 
-    async def call_one(self, body: str) -> _soap.ResponseMessage:
-        messages = await self.call(body)
+    async def call_one(self, body: str, *, headers: Mapping[str, str] | None = None) -> _soap.ResponseMessage:
+        messages = await self.call(body, headers=headers)
         if not messages:
             raise MailProtocolError("EWS answered without a response message")
         message = messages[0]
@@ -478,20 +498,27 @@ class EwsSource(MailSource):
         return EwsClient(http, mailbox, self.settings)
 
     def _hub(self, client: EwsClient, mailbox: MailboxConfig) -> StreamingHub:
-        """The hub of this mailbox's group. Grouped by the exact credentials: with Basic or a
-        delegated token each mailbox is its own group (its folders share connections); a service
-        account (same credentials) shares connections across the mailboxes it impersonates only
-        per impersonated mailbox, since Exchange needs backend affinity for anything wider."""
+        """The hub of this mailbox's group. Grouped by the exact credentials: with a user's own
+        credentials (Basic, NTLM, a delegated token) each mailbox is its own group (its folders
+        share connections); a service account (``ImpersonatedUser``) shares connections across
+        every mailbox it impersonates, kept on one mailbox server per connection by the
+        affinity headers (``_multiplex``)."""
+        grouped = bool(impersonated_user(mailbox))
         key = (
             client.url,
             client.auth_identity,
-            impersonated_user(mailbox).lower(),
+            "impersonation" if grouped else "",
             str(mailbox.imap.verify_certificate),
         )
         hub = self._hubs.get(key)
         if hub is None:
             hub = self._hubs[key] = StreamingHub(
-                key, self.settings, self._hubs, open_http=self._http, make_client=self._make_client
+                key,
+                self.settings,
+                self._hubs,
+                open_http=self._http,
+                make_client=self._make_client,
+                grouped=grouped,
             )
         return hub
 
@@ -566,9 +593,21 @@ class EwsSource(MailSource):
             started = False
             refused = 0
             while True:
-                message = await client.call_one(_soap.subscribe_streaming([folder]))
+                hub = self._hub(client, mailbox)
+                # A place first: the subscription is made with that connection's affinity.
+                place = hub.reserve(mailbox_address(mailbox))
+                try:
+                    message = await client.call_one(
+                        _soap.subscribe_streaming([folder]), headers=place.affinity_headers()
+                    )
+                except BaseException:
+                    hub.unreserve(place)
+                    raise
+                if place.anchor and client.backend_cookie and not place.backend_cookie:
+                    place.backend_cookie = client.backend_cookie
                 subscription = _soap.subscription_id(message)
                 member: Member | None = None
+                joined = False
                 try:
                     if not started:
                         # After subscribing: mail from here on is either before this state or notified.
@@ -583,7 +622,8 @@ class EwsSource(MailSource):
                         )
                     )
                     member = self._member(mailbox, folder, subscription, on_new_mail)
-                    connection = self._hub(client, mailbox).join(member)
+                    connection = hub.join(member, place)
+                    joined = True
                     try:
                         await member.settled.wait()
                         if member.live and not started:
@@ -593,9 +633,11 @@ class EwsSource(MailSource):
                     finally:
                         connection.remove(member)
                 finally:
+                    if not joined:
+                        hub.unreserve(place)
                     # A subscription the server still has (not lost) is ours to remove.
                     if member is None or not member.lost:
-                        await self._unsubscribe(client, subscription)
+                        await self._unsubscribe(client, subscription, place.affinity_headers())
                 if member.error is not None:
                     raise member.error
                 refused = refused + 1 if member.refused else 0
@@ -613,12 +655,12 @@ class EwsSource(MailSource):
         and delay the handover. Closing or changing a mailbox unsubscribes (see ``listen``)."""
         self._keep_subscriptions = True
 
-    async def _unsubscribe(self, client: EwsClient, subscription: str) -> None:
+    async def _unsubscribe(self, client: EwsClient, subscription: str, headers: Mapping[str, str]) -> None:
         if self._keep_subscriptions:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(self.settings.unsubscribe_timeout):
             try:
-                await client.call(_soap.unsubscribe(subscription))
+                await client.call(_soap.unsubscribe(subscription), headers=headers)
             except MailSourceError as exc:
                 # Not fatal: the server expires it by itself.
                 log.info("EWS Unsubscribe failed (%s): the server will expire it", type(exc).__name__)
