@@ -145,9 +145,13 @@ async def test_graph_adds_smaller_attachments_by_post_and_deletes_the_draft_on_r
     email["Attachments"][0] = {"Name": "gross.bin", "Base64Data": base64.b64encode(large).decode()}
     email["Attachments"].append({"Name": "mittel.bin", "Base64Data": base64.b64encode(medium).decode()})
     credentials = graph_credentials(graph_sim, sender, token, node.creatio)
+    graph_sim.throttle_uploads(1, retry_after="0.5")  # a chunk is throttled: waited out, sent again
     response = await node.http.post("/apiv2/email/send", json={"Email": email, "Credentials": credentials})
     assert response.status_code == 200, response.text
     assert len(graph_sim.requests_to("POST", r"/attachments/createUploadSession$")) == 1
+    puts = graph_sim.requests_to("PUT", r"^/upload/")
+    assert [r.status for r in puts] == [429, 200, 201]
+    assert puts[1].at - puts[0].at >= 0.5
     (posted,) = graph_sim.requests_to("POST", r"/attachments$")
     assert posted.status == 201
     (sent,) = graph_sim.sent

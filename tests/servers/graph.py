@@ -318,6 +318,7 @@ class GraphSimulator:
         self._epoch = 0
         self._throttle: list[tuple[int, str]] = []  # (status, Retry-After) for the next requests
         self._user_throttle: dict[str, list[tuple[int, str]]] = {}  # the same, per mailbox
+        self._upload_throttle: list[tuple[int, str]] = []  # the same, for upload-session PUTs
         self._dropping: set[str] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -463,6 +464,10 @@ class GraphSimulator:
             self._throttle.extend([(status, retry_after)] * count)
         else:
             self._user_throttle.setdefault(user.lower(), []).extend([(status, retry_after)] * count)
+
+    def throttle_uploads(self, count: int = 1, *, retry_after: str = "1", status: int = 429) -> None:
+        """The next ``count`` upload-session chunks answer ``status`` with this ``Retry-After``."""
+        self._upload_throttle.extend([(status, retry_after)] * count)
 
     def drop_notifications(self, address: str, dropping: bool = True) -> None:
         """While dropping, new mail of this user sends no change notification."""
@@ -982,13 +987,17 @@ class GraphSimulator:
     async def _upload_chunk(self, token: str) -> Response:
         """``PUT`` of one byte range to an upload URL (pre-authenticated: an Authorization header
         is refused, as Graph does)."""
+        # Every answer comes once the chunk is read, as a real server's does (an answer before
+        # it would leave the client blocked writing the rest).
+        data = await request.get_data(as_text=False)
+        assert isinstance(data, bytes)
         upload = self.uploads.get(token)
         if upload is None:
             return _error(404, "ItemNotFound", "The upload session was not found.")
         if "Authorization" in request.headers:
             return _error(401, "InvalidAuthenticationToken", "Do not send a token to an upload URL.")
-        data = await request.get_data(as_text=False)
-        assert isinstance(data, bytes)
+        if self._upload_throttle:
+            return self._throttled(self._upload_throttle)
         if len(data) > self.max_request_bytes:
             return _error(413, "RequestEntityTooLarge", "The chunk is larger than the maximum allowed.")
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", request.headers.get("Content-Range", ""))
