@@ -54,7 +54,7 @@ from bench._harness import (
     summary_ms,
 )
 from bench._rawimap import RawImap
-from tests.servers.creatio import CreatioStandIn
+from tests.servers.creatio import CreatioStandIn, get_ci
 from tests.servers.dovecot import Dovecot, MailUser
 
 
@@ -155,6 +155,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     run_tag = uuid.uuid4().hex[:8]
     index = CallbackIndex(standin, run_tag)
     restarts: list[dict[str, float]] = []
+    stopped_at: list[float] = []
     listen_within = args.listen_timeout or max(60.0, args.mailboxes * 0.1)
     limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(limits=limits) as http:
@@ -173,6 +174,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                 for number in range(1, args.restarts + 1):
                     await trio.sleep(args.up)
                     writer.down = True
+                    stopped_at.append(time.monotonic())
                     if args.kill:
                         process.kill()
                         stop_seconds = 0.0
@@ -217,7 +219,47 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             nursery.cancel_scope.cancel()
     say(f"emlisten logs and data directory: {work_dir}")
     _report(result, args, writer, index, restarts, problems, complete)
+    gaps, details = _duplicates_before_stops(standin, run_tag, stopped_at)
+    result.metrics["duplicates_ms_from_nearest_stop"] = gaps
+    result.metrics["duplicates"] = details
+    result.metrics["stops_s"] = [round(stop - stopped_at[0], 3) for stop in stopped_at]
+    if gaps:
+        result.row("duplicates: first delivery, ms from the nearest stop", ", ".join(f"{g:g}" for g in gaps))
     return result
+
+
+def _duplicates_before_stops(
+    standin: CreatioStandIn, run_tag: str, stopped_at: list[float]
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """For each Email.Id delivered twice: when its first delivery reached the stand-in, in ms
+    from the nearest stop (close to it: a delivery in flight at the kill, whose checkpoint was
+    not committed), and the details (subject, delivery times and the stops, in seconds from the
+    first stop)."""
+    received: dict[str, list[tuple[float, str]]] = {}
+    for call in standin.accepted_calls("ProcessFullEmail"):
+        emails = get_ci(call.body, "Emails")
+        for email in emails if isinstance(emails, list) else []:
+            subject = str(get_ci(email, "Subject") or "")
+            if f"bench {run_tag} " in subject:
+                received.setdefault(str(get_ci(email, "Id")), []).append((call.received_at, subject))
+    origin = stopped_at[0] if stopped_at else 0.0
+    gaps = []
+    details = []
+    for deliveries in received.values():
+        if len(deliveries) > 1:
+            first = deliveries[0][0]
+            # Negative: answered before the stop; positive: sent before the kill, recorded by the
+            # stand-in just after it (its clock is when the whole body had arrived).
+            offsets = [first - stop for stop in stopped_at]
+            gaps.append(round(min(offsets, key=abs) * 1000, 1) if offsets else 0.0)
+            details.append(
+                {
+                    "subject": deliveries[0][1],
+                    "delivered_s": [round(at - origin, 3) for at, _ in deliveries],
+                    "stops_before": [sum(1 for stop in stopped_at if stop < at) for at, _ in deliveries],
+                }
+            )
+    return sorted(gaps), details
 
 
 def _report(
