@@ -19,6 +19,7 @@ from bench import (
     random_traffic,
     restarts,
     soak,
+    sqlite_store,
     webhook_outage,
 )
 from bench._harness import BenchError, print_table, write_results
@@ -48,6 +49,10 @@ SCENARIOS = {
     "restarts": (
         restarts,
         "a single container (SQLite data directory) restarted N times while mail arrives: lost, doubled",
+    ),
+    "sqlite-store": (
+        sqlite_store,
+        "the durable embedded store: checkpoint advances/s, load and start-up time with N mailboxes",
     ),
     "soak": (soak, "faults one after another while mail flows: every mail of the ledger delivered, once"),
     "webhook-latency": (
