@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from emlisten.models import WebhookEvent
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: From loopback (a few ms) to a Creatio that takes its time (minutes).
@@ -262,3 +264,19 @@ class Activity:
 
     def state_changed(self, mailbox_id: str, state: str, error: str | None = None) -> None:
         self.events.add(mailbox_id, "state", state=state, error=error)
+
+    def webhook_outcome(self, event: WebhookEvent, outcome: str) -> None:
+        """A webhook call's outcome: "delivered", "retry" or "dead_letter" (emlisten.sink.webhook)."""
+        now = time.time()
+        if outcome != "delivered":
+            self.series.failed(now)
+        self.events.add(
+            event.mailbox_id,
+            "webhook",
+            now,
+            outcome=outcome,
+            type=event.type,
+            event=event.id,
+            attempts=event.attempts,
+            error=event.last_error if outcome != "delivered" else None,
+        )

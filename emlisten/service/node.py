@@ -270,6 +270,7 @@ async def _run(
             webhooks = find_webhook_sink(adapters.sink)
             if webhooks is not None:
                 webhooks.bind(adapters.store, node_id=settings.node_id)
+                webhooks.on_outcome = metrics.activity.webhook_outcome
                 await root.start(webhooks.run)
             if role.works or not shared_queue:
                 # Secondaries always work; so does any node whose queue is its own.

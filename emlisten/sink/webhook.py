@@ -34,7 +34,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -251,6 +251,9 @@ class WebhookSink(Sink):
         self._nursery: trio.Nursery | None = None
         self._senders: dict[str, _Sender] = {}
         self._secrets: dict[str, tuple[float, tuple[str, ...]]] = {}
+        #: Told the outcome of every call (the web console's recent events of a mailbox):
+        #: ``(event, "delivered" | "retry" | "dead_letter")``, ``event.last_error`` saying why.
+        self.on_outcome: Callable[[WebhookEvent, str], None] | None = None
         # Receivers are slow or dead independently: no shared connection limit (each sender
         # bounds its own calls), so one cannot take the pool from another.
         self._client = httpx.AsyncClient(
@@ -558,12 +561,14 @@ class WebhookSink(Sink):
         store = self.store
         if outcome.ok:
             await store.outbox_done(event.endpoint, event.id)
+            self._tell(event, "delivered")
             return True
         event.attempts += 1
         event.last_error = outcome.error
         if outcome.final or event.attempts > len(self.retry_delays):
             event.dead_at = time.time()
             await store.outbox_dead_letter(event)
+            self._tell(event, "dead_letter")
             log.warning(
                 "webhook event dead-lettered after %d attempt(s): %s",
                 event.attempts,
@@ -578,6 +583,7 @@ class WebhookSink(Sink):
             delay = random.uniform(base * (1 - _JITTER), base * (1 + _JITTER))
         event.next_attempt_at = time.time() + delay
         await store.outbox_retry(event)
+        self._tell(event, "retry")
         log.info(
             "webhook call failed (attempt %d), retrying in %.1fs: %s",
             event.attempts,
@@ -586,6 +592,10 @@ class WebhookSink(Sink):
             extra={"mailbox": event.mailbox_id},
         )
         return False
+
+    def _tell(self, event: WebhookEvent, outcome: str) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(event, outcome)
 
     async def _secrets_for(self, mailbox_id: str) -> tuple[str, ...]:
         now = time.monotonic()

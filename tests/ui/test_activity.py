@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from emlisten.metrics import Activity, DeliverySeries, MailboxEvents
+from emlisten.models import WebhookEvent
 
 T0 = 1_800_000_000.0  # a multiple of 60
 
@@ -77,3 +78,20 @@ def test_activity_records_deliveries_failures_and_states() -> None:
     assert "m1" in activity.events.last_delivery
     minute = activity.series.snapshot()[-1]
     assert (minute["delivered"], minute["failed"]) == (2, 1)
+
+
+def test_activity_records_webhook_outcomes() -> None:
+    activity = Activity()
+    event = WebhookEvent("msg_1", "e", "https://hooks.example.test/", "m1", "message.new", "{}", T0)
+    event.attempts, event.last_error = 1, "HTTP 503"
+    activity.webhook_outcome(event, "retry")
+    event.attempts, event.last_error = 2, "HTTP 410"
+    activity.webhook_outcome(event, "dead_letter")
+    activity.webhook_outcome(event, "delivered")
+    recent = activity.events.recent("m1")
+    assert [(e["outcome"], e["attempts"], e["error"]) for e in recent] == [
+        ("delivered", 2, None),
+        ("dead_letter", 2, "HTTP 410"),
+        ("retry", 1, "HTTP 503"),
+    ]
+    assert activity.series.snapshot()[-1]["failed"] == 2

@@ -165,6 +165,15 @@ async def test_dead_letter_is_replayed_from_the_page(
         assert "queued again" in await browser.text("#dead-letter-message")
         assert (await service.http.get("/v1/dead-letters")).json()["items"] == []
 
+        # The mailbox's recent events tell the story.
+        await browser.click(f'#mailbox-rows tr[data-id="{mailbox_id}"]')
+        await browser.wait_until(
+            js("return document.querySelectorAll('#detail-events li[data-kind=webhook]').length >= 2;")
+        )
+        events = await browser.text("#detail-events")
+        assert f"webhook message.new {dead_id} accepted by the receiver" in events
+        assert f"webhook message.new {dead_id} dead-lettered after 1 attempt(s): HTTP 410" in events
+
         assert await browser.not_reloaded()
         await browser.screenshot("console-dead-letter-replayed.png")
         assert await browser.console_errors() == []

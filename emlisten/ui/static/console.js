@@ -293,6 +293,12 @@ function describeEvent(event) {
       return `delivery from ${event.folder} failed: ${event.error}`;
     case "state":
       return `state ${event.state}` + (event.error ? `: ${event.error}` : "");
+    case "webhook":
+      if (event.outcome === "delivered") return `webhook ${event.type} ${event.event} accepted by the receiver`;
+      if (event.outcome === "dead_letter") {
+        return `webhook ${event.type} ${event.event} dead-lettered after ${event.attempts} attempt(s): ${event.error}`;
+      }
+      return `webhook ${event.type} ${event.event} attempt ${event.attempts} failed, will retry: ${event.error}`;
     default:
       return event.kind;
   }
