@@ -89,6 +89,11 @@ async def test_ews_history_since_the_date_once_in_date_order_beside_live_mail(
     assert (again["state"], again["total"], again["delivered"], again["skipped"]) == ("done", 0, 0, 5)
     emails = node.creatio.emails_for(mailbox_id)
     assert len(emails) == 7 and len({e["Id"] for e in emails}) == 7
+    # Ticks 0 (DateTime.MinValue) means everything: only the too old one is new.
+    await synchronize(node, credentials, 0)
+    everything = await wait_history(node, mailbox_id)
+    assert (everything["state"], everything["delivered"], everything["skipped"]) == ("done", 1, 5)
+    assert node.creatio.emails_for(mailbox_id)[-1]["Subject"] == "too old"
 
 
 async def test_ews_history_waits_out_server_busy(node: GraphService, ews_sim: EwsSimulator) -> None:
@@ -136,7 +141,7 @@ async def test_graph_history_since_the_date_once_in_date_order_beside_live_mail(
     listings = graph_sim.requests_to("GET", r"/mailFolders/[^/]+/messages$")
     assert len(listings) == 3  # 2 + 2 + 1 (the live mail is past the floor, not listed)
 
-    await synchronize(node, credentials, {"StartDate": "2000-01-01"})
+    await synchronize(node, credentials, {"StartDate": 0})  # DateTime.MinValue: everything
     again = await wait_history(node, mailbox_id)
     assert (again["state"], again["total"], again["delivered"], again["skipped"]) == ("done", 1, 1, 5)
     emails = node.creatio.emails_for(mailbox_id)

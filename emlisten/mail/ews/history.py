@@ -43,9 +43,19 @@ FIND_PAGE_SIZE = 1000
 FETCH_PARALLEL = 4
 
 
+#: Mail is not older than this; earlier start dates (ticks 0 is DateTime.MinValue) mean it.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def utc_text(moment: datetime) -> str:
+    """``2024-01-04T21:20:00Z`` (xs:dateTime in UTC, four-digit year), at least ``EARLIEST``."""
+    moment = max(moment.astimezone(UTC), EARLIEST)
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}Z"
+
+
 def find_items_since(folder: str, since: datetime, *, offset: int, max_entries: int) -> str:
     """``FindItem`` of one page: ids and received times of items received at or after ``since``."""
-    moment = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = utc_text(since)
     field = '<t:FieldURI FieldURI="item:DateTimeReceived"/>'
     return (
         '<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>'
@@ -170,4 +180,4 @@ class EwsHistory:
         return [by_id[i] for i in item_ids if i in by_id]
 
 
-__all__ = ["FIND_PAGE_SIZE", "EwsHistory", "find_items_since", "item_page"]
+__all__ = ["FIND_PAGE_SIZE", "EwsHistory", "find_items_since", "item_page", "utc_text"]

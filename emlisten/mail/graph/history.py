@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import trio
 
 from emlisten.errors import FolderNotFoundError, MailProtocolError, MailSourceError
+from emlisten.mail.ews.history import utc_text
 from emlisten.mail.graph.delta import DeltaCursor, parse_time
 from emlisten.mail.graph.source import GraphReader, _graph_error
 from emlisten.models import Checkpoint, RawMessage
@@ -37,8 +38,6 @@ LIST_PAGE_SIZE = 1000
 FETCH_PARALLEL = 4
 
 
-def _odata_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class GraphHistory:
@@ -53,7 +52,7 @@ class GraphHistory:
         query = urlencode(
             {
                 "$filter": (
-                    f"receivedDateTime ge {_odata_time(since)} and receivedDateTime lt {_odata_time(until)}"
+                    f"receivedDateTime ge {utc_text(since)} and receivedDateTime lt {utc_text(until)}"
                 ),
                 "$orderby": "receivedDateTime asc",
                 "$select": "id,receivedDateTime",
