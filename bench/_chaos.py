@@ -285,3 +285,55 @@ async def write_steadily(
 
 def say_fault(elapsed: float, text: str) -> None:
     say(f"[soak {elapsed:7.1f}s] {text}")
+
+
+# -- the data directory of the embedded store --------------------------------------------------
+
+
+class DataDirMount:
+    """A small tmpfs of the soak's own, the data directory of a ``--role=all`` node, that can be
+    filled up (one filler file until ENOSPC) and freed again. (Not remounted read-only: Linux
+    refuses that with EBUSY while SQLite holds its files open for writing.)"""
+
+    def __init__(self, size_mib: int = 64) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="emlisten-soak-data-"))
+        self.size_mib = size_mib
+        self.mounted = False
+        self._filler = self.path / "soak-filler"
+
+    def _mount(self, *args: str) -> None:
+        completed = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30, check=False)
+        if completed.returncode != 0:
+            raise BenchError(
+                f"mount {' '.join(args)}: {completed.stderr.strip()} (the soak needs root for this)"
+            )
+
+    def mount(self) -> None:
+        self._mount("-t", "tmpfs", "-o", f"size={self.size_mib}m,mode=0700", "tmpfs", str(self.path))
+        self.mounted = True
+
+    def fill(self) -> int:
+        """Write a filler file until the file system is full; returns the bytes it took."""
+        written = 0
+        block = b"\0" * (1 << 20)
+        with self._filler.open("wb", buffering=0) as filler:
+            while True:
+                try:
+                    written += filler.write(block) or 0
+                except OSError:
+                    break
+        # Whatever space a partial block left is taken too.
+        with contextlib.suppress(OSError), self._filler.open("ab", buffering=0) as filler:
+            while filler.write(b"\0" * 4096):
+                written += 4096
+        return written
+
+    def free(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._filler.unlink()
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=30, check=False)
+            self.mounted = False
+        shutil.rmtree(self.path, ignore_errors=True)

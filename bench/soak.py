@@ -28,7 +28,10 @@ Fault kinds (``--kinds``; each round runs every kind once, in an order drawn fro
 - ``dovecot-restart``: Dovecot stopped and started (same ports, same mail);
 - ``creatio-500``, ``creatio-429``: every callback answered 500, or 429 with ``Retry-After: 5``,
   for 30 s;
-- ``creatio-hang``: every callback held unanswered for 60 s, then processed.
+- ``creatio-hang``: every callback held unanswered for 60 s, then processed;
+- ``datadir-full``: the data directory of ``n1`` (a ``--role=all`` process beside the cluster,
+  its store SQLite in ``EMLISTEN_DATA_DIR`` on a tmpfs of the soak's own) full for 30 s;
+- ``kill-single``: SIGKILL of ``n1``, restarted from its data directory after 5 s.
 
 The fault durations are multiplied by ``--fault-scale`` (the short CI form uses less). After each
 fault the soak waits until every mail appended before the fault ended was delivered (at most
@@ -48,6 +51,7 @@ import argparse
 import contextlib
 import random
 import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -64,7 +68,15 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from bench._chaos import ChaosCreatio, Ledger, PrivateRedis, PrivateVhost, say_fault, write_steadily
+from bench._chaos import (
+    ChaosCreatio,
+    DataDirMount,
+    Ledger,
+    PrivateRedis,
+    PrivateVhost,
+    say_fault,
+    write_steadily,
+)
 from bench._harness import (
     DEFAULT_AMQP_URL,
     BenchError,
@@ -100,7 +112,11 @@ FAULT_KINDS = (
     "creatio-500",
     "creatio-429",
     "creatio-hang",
+    "datadir-full",
+    "kill-single",
 )
+#: The kinds that act on the single --role=all node with a data directory.
+SINGLE_NODE_KINDS = ("datadir-full", "kill-single")
 #: Seconds a fault lasts at --fault-scale 1 (the issue's figures where it names them).
 FAULT_SECONDS = {
     "kill-primary": 5.0,  # down before the restart
@@ -111,6 +127,8 @@ FAULT_SECONDS = {
     "creatio-500": 30.0,
     "creatio-429": 30.0,
     "creatio-hang": 60.0,
+    "datadir-full": 30.0,
+    "kill-single": 5.0,
 }
 #: The issue's target: every mail delivered within this long after the end of the fault that delayed it.
 TARGET_PAST_FAULT_SECONDS = 60.0
@@ -121,6 +139,13 @@ _SUBJECT = re.compile(r"^bench (\w+) (\d+)$")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, mailboxes=200)
+    parser.add_argument(
+        "--single-mailboxes",
+        type=int,
+        default=20,
+        help="mailboxes of a separate --role=all node whose store is SQLite in a data directory "
+        "(the single container; default 20, 0: no such node)",
+    )
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the fault phase (default 30)")
     parser.add_argument(
         "--seed", type=int, default=0, help="order of the faults (default 0: drawn, and reported)"
@@ -267,7 +292,8 @@ class Soak:
     amqp_proxy: FaultProxy
     ledger: Ledger
     tally: Tally
-    credentials: list[dict[str, Any]]
+    groups: dict[str, list[dict[str, Any]]]  # the node that registered them -> credentials
+    data_dir: DataDirMount | None
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     faults: list[FaultRecord] = field(default_factory=list)
@@ -403,6 +429,21 @@ class Soak:
             return f"{self.creatio.hung_requests - hung_before} requests held"
         return f"answered {status}" + (" with Retry-After: 5" if status == 429 else "")
 
+    async def datadir_full(self, number: int) -> str:
+        assert self.data_dir is not None
+        taken = await trio.to_thread.run_sync(self.data_dir.fill)
+        try:
+            await trio.sleep(self.seconds("datadir-full"))
+        finally:
+            await trio.to_thread.run_sync(self.data_dir.free)
+        return f"n1's data directory full ({taken / 2**20:.0f} MiB filler)"
+
+    async def kill_single(self, number: int) -> str:
+        self.stack.nodes["n1"].kill()
+        await trio.sleep(self.seconds("kill-single"))
+        await self.restart("n1")
+        return "n1 (data directory) killed, restarted"
+
     def action(self, kind: str) -> Callable[[int], Awaitable[str]]:
         actions: dict[str, Callable[[int], Awaitable[str]]] = {
             "kill-primary": self.kill_primary,
@@ -416,6 +457,8 @@ class Soak:
             "creatio-500": partial(self.creatio_outage, status=500, kind="creatio-500"),
             "creatio-429": partial(self.creatio_outage, status=429, kind="creatio-429"),
             "creatio-hang": partial(self.creatio_outage, status=None, kind="creatio-hang"),
+            "datadir-full": self.datadir_full,
+            "kill-single": self.kill_single,
         }
         return actions[kind]
 
@@ -441,19 +484,20 @@ class Soak:
     async def creatio_failover_job(self) -> None:
         """Every minute, as Creatio: ask which subscriptions exist, re-create the others and load
         their history from the last mail received for them minus 5 minutes."""
-        by_id = {c["Id"].lower(): c for c in self.credentials}
         while True:
             await trio.sleep(self.args.creatio_job_seconds)
-            try:
-                await self._failover_round(by_id)
-            except (httpx.HTTPError, BenchError, KeyError, ValueError) as exc:
-                self.job_errors.append(f"{self.now():.0f}s: {type(exc).__name__}: {exc}"[:300])
+            for via, members in self.groups.items():
+                try:
+                    await self._failover_round(via, {c["Id"].lower(): c for c in members})
+                except (httpx.HTTPError, BenchError, KeyError, ValueError) as exc:
+                    self.job_errors.append(f"{self.now():.0f}s {via}: {type(exc).__name__}: {exc}"[:300])
 
-    async def _failover_round(self, by_id: dict[str, dict[str, Any]]) -> None:
-        primaries = self.alive("primary")
-        if not primaries:
+    async def _failover_round(self, via: str, by_id: dict[str, dict[str, Any]]) -> None:
+        """One round against one deployment (the cluster, through a live primary, or n1)."""
+        candidates = self.alive("primary") if via == "p1" else self.alive("all")
+        if not by_id or not candidates:
             return
-        url = self.stack.nodes[self.rng.choice(primaries)].url
+        url = self.stack.nodes[self.rng.choice(candidates)].url
         http = self.stack.http
         response = await http.post(f"{url}/api/listeners/subscriptionsstate", json=list(by_id), timeout=60)
         response.raise_for_status()
@@ -461,7 +505,7 @@ class Soak:
         self.job_rounds += 1
         if not closed:
             return
-        say_fault(self.now(), f"Creatio's failover job: {len(closed)} mailboxes closed, re-creating them")
+        say_fault(self.now(), f"Creatio's failover job: {len(closed)} mailboxes closed on {via}, re-creating")
         self.job_recreated += len(closed)
         chunk = [by_id[mid.lower()] for mid in closed]
         response = await http.post(f"{url}/api/listeners/recreate", json=chunk, timeout=120)
@@ -479,10 +523,15 @@ class Soak:
 
 @contextlib.asynccontextmanager
 async def open_soak_cluster(
-    args: argparse.Namespace, dovecot: Dovecot, redis: PrivateRedis, amqp_url: str
+    args: argparse.Namespace,
+    dovecot: Dovecot,
+    redis: PrivateRedis,
+    amqp_url: str,
+    data_dir: DataDirMount | None,
 ) -> AsyncIterator[ClusterStack]:
-    """p1, p2 (primaries) and s1, s2 (secondaries) on the private Redis and the vhost, with the
-    chaos stand-in; every node still running gets SIGTERM at the end."""
+    """p1, p2 (primaries) and s1, s2 (secondaries) on the private Redis and the vhost, n1 (role
+    all, its store in ``data_dir``) beside them, with the chaos stand-in; every node still
+    running gets SIGTERM at the end."""
     backends = SharedBackends(redis.url, amqp_url)
     env = {
         "EMLISTEN_TLS_CA_FILE": str(dovecot.ca_file),
@@ -495,6 +544,16 @@ async def open_soak_cluster(
         name: EmlistenProcess({**env, "EMLISTEN_NODE_ID": name}, log_dir, name=name, role=role)
         for name, role in (("p1", "primary"), ("p2", "primary"), ("s1", "secondary"), ("s2", "secondary"))
     }
+    if data_dir is not None:
+        single_env = {
+            "EMLISTEN_TLS_CA_FILE": str(dovecot.ca_file),
+            "EMLISTEN_LOG_LEVEL": "INFO",
+            "EMLISTEN_DATA_DIR": str(data_dir.path),
+            "EMLISTEN_SECRET_KEY": secrets.token_urlsafe(32),
+            "EMLISTEN_NODE_ID": "n1",
+            **parse_env(args.env),
+        }
+        nodes["n1"] = EmlistenProcess(single_env, log_dir, name="n1", role="all")
     creatio = ChaosCreatio()
     async with trio.open_nursery() as nursery:
         await nursery.start(creatio.serve)
@@ -517,14 +576,14 @@ async def open_soak_cluster(
     say(f"emlisten logs: {log_dir}")
 
 
-async def wait_all_listening(stack: ClusterStack, ids: Sequence[str], within: float) -> float:
+async def wait_all_listening(stack: ClusterStack, ids: Sequence[str], within: float, via: str) -> float:
     started = time.monotonic()
-    progress = Progress("listening", len(ids))
+    progress = Progress(f"listening (seen by {via})", len(ids))
     listening = 0
     with trio.move_on_after(within):
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                items = await stack.mailboxes("s1")
+                items = await stack.mailboxes(via)
                 listening = sum(1 for m in items if m.get("state") == "listening" and m.get("node"))
                 progress.update(listening)
                 if listening >= len(ids):
@@ -552,16 +611,23 @@ def run(args: argparse.Namespace) -> Result:
         raise BenchError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
     if not args.seed:
         args.seed = random.SystemRandom().randrange(1, 2**31)
+    if args.single_mailboxes <= 0 and set(kinds) & set(SINGLE_NODE_KINDS):
+        raise BenchError(f"{', '.join(SINGLE_NODE_KINDS)} need --single-mailboxes > 0")
     redis = PrivateRedis()
     vhost = PrivateVhost(args.amqp_url)
+    data_dir = DataDirMount() if args.single_mailboxes > 0 else None
     try:
+        if data_dir is not None:
+            data_dir.mount()
         redis.start()
         vhost.create()
         with bench_dovecot(args) as dovecot:
-            users = create_users(dovecot, args.mailboxes)
-            return trio.run(_soak, args, kinds, dovecot, users, redis, vhost)
+            users = create_users(dovecot, args.mailboxes + args.single_mailboxes)
+            return trio.run(_soak, args, kinds, dovecot, users, redis, vhost, data_dir)
     finally:
         redis.close()
+        if data_dir is not None:
+            data_dir.close()
         with contextlib.suppress(BenchError, OSError, subprocess.SubprocessError):
             vhost.delete()
 
@@ -573,6 +639,7 @@ async def _soak(
     users: Sequence[MailUser],
     redis: PrivateRedis,
     vhost: PrivateVhost,
+    data_dir: DataDirMount | None,
 ) -> Result:
     rng = random.Random(args.seed)
     run_tag = uuid.uuid4().hex[:8]
@@ -586,7 +653,12 @@ async def _soak(
             "rate_per_s": args.rate,
             "kinds": list(kinds),
             "fault_scale": args.fault_scale,
-            "nodes": "2 primaries + 2 secondaries",
+            "nodes": "2 primaries + 2 secondaries"
+            + (
+                f"; 1 --role=all with a data directory ({args.single_mailboxes} mailboxes)"
+                if data_dir
+                else ""
+            ),
             "creatio_job_s": args.creatio_job_seconds,
         },
     )
@@ -601,21 +673,29 @@ async def _soak(
         await proxies.start(amqp_proxy.serve)
         userinfo = amqp_parts.netloc.rpartition("@")[0]
         amqp_url = amqp_parts._replace(netloc=f"{userinfo}@127.0.0.1:{amqp_proxy.port}").geturl()
-        async with open_soak_cluster(args, dovecot, redis, amqp_url) as stack:
+        async with open_soak_cluster(args, dovecot, redis, amqp_url, data_dir) as stack:
             creatio = stack.standin
             assert isinstance(creatio, ChaosCreatio)
             credentials = [
                 {**mailbox_credentials(dovecot, creatio, u, tls=args.tls), "Port": imap_proxy.port}
                 for u in users
             ]
-            ids = [c["Id"] for c in credentials]
-            say(f"registering {len(ids)} mailboxes through p1")
-            await stack.register(credentials, via="p1")
-            cold = await wait_all_listening(stack, ids, args.listen_timeout or max(120.0, len(ids) * 0.5))
+            groups = {"p1": credentials[: args.mailboxes], "n1": credentials[args.mailboxes :]}
+            cold = 0.0
+            for via, members in groups.items():
+                if not members:
+                    continue
+                say(f"registering {len(members)} mailboxes through {via}")
+                await stack.register(members, via=via)
+                within = args.listen_timeout or max(120.0, len(members) * 0.5)
+                observer = "s1" if via == "p1" else via
+                cold = max(
+                    cold, await wait_all_listening(stack, [c["Id"] for c in members], within, observer)
+                )
             ledger = Ledger(run_tag)
             soak = Soak(
                 args, rng, dovecot, users, stack, creatio, redis, vhost, imap_proxy, amqp_proxy,
-                ledger, Tally(creatio, run_tag), credentials,
+                ledger, Tally(creatio, run_tag), groups, data_dir,
             )  # fmt: skip
             say(f"seed {args.seed}; faults for {args.minutes:g} min: {', '.join(kinds)}")
             async with trio.open_nursery() as background:
@@ -820,8 +900,14 @@ def _figures(
     result.notes.append(
         "2 primaries + 2 secondaries (every emlisten setting at its default"
         + (f", plus {', '.join(soak.args.env)}" if soak.args.env else "")
-        + ") on a private redis-server (AOF, appendfsync everysec) and a private RabbitMQ vhost; IMAP and "
-        "AMQP through fault proxies; Creatio stand-in with a failover job every "
+        + ") on a private redis-server (AOF, appendfsync everysec) and a private RabbitMQ vhost"
+        + (
+            f"; beside them n1, one --role=all process with {soak.args.single_mailboxes} mailboxes, its "
+            "store SQLite in EMLISTEN_DATA_DIR on a 64 MiB tmpfs"
+            if soak.data_dir is not None
+            else ""
+        )
+        + "; IMAP and AMQP through fault proxies; Creatio stand-in with a failover job every "
         f"{soak.args.creatio_job_seconds:g} s. The machine (2 cores) was shared with other engineers' work."
     )
     result.notes.append(

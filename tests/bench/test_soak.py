@@ -40,6 +40,7 @@ def test_short_soak_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
         tmp_path,
         "soak",
         "--mailboxes", "20",
+        "--single-mailboxes", "0",
         "--minutes", "4",
         "--rounds", "1",
         "--kinds", SHORT_KINDS,
