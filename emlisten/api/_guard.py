@@ -216,9 +216,10 @@ def drain_unread_body(asgi_app: Any) -> Any:
 
     - After the app answered without reading the whole body, read and drop the rest: Hypercorn
       hands the body over through a small queue, which left full blocks the connection.
-    - A response saying ``Connection: close`` ends with a shielded send: the close happens inside
-      that send, and Quart-Trio cancels the request's tasks as soon as the client's side ends,
-      which used to cancel the close itself and leave the socket open, unanswered.
+    - A response saying ``Connection: close``, or sent before the body was read, ends with a
+      shielded send: Hypercorn closes the connection inside that send, and Quart-Trio cancels the
+      request's tasks as soon as the client's side ends, which used to cancel the close itself and
+      leave the socket open, never answering again.
     """
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -238,11 +239,20 @@ def drain_unread_body(asgi_app: Any) -> Any:
         async def closing_send(message: Any) -> None:
             nonlocal closing
             if message.get("type") == "http.response.start":
+                headers = list(message.get("headers", ()))
                 closing = any(
                     bytes(name).lower() == b"connection" and b"close" in bytes(value).lower()
-                    for name, value in message.get("headers", ())
+                    for name, value in headers
                 )
-            if closing and message.get("type") == "http.response.body" and not message.get("more_body"):
+                if not finished and not closing:
+                    # Answered before the body arrived: Hypercorn will close; say so, or the
+                    # client reuses a connection that is about to go.
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                    closing = True
+            last = message.get("type") == "http.response.body" and not message.get("more_body")
+            # Hypercorn closes the connection inside this send when the response says so or
+            # the request body is still arriving (an early answer).
+            if last and (closing or not finished):
                 with trio.CancelScope(shield=True) as shielded:
                     shielded.deadline = trio.current_time() + 10.0  # a small error answer
                     await send(message)

@@ -20,6 +20,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from emlisten.abc import Sink, Store
+from emlisten.api._guard import BodyRejected, load_json
 from emlisten.api.openapi import openapi_document
 from emlisten.api.v1_mailboxes import mailbox_to_v1, parse_v1_mailbox, redact_url, v1_body_of
 from emlisten.config import Settings
@@ -72,7 +73,10 @@ async def _json_body() -> Any:
     if not data.strip():
         raise _Invalid("body", "empty: a JSON object was expected")
     try:
-        return json.loads(data.decode("utf-8-sig"))
+        # Also refuses deep nesting, lone surrogates and over-long fields (emlisten.api._guard).
+        return load_json(data)
+    except BodyRejected as rejected:
+        raise _Invalid(rejected.field, rejected.message) from None
     except UnicodeDecodeError:
         raise _Invalid("body", "not UTF-8") from None
     except json.JSONDecodeError as error:
