@@ -408,9 +408,12 @@ class WebhookSink(Sink):
     async def _run_sender(self, sender: _Sender) -> None:
         lease = f"webhook/{sender.endpoint}"
         store = self.store
+        # An owner per sender: a sender that is still letting go of the lease (idle, stopping)
+        # and its successor on this node must not both hold it.
+        owner = f"{self._owner}/{uuid.uuid4().hex[:8]}"
         try:
             wait = 0.01
-            while not await store.claim_leases(self._owner, [lease], self.lease_ttl):
+            while not await store.claim_leases(owner, [lease], self.lease_ttl):
                 # Another node sends this receiver's outbox; stand by while it has events.
                 if not await store.outbox_count(sender.endpoint):
                     return
@@ -418,23 +421,23 @@ class WebhookSink(Sink):
                 wait = min(wait * 2, self.lease_ttl / 3)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keep_lease, lease, nursery.cancel_scope)
+                    nursery.start_soon(self._keep_lease, owner, lease, nursery.cancel_scope)
                     await self._send(sender, nursery)
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await store.release_leases(self._owner, [lease])
+                    await store.release_leases(owner, [lease])
         except StoreError as exc:
             log.warning("webhook sender stopped: %s", exc)
         finally:
             if self._senders.get(sender.endpoint) is sender:
                 del self._senders[sender.endpoint]
 
-    async def _keep_lease(self, lease: str, scope: trio.CancelScope) -> None:
+    async def _keep_lease(self, owner: str, lease: str, scope: trio.CancelScope) -> None:
         while True:
             await trio.sleep(self.lease_ttl / 3)
             try:
-                held = await self.store.renew_leases(self._owner, [lease], self.lease_ttl)
+                held = await self.store.renew_leases(owner, [lease], self.lease_ttl)
             except StoreError as exc:
                 log.warning("cannot renew the webhook lease: %s", exc)
                 continue
