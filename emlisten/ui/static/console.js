@@ -193,6 +193,12 @@ function mailboxQuery() {
 }
 
 function renderMailboxes(page, now) {
+  if (!page.items.length && page.offset > 0 && page.total > 0) {
+    // Mailboxes went away under this page: show the last one that has rows.
+    view.offset = Math.max(0, Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
+    again = true;
+    return;
+  }
   $("mailbox-total").textContent = `· ${page.registered} registered`;
   const counts = page.counts || {};
   const all = Object.values(counts).reduce((a, b) => a + b, 0);
