@@ -331,6 +331,9 @@ class WebhookEvent:
     last_error: str = ""
     #: When it was moved to the dead letters (0: still in the outbox).
     dead_at: float = 0.0
+    #: The mailbox's signing secrets when it was queued: they sign it if the mailbox is removed
+    #: before it is sent (otherwise the mailbox's current ones do). Hidden from ``repr``.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 def message_key(mailbox_id: str, folder: str, key: str) -> str:

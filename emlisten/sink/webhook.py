@@ -250,7 +250,8 @@ class WebhookSink(Sink):
         self._owner = f"webhooks/{uuid.uuid4().hex[:12]}"
         self._nursery: trio.Nursery | None = None
         self._senders: dict[str, _Sender] = {}
-        self._secrets: dict[str, tuple[float, tuple[str, ...]]] = {}
+        #: mailbox id -> (cached until, its secrets; None once it was removed)
+        self._secrets: dict[str, tuple[float, tuple[str, ...] | None]] = {}
         #: Told the outcome of every call (the web console's recent events of a mailbox):
         #: ``(event, "delivered" | "retry" | "dead_letter")``, ``event.last_error`` saying why.
         self.on_outcome: Callable[[WebhookEvent, str], None] | None = None
@@ -311,6 +312,7 @@ class WebhookSink(Sink):
             type=kind,
             payload=json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
             created_at=time.time(),
+            secrets=mailbox.webhook.secrets if mailbox.webhook else (),
         )
 
     async def _enqueue(self, events: Sequence[WebhookEvent]) -> None:
@@ -600,21 +602,26 @@ class WebhookSink(Sink):
         if self.on_outcome is not None:
             self.on_outcome(event, outcome)
 
-    async def _secrets_for(self, mailbox_id: str) -> tuple[str, ...]:
+    async def _secrets_for(self, event: WebhookEvent) -> tuple[str, ...]:
+        """The mailbox's current secrets, else the default (a rotation applies to queued events
+        too); for a mailbox removed since the event was queued, the secrets it had then."""
+        mailbox_id = event.mailbox_id
         now = time.monotonic()
         cached = self._secrets.get(mailbox_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        mailbox = await self.store.get_mailbox(mailbox_id)
-        secrets = (mailbox.webhook.secrets if mailbox and mailbox.webhook else ()) or self.default.secrets
-        if len(self._secrets) > 10000:
-            self._secrets.clear()
-        # Briefly cached: a rotation (PATCH) is signed with the new secrets within seconds.
-        self._secrets[mailbox_id] = (now + 5.0, secrets)
-        return secrets
+        if cached is None or cached[0] <= now:
+            mailbox = await self.store.get_mailbox(mailbox_id)
+            current = None if mailbox is None else (mailbox.webhook.secrets if mailbox.webhook else ())
+            if len(self._secrets) > 10000:
+                self._secrets.clear()
+            # Briefly cached: a rotation (PATCH) signs with the new secrets within seconds.
+            cached = self._secrets[mailbox_id] = (now + 5.0, current)
+        current = cached[1]
+        if current is None:  # removed
+            return event.secrets or self.default.secrets
+        return current or self.default.secrets
 
     async def _post(self, event: WebhookEvent) -> _Outcome:
-        secrets = await self._secrets_for(event.mailbox_id)
+        secrets = await self._secrets_for(event)
         if not secrets:
             return _Outcome(
                 False,

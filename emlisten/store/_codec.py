@@ -255,6 +255,7 @@ def webhook_event_to_dict(event: WebhookEvent) -> dict[str, Any]:
         "next_attempt_at": event.next_attempt_at,
         "last_error": event.last_error,
         "dead_at": event.dead_at,
+        "secrets": list(event.secrets),
     }
 
 
@@ -272,6 +273,7 @@ def webhook_event_from_dict(data: Mapping[str, Any]) -> WebhookEvent:
             next_attempt_at=float(data.get("next_attempt_at", 0.0)),
             last_error=str(data.get("last_error", "")),
             dead_at=float(data.get("dead_at", 0.0)),
+            secrets=tuple(str(secret) for secret in data.get("secrets", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CodecError(f"bad webhook event document: {exc.__class__.__name__}") from None

@@ -183,6 +183,23 @@ async def test_a_receiver_back_from_a_long_outage_gets_its_mail_at_once(nursery:
     assert len(receiver.calls_to("/back")) == 8  # nothing was sent while it was down
 
 
+async def test_events_of_a_removed_mailbox_are_signed_with_its_secret(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    target = mailbox(receiver.url("/removed"))
+    store = MemoryStore()
+    sink = WebhookSink()
+    sink.bind(store)
+    await store.put_mailbox(target)
+    await sink.deliver(target, [message(target.id, 1), message(target.id, 2)], idempotency_key="k")
+    await store.remove_mailbox(target.id)  # DELETE /v1/mailboxes/{id} before the sender ran
+    async with running(sink, store):
+        calls = await receiver.wait_accepted("/removed", 2)
+    for call in calls:
+        standardwebhooks.Webhook(SECRET).verify(call.body, call.headers)
+    assert SECRET not in repr(await store.outbox_peek("x", 1)) and "secrets" not in repr(calls[0])
+
+
 @pytest.mark.redis
 async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
     receiver = WebhookReceiver()
