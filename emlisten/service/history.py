@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -486,21 +487,14 @@ class HistoryLoads:
             len(in_range) - len(wanted),
             extra=where,
         )
-        count = self.settings.batch_max_count
-        for start in range(0, len(wanted), count):
-            chunk = wanted[start : start + count]
-            current = await self._mailbox(mailbox.id)
-            received = dict(chunk)
-            fetched = await history.fetch([item_id for item_id, _ in chunk])
-            messages = [
-                dataclasses.replace(
-                    raw, uid=item_number(raw.key), internal_date=raw.internal_date or received.get(raw.key)
-                )
-                for raw in fetched
-            ]
-            progress.vanished += len(chunk) - len(messages)
-            for batch in self._batches(messages):
-                await self._deliver_batch(current, folder, floor.uidvalidity, batch, progress)
+        await self._fetch_and_deliver(
+            history,
+            mailbox_id=mailbox.id,
+            folder=folder,
+            uidvalidity=floor.uidvalidity,
+            wanted=wanted,
+            progress=progress,
+        )
         if wanted:
             log.info(
                 "history load: delivered %d of %d, %d remaining",
@@ -509,6 +503,65 @@ class HistoryLoads:
                 progress.remaining,
                 extra=where,
             )
+
+    async def _fetch_and_deliver(
+        self,
+        history: ItemHistory,
+        *,
+        mailbox_id: str,
+        folder: str,
+        uidvalidity: int,
+        wanted: Sequence[tuple[str, datetime | None]],
+        progress: HistoryProgress,
+    ) -> None:
+        """Fetch ``EMLISTEN_BATCH_MAX_COUNT`` items at a time and deliver them, the next batch
+        fetched while the current one is delivered (two batches in memory at most). A fetch
+        failure reaches the delivering side in turn, so a delivery in flight is never cut."""
+        count = self.settings.batch_max_count
+        fetched_send, fetched_receive = trio.open_memory_channel[
+            tuple[list[RawMessage], int] | MailSourceError
+        ](0)
+
+        async def fetch_all() -> None:
+            # BrokenResourceError: the delivering side failed and stopped listening.
+            with suppress(trio.BrokenResourceError), fetched_send:
+                for start in range(0, len(wanted), count):
+                    chunk = wanted[start : start + count]
+                    received = dict(chunk)
+                    try:
+                        raws = await history.fetch([item_id for item_id, _ in chunk])
+                    except MailSourceError as exc:
+                        await fetched_send.send(exc)
+                        return
+                    messages = [
+                        dataclasses.replace(
+                            raw,
+                            uid=item_number(raw.key),
+                            internal_date=raw.internal_date or received.get(raw.key),
+                        )
+                        for raw in raws
+                    ]
+                    await fetched_send.send((messages, len(chunk) - len(messages)))
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_all)
+            try:
+                async with fetched_receive:
+                    async for item in fetched_receive:
+                        if isinstance(item, MailSourceError):
+                            raise item
+                        messages, vanished = item
+                        progress.vanished += vanished
+                        current = await self._mailbox(mailbox_id)
+                        for batch in self._batches(messages):
+                            await self._deliver_batch(current, folder, uidvalidity, batch, progress)
+            except Exception as exc:
+                # Raised after the nursery, so the caller sees it unwrapped.
+                failure = exc
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     def _batches(self, messages: Sequence[RawMessage]) -> Iterable[list[RawMessage]]:
         """Split by ``batch_max_bytes`` (a single big message still goes alone)."""

@@ -200,3 +200,23 @@ async def test_ews_load_shows_progress_and_stops_when_the_mailbox_is_closed(
             await trio.sleep(0.02)
     node.creatio.fail_mailbox(mailbox_id, None)
     assert node.creatio.emails_for(mailbox_id) == []
+
+
+async def test_ews_load_retries_after_getitem_stays_busy(node: GraphService, ews_sim: EwsSimulator) -> None:
+    """GetItem busy past the client's patience fails one pass (fetched ahead of delivery); the
+    load retries and delivers every mail once."""
+    account = ews_account(ews_sim)
+    for when in OLD_DATES:
+        ews_sim.add_message(account.address, mime(subject_of(when)), received=when)
+    credentials = ews_credentials(ews_sim, account, node.creatio)
+    mailbox_id = await create_listening(node, credentials)
+
+    ews_sim.throttle(account.address, back_off_ms=20, count=6, operation="GetItem")
+    await synchronize(node, credentials)
+    done = await wait_history(node, mailbox_id)
+    assert (done["state"], done["delivered"], done["error"]) == ("done", 5, None)
+    busy = [r for r in ews_sim.requests_for(account.address, "GetItem") if r.busy]
+    assert len(busy) == 6
+    assert len(ews_sim.requests_for(account.address, "FindItem")) == 2  # a second pass
+    emails = node.creatio.emails_for(mailbox_id)
+    assert [e["Subject"] for e in emails] == [subject_of(d) for d in sorted(OLD_DATES)]

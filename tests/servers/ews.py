@@ -269,6 +269,8 @@ class _Throttle:
     back_off_ms: int
     remaining: int
     busy_until: float = 0.0
+    #: Only this operation is throttled ("": every one).
+    operation: str = ""
 
 
 class _Fault(Exception):
@@ -574,10 +576,11 @@ class EwsSimulator:
         for stream_id in subscription.streams:
             self._streams[stream_id].poke()
 
-    def throttle(self, address: str, back_off_ms: int, *, count: int = 1) -> None:
-        """Answer the next ``count`` requests for ``address`` with ErrorServerBusy, and any request
-        that comes before the announced back-off has passed."""
-        self._throttles[address.lower()] = _Throttle(back_off_ms, count)
+    def throttle(self, address: str, back_off_ms: int, *, count: int = 1, operation: str = "") -> None:
+        """Answer the next ``count`` requests for ``address`` (of ``operation`` only, when given)
+        with ErrorServerBusy, and any such request that comes before the announced back-off has
+        passed."""
+        self._throttles[address.lower()] = _Throttle(back_off_ms, count, operation=operation)
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -861,7 +864,7 @@ class EwsSimulator:
                         "ErrorNonExistentMailbox", "The SMTP address has no mailbox associated with it."
                     )
                 target = found
-            self._check_throttle(target, now)
+            self._check_throttle(target, now, operation)
             if operation == "GetStreamingEvents":
                 self._record(
                     EwsRequest(
@@ -997,9 +1000,9 @@ class EwsSimulator:
             "</Account></Response></Autodiscover>"
         ).encode()
 
-    def _check_throttle(self, account: EwsAccount, now: float) -> None:
+    def _check_throttle(self, account: EwsAccount, now: float, operation: str) -> None:
         throttle = self._throttles.get(account.address.lower())
-        if throttle is None:
+        if throttle is None or throttle.operation not in ("", operation):
             return
         if now < throttle.busy_until or throttle.remaining > 0:
             if now >= throttle.busy_until:
