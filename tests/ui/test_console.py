@@ -174,6 +174,22 @@ async def test_dead_letter_is_replayed_from_the_page(
         assert f"webhook message.new {dead_id} accepted by the receiver" in events
         assert f"webhook message.new {dead_id} dead-lettered after 1 attempt(s): HTTP 410" in events
 
+        await browser.click("#detail-close")
+
+        # Filtered on the server: by text, then by state too.
+        rows = "#mailbox-rows tr[data-id]"
+        await browser.type("#filter-q", locked_out.name)
+        await browser.wait_until(js(f"return document.querySelectorAll('{rows}').length === 1;"))
+        assert (
+            await browser.run(
+                browser.driver.execute_script, f"return document.querySelector('{rows}').dataset.id;"
+            )
+            == failing_id
+        )
+        await browser.click('#state-chips button[data-state="listening"]')
+        await browser.wait_until(js(f"return document.querySelectorAll('{rows}').length === 0;"))
+        assert "No mailbox matches." in await browser.text("#mailbox-rows")
+
         assert await browser.not_reloaded()
         await browser.screenshot("console-dead-letter-replayed.png")
         assert await browser.console_errors() == []
