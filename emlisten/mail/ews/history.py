@@ -12,8 +12,10 @@ a ``Create`` change when syncing from that state, and live delivery delivers exa
 the load lists first, then syncs from the floor to the folder's current end, and leaves out what
 the sync reports: whatever the listing saw after the floor, the later sync sees too.
 
-MIME: ``GetItem`` in batches (``EwsReader.fetch``), several batches in flight. ``ErrorServerBusy``
-is waited out as ``EwsClient.call`` does for every operation (its ``BackOffMilliseconds``).
+MIME: ``GetItem`` of ``GET_ITEM_BATCH`` (20) items a call (``EwsReader.fetch``); a fetch of more
+ids runs up to ``FETCH_PARALLEL`` calls at once (the history service asks for one delivery batch
+at a time, the next while the current one is delivered). ``ErrorServerBusy`` is waited out as
+``EwsClient.call`` does for every operation (its ``BackOffMilliseconds``).
 """
 
 from __future__ import annotations
