@@ -1208,13 +1208,49 @@ async def bare_client_cold_start(
         await close_all(clients)
 
 
-async def connect_appenders(stack: MailServerSide, users: Sequence[MailUser]) -> list[RawImap]:
-    """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
+class Appender(Protocol):
+    """Appends mail to one user's INBOX (a held session, or a short one per mail)."""
+
+    async def append(self, message: bytes, folder: str = "INBOX") -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: Above this many users the bench does not hold a session per user for appending: every held
+#: session is one more imap process on the server (10,000 of them beside 10,000 listening
+#: sessions woken by the burst exhausted the test server and the machine).
+HELD_APPENDERS_MAX = 2000
+
+
+class ShortSessionAppender:
+    """APPEND on a session of its own per mail: connect, LOGIN, APPEND, LOGOUT."""
+
+    def __init__(self, dovecot: Dovecot, user: MailUser) -> None:
+        self.dovecot = dovecot
+        self.user = user
+
+    async def append(self, message: bytes, folder: str = "INBOX") -> bytes:
+        client = await RawImap.connect(self.dovecot.host, self.dovecot.imap_port)
+        try:
+            await client.login(self.user.name, self.user.password)
+            return await client.append(message, folder)
+        finally:
+            await client.aclose()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def connect_appenders(stack: MailServerSide, users: Sequence[MailUser]) -> list[Appender]:
+    """An appender per user (see :func:`connect_appenders_to`)."""
     return await connect_appenders_to(stack.dovecot, users)
 
 
-async def connect_appenders_to(dovecot: Dovecot, users: Sequence[MailUser]) -> list[RawImap]:
-    """One logged-in plain-IMAP connection per user, for APPEND (not selected)."""
+async def connect_appenders_to(dovecot: Dovecot, users: Sequence[MailUser]) -> list[Appender]:
+    """One logged-in plain-IMAP connection per user, for APPEND (not selected); above
+    ``HELD_APPENDERS_MAX`` users a short session per mail instead."""
+    if len(users) > HELD_APPENDERS_MAX:
+        return [ShortSessionAppender(dovecot, user) for user in users]
     clients: list[RawImap | None] = [None] * len(users)
 
     async def one(i: int, limiter: trio.CapacityLimiter) -> None:
@@ -1230,7 +1266,7 @@ async def connect_appenders_to(dovecot: Dovecot, users: Sequence[MailUser]) -> l
     return [c for c in clients if c is not None]
 
 
-async def close_all(clients: Sequence[RawImap]) -> None:
+async def close_all(clients: Sequence[Appender]) -> None:
     async with trio.open_nursery() as nursery:
         for client in clients:
             nursery.start_soon(client.aclose)

@@ -39,6 +39,7 @@ import httpx
 import trio
 
 from bench._harness import (
+    Appender,
     BenchError,
     CallbackIndex,
     ClusterStack,
@@ -130,7 +131,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, targets: Mapping[str, 
 
 
 async def _append_all(
-    appenders: Sequence[RawImap], run_tag: str, mails: int, size: int, parallel: int
+    appenders: Sequence[Appender], run_tag: str, mails: int, size: int, parallel: int
 ) -> None:
     """Mail i goes to mailbox i % N; worker w serves the mailboxes with index % parallel == w, so
     no connection is used by two tasks at once."""
@@ -168,7 +169,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 async def _freeze_append_thaw(
     processes: Mapping[str, EmlistenProcess],
     standin: CreatioStandIn,
-    appenders: Sequence[RawImap],
+    appenders: Sequence[Appender],
     args: argparse.Namespace,
     *,
     http: httpx.AsyncClient,
@@ -343,7 +344,7 @@ async def bare_client_drain(
         fetched += count
         finished_at = max(finished_at, time.monotonic())
 
-    appenders: list[RawImap] = []
+    appenders: list[Appender] = []
     try:
         limiter = trio.CapacityLimiter(64)
         async with trio.open_nursery() as nursery:

@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from bench._harness import (
+    Appender,
     BenchError,
     CallbackIndex,
     ClusterStack,
@@ -312,7 +313,7 @@ class LeaseWatch:
 
 
 async def _append_sample(
-    appenders: Sequence[RawImap], run_tag: str, parallel: int, appended_wall: list[float]
+    appenders: Sequence[Appender], run_tag: str, parallel: int, appended_wall: list[float]
 ) -> None:
     """Mail i to appender i; ``parallel`` connections at a time; records each APPEND's OK time."""
     next_index = 0

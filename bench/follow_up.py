@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import trio
 
 from bench._harness import (
+    Appender,
     BenchError,
     Result,
     add_common_arguments,
@@ -138,7 +139,7 @@ class _Timing:
 
 
 async def _run_pairs(
-    args: argparse.Namespace, deployment: Deployment, appenders: Sequence[RawImap], nursery: trio.Nursery
+    args: argparse.Namespace, deployment: Deployment, appenders: Sequence[Appender], nursery: trio.Nursery
 ) -> _Timing:
     n = len(appenders)
     rng = random.Random(args.seed)

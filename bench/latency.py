@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from bench._harness import (
+    Appender,
     CallbackIndex,
     MailServerSide,
     Result,
@@ -133,7 +134,7 @@ class FloorProbe:
 
 
 async def _quiet_period(
-    stack: Stack, appenders: Sequence[RawImap], args: argparse.Namespace
+    stack: Stack, appenders: Sequence[Appender], args: argparse.Namespace
 ) -> dict[str, Any]:
     """A warm-up mail per mailbox (its fetch session opens), then wait until the reader pool's
     idle time (+ a margin) has passed since the last warm-up callback and only the IDLE sessions
