@@ -140,7 +140,9 @@ async def test_graph_adds_smaller_attachments_by_post_and_deletes_the_draft_on_r
 ) -> None:
     sender, token = graph_account(graph_sim)
     recipient, _ = graph_account(graph_sim)
-    medium, large = os.urandom(2_200_000), os.urandom(4_000_000)
+    # The large one takes an upload session (one chunk); without it the MIME is still over the
+    # draft limit, so the medium one is taken out too, and added by POST.
+    medium, large = os.urandom(1_600_000), os.urandom(3_200_000)
     email = email_json(sender, recipient)
     email["Attachments"][0] = {"Name": "gross.bin", "Base64Data": base64.b64encode(large).decode()}
     email["Attachments"].append({"Name": "mittel.bin", "Base64Data": base64.b64encode(medium).decode()})
@@ -150,7 +152,7 @@ async def test_graph_adds_smaller_attachments_by_post_and_deletes_the_draft_on_r
     assert response.status_code == 200, response.text
     assert len(graph_sim.requests_to("POST", r"/attachments/createUploadSession$")) == 1
     puts = graph_sim.requests_to("PUT", r"^/upload/")
-    assert [r.status for r in puts] == [429, 200, 201]
+    assert [r.status for r in puts] == [429, 201]
     assert puts[1].at - puts[0].at >= 0.5
     (posted,) = graph_sim.requests_to("POST", r"/attachments$")
     assert posted.status == 201
@@ -166,10 +168,10 @@ async def test_graph_adds_smaller_attachments_by_post_and_deletes_the_draft_on_r
     assert parts["logo.png"].get_payload(decode=True) == LOGO
     assert parts["logo.png"]["Content-ID"] == "<logo@creatio>"
     (received,) = graph_sim.messages_in(recipient, "inbox")
-    assert len(received.mime) > 8 * MB
+    assert len(received.mime) > 6 * MB
 
     # Over the server's attachment limit: the size answer, and no draft left behind.
-    graph_sim.max_attachment_bytes = 3_500_000
+    graph_sim.max_attachment_bytes = 3_000_000
     response = await node.http.post("/apiv2/email/send", json={"Email": email, "Credentials": credentials})
     assert response.status_code == 422, response.text
     assert graph_sim.drafts == {} and len(graph_sim.sent) == 1
