@@ -10,6 +10,7 @@ from bench import (
     backlog,
     burst,
     cold_start,
+    ews_ntlm,
     exchange_history,
     failover,
     follow_up,
@@ -62,6 +63,10 @@ SCENARIOS = {
     "webhook-outage": (
         webhook_outage.outage,
         "receiver down N s while mails arrive: all delivered once after it returns; another one meanwhile",
+    ),
+    "ews-ntlm": (
+        ews_ntlm,
+        "EWS mailboxes on an NTLM-only server: memory per mailbox vs Basic, cold start, connections",
     ),
     "exchange-history": (
         exchange_history,

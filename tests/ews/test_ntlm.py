@@ -110,7 +110,8 @@ async def test_listens_and_reads_on_an_ntlm_only_server(
     await tasks.wait("exists", 1)
     (data,), _ = await read_new(source, mailbox, Checkpoint(EWS_UIDVALIDITY, 0, catch_up.seed_cursor or ""))
     assert b"NTLM" in data
-    # The stream has a connection of its own; requests share the pool's: two handshakes.
+    # The stream went on the connection Subscribe authenticated; the reader, while the stream
+    # holds that one, needed a second: two handshakes, two connections.
     assert ntlm_ews.handshakes == 2
     assert source.authenticated_connections() == 2
     scope.cancel()

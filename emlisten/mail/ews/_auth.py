@@ -210,8 +210,9 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         self._verify = verify
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
+        #: Idle connections, most recently used last: requests and streams take from the same
+        #: list, so a listener's stream goes on the connection its Subscribe authenticated.
         self._idle: list[_Connection] = []
-        self._idle_streams: list[_Connection] = []
         #: Connections in use for ordinary requests (bounded) and for streams.
         self.busy = 0
         self.busy_streams = 0
@@ -228,7 +229,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
     @property
     def connections(self) -> int:
         """Connections this pool holds (idle or busy)."""
-        return self.busy + self.busy_streams + len(self._idle) + len(self._idle_streams)
+        return self.busy + self.busy_streams + len(self._idle)
 
     def _new_connection(self) -> _Connection:
         # Every connection checked against EMLISTEN_MAIL_ALLOW (emlisten._egress).
@@ -246,7 +247,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             raise httpx.ConnectError("connection pool closed")
         if stream:
             self.busy_streams += 1
-            return self._idle_streams.pop() if self._idle_streams else self._new_connection()
+            return self._idle.pop() if self._idle else self._new_connection()
         with trio.move_on_after(pool_timeout if pool_timeout is not None else float("inf")):
             await self._slots.acquire()
             self.busy += 1
@@ -256,7 +257,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
     def _give_back(self, connection: _Connection, stream: bool) -> None:
         if stream:
             self.busy_streams -= 1
-            (self._idle_streams if not self._closed else []).append(connection)
+            (self._idle if not self._closed else []).append(connection)
         else:
             self.busy -= 1
             (self._idle if not self._closed else []).append(connection)
@@ -368,7 +369,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closed = True
-        idle, self._idle, self._idle_streams = self._idle + self._idle_streams, [], []
+        idle, self._idle = self._idle, []
         for connection in idle:
             await connection.transport.aclose()
 

@@ -351,9 +351,11 @@ class EwsClient:
                     return await on_envelope(self._parse_answer(response.status_code, content))
                 if on_open is not None:
                     on_open()
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
                     for data in splitter.feed(chunk):
                         if not await on_envelope(_soap.parse(data)):
+                            await _drain(chunks)
                             return True
         except httpx.TimeoutException:
             raise MailConnectError(
@@ -379,6 +381,23 @@ class _Borrowed(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """The pool's owner closes it."""
+
+
+#: After the last envelope we want, how long the end of the response may take to arrive.
+_DRAIN_SECONDS = 0.5
+_DRAIN_BYTES = 64 * 1024
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what is left of a streaming response the server is ending (``ConnectionStatus``
+    Closed, lost subscriptions, busy), so its connection goes back to the pool still open: with
+    NTLM a closed connection costs a new handshake on the next request."""
+    read = 0
+    with trio.move_on_after(_DRAIN_SECONDS):
+        async for chunk in chunks:
+            read += len(chunk)
+            if read > _DRAIN_BYTES:
+                return
 
 
 class EwsSource(MailSource):
