@@ -20,6 +20,7 @@ import binascii
 import json
 import socket
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ class ImapClient:
     """
 
     __slots__ = (
+        "__weakref__",  # weakref.finalize gives the parser's budget back
         "_broken",
         "_ca_file",
         "_idle_tag",
@@ -197,6 +199,8 @@ class ImapClient:
         self.command_timeout = command_timeout
         self._ca_file = ca_file
         self._parser = ResponseParser(max_line_bytes=max_line_bytes, max_literal_bytes=max_literal_bytes)
+        # Whatever way the client ends, its literals go back to the process budget.
+        weakref.finalize(self, self._parser.end_answer)
         self._stream: trio.abc.Stream | None = None
         self._pending: list[Response] = []
         self._tag_counter = 0
@@ -339,6 +343,7 @@ class ImapClient:
         self._broken = True
         self._idle_tag = None
         self._pending = []
+        self._parser.end_answer()
         if stream is None:
             return
         errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
@@ -403,6 +408,8 @@ class ImapClient:
         )
 
     def _new_tag(self) -> bytes:
+        # A new command: the previous answer has been consumed (and its bytes handed on).
+        self._parser.end_answer()
         self._tag_counter += 1
         return b"A%d" % self._tag_counter
 

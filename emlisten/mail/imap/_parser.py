@@ -25,6 +25,41 @@ Value: TypeAlias = "int | str | bytes | list[Value] | None"
 
 DEFAULT_MAX_LINE_BYTES = 64 * 1024
 DEFAULT_MAX_LITERAL_BYTES = 64 * 1024 * 1024
+#: Literal bytes of one command's whole answer (every response until the tagged one): a FETCH
+#: of many messages is many responses, each under the literal cap. emlisten's own fetches stay
+#: far below (batches of EMLISTEN_BATCH_MAX_BYTES, messages cut at EMLISTEN_MAX_MESSAGE_BYTES).
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: Literal bytes all the connections of the process may hold at once (see ByteBudget).
+DEFAULT_MAX_PROCESS_BYTES = 512 * 1024 * 1024
+
+
+class ByteBudget:
+    """Literal bytes buffered at once by every IMAP connection of the process.
+
+    A parser takes a literal's size when the server announces it, before buffering a byte, and
+    gives it back when its client starts the next command or closes. A server that sends more
+    than the budget allows makes its own connection fail (and be retried later), never the
+    process run out of memory.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+
+#: The process-wide budget every parser uses unless given another.
+PROCESS_BUDGET = ByteBudget(DEFAULT_MAX_PROCESS_BYTES)
 
 #: Deeper nesting is never sent by a real server; bounding it keeps recursion safe.
 MAX_NESTING = 32
@@ -86,6 +121,7 @@ class ResponseParser:
     """Incremental framing + parsing of server responses. Not thread/task safe (one reader)."""
 
     __slots__ = (
+        "_answer_bytes",
         "_buffer",
         "_failed",
         "_in_literal",
@@ -96,6 +132,8 @@ class ResponseParser:
         "_literal_remaining",
         "_literals",
         "_scan_from",
+        "budget",
+        "max_answer_bytes",
         "max_line_bytes",
         "max_literal_bytes",
     )
@@ -105,9 +143,15 @@ class ResponseParser:
         *,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_literal_bytes: int = DEFAULT_MAX_LITERAL_BYTES,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_literal_bytes = max_literal_bytes
+        self.max_answer_bytes = max_answer_bytes
+        self.budget = budget if budget is not None else PROCESS_BUDGET
+        #: Literal bytes announced since end_answer(), taken from the budget.
+        self._answer_bytes = 0
         self._buffer = bytearray()
         self._scan_from = 0
         self._failed = False
@@ -148,8 +192,14 @@ class ResponseParser:
             self._fail()
             raise _error(type(exc).__name__) from None
 
+    def end_answer(self) -> None:
+        """The answer read so far is consumed: give its literal bytes back to the budget."""
+        self.budget.give(self._answer_bytes)
+        self._answer_bytes = 0
+
     def _fail(self) -> None:
         self._failed = True
+        self.end_answer()
         self._buffer = bytearray()
         self._lines = []
         self._literals = []
@@ -201,6 +251,15 @@ class ResponseParser:
                 raise MailProtocolError(
                     f"IMAP literal larger than {self.max_literal_bytes} bytes"
                 )
+            if self._answer_bytes + literal_size > self.max_answer_bytes:
+                raise MailProtocolError(
+                    f"IMAP answer with more than {self.max_answer_bytes} bytes of literals"
+                )
+            if not self.budget.take(literal_size):
+                raise MailProtocolError(
+                    f"IMAP literals buffered by this process would exceed {self.budget.limit} bytes"
+                )
+            self._answer_bytes += literal_size
             if literal_size == 0:
                 self._literals.append(b"")
             else:
