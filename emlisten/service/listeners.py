@@ -128,9 +128,12 @@ class StoreListenerControl:
             "Store": self.store.name,
             "Connections": {"Total": total, **counts},
         }
-        if self._extra_status is not None:
-            body.update(self._extra_status())
+        body.update(self.local_status())
         return body
+
+    def local_status(self) -> dict[str, Any]:
+        """This node's own figures (listeners, deliveries in flight, ...): no store read."""
+        return self._extra_status() if self._extra_status is not None else {}
 
     # -- AdminView -------------------------------------------------------------------------------
 

@@ -184,6 +184,26 @@ class MailboxDirectory:
     def refreshing(self) -> bool:
         return self._lock.locked()
 
+    async def _current(
+        self, refresh_later: Callable[[Callable[[], Awaitable[None]]], None] | None
+    ) -> _Snapshot:
+        age = math.inf if self._snapshot is None else time.monotonic() - self._snapshot.taken_at
+        if age > _WAIT_PAST_SECONDS or refresh_later is None:
+            # The first request, or the first after a quiet spell: too old to show even once.
+            await self.refresh()
+        elif age > max(self.max_age, _REFRESH_DUTY * self.last_refresh_seconds) and not self.refreshing:
+            refresh_later(self._refresh_in_background)
+        assert self._snapshot is not None
+        return self._snapshot
+
+    async def totals(
+        self, refresh_later: Callable[[Callable[[], Awaitable[None]]], None] | None = None
+    ) -> tuple[int, dict[str, int]]:
+        """How many mailboxes are registered, and how many are in each state (from the snapshot:
+        ``Store.state_counts`` reads every state, too much to do every 2 s at 10,000)."""
+        snapshot = await self._current(refresh_later)
+        return len(snapshot.by_email), dict(snapshot.counts)
+
     async def page(
         self,
         activity: Activity,
@@ -200,14 +220,7 @@ class MailboxDirectory:
         ``query`` and ``protocol`` (the state filter aside), so the console can show them all.
         ``refresh_later(refresh)`` runs a refresh of a stale snapshot after the answer."""
 
-        age = math.inf if self._snapshot is None else time.monotonic() - self._snapshot.taken_at
-        if age > _WAIT_PAST_SECONDS or refresh_later is None:
-            # The first request, or the first after a quiet spell: too old to show even once.
-            await self.refresh()
-        elif age > max(self.max_age, _REFRESH_DUTY * self.last_refresh_seconds) and not self.refreshing:
-            refresh_later(self._refresh_in_background)
-        snapshot = self._snapshot
-        assert snapshot is not None
+        snapshot = await self._current(refresh_later)
         statuses, states = snapshot.statuses, snapshot.states
         needle = query.strip().lower()
         if needle or protocol:

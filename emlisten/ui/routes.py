@@ -112,12 +112,20 @@ def console_blueprint(
 
     @blueprint.get("/ui/api/overview")
     async def overview() -> Response:
+        registered, counts = await directory.totals(refresh_later=current_app.add_background_task)
+        status = {
+            "Node": node_id,
+            "Role": control.role,
+            "Store": store.name,
+            "Connections": {"Total": registered, **counts},
+            **control.local_status(),
+        }
         return _json(
             {
                 "node": node_id,
                 "version": __version__,
                 "time": time.time(),
-                "status": await control.service_status(),
+                "status": status,
                 "nodes": await control.nodes(),
             }
         )

@@ -190,6 +190,9 @@ async def test_detail_and_token() -> None:
             page = await anonymous.get("/ui/")
             assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
             assert (await anonymous.get("/ui/static/../listing.py")).status_code in (401, 404)
+        overview = (await http.get("/ui/api/overview")).json()
+        assert overview["status"]["Connections"] == {"Total": 4, "listening": 3, "starting": 1}
+        assert (overview["node"], overview["status"]["Store"]) == ("node-a", "memory")
         detail = (await http.get(f"/ui/api/mailboxes/{mailbox(1).id}")).json()
         assert detail["email"] == "user00001@example.test" and detail["state"] == "listening"
         assert detail["folders"] == [{"name": "INBOX", "uidvalidity": None, "last_uid": None}]
