@@ -12,6 +12,7 @@ from emlisten.models import MailboxState
 from tests.ews.test_source import mime
 from tests.exchange_ops.conftest import ews_account, ews_credentials, graph_account, graph_credentials
 from tests.graph.conftest import GraphService
+from tests.secret_scan import register_secret
 from tests.servers.ews import EwsSimulator
 from tests.servers.graph import GraphSimulator
 
@@ -58,6 +59,45 @@ async def test_ews_server_busy_slows_only_the_throttled_mailbox(
     assert throttled_time >= BACK_OFF, throttled_time
     busy = [r for r in ews_sim.requests if r.busy]
     assert busy and {r.mailbox for r in busy} == {throttled.address.lower()}
+
+
+async def test_ews_server_busy_of_one_impersonated_mailbox_spares_the_others(
+    node: GraphService, ews_sim: EwsSimulator
+) -> None:
+    """A service account's mailboxes share its connections: the throttled one waits without
+    holding them."""
+    service = ews_sim.add_account(can_impersonate=True)
+    register_secret(service.password)
+    targets = [ews_account(ews_sim) for _ in range(4)]
+    bodies = [
+        ews_credentials(
+            ews_sim,
+            service,
+            node.creatio,
+            SenderEmailAddress=target.address,
+            ImpersonatedUser=target.address,
+        )
+        for target in targets
+    ]
+    await create_listening(node, *bodies)
+
+    ews_sim.throttle(targets[0].address, back_off_ms=int(BACK_OFF * 1000), count=1)
+    started = time.monotonic()
+    for target in targets:
+        ews_sim.add_message(target.address, mime(f"for {target.address}"))
+    times: dict[str, float] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def measure(mailbox_id: str) -> None:
+            times[mailbox_id] = await delivered_within(node, mailbox_id, started)
+
+        for body in bodies:
+            nursery.start_soon(measure, str(body["Id"]))
+    throttled_time = times.pop(str(bodies[0]["Id"]))
+    assert all(t < BACK_OFF for t in times.values()), times
+    assert throttled_time >= BACK_OFF, throttled_time
+    busy = [r for r in ews_sim.requests if r.busy]
+    assert busy and {r.mailbox for r in busy} == {targets[0].address.lower()}
 
 
 async def test_graph_429_slows_only_the_throttled_mailbox(
