@@ -220,3 +220,27 @@ async def test_ews_load_retries_after_getitem_stays_busy(node: GraphService, ews
     assert len(ews_sim.requests_for(account.address, "FindItem")) == 2  # a second pass
     emails = node.creatio.emails_for(mailbox_id)
     assert [e["Subject"] for e in emails] == [subject_of(d) for d in sorted(OLD_DATES)]
+
+
+async def test_ews_history_of_each_folder_with_its_own_email_ids(
+    node: GraphService, ews_sim: EwsSimulator
+) -> None:
+    account = ews_account(ews_sim)
+    projects = ews_sim.add_folder(account.address, "Projects")
+    for when in OLD_DATES[:2]:
+        ews_sim.add_message(account.address, mime(subject_of(when)), received=when)
+    kept = {
+        ews_sim.add_message(account.address, mime(f"filed {when:%d}"), folder_id=projects, received=when)
+        for when in OLD_DATES[2:]
+    }
+    credentials = ews_credentials(ews_sim, account, node.creatio, FolderIds=["Inbox", projects])
+    mailbox_id = await create_listening(node, credentials)
+    await synchronize(node, credentials)
+    done = await wait_history(node, mailbox_id)
+    assert (done["state"], done["delivered"]) == ("done", 5)
+    emails = node.creatio.emails_for(mailbox_id)
+    # Folders in their configured order, each in date order.
+    assert [e["Subject"] for e in emails] == [subject_of(d) for d in sorted(OLD_DATES[:2])] + [
+        f"filed {d:%d}" for d in sorted(OLD_DATES[2:])
+    ]
+    assert {e["Id"] for e in emails[2:]} == {email_id(mailbox_id, projects, i) for i in kept}
