@@ -107,6 +107,9 @@ async def test_graph_sends_a_25_mb_mail_through_an_upload_session_and_receives_i
     assert graph_sim.drafts == {} and graph_sim.uploads == {}
     (sent,) = graph_sim.sent
     assert len(sent.mime) > 24.5 * MB
+    headers = message_from_bytes(sent.mime, policy=default_policy)
+    assert headers["Message-ID"] == response.json()  # the draft kept compose's headers
+    assert headers["Subject"] == "Quartalsbericht ✓ (groß)" and headers["To"] == recipient
     (copy,) = graph_sim.messages_in(sender, "sentitems")
     assert copy.mime == sent.mime
 
