@@ -38,10 +38,16 @@ async def receiver(nursery: trio.Nursery) -> WebhookReceiver:
     return server
 
 
-async def open_console(browser: Browser, service: RunningService) -> None:
+async def open_console(browser: Browser, service: RunningService, *, wrong_token_first: bool = False) -> None:
     """Open the page and give it the API token it asks for."""
     await browser.open(f"{service.url}/ui/")
     await browser.wait_until(js("return !document.getElementById('token-form').hidden;"))
+    if wrong_token_first:
+        await browser.type("#token", "not-the-api-token")
+        await browser.click("#token-form button[type=submit]")
+        await browser.wait_until(
+            js("return document.getElementById('token-error').textContent === 'That token was refused.';")
+        )
     await browser.type("#token", API_TOKEN)
     await browser.click("#token-form button[type=submit]")
     await browser.wait_until(js("return document.getElementById('live').textContent.startsWith('live');"))
@@ -74,7 +80,7 @@ async def test_mailbox_appears_changes_state_and_delivers_without_reload(
     async with running_service(dovecot, creatio, nursery, api_token=API_TOKEN) as service:
         service.http.headers["Authorization"] = f"Bearer {API_TOKEN}"
         # A token is set: the page asks for it, then shows live data.
-        await open_console(browser, service)
+        await open_console(browser, service, wrong_token_first=True)
         assert "test-node" in await browser.text("#node-rows")
 
         # Registered through the API with a wrong password: the row appears, failing.
