@@ -105,8 +105,9 @@ def _webhook_secret(value: Any, field: str) -> tuple[str, ...]:
             key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         except (binascii.Error, ValueError):
             raise _error(name, 'must be "whsec_" followed by base64') from None
-        if not 24 <= len(key) <= 64:
-            raise _error(name, "must hold 24 to 64 bytes of key (base64 after whsec_)")
+        # Standard Webhooks recommends 24 to 64 bytes; the verifier libraries take any length.
+        if not 1 <= len(key) <= 64:
+            raise _error(name, "must hold 1 to 64 bytes of key (base64 after whsec_; 24 or more recommended)")
         secrets.append(secret)
     return tuple(dict.fromkeys(secrets))
 

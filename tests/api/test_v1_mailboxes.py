@@ -132,6 +132,7 @@ async def test_register_read_list_and_delete(v1: V1) -> None:
         ({"webhook": {"url": "ftp://x.example.com/", "secret": SECRET}}, "webhook.url"),
         ({"webhook": {"url": "https://x.example.com/", "secret": "plain"}}, "webhook.secret"),
         ({"webhook": {"url": "https://x.example.com/", "secret": "whsec_!!"}}, "webhook.secret"),
+        ({"webhook": {"url": "https://x.example.com/", "secret": "whsec_"}}, "webhook.secret"),
         ({"webhook": {"url": "https://x.example.com/", "secret": [SECRET, "nope"]}}, "webhook.secret[1]"),
         ({"webhook": {"url": "https://x.example.com/"}}, "webhook.secret"),
         ({"webhook": {"secret": SECRET}}, "webhook.url"),
@@ -146,6 +147,14 @@ async def test_bad_input_is_422_naming_the_field(v1: V1, changes: dict[str, Any]
     assert [error["field"] for error in answer["errors"]] == [field]
     assert PASSWORD not in response.text and SECRET not in response.text
     assert await v1.store.list_mailbox_ids() == []
+
+
+async def test_a_short_secret_is_accepted_as_the_verifier_libraries_accept_it(v1: V1) -> None:
+    short = "whsec_" + base64.b64encode(b"test").decode()
+    response = await v1.http.post(
+        "/v1/mailboxes", json=body(webhook={"url": "https://x.example.com/", "secret": short})
+    )
+    assert response.status_code == 201, response.text
 
 
 async def test_malformed_json_is_422_on_the_body(v1: V1) -> None:
