@@ -227,7 +227,11 @@ function renderMailboxes(page, now) {
       {
         "data-id": m.id,
         class: m.id === view.selected ? "selected" : "",
+        tabIndex: 0, // reachable from the keyboard: Enter opens the detail
         onclick: () => openDetail(m.id),
+        onkeydown: (event) => {
+          if (event.key === "Enter") openDetail(m.id);
+        },
       },
       el("td", {}, m.email, el("span", { class: "id" }, m.id)),
       el("td", { class: "state-cell" }, stateBadge(m.state)),
