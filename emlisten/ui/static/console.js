@@ -446,7 +446,8 @@ async function refresh() {
     if (again) {
       again = false;
       refresh();
-    } else if (!waitingForToken) {
+    } else if (!waitingForToken && !document.hidden) {
+      // A tab in the background stops polling; it refreshes when it is shown again.
       timer = setTimeout(refresh, POLL_MS);
     }
   }
