@@ -57,7 +57,6 @@ from bench._harness import (
     say,
     summary_ms,
 )
-from bench._rawimap import RawImap
 from tests.servers.dovecot import Dovecot, MailUser
 
 TARGET_FAILOVER_SECONDS = 10.0

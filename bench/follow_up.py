@@ -46,7 +46,6 @@ from bench._harness import (
     say,
     summary_ms,
 )
-from bench._rawimap import RawImap
 from bench._traffic import (
     WAITED_SECONDS,
     CallbackWatcher,

@@ -315,7 +315,11 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.ews_auth.strip().lower() not in ("auto", "basic", "ntlm", "negotiate"):
         raise ConfigError(f"{env_name('ews_auth')} must be one of auto, basic, ntlm, negotiate")
-    for name in ("ews_connections_per_account", "validate_timeout_seconds", "validate_connect_timeout_seconds"):
+    for name in (
+        "ews_connections_per_account",
+        "validate_timeout_seconds",
+        "validate_connect_timeout_seconds",
+    ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{env_name(name)} must be positive")
     if settings.max_mailboxes < 0:
