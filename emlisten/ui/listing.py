@@ -18,11 +18,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
 from emlisten.abc import Store
+from emlisten.api.v1_mailboxes import redact_url
 from emlisten.errors import StoreError
 from emlisten.metrics import Activity
 from emlisten.models import MailboxConfig, MailboxState, MailboxStatus
@@ -74,22 +74,9 @@ def summarise(config: MailboxConfig) -> MailboxSummary:
         server=server,
         folders=tuple(config.folders),
         sink="webhook" if config.webhook is not None else "creatio",
-        webhook_url=_without_secrets(config.webhook.url) if config.webhook is not None else "",
+        webhook_url=redact_url(config.webhook.url) if config.webhook is not None else "",
         haystack=f"{config.id}\n{email}\n{server}".lower(),
     )
-
-
-def _without_secrets(url: str) -> str:
-    """Scheme, host and path only: a receiver URL may carry a token in its query or userinfo."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)
