@@ -128,7 +128,9 @@ def mailbox_blueprint(
             # A caller without the token learns "not reachable", never refused vs silent vs
             # "something else listens there", and not from the timing either.
             result = _unreachable(result)
-            await trio.sleep_until(started + imap.settings.connect_timeout)
+            # As long as the check itself may take: EWS and Graph have their own (shorter) limit.
+            padding = imap.settings.connect_timeout if mailbox.protocol == "imap" else validate_timeout
+            await trio.sleep_until(started + padding)
         logger.info(
             "validate: %s (%s)",
             "valid" if result.is_valid else "invalid",

@@ -300,3 +300,21 @@ async def test_route_answers_for_ews_without_imap(nursery: trio.Nursery, ntlm_ew
     assert took < 2 * FAST
     # Every request the server saw was EWS over HTTP (an IMAP client would have sent none).
     assert {r.operation for r in ntlm_ews.requests if r.status == 200} == {"GetFolder"}
+
+
+async def test_route_pads_an_unreachable_ews_server_only_to_the_validate_limit(
+    nursery: trio.Nursery, ews: EwsSimulator
+) -> None:
+    # Callers without the API token learn only "not reachable", after the check's own time
+    # limit (never the IMAP connect timeout of 30 s).
+    app = quart_trio.QuartTrio(__name__)
+    app.register_blueprint(mailbox_blueprint(ImapSource(), ews=EwsSource(), validate_timeout=1.0))
+    port: int = await nursery.start(serve_api, app, "127.0.0.1", 0)
+    account = ews.add_account()
+    closed = f"http://127.0.0.1:{free_port()}/EWS/Exchange.asmx"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        started = trio.current_time()
+        answer = (await client.post("/api/mailbox/validate", json=ews_creds(closed, account))).json()
+        took = trio.current_time() - started
+    assert answer["IsValid"] is False and answer["Data"]["Category"] == "connect"
+    assert 1.0 <= took < 1.0 + FAST
