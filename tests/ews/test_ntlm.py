@@ -234,3 +234,21 @@ async def test_extended_protection_binds_the_handshake_to_the_tls_certificate(
             with pytest.raises(MailAuthError, match="HTTP 401"):
                 await reader.current_position("INBOX")  # type: ignore[attr-defined]
         assert server.handshakes == 1
+
+
+async def test_autodiscover_authenticates_with_ntlm_too(
+    ntlm_ews: EwsSimulator, nursery: trio.Nursery
+) -> None:
+    account = ntlm_ews.add_account()
+    mailbox = ews_mailbox(ntlm_ews, account, ServiceUrl=None, IsAutodiscover=True)
+    source = ntlm_source(autodiscover_bases={"ews.example.test": [ntlm_ews.base_url]})
+    tasks = Tasks()
+    scope = await start_listening(nursery, source, mailbox, tasks)
+    assert source.discovered_url(mailbox.id) == ntlm_ews.url
+    (found,) = [r for r in ntlm_ews.requests if r.operation == "Autodiscover" and r.status == 200]
+    assert found.authorization_scheme == "negotiate"
+    ntlm_ews.add_message(account.address, mime("found over NTLM"))
+    await tasks.wait("exists", 1)
+    # Basic was never sent to either endpoint.
+    assert "basic" not in {r.authorization_scheme for r in ntlm_ews.requests}
+    scope.cancel()
