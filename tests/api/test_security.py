@@ -400,3 +400,31 @@ async def test_a_413_closes_the_connection_and_the_service_goes_on() -> None:
         assert received.startswith(b"HTTP/1.1 413")
         assert b"connection: close" in received.lower()
         assert (await client.get("/api/listeners/status")).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------
+# XML from Exchange: no DTDs, no entity expansion, no external resources
+
+_ENVELOPE = (
+    b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>&%s;</s:Body></s:Envelope>'
+)
+_LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE s:Envelope [<!ENTITY a "ha">'
+    + b"".join(b'<!ENTITY %c "%s">' % (ord("b") + i, (b"&%c;" % (ord("a") + i)) * 10) for i in range(8))
+    + b"]>"
+)
+_EXTERNAL = b'<?xml version="1.0"?><!DOCTYPE s:Envelope [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+
+
+@pytest.mark.parametrize(
+    "document", [_LAUGHS + _ENVELOPE % b"i", _EXTERNAL + _ENVELOPE % b"e"], ids=["billion-laughs", "external"]
+)
+def test_exchange_xml_is_parsed_without_entities(document: bytes) -> None:
+    from emlisten.errors import MailProtocolError
+    from emlisten.mail.ews._soap import parse
+    from emlisten.mail.ews.autodiscover import parse_answer
+
+    with pytest.raises(MailProtocolError, match="malformed XML"):
+        parse(document)
+    with pytest.raises(MailProtocolError, match="not well-formed"):
+        parse_answer(document.replace(b"s:Envelope", b"Autodiscover"))
