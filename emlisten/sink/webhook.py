@@ -154,6 +154,12 @@ def message_payload(
     }
 
 
+def _only_store_errors(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_store_errors(inner) for inner in exc.exceptions)
+    return isinstance(exc, StoreError)
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     ok: bool
@@ -429,8 +435,12 @@ class WebhookSink(Sink):
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await store.release_leases(owner, [lease])
-        except StoreError as exc:
-            log.warning("webhook sender stopped: %s", exc)
+        except Exception as exc:  # an ExceptionGroup from the nursery too
+            # Never take the node down: the outbox is looked at again within two polls.
+            if _only_store_errors(exc):
+                log.warning("webhook sender stopped: %s", exc)
+            else:
+                log.exception("webhook sender failed unexpectedly")
         finally:
             if self._senders.get(sender.endpoint) is sender:
                 del self._senders[sender.endpoint]
@@ -535,8 +545,8 @@ class WebhookSink(Sink):
                 await stream.aclose()
                 log.info("webhook receiver reachable again: sending what waits for it")
                 sender.receiver_is_back()
-        except (OSError, ValueError):
-            pass  # still down
+        except Exception as exc:  # any failure to connect means "still down"
+            log.debug("webhook receiver still unreachable: %s", type(exc).__name__)
         finally:
             sender.probing = False
 
@@ -556,6 +566,11 @@ class WebhookSink(Sink):
             log.warning("webhook outbox: %s", exc, extra={"mailbox": event.mailbox_id})
             await trio.sleep(_STORE_PAUSE)
             sender.dirty = True  # the outbox may differ from what this sender believes
+        except Exception:
+            # A bug must not take the sender (or the node) down: this event waits and is retried.
+            log.exception("webhook call failed unexpectedly", extra={"mailbox": event.mailbox_id})
+            await trio.sleep(_STORE_PAUSE)
+            sender.dirty = True
         finally:
             in_flight.discard(event.mailbox_id)
             slots.release()
@@ -645,7 +660,7 @@ class WebhookSink(Sink):
             denied = _egress.denial(exc)
             reason = denied.strerror if denied is not None else type(exc).__name__
             return _Outcome(False, f"{_UNREACHABLE}: {reason}")
-        except ValueError:  # httpx.InvalidURL among them
+        except (httpx.InvalidURL, ValueError):
             return _Outcome(False, "the webhook URL cannot be used", final=True)
         status = response.status_code
         if 200 <= status < 300:

@@ -200,6 +200,27 @@ async def test_events_of_a_removed_mailbox_are_signed_with_its_secret(nursery: t
     assert SECRET not in repr(await store.outbox_peek("x", 1)) and "secrets" not in repr(calls[0])
 
 
+async def test_an_unusable_url_is_a_dead_letter_not_a_crash(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    broken = mailbox("http://[::1/hook", str(uuid.UUID(int=7)))  # httpx: InvalidURL
+    fine = mailbox(receiver.url("/fine"))
+    async with running(WebhookSink(), MemoryStore()) as sink:
+        for target in (broken, fine):
+            await sink.store.put_mailbox(target)
+            await sink.deliver(target, [message(target.id, 1)], idempotency_key="k")
+        await receiver.wait_accepted("/fine", 1)
+        with trio.fail_after(10):
+            while not (await sink.store.list_dead_letters())[1]:
+                await trio.sleep(0.01)
+        (dead,) = (await sink.store.list_dead_letters())[1]
+    assert (dead.mailbox_id, dead.attempts, dead.last_error) == (
+        broken.id,
+        1,
+        "the webhook URL cannot be used",
+    )
+
+
 @pytest.mark.redis
 async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
     receiver = WebhookReceiver()
