@@ -324,9 +324,12 @@ class SqliteStore(MemoryStore):
         if self.failure is None:
             await committed.wait()
 
-    def _statements(self, dirty: _Dirty) -> list[Statement]:
-        """The SQL writing the current memory values of the dirty rows (purges first)."""
+    def _statements(self, dirty: _Dirty) -> tuple[list[Statement], list[MailboxConfig]]:
+        """The SQL writing the current memory values of the dirty rows (purges first), and the
+        mailboxes to write, which :meth:`_write` encodes and encrypts on the worker thread (a
+        bulk create of 10,000 would hold the event loop for a second here)."""
         statements: list[Statement] = []
+        to_seal: list[MailboxConfig] = []
         for mailbox_id in dirty.purged:
             for table in ("checkpoints", "floors", "history"):
                 statements.append((f"DELETE FROM {table} WHERE mailbox = ?", (mailbox_id,)))  # noqa: S608
@@ -335,10 +338,7 @@ class SqliteStore(MemoryStore):
             if mailbox is None:
                 statements.append(("DELETE FROM mailboxes WHERE id = ?", (mailbox_id,)))
             else:
-                blob = self._cipher.encrypt(encode_mailbox(mailbox), associated_data=mailbox_id.encode())
-                statements.append(
-                    ("INSERT OR REPLACE INTO mailboxes (id, doc) VALUES (?, ?)", (mailbox_id, blob))
-                )
+                to_seal.append(mailbox)  # immutable: safe to read from the worker thread
         for mailbox_id in dirty.statuses:
             status = self._statuses.get(mailbox_id)
             if status is not None:
@@ -395,7 +395,16 @@ class SqliteStore(MemoryStore):
                         (mailbox_id, folder, uidvalidity, uid),
                     )
                 )
-        return statements
+        return statements, to_seal
+
+    def _write(self, statements: list[Statement], to_seal: list[MailboxConfig]) -> None:
+        """On the worker thread: encrypt the mailboxes, then one transaction with everything."""
+        for mailbox in to_seal:
+            blob = self._cipher.encrypt(encode_mailbox(mailbox), associated_data=mailbox.id.encode())
+            statements.append(
+                ("INSERT OR REPLACE INTO mailboxes (id, doc) VALUES (?, ?)", (mailbox.id, blob))
+            )
+        self._db.apply(statements)
 
     async def _commit_dirty(self) -> None:
         """One transaction with every dirty row; on failure they stay dirty. Raises what failed."""
@@ -403,7 +412,7 @@ class SqliteStore(MemoryStore):
         committed, self._committed = self._committed, trio.Event()
         try:
             if dirty:
-                await self._thread(self._db.apply, self._statements(dirty))
+                await self._thread(self._write, *self._statements(dirty))
                 self.commits += 1
         except BaseException:
             self._dirty.merge(dirty)
