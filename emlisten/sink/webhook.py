@@ -566,10 +566,17 @@ class WebhookSink(Sink):
             log.warning("webhook outbox: %s", exc, extra={"mailbox": event.mailbox_id})
             await trio.sleep(_STORE_PAUSE)
             sender.dirty = True  # the outbox may differ from what this sender believes
-        except Exception:
-            # A bug must not take the sender (or the node) down: this event waits and is retried.
+        except Exception as exc:
+            # A bug must not take the sender (or the node) down: it counts as a failed attempt.
             log.exception("webhook call failed unexpectedly", extra={"mailbox": event.mailbox_id})
-            await trio.sleep(_STORE_PAUSE)
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                try:
+                    removed = await self._record(
+                        event, _Outcome(False, f"internal error: {type(exc).__name__}")
+                    )
+                    sender.recorded(event, removed=removed)
+                except StoreError:
+                    await trio.sleep(_STORE_PAUSE)
             sender.dirty = True
         finally:
             in_flight.discard(event.mailbox_id)
@@ -643,7 +650,8 @@ class WebhookSink(Sink):
                 "no signing secret (the mailbox has none and EMLISTEN_WEBHOOK_SECRET is not set)",
                 final=True,
             )
-        body = event.payload.encode()
+        # A lone surrogate (possible in mail text) cannot be UTF-8: sent as "?", signed as sent.
+        body = event.payload.encode("utf-8", errors="replace")
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",

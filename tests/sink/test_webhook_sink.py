@@ -221,6 +221,20 @@ async def test_an_unusable_url_is_a_dead_letter_not_a_crash(nursery: trio.Nurser
     )
 
 
+async def test_a_lone_surrogate_in_the_mail_still_sends_a_verifiable_event(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    target = mailbox(receiver.url("/odd"))
+    odd = message(target.id, 1)
+    odd.subject = "bad \ud800 text"
+    async with running(WebhookSink(), MemoryStore()) as sink:
+        await sink.store.put_mailbox(target)
+        await sink.deliver(target, [odd], idempotency_key="k")
+        (call,) = await receiver.wait_accepted("/odd", 1)
+    event = standardwebhooks.Webhook(SECRET).verify(call.body, call.headers)
+    assert event["data"]["subject"] == "bad ? text"
+
+
 @pytest.mark.redis
 async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
     receiver = WebhookReceiver()
