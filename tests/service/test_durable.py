@@ -5,6 +5,7 @@ once. Creatio registering a known mailbox again resumes too; another server or u
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import os
@@ -25,11 +26,13 @@ from emlisten.service.listeners import StoreListenerControl
 from emlisten.store.memory import MemoryStore
 from emlisten.store.sqlite import DB_FILE
 from tests.cluster.nodes import NodeProcess
-from tests.secret_scan import scan_text
+from tests.secret_scan import register_secret, scan_text
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
+from tests.servers.webhook import WebhookReceiver
 
 SECRET_KEY = "durable-test-secret-key"
+WEBHOOK_SECRET = register_secret("whsec_" + base64.b64encode(b"durable-webhook-key-0123456789ab").decode())
 
 
 class SingleNode:
@@ -348,3 +351,54 @@ def test_a_data_directory_that_cannot_be_used_stops_the_start_clearly(tmp_path: 
         assert completed.returncode == 3
         assert f"data directory {blocker / 'data'}: not usable" in completed.stderr
     assert "ready: API on" not in completed.stderr
+
+
+async def test_webhook_events_waiting_in_the_outbox_survive_a_kill(
+    dovecot: Dovecot, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A webhook event is the one thing the mail server cannot give back: its checkpoint moved
+    when it entered the outbox. Killed while the receiver fails, the process sends it after the
+    restart, once."""
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    receiver.behave("/hooks", status=500)
+    single = SingleNode(dovecot, tmp_path)
+    single.env["EMLISTEN_WEBHOOK_RETRY_SCHEDULE"] = ",".join(["0.3"] * 100)
+    try:
+        node = await single.start()
+        user = dovecot.add_user()
+        body = {
+            "protocol": "imap",
+            "host": dovecot.host,
+            "port": dovecot.imaps_port,
+            "tls": True,
+            "username": user.name,
+            "password": user.password,
+            "folders": ["INBOX"],
+            "webhook": {"url": receiver.url("/hooks"), "secret": WEBHOOK_SECRET},
+        }
+        response = await node.post("/v1/mailboxes", body)
+        assert response.status_code == 201, response.text
+        mailbox_id = response.json()["id"]
+        await wait_state(node, mailbox_id, "listening")
+        await dovecot.aappend(user, mail("kept in the outbox"))
+        # Refused by the receiver, so waiting in the outbox; its checkpoint is on disk already.
+        await receiver.wait_until(lambda: any(c.status == 500 for c in receiver.calls_to("/hooks")))
+        await durable_checkpoint(single.data_dir, mailbox_id, last_uid=1)
+        await single.kill()
+
+        receiver.behave("/hooks", status=204)
+        await single.start()
+        await dovecot.aappend(user, mail("barrier"))
+
+        def new_mail() -> list[str]:
+            return [
+                c.event["data"]["subject"]
+                for c in receiver.accepted("/hooks")
+                if c.event["type"] == "message.new"
+            ]
+
+        await receiver.wait_until(lambda: "barrier" in new_mail(), timeout=30)
+        assert new_mail() == ["kept in the outbox", "barrier"]
+    finally:
+        single.stop()
