@@ -451,6 +451,8 @@ def test_persistence_gives_the_single_primary_a_data_volume() -> None:
     assert "EMLISTEN_REDIS_URL" not in only(documents, "Secret")["stringData"]
     # The pod can write it: the volume is group-owned by fsGroup 10001, the service's group.
     assert statefulset["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+    report = helm.lint(str(CHART), {"persistence": {"enabled": True}, "secretKey": "k"}, strict=True)
+    assert report["errors"] == []
 
 
 @pytest.mark.parametrize(("storage_class", "expected"), [("fast-ssd", "fast-ssd"), ("-", "")])
