@@ -474,6 +474,19 @@ _PATHS: dict[str, dict[str, Any]] = {
             parameters=[_EVENT_ID],
         )
     },
+    "/v1/webhooks/outboxes": {
+        "get": _op(
+            "Receivers with events waiting: how many, and how the oldest one is doing",
+            "webhooks",
+            {
+                "200": _answer(
+                    "{items: [{url, waiting, oldest: {id, mailbox, created_at, attempts, "
+                    "last_error, next_attempt_at}}], total}",
+                    _OBJECT,
+                )
+            },
+        )
+    },
     "/v1/openapi.json": {"get": _op("This document", "operations", {"200": _answer("OpenAPI 3.1", _OBJECT)})},
     # The web console (docs/console.md)
     "/ui": {"get": _op("The web console (redirects to /ui/)", "console", {"302": _answer("Redirect")})},

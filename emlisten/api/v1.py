@@ -337,6 +337,34 @@ def v1_blueprint(
         log.info("v1: %d dead letter(s) replayed", replayed)
         return _json({"replayed": replayed}, 202)
 
+    # -- outboxes --------------------------------------------------------------------------------
+
+    @blueprint.get("/v1/webhooks/outboxes")
+    async def outboxes() -> Response:
+        """Receivers with events waiting: how many, and how the oldest one is doing."""
+        items: list[dict[str, Any]] = []
+        for endpoint in await store.outbox_endpoints():
+            oldest = await store.outbox_peek(endpoint, 1)
+            if not oldest:
+                continue  # emptied meanwhile
+            head = oldest[0]
+            items.append(
+                {
+                    "url": redact_url(head.url),
+                    "waiting": await store.outbox_count(endpoint),
+                    "oldest": {
+                        "id": head.id,
+                        "mailbox": head.mailbox_id,
+                        "created_at": head.created_at,
+                        "attempts": head.attempts,
+                        "last_error": head.last_error,
+                        "next_attempt_at": head.next_attempt_at or None,
+                    },
+                }
+            )
+        items.sort(key=lambda item: -item["waiting"])
+        return _json({"items": items, "total": len(items)})
+
     # -- the document ----------------------------------------------------------------------------
 
     @blueprint.get("/v1/openapi.json")

@@ -302,6 +302,32 @@ async def test_dead_letters_list_replay_and_drop(v1: V1) -> None:
     assert [e.id for e in await v1.store.outbox_peek("ep", 10)] == ["msg_2", "msg_4", "msg_1", "msg_5"]
 
 
+async def test_outboxes_show_what_waits_per_receiver(v1: V1) -> None:
+    assert (await v1.http.get("/v1/webhooks/outboxes")).json() == {"items": [], "total": 0}
+    waiting = [dead(f"msg_{n}", dead_at=0.0) for n in range(3)]
+    await v1.store.outbox_add(waiting)
+    failed = dead("msg_0", dead_at=0.0)
+    failed.attempts, failed.last_error, failed.next_attempt_at = (
+        2,
+        "cannot reach the receiver: ConnectError",
+        99.0,
+    )
+    await v1.store.outbox_retry(failed)
+    (item,) = (await v1.http.get("/v1/webhooks/outboxes")).json()["items"]
+    assert item == {
+        "url": "https://app.example.com/h",
+        "waiting": 3,
+        "oldest": {
+            "id": "msg_0",
+            "mailbox": "m1",
+            "created_at": 0.5,
+            "attempts": 2,
+            "last_error": "cannot reach the receiver: ConnectError",
+            "next_attempt_at": 99.0,
+        },
+    }
+
+
 async def test_v1_needs_the_token_when_one_is_set(nursery: trio.Nursery) -> None:
     port, _store, _ = await start(nursery, api_token=TOKEN)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
