@@ -302,6 +302,12 @@ class SqliteStore(MemoryStore):
         return decode_webhook_event(self._cipher.decrypt(bytes(blob), associated_data=event_id.encode()))
 
     async def _check_key(self) -> None:
+        schema = await self._thread(self._db.query, "SELECT value FROM meta WHERE key = 'schema'")
+        if schema and str(schema[0][0]) != str(SCHEMA_VERSION):
+            raise StoreError(
+                f"data directory {self.directory}: written in format {schema[0][0]}, this emlisten "
+                f"reads format {SCHEMA_VERSION}"
+            )
         found = await self._thread(self._db.query, "SELECT value FROM meta WHERE key = 'key-check'")
         if found:
             # A wrong key raises StoreError (WRONG_KEY_MESSAGE) here, before anything is read.

@@ -131,6 +131,21 @@ async def test_wrong_key_is_refused_at_open(tmp_path: Path) -> None:
             pass
 
 
+async def test_a_directory_in_another_format_is_refused(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        await store.put_mailbox(mailbox())
+    await trio.to_thread.run_sync(_set_format, tmp_path, "99")
+    with pytest.raises(StoreError, match="written in format 99, this emlisten reads format 1"):
+        async with sqlite_store(tmp_path):
+            pass
+
+
+def _set_format(directory: Path, version: str) -> None:
+    with contextlib.closing(sqlite3.connect(directory / DB_FILE)) as db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (version,))
+        db.commit()
+
+
 async def test_one_process_per_data_directory(tmp_path: Path) -> None:
     async with sqlite_store(tmp_path):
         with pytest.raises(StoreError, match="in use by another emlisten process"):
