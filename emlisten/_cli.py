@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a node (flags override EMLISTEN_* variables)")
     serve.add_argument("--role", choices=[r.value for r in Role], help="default: all (env EMLISTEN_ROLE)")
-    serve.add_argument("--host", help="API bind address (env EMLISTEN_HOST, default 0.0.0.0)")
+    serve.add_argument(
+        "--host", help="API bind address (env EMLISTEN_HOST, default 127.0.0.1; beyond it a token is needed)"
+    )
     serve.add_argument("--port", type=int, help="API port (env EMLISTEN_PORT, default 8080)")
     serve.add_argument("--node-id", help="this node's id (env EMLISTEN_NODE_ID or PodName; default hostname)")
     serve.add_argument("--redis-url", help="shared store (env EMLISTEN_REDIS_URL); in-memory when unset")

@@ -187,7 +187,10 @@ async def resolve_checked(host: str, port: int, kind: Kind) -> list[str]:
         return check_addresses(host, [str(literal)], kind)
     if host.lower().rstrip(".") in BLOCKED_HOSTS:
         check_addresses(host, [], kind)  # raises unless the list names it
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # IDNA refuses it (a label over 63 characters...): no such host
+        raise socket.gaierror(socket.EAI_NONAME, "invalid host name") from None
     return check_addresses(host, [str(info[4][0]) for info in infos], kind)
 
 

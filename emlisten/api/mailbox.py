@@ -98,7 +98,7 @@ def mailbox_blueprint(
 
     @blueprint.errorhandler(_BadRequest)
     async def bad_request(error: _BadRequest) -> Response:
-        return _json_response({"Message": error.message, "Errors": error.errors}, 400)
+        return _json_response({"Message": error.message, "Errors": error.errors}, error.status)
 
     @blueprint.post("/api/mailbox/validate")
     async def validate_credentials() -> Response:

@@ -281,6 +281,12 @@ class DeliveryWorker:
                 nursery.start_soon(self._keep_lease, name, ttl)
                 await self.sync_folder(*key, seen_at=seen_at, tasks=tasks)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps the sync's own error (a Creatio 500 is a DeliveryError): unwrap
+            # it, so the retry loop logs a warning with its status, not a traceback.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.store.release_leases(self._lock_owner, [name])

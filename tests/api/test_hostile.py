@@ -54,6 +54,7 @@ def _bodies() -> list[tuple[str, bytes]]:
         ("long strings", _fields_set_to("x" * 5000)),
         ("huge strings", {"UserName": "x" * HUGE, "Password": "p" * HUGE, "Id": GUID}),
         ("huge url", {"Url": "http://" + "h" * HUGE + "/", "BpmEndpoint": "http://" + "h" * HUGE}),
+        ("long host label", {"Url": "http://" + "h" * 1500 + ".invalid/", "ServiceUrl": "h" * 300}),
         ("many folders", {"FolderIds": ["f"] * 5000, "UserName": "u", "Id": GUID}),
         ("absurd dates", {"Filters": "/Date(-99999999999999999)/", "StartDate": "/Date(99999999999999999)/"}),
         ("absurd numbers", {"Port": 10**400, "Filters": -(10**30), "limit": 10**30}),
@@ -80,6 +81,10 @@ _QUERIES = (
     "?limit=99999999999999999999999&since=/Date(-99999999999999999)/",
     "?" + "q=" + "x" * 20_000,
 )
+
+
+#: Their 502 is the documented answer about the server or URL the body names (docs/api.md).
+_REMOTE_ANSWER_ROUTES = frozenset(("/api/availability/app", "/api/mailbox/folders"))
 
 
 @dataclass
@@ -162,7 +167,8 @@ async def test_every_route_answers_hostile_input_with_4xx(
                     failures.append(f"{route.method} {route.path} {name}: {type(error).__name__}")
                     continue
                 answered += 1
-                if response.status_code >= 500:
+                reports_a_remote = route.path in _REMOTE_ANSWER_ROUTES and response.status_code == 502
+                if response.status_code >= 500 and not reports_a_remote:
                     failures.append(f"{route.method} {route.path} {name}: {response.status_code}")
         assert failures == []
         # Still serving.

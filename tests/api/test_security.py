@@ -31,7 +31,8 @@ from emlisten.sender.smtp import SmtpSender
 from emlisten.sink.creatio import CreatioSink
 from tests.api.test_http import TOKEN, RecordingControl, creds
 from tests.servers.creatio import CreatioStandIn
-from tests.servers.dovecot import Dovecot, MailUser
+from tests.servers.dovecot import Dovecot, MailUser, make_message
+from tests.service.conftest import running_service
 
 # ------------------------------------------------------------------------------------------
 # Where the API listens
@@ -428,3 +429,45 @@ def test_exchange_xml_is_parsed_without_entities(document: bytes) -> None:
         parse(document)
     with pytest.raises(MailProtocolError, match="not well-formed"):
         parse_answer(document.replace(b"s:Envelope", b"Autodiscover"))
+
+
+# ------------------------------------------------------------------------------------------
+# Log lines: a failing callback is a warning with its status; hostile values are cut short
+
+
+async def test_a_failing_callback_is_a_warning_with_its_status(
+    dovecot: Dovecot,
+    creatio: CreatioStandIn,
+    nursery: trio.Nursery,
+    mail_user: MailUser,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from emlisten.models import MailboxState
+
+    caplog.set_level(logging.INFO)
+    async with running_service(dovecot, creatio, nursery) as service:
+        creds = service.credentials(mail_user)
+        assert (await service.create(creds)).status_code == 200
+        await service.wait_state(creds["Id"], MailboxState.LISTENING)
+        creatio.fail_next("ProcessFullEmail", status=500, count=1)
+        await dovecot.aappend(mail_user, make_message(subject="after a 500"))
+        await creatio.wait_for_emails(creds["Id"], 1, timeout=20)
+    failures = [r for r in caplog.records if "delivery failed" in r.getMessage()]
+    assert failures and all(r.levelno == logging.WARNING and r.exc_info is None for r in failures)
+    assert "HTTP 500" in failures[0].getMessage()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_availability_logs_and_answers_cut_hostile_host_names(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_app(availability_timeout=0.2) as client:
+        long_host = "h" * 1500 + ".invalid"
+        response = await client.post("/api/availability/app", json={"Url": f"http://{long_host}/"})
+        assert response.status_code == 502
+        assert len(response.text) < 400
+        too_long = await client.post("/api/availability/app", json="http://" + "h" * 3000 + "/")
+        assert too_long.status_code == 422
+        assert too_long.json()["Errors"][0]["Field"] == "Url"
+    # emlisten's own lines (the service keeps httpx and httpcore at WARNING: emlisten._logging).
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("emlisten")]
+    assert ours and max(len(line) for line in ours) < 400
