@@ -35,6 +35,7 @@ import httpx
 import trio
 
 from bench._harness import (
+    Appender,
     BenchError,
     CallbackIndex,
     EmlistenProcess,
@@ -53,7 +54,6 @@ from bench._harness import (
     say,
     summary_ms,
 )
-from bench._rawimap import RawImap
 from tests.servers.creatio import CreatioStandIn, get_ci
 from tests.servers.dovecot import Dovecot, MailUser
 
@@ -66,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--down", type=float, default=1.0, help="seconds down at each restart (default 1)")
     parser.add_argument(
         "--kill", action="store_true", help="stop with SIGKILL (a crash) instead of SIGTERM (docker restart)"
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="sqlite: a data directory (default); memory: no data directory, and the mailboxes are "
+        "registered again after each start, as Creatio does when it finds them closed (the "
+        "set-up before EMLISTEN_DATA_DIR, for comparison)",
     )
     parser.add_argument(
         "--stall-timeout",
@@ -97,14 +105,16 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "rate_per_second": args.rate,
         "up_seconds": args.up,
         "down_seconds": args.down,
-        "store": "sqlite (EMLISTEN_DATA_DIR)",
+        "store": "sqlite (EMLISTEN_DATA_DIR)"
+        if args.store == "sqlite"
+        else "memory, re-registered after each start",
     }
 
 
 class _Writer:
     """Appends ``bench <run> <i>`` to mailbox i % N at a steady rate; the ledger is i -> time."""
 
-    def __init__(self, appenders: Sequence[RawImap], run_tag: str, rate: float) -> None:
+    def __init__(self, appenders: Sequence[Appender], run_tag: str, rate: float) -> None:
         self.appenders = appenders
         self.run_tag = run_tag
         self.interval = 1.0 / rate
@@ -146,7 +156,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         "EMLISTEN_TLS_CA_FILE": str(dovecot.ca_file),
         "EMLISTEN_LOG_LEVEL": "INFO",
         "EMLISTEN_NODE_ID": "bench",
-        "EMLISTEN_DATA_DIR": str(data_dir),
+        "EMLISTEN_DATA_DIR": str(data_dir) if args.store == "sqlite" else "",
         "EMLISTEN_SECRET_KEY": secrets.token_hex(32),
         **parse_env(args.env),
     }
@@ -160,7 +170,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(limits=limits) as http:
         await nursery.start(standin.serve)
-        appenders: list[RawImap] = []
+        appenders: list[Appender] = []
         try:
             process.spawn()
             await process.wait_ready(http)
@@ -186,6 +196,8 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                     await process.wait_ready(http)
                     writer.down = False
                     ready = time.monotonic() - started
+                    if args.store == "memory":
+                        await register_mailboxes(http, process.url, credentials, args.chunk)
                     listening = ready + await _listening(http, process, len(users), listen_within)
                     loaded = [
                         float(found.group(1))
