@@ -20,6 +20,7 @@ import trio
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import Dovecot, MailUser
+from tests.servers.ews import running_ews_simulator
 from tests.servers.webhook import WebhookCall, WebhookReceiver
 from tests.service.conftest import RunningService, running_service
 
@@ -280,3 +281,28 @@ async def test_refused_credentials_and_the_fix_are_mailbox_state_events(
     await service.dovecot.aappend(user, mail("after the fix"))
     calls = await receiver.wait_accepted("/hooks/state", 3)
     assert verified(calls[2])["data"]["subject"] == "after the fix"
+
+
+async def test_an_ews_mailbox_registered_through_v1_reaches_the_webhook(
+    service: RunningService, receiver: WebhookReceiver
+) -> None:
+    async with running_ews_simulator(minute_seconds=0.4, keepalive_seconds=0.1) as simulator:
+        account = simulator.add_account()
+        body = {
+            "protocol": "ews",
+            "service_url": simulator.url,
+            "username": account.user,
+            "password": account.password,
+            "email": account.address,
+            "webhook": {"url": receiver.url("/hooks/ews"), "secret": SECRET},
+        }
+        created = await service.http.post("/v1/mailboxes", json=body)
+        assert created.status_code == 201, created.text
+        mailbox_id = created.json()["id"]
+        with trio.fail_after(15):
+            while (await service.http.get(f"/v1/mailboxes/{mailbox_id}")).json()["state"] != "listening":
+                await trio.sleep(0.02)
+        simulator.add_message(account.address, mail("over EWS"))
+        (call,) = await receiver.wait_accepted("/hooks/ews", 1)
+    event = verified(call)
+    assert (event["mailbox"], event["data"]["subject"]) == (mailbox_id, "over EWS")
