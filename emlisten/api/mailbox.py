@@ -27,7 +27,7 @@ from quart import Blueprint, Response, g
 from emlisten import _egress
 from emlisten.api.app import _BadRequest, _error_item, _json_response, _read_json_body
 from emlisten.api.credentials import parse_credentials
-from emlisten.errors import MailSourceError, ValidationError
+from emlisten.errors import MailConnectError, MailProtocolError, MailSourceError, ValidationError
 from emlisten.mail.ews import EwsSource
 from emlisten.mail.ews.folders import list_ews_folders
 from emlisten.mail.folders import list_folders
@@ -145,11 +145,17 @@ def mailbox_blueprint(
             mailbox = _parse_lenient(element)
         except ValidationError as error:
             raise _BadRequest("Invalid credentials", [_error_item(error.field, error.message)]) from None
+        started = trio.current_time()
         try:
             items = await folder_list(mailbox)
         except MailSourceError as error:
             logger.info("folders: %s", type(error).__name__)
-            return _json_response({"Message": str(error), "Category": type(error).__name__}, 502)
+            message, category = str(error), type(error).__name__
+            if not _authenticated() and isinstance(error, MailConnectError | MailProtocolError):
+                # As validate: no telling a closed port from a silent one or another service.
+                message, category = f"no mail server answered at {_where(mailbox)}", "MailConnectError"
+                await trio.sleep_until(started + imap.settings.connect_timeout)
+            return _json_response({"Message": message, "Category": category}, 502)
         return _json_response(items)
 
     @blueprint.post("/api/availability/app")
@@ -213,6 +219,10 @@ def _availability_url(body: Any) -> str:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise _BadRequest("Invalid URL", [_error_item("Url", "must be an absolute http(s) URL")])
     return url
+
+
+def _where(mailbox: MailboxConfig) -> str:
+    return _host_port(mailbox.imap.host, mailbox.imap.port, "")
 
 
 def _authenticated() -> bool:

@@ -471,3 +471,20 @@ async def test_availability_logs_and_answers_cut_hostile_host_names(caplog: pyte
     # emlisten's own lines (the service keeps httpx and httpcore at WARNING: emlisten._logging).
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("emlisten")]
     assert ours and max(len(line) for line in ours) < 400
+
+
+async def test_folders_tell_no_unauthenticated_caller_a_closed_port_from_a_silent_one() -> None:
+    floor = 1.0
+    answers = []
+    async with silent_port() as quiet, running_app(source=ImapSource(connect_timeout=floor)) as client:
+        for port in (closed_port(), quiet):
+            started = trio.current_time()
+            response = await client.post("/api/mailbox/folders", json=_validate_body(port))
+            assert response.status_code == 502
+            assert trio.current_time() - started >= floor
+            answers.append(response.json()["Message"].replace(str(port), "PORT"))
+        assert answers[0] == answers[1] == "no mail server answered at 127.0.0.1:PORT"
+        detailed = await client.post(
+            "/api/mailbox/folders", json=_validate_body(closed_port()), headers=BEARER
+        )
+        assert "refused" in detailed.json()["Message"].lower()
