@@ -26,7 +26,7 @@ import trio
 from tests.cluster.nodes import Cluster
 from tests.cluster.test_cluster import credentials, eventually, owners
 from tests.contract.backends import AMQP_URL, REDIS_URL, delete_redis_keys
-from tests.servers.creatio import CLIENT_GONE, CreatioStandIn
+from tests.servers.creatio import CLIENT_GONE, CreatioStandIn, get_ci
 from tests.servers.dovecot import Dovecot, MailUser
 from tests.servers.faultproxy import FaultProxy
 
@@ -401,6 +401,28 @@ def accepted_after(creatio: CreatioStandIn, since: float) -> float:
     return max(call.received_at for call in creatio.accepted_calls("ProcessFullEmail")) - since
 
 
+#: How long before a SIGKILL a call Creatio accepted can still lack its checkpoint: the write
+#: follows the answer at once, but the victim's event loop is slow on a loaded machine.
+KILL_WINDOW_SECONDS = 2.0
+
+
+def doubled_outside_the_kill(creatio: CreatioStandIn, killed_at: float) -> list[str]:
+    """Email.Ids delivered more than once whose first accepted copy is not from a call Creatio
+    accepted in the ``KILL_WINDOW_SECONDS`` before the kill (the only ones at-least-once allows)."""
+    first_seen: dict[str, float] = {}
+    copies: Counter[str] = Counter()
+    for call in sorted(creatio.accepted_calls("ProcessFullEmail"), key=lambda c: c.received_at):
+        for email in get_ci(call.body, "Emails") or []:
+            first_seen.setdefault(email["Id"], call.received_at)
+            copies[email["Id"]] += 1
+    return [
+        email_id
+        for email_id, n in copies.items()
+        # (a body that arrived as the kill landed is counted as accepted by the stand-in too)
+        if n > 1 and not killed_at - KILL_WINDOW_SECONDS <= first_seen[email_id] <= killed_at + 0.5
+    ]
+
+
 def _sync_lease_holder(prefix: str, mailbox_id: str, folder: str = "INBOX") -> str | None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
@@ -483,8 +505,14 @@ async def test_sigkill_of_a_secondary_mid_backlog_drain(
 
     problem = await settled(flow, creatio, c, "p1", ("p1", survivor))
     figures = count("sigkill secondary mid-backlog", flow, creatio)
+    outside = doubled_outside_the_kill(creatio, killed_at)
     figures.notes = [
-        f"killed {victim} mid-drain, all delivered {accepted_after(creatio, killed_at):.1f}s after the kill"
+        f"killed {victim} mid-drain, all delivered {accepted_after(creatio, killed_at):.1f}s after the kill",
+        f"{figures.duplicated} doubled, all from calls Creatio accepted just before the kill",
     ]
+    # The victim had calls in flight to other mailboxes: one that Creatio accepted in the
+    # moment before the kill, whose checkpoint the victim did not write, is delivered again
+    # (at-least-once, docs/architecture.md). Nothing else may be doubled.
+    figures.duplicated = len(outside)
     report(figures, problem)
     assert figures.sent == 30
