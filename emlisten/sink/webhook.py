@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +101,59 @@ def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> st
     )
 
 
+class _TextOfHtml(HTMLParser):
+    """A plain rendition of an HTML body: text content, line breaks at block elements, no
+    scripts or styles (for ``data.text`` when the message's body is HTML)."""
+
+    _BLOCKS = frozenset(
+        (
+            *("address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "fieldset"),
+            *("figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header"),
+            *("hr", "li", "main", "nav", "ol", "p", "pre", "section", "table", "tr", "ul"),
+        )
+    )
+    _HIDDEN = frozenset(("script", "style", "head", "title", "template"))
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._HIDDEN:
+            self._hidden += 1
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._hidden or not data:
+            return
+        # Runs of white space are one space, kept at the edges ("Hello <b>world</b>").
+        collapsed = " ".join(data.split())
+        if data[0].isspace():
+            collapsed = " " + collapsed
+        if data[-1].isspace() and collapsed.strip():
+            collapsed += " "
+        self.parts.append(collapsed)
+
+
+def html_to_text(html: str) -> str:
+    parser = _TextOfHtml()
+    parser.feed(html)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).split("\n"))
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.strip()
+
+
 def _iso(moment: datetime | float) -> str:
     if not isinstance(moment, datetime):
         moment = datetime.fromtimestamp(moment, UTC)
@@ -129,7 +183,8 @@ def message_payload(
             "in_reply_to": message.in_reply_to,
             "references": list(message.references),
             "importance": message.importance.name.lower(),
-            "text": None if message.is_html_body else message.body,
+            # The body as sent when it is plain text, else a plain rendition of the HTML body.
+            "text": html_to_text(message.body) if message.is_html_body else message.body,
             "html": message.body if message.is_html_body else None,
             "truncated": message.truncated,
             "headers": [{"name": name, "value": value} for name, value in message.headers],

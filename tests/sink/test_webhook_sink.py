@@ -31,7 +31,7 @@ from emlisten.models import (
     WebhookTarget,
     email_id,
 )
-from emlisten.sink.webhook import WebhookSink, endpoint_key, sign
+from emlisten.sink.webhook import WebhookSink, endpoint_key, html_to_text, message_payload, sign
 from emlisten.store.memory import MemoryStore
 from emlisten.store.redis import RedisStore
 from tests.contract.backends import REDIS_URL, TEST_SECRET_KEY, delete_redis_keys, unique_prefix
@@ -233,6 +233,20 @@ async def test_a_lone_surrogate_in_the_mail_still_sends_a_verifiable_event(nurse
         (call,) = await receiver.wait_accepted("/odd", 1)
     event = standardwebhooks.Webhook(SECRET).verify(call.body, call.headers)
     assert event["data"]["subject"] == "bad ? text"
+
+
+def test_html_bodies_also_come_as_text() -> None:
+    html = (
+        "<html><head><title>T</title><style>p {color: red}</style></head><body>"
+        "<p>Hello <b>world</b>&nbsp;&amp; you</p><div>Line 2<br>Line 3</div>"
+        "<script>alert(1)</script><ul><li>one</li><li>two</li></ul></body></html>"
+    )
+    assert html_to_text(html) == "Hello world & you\n\nLine 2\nLine 3\n\none\n\ntwo"
+    message_ = Email(id="e", body=html, is_html_body=True)
+    data = message_payload("m", message_, created_at=0.0, inline_limit=0)["data"]
+    assert (data["html"], data["text"]) == (html, "Hello world & you\n\nLine 2\nLine 3\n\none\n\ntwo")
+    plain = message_payload("m", Email(id="e", body="just text"), created_at=0.0, inline_limit=0)["data"]
+    assert (plain["text"], plain["html"]) == ("just text", None)
 
 
 @pytest.mark.redis
