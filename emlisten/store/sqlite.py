@@ -159,6 +159,8 @@ class _Database:
     """The connection; every method runs on the store's worker thread, one call at a time."""
 
     def __init__(self, path: Path) -> None:
+        # Owner-only, whatever the umask: SQLite gives its -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode=WAL")
@@ -604,7 +606,7 @@ class SqliteStore(MemoryStore):
 def _lock_directory(path: Path) -> int:
     """Create the directory if needed and lock it for this process (one emlisten per directory)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StoreError(f"data directory {path}: not usable: {_describe(exc)}") from None

@@ -116,6 +116,21 @@ async def test_no_secret_in_plain_text_in_the_data_directory(tmp_path: Path) -> 
             assert secret.encode("utf-16-le") not in content, (name, secret)
 
 
+async def test_only_the_owner_can_read_the_files(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    async with sqlite_store(directory) as store:
+        await store.put_mailbox(mailbox())
+        modes = await trio.to_thread.run_sync(_modes, directory)
+    assert modes.pop(".") == 0o700  # created by the store
+    assert {name: mode for name, mode in modes.items() if mode != 0o600} == {}
+    assert {DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", "emlisten.lock"} <= set(modes)
+
+
+def _modes(directory: Path) -> dict[str, int]:
+    found = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+    return {".": directory.stat().st_mode & 0o777, **found}
+
+
 async def test_wrong_key_is_refused_at_open(tmp_path: Path) -> None:
     async with sqlite_store(tmp_path) as store:
         await store.put_mailbox(mailbox())
