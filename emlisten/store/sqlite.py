@@ -176,7 +176,8 @@ class _Database:
                 connection.execute(sql, params)
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:  # BEGIN itself may have failed (a read-only file)
+                connection.execute("ROLLBACK")
             raise
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
