@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -182,6 +185,41 @@ async def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"cannot (open|use) emlisten.db"):
         async with sqlite_store(garbage):
             pass
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path) -> Iterator[None]:
+    """The directory and its files made unwritable for real: immutable (chattr +i) as root,
+    whom file modes do not stop; modes otherwise."""
+    paths = [directory, *directory.iterdir()]
+    as_root = os.geteuid() == 0
+    for path in paths:
+        if as_root:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+        else:
+            path.chmod(0o500 if path.is_dir() else 0o400)
+    try:
+        yield
+    finally:
+        for path in paths:
+            if as_root:
+                subprocess.run(["chattr", "-i", str(path)], check=True)
+            else:
+                path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+async def test_a_read_only_data_directory_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    async with sqlite_store(directory) as store:
+        await store.put_mailbox(mailbox())
+    with (
+        _read_only(directory),
+        pytest.raises(StoreError, match=r"data directory .*data: not usable: Permission"),
+    ):
+        async with sqlite_store(directory):
+            pass
+    async with sqlite_store(directory) as store:  # writable again: everything is still there
+        assert await store.list_mailbox_ids() == ["m-1"]
 
 
 def _fail_writes(store: SqliteStore, fail: bool) -> None:
