@@ -801,6 +801,12 @@ def _figures(
         f.mails_during = sum(1 for e in entries if f.started <= e.appended_at - t0 <= f.ended)
 
     duplicates = tally.duplicates()
+    mailbox_ids = [c["Id"] for members in soak.groups.values() for c in members]  # the users' order
+    slowest = sorted(
+        (e for e in entries if e.index in delivered_at),
+        key=lambda e: delivered_at[e.index] - (e.appended_at - t0),
+        reverse=True,
+    )[:20]
     per_kind: dict[str, list[FaultRecord]] = defaultdict(list)
     for f in soak.faults:
         per_kind[f.kind].append(f)
@@ -815,7 +821,11 @@ def _figures(
             "delivered": len(entries) - len(lost),
             "lost": len(lost),
             "lost_examples": [
-                {"index": e.index, "mailbox": e.mailbox, "appended_s": round(e.appended_at - t0, 3)}
+                {
+                    "index": e.index,
+                    "mailbox_id": mailbox_ids[e.mailbox],
+                    "appended_s": round(e.appended_at - t0, 3),
+                }
                 for e in lost[:50]
             ],
             "all_delivered_before_timeout": complete,
@@ -823,6 +833,15 @@ def _figures(
             "accepted_callbacks": tally.accepted_calls,
             "refused_callbacks_by_status": dict(tally.refused_calls),
             "delay_ms": summary_ms(delays),
+            "slowest_mails": [
+                {
+                    "index": e.index,
+                    "mailbox_id": mailbox_ids[e.mailbox],
+                    "appended_s": round(e.appended_at - t0, 3),
+                    "delivered_s": round(delivered_at[e.index], 3),
+                }
+                for e in slowest
+            ],
             "delay_past_fault_end_ms": summary_ms(past_fault),
             "mails_later_than_target_past_fault_end": late,
             "faults": [f.as_dict() for f in soak.faults],
