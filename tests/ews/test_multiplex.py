@@ -153,7 +153,11 @@ async def test_leaving_listeners_shrink_the_request(
     for scope in scopes[1:]:
         scope.cancel()
     await ews.wait_until(lambda: ews.stream_sizes(account.address) == [], what="no connection left")
-    assert source.streaming_connections() == []
+    # The server may end the stream first (each Unsubscribe empties it) while the connection
+    # still settles: it goes within its settle delay.
+    with trio.fail_after(5):
+        while source.streaming_connections():
+            await trio.sleep(0.01)
 
 
 async def test_simulator_refuses_more_than_200_subscriptions(ews: EwsSimulator, source: EwsSource) -> None:

@@ -490,7 +490,8 @@ class EwsSource(MailSource):
         self._pools[key] = (pool, users + 1)
         timeout = timeouts or httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout)
         try:
-            async with httpx.AsyncClient(transport=_Borrowed(pool), timeout=timeout) as http:
+            # No proxies from the environment: they would bypass the pool (and its authentication).
+            async with httpx.AsyncClient(transport=_Borrowed(pool), timeout=timeout, trust_env=False) as http:
                 yield http
         finally:
             pool, users = self._pools[key]
@@ -560,7 +561,7 @@ class EwsSource(MailSource):
                 # A pool of its own: candidates are other hosts than the EWS URL's.
                 pool = self._new_pool(mailbox)
                 timeout = httpx.Timeout(self.settings.request_timeout, connect=self.settings.connect_timeout)
-                async with httpx.AsyncClient(transport=pool, timeout=timeout) as http:
+                async with httpx.AsyncClient(transport=pool, timeout=timeout, trust_env=False) as http:
                     url = await discover_ews_url(
                         http,
                         address,
