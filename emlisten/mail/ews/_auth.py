@@ -145,14 +145,13 @@ def basic_header(credentials: Credentials) -> str:
 
 
 class _Connection:
-    """One single-connection sub-transport and whether (and how) its connection is authenticated."""
+    """One single-connection sub-transport: one TCP connection at a time, authenticated by the
+    handshake that ran on it (the server answers 401 on a new one, which starts the next)."""
 
-    __slots__ = ("authenticated", "transport")
+    __slots__ = ("transport",)
 
     def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
         self.transport = transport
-        #: The scheme of the handshake done on the current TCP connection, "" if none.
-        self.authenticated = ""
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
@@ -304,7 +303,6 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             response = await connection.transport.handle_async_request(request)
             if response.status_code != 401:
                 return response
-            connection.authenticated = ""
         scheme = choose_scheme(self.mode, challenges(response))
         if scheme is None:
             return response
@@ -354,7 +352,6 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                         context.step(base64.b64decode(server_token))
                     except (spnego.exceptions.SpnegoError, binascii.Error, ValueError):
                         log.debug("%s: final server token not understood", name)
-                connection.authenticated = scheme
                 self.schemes[origin] = scheme
                 self.handshakes += 1
                 return response
