@@ -488,3 +488,22 @@ async def test_folders_tell_no_unauthenticated_caller_a_closed_port_from_a_silen
             "/api/mailbox/folders", json=_validate_body(closed_port()), headers=BEARER
         )
         assert "refused" in detailed.json()["Message"].lower()
+
+
+async def test_every_hop_of_a_redirect_is_checked(nursery: trio.Nursery) -> None:
+    from tests.servers._http import lifespan_or_other, serve_app, server_config
+
+    async def redirector(scope: Any, receive: Any, send: Any) -> None:
+        if await lifespan_or_other(scope, receive, send):
+            return
+        target = b"http://169.254.169.254/latest/meta-data/" if scope["path"] == "/out" else b"/out"
+        await send({"type": "http.response.start", "status": 302, "headers": [(b"location", target)]})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = await nursery.start(serve_app, redirector, server_config("127.0.0.1"))
+    transport = _egress.http_transport("callback")
+    async with httpx.AsyncClient(transport=transport, follow_redirects=True, timeout=10) as client:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await client.get(f"http://127.0.0.1:{port}/in")  # -> /out (allowed) -> metadata (not)
+    denied = _egress.denial(caught.value)
+    assert denied is not None and "link-local or metadata" in str(denied.strerror)
