@@ -223,9 +223,14 @@ async def test_a_read_only_data_directory_is_a_clear_error_at_start(tmp_path: Pa
 
 
 def _fail_writes(store: SqliteStore, fail: bool) -> None:
-    # A real SQLite write failure on the store's own connection ("attempt to write a readonly
-    # database"), as a disk remounted read-only gives.
-    store._db.connection.execute(f"PRAGMA query_only={int(fail)}")
+    """Make the store's writes fail for real. As root: its WAL file made immutable, so the write
+    into it fails in the kernel (SQLite: "disk I/O error"), as on a disk remounted read-only or
+    full. Otherwise: the connection set read-only ("attempt to write a readonly database")."""
+    if os.geteuid() == 0:
+        wal = store.directory / f"{DB_FILE}-wal"
+        subprocess.run(["chattr", "+i" if fail else "-i", str(wal)], check=True)
+    else:
+        store._db.connection.execute(f"PRAGMA query_only={int(fail)}")
 
 
 async def test_a_failing_disk_keeps_mail_flowing_and_catches_up(tmp_path: Path) -> None:
@@ -235,17 +240,19 @@ async def test_a_failing_disk_keeps_mail_flowing_and_catches_up(tmp_path: Path) 
         await store.ping()
         await store.flush()
         await store._thread(_fail_writes, store, True)
-        # Changes still return (memory carries on) and read back; readiness reports the disk.
-        with trio.fail_after(10):
-            assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 5))
-            await store.put_mailbox(mailbox("m-2"))
-            await store.remove_mailbox("m-1")
-            await store.put_mailbox(mailbox("m-1"))
-            await store.seed_checkpoint("m-1", "INBOX", Checkpoint(1, 9))
-        assert await store.get_checkpoint("m-1", "INBOX") == Checkpoint(1, 9)
-        with pytest.raises(StoreError, match="cannot write"):
-            await store.ping()
-        await store._thread(_fail_writes, store, False)
+        try:
+            # Changes still return (memory carries on) and read back; readiness reports the disk.
+            with trio.fail_after(10):
+                assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 5))
+                await store.put_mailbox(mailbox("m-2"))
+                await store.remove_mailbox("m-1")
+                await store.put_mailbox(mailbox("m-1"))
+                await store.seed_checkpoint("m-1", "INBOX", Checkpoint(1, 9))
+            assert await store.get_checkpoint("m-1", "INBOX") == Checkpoint(1, 9)
+            with pytest.raises(StoreError, match="cannot write"):
+                await store.ping()
+        finally:
+            await store._thread(_fail_writes, store, False)
         with trio.fail_after(10):
             while store.failure is not None:
                 await trio.sleep(0.05)
