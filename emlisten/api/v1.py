@@ -168,8 +168,9 @@ def v1_blueprint(
             raise _Invalid("kind", 'must be "webhook" or "creatio"')
         text = (request.args.get("q") or "").strip().lower()
 
-        ids = sorted(await store.list_mailbox_ids())
-        statuses = await store.get_statuses(ids)
+        all_ids = sorted(await store.list_mailbox_ids())
+        statuses = await store.get_statuses(all_ids)
+        ids = all_ids
         if wanted_state is not None:
             ids = [
                 mid
@@ -211,7 +212,13 @@ def v1_blueprint(
             for mid in page_ids
             if mid in configs
         ]
-        _total, states = await store.state_counts()
+        # Counted from the statuses read above: a second pass (Store.state_counts) would read
+        # every status again (half the time of this answer with Redis at 10,000 mailboxes).
+        states: dict[str, int] = {}
+        for mailbox_id in all_ids:
+            status = statuses.get(mailbox_id)
+            state = status.state.value if status is not None else MailboxState.STARTING.value
+            states[state] = states.get(state, 0) + 1
         return _json(
             {
                 "items": items,
