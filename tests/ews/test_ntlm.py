@@ -18,7 +18,7 @@ from tests.ews.test_source import Tasks, mime, read_new, start_listening
 from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import make_tls_files
-from tests.servers.ews import EwsSimulator, running_ews_simulator
+from tests.servers.ews import NTLM_DOMAIN, EwsSimulator, running_ews_simulator
 
 
 @pytest.fixture
@@ -252,3 +252,14 @@ async def test_autodiscover_authenticates_with_ntlm_too(
     # Basic was never sent to either endpoint.
     assert "basic" not in {r.authorization_scheme for r in ntlm_ews.requests}
     scope.cancel()
+
+
+@pytest.mark.parametrize("login", ["user", "domain", "upn"])
+async def test_windows_user_name_forms(ntlm_ews: EwsSimulator, login: str) -> None:
+    account = ntlm_ews.add_account()
+    user_name = {"user": account.user, "domain": f"{NTLM_DOMAIN}\\{account.user}", "upn": account.address}[
+        login
+    ]
+    async with ntlm_source().open_reader(ews_mailbox(ntlm_ews, account, UserName=user_name)) as reader:
+        await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    assert ntlm_ews.handshakes == 1

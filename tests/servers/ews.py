@@ -68,6 +68,7 @@ Every request is logged in ``requests`` (with its trio time) so tests can assert
 
 from __future__ import annotations
 
+import atexit
 import base64
 import email.policy
 import hashlib
@@ -119,16 +120,22 @@ _HANDSHAKE_SCHEMES = {"negotiate": "Negotiate", "ntlm": "NTLM"}
 _ntlm_store: str | None = None
 
 
-def _ntlm_register(names: Sequence[str], password: str) -> None:
+#: The Windows domain of the simulator's accounts: ``EWS\\user`` logs in as ``user``.
+NTLM_DOMAIN = "EWS"
+
+
+def _ntlm_register(user: str, address: str, password: str) -> None:
     """Add an account to this process's NTLM credential file (pyspnego's acceptor reads the file
-    named by ``NTLM_USER_FILE``; one file serves every simulator of the process)."""
+    named by ``NTLM_USER_FILE``; one file serves every simulator of the process), under the
+    names Windows accepts: ``user``, ``user@domain`` (UPN) and ``DOMAIN\\user``."""
     global _ntlm_store
     if _ntlm_store is None:
         handle, _ntlm_store = tempfile.mkstemp(prefix="emlisten-ntlm-", suffix=".txt")
         os.close(handle)
         os.environ["NTLM_USER_FILE"] = _ntlm_store
+        atexit.register(os.unlink, _ntlm_store)
     with open(_ntlm_store, "a", encoding="utf-8") as store:
-        store.writelines(f":{name}:{password}\n" for name in names)
+        store.write(f":{user}:{password}\n:{address}:{password}\n{NTLM_DOMAIN}:{user}:{password}\n")
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -480,7 +487,7 @@ class EwsSimulator:
         address = name if "@" in name else f"{name}@ews.example.test"
         account = EwsAccount(address, name, password or secrets.token_urlsafe(12), can_impersonate)
         if any(s in _HANDSHAKE_SCHEMES for s in self.auth_schemes):
-            _ntlm_register((name, address), account.password)
+            _ntlm_register(name, address, account.password)
         root = EwsFolder(_new_id("AQMkAroot"), "Top of Information Store", folder_class="")
         inbox = EwsFolder(_new_id("AQMkAinbox"), "Inbox", root.id)
         sent = EwsFolder(_new_id("AQMkAsent"), "Sent Items", root.id)
