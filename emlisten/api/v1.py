@@ -331,15 +331,19 @@ def v1_blueprint(
     async def replay_all() -> Response:
         mailbox = request.args.get("mailbox") or None
         replayed = 0
-        skipped = 0  # dead letters of other mailboxes stay in place, ahead of the next page
+        skipped = 0  # dead letters left in place (ahead of the next page)
+        # Each at most once per call: one that fails again at once comes back to the list.
+        seen: set[str] = set()
         while True:
             _total, events = await store.list_dead_letters(offset=skipped, limit=MAX_PAGE)
             if not events:
                 break
             for event in events:
-                if mailbox is not None and event.mailbox_id != mailbox:
+                if event.id in seen or (mailbox is not None and event.mailbox_id != mailbox):
                     skipped += 1
-                elif await replay(event.id) is not None:
+                    continue
+                seen.add(event.id)
+                if await replay(event.id) is not None:
                     replayed += 1
         log.info("v1: %d dead letter(s) replayed", replayed)
         return _json({"replayed": replayed}, 202)
