@@ -441,7 +441,7 @@ _PATHS: dict[str, dict[str, Any]] = {
             "Webhook events whose retries ran out, oldest first",
             "webhooks",
             {"200": _answer("A page of dead letters", _ref("DeadLetterPage")), "422": _ERROR},
-            parameters=_PAGING,
+            parameters=[*_PAGING, _query("mailbox", "Only this mailbox's", {"type": "string"})],
         )
     },
     "/v1/dead-letters/replay": {

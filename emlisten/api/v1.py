@@ -290,7 +290,18 @@ def v1_blueprint(
     async def list_dead_letters() -> Response:
         offset = _int_arg("offset", 0, 0, 10**9)
         limit = _int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        total, events = await store.list_dead_letters(offset=offset, limit=limit)
+        mailbox = (request.args.get("mailbox") or "").lower() or None
+        if mailbox is None:
+            total, events = await store.list_dead_letters(offset=offset, limit=limit)
+        else:
+            # One mailbox's: read them all (dead letters are few, or something is very wrong).
+            everything: list[WebhookEvent] = []
+            while page := (await store.list_dead_letters(offset=len(everything), limit=MAX_PAGE))[1]:
+                everything += page
+                if len(page) < MAX_PAGE:
+                    break
+            chosen = [event for event in everything if event.mailbox_id == mailbox]
+            total, events = len(chosen), chosen[offset : offset + limit]
         return _json(
             {
                 "items": [dead_letter_to_v1(e) for e in events],
@@ -329,7 +340,7 @@ def v1_blueprint(
 
     @blueprint.post("/v1/dead-letters/replay")
     async def replay_all() -> Response:
-        mailbox = request.args.get("mailbox") or None
+        mailbox = (request.args.get("mailbox") or "").lower() or None
         replayed = 0
         skipped = 0  # dead letters left in place (ahead of the next page)
         # Each at most once per call: one that fails again at once comes back to the list.

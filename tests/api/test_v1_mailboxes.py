@@ -277,6 +277,10 @@ async def test_dead_letters_list_replay_and_drop(v1: V1) -> None:
     }
     assert first["event"]["id"] == "msg_1" and first["url"] == "https://app.example.com/h"
     assert (await v1.http.get("/v1/dead-letters/msg_2")).json()["mailbox"] == "m2"
+    only_m1 = (
+        await v1.http.get("/v1/dead-letters", params={"mailbox": "M1", "limit": 1, "offset": 1})
+    ).json()
+    assert ([item["id"] for item in only_m1["items"]], only_m1["total"]) == (["msg_3"], 2)
 
     one = await v1.http.post("/v1/dead-letters/msg_2/replay")
     assert one.status_code == 202 and one.json() == {"id": "msg_2", "replayed": 1}
