@@ -6,6 +6,7 @@ Names of the vendor's service are accepted as aliases where they mean the same t
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import ipaddress
@@ -356,5 +357,15 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"{env_name('webhook_inline_attachment_bytes')} must be 0 (never) or positive")
     if settings.webhook_url and not settings.webhook_url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"{env_name('webhook_url')} must be an http(s) URL")
+    for secret in (settings.webhook_secret or "").split():
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:  # binascii.Error among them
+            key = b""
+        if not secret.startswith("whsec_") or not key:
+            # The message never quotes the value: it is a secret.
+            raise ConfigError(
+                f"{env_name('webhook_secret')} must be whsec_ secrets (whsec_ + base64), space-separated"
+            )
     if settings.idle_renew_seconds >= 29 * 60:
         raise ConfigError(f"{env_name('idle_renew_seconds')} must be under 29 minutes (RFC 2177)")

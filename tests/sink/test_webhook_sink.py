@@ -303,3 +303,7 @@ def test_settings_give_the_schedule_and_defaults() -> None:
         with pytest.raises(ConfigError, match="EMLISTEN_WEBHOOK_RETRY_SCHEDULE"):
             load_settings({"EMLISTEN_WEBHOOK_RETRY_SCHEDULE": bad})
     assert SECRET not in repr(settings)
+    for bad in ("not-a-whsec", "whsec_!!", f"{SECRET} whsec_"):
+        with pytest.raises(ConfigError, match="EMLISTEN_WEBHOOK_SECRET") as refused:
+            load_settings({"EMLISTEN_WEBHOOK_SECRET": bad})
+        assert SECRET not in str(refused.value) and "not-a-whsec" not in str(refused.value)
