@@ -226,7 +226,8 @@ def drain_unread_body(asgi_app: Any) -> Any:
         if scope.get("type") != "http":
             await asgi_app(scope, receive, send)
             return
-        finished = False
+        # A request without a body is complete from the start (GETs: keep their keep-alive).
+        finished = not _announces_body(scope)
         closing = False
 
         async def tracking_receive() -> Any:
@@ -264,3 +265,11 @@ def drain_unread_body(asgi_app: Any) -> Any:
             await tracking_receive()
 
     return app
+
+
+def _announces_body(scope: Any) -> bool:
+    for raw_name, value in scope.get("headers", ()):
+        name = bytes(raw_name).lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and bytes(value).strip() != b"0"):
+            return True
+    return False

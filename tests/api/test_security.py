@@ -128,6 +128,7 @@ class _Ready:
 
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
+ID = "0F8FAD5B-D9CB-469F-A165-70867728950E"
 
 
 async def test_creatio_routes_answer_without_the_token_and_own_routes_need_it() -> None:
@@ -507,3 +508,15 @@ async def test_every_hop_of_a_redirect_is_checked(nursery: trio.Nursery) -> None
             await client.get(f"http://127.0.0.1:{port}/in")  # -> /out (allowed) -> metadata (not)
     denied = _egress.denial(caught.value)
     assert denied is not None and "link-local or metadata" in str(denied.strerror)
+
+
+async def test_ordinary_requests_keep_their_connection_alive() -> None:
+    # The body-draining middleware must only close connections whose request it did not read.
+    async with running_app() as client:
+        answers = []
+        for _ in range(50):
+            answers.append(await client.get("/api/listeners/status"))
+            answers.append(await client.post("/api/listeners/subscriptionsstate", json=[ID]))
+        assert [a.headers.get("connection") for a in answers if a.headers.get("connection")] == []
+        unauthorised = await client.post("/v1/anything", json={"a": 1})
+        assert unauthorised.status_code in (401, 405)
