@@ -10,6 +10,7 @@ Creatio endpoint slows only its own mailboxes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -167,9 +168,10 @@ class DeliveryWorker:
                 drainer.pending = []
                 seen = [d.task.seen_at for d in taken if d.task.reason == "exists" and d.task.seen_at]
                 seen_at = min(seen) if seen else 0.0
+                tasks = [d.task for d in taken]
                 while True:
                     try:
-                        await self._sync_exclusively(drainer.key, seen_at, [d.task for d in taken])
+                        await self._sync_exclusively(drainer.key, seen_at, tasks)
                         break
                     except (DeliveryError, MailSourceError, StoreError) as exc:
                         delay = retry.next_delay()
@@ -186,8 +188,16 @@ class DeliveryWorker:
                             delay,
                             extra={"mailbox": drainer.key[0], "folder": drainer.key[1]},
                         )
-                    # Tasks that arrived meanwhile are covered by the retry: settle them now so
-                    # a failing mailbox holds one queue slot, not one per new mail.
+                    # Tasks that arrived meanwhile go into the retry as UIDs it must reach (with
+                    # only the first task's carried mail, a retry that covered it asked the
+                    # server nothing and the rest waited for the next mail), without the mail
+                    # they carry (memory stays bounded in a long outage: the server has it).
+                    # Settle them now so a failing mailbox holds one queue slot, not one per
+                    # new mail.
+                    tasks += [
+                        dataclasses.replace(d.task, prefetched=(), prefetch_from=0, prefetch_to=0)
+                        for d in drainer.pending
+                    ]
                     await self._ack_all(drainer.pending)
                     drainer.pending = []
                     await trio.sleep(delay)
