@@ -677,7 +677,11 @@ class WebhookSink(Sink):
 
     def _tell(self, event: WebhookEvent, outcome: str) -> None:
         if self.on_outcome is not None:
-            self.on_outcome(event, outcome)
+            try:
+                self.on_outcome(event, outcome)
+            except Exception:
+                # An observer's bug must not turn a stored outcome into a second attempt.
+                log.exception("webhook outcome observer failed", extra={"mailbox": event.mailbox_id})
 
     async def _secrets_for(self, event: WebhookEvent) -> tuple[str, ...]:
         """The mailbox's current secrets, else the default (a rotation applies to queued events
