@@ -263,3 +263,16 @@ async def test_windows_user_name_forms(ntlm_ews: EwsSimulator, login: str) -> No
     async with ntlm_source().open_reader(ews_mailbox(ntlm_ews, account, UserName=user_name)) as reader:
         await reader.current_position("INBOX")  # type: ignore[attr-defined]
     assert ntlm_ews.handshakes == 1
+
+
+async def test_a_wrong_password_is_tried_once_per_request(ews: EwsSimulator) -> None:
+    # Account lockout policies count failed logins: each request costs at most one.
+    account = ews.add_account()
+    source = ntlm_source()
+    async with source.open_reader(ews_mailbox(ews, account)) as reader:
+        await reader.current_position("INBOX")  # type: ignore[attr-defined]  # learns "basic"
+    before = len(ews.requests)
+    async with source.open_reader(ews_mailbox(ews, account, Password="wrong-password-1")) as reader:
+        with pytest.raises(MailAuthError):
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    assert [(r.status, r.authorization_scheme) for r in ews.requests[before:]] == [(401, "basic")]

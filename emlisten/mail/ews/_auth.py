@@ -294,6 +294,9 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             response = await connection.transport.handle_async_request(request)
             if response.status_code != 401 or self.mode is AuthMode.BASIC:
                 return response
+            if "basic" in challenges(response):
+                # Refused (a wrong password): once per request, never retried (lockouts).
+                return response
             # The server stopped taking Basic (reconfigured): choose again from its challenge.
             self.schemes.pop(origin, None)
         else:
