@@ -17,6 +17,7 @@ from emlisten.api.mailbox import mailbox_blueprint
 from emlisten.api.server import serve_api
 from emlisten.mail.ews import EwsSource
 from emlisten.mail.graph import GraphSource
+from emlisten.mail.graph.source import AppCredentials
 from emlisten.mail.imap import ImapSource
 from emlisten.mail.validate import ValidationResult, validate
 from emlisten.models import MailboxConfig
@@ -318,3 +319,24 @@ async def test_route_pads_an_unreachable_ews_server_only_to_the_validate_limit(
         took = trio.current_time() - started
     assert answer["IsValid"] is False and answer["Data"]["Category"] == "connect"
     assert 1.0 <= took < 1.0 + FAST
+
+
+@pytest.mark.parametrize("secret_ok", [True, False])
+async def test_graph_app_only(graph: GraphSimulator, secret_ok: bool) -> None:
+    tenant = "11111111-2222-4333-8444-555555555555"
+    graph.register_app(tenant, "client-v", register_secret("app-secret-value-v1"))
+    secret = "app-secret-value-v1" if secret_ok else register_secret("not-the-app-secret")
+    app = AppCredentials(tenant, "client-v", secret, authority=graph.base_url)
+    address, _ = graph.add_user()
+    body = graph_creds(graph, address, "", UseOAuth=False, AccessToken=None, Password="unused-pw")
+    started = trio.current_time()
+    result = await validate(
+        mailbox_of(body), ImapSource(), check_smtp=True, graph=GraphSource(app_credentials=app)
+    )
+    assert trio.current_time() - started < FAST
+    if secret_ok:
+        assert result.is_valid, result
+    else:
+        # The app's token request itself was refused: the app's credentials, not a user token.
+        assert category(result) == "authentication", result
+        assert "not-the-app-secret" not in result.message
