@@ -69,6 +69,8 @@ __all__ = [
 EVENT_VERSION = 1
 #: Outbox events the sender looks at per pass (the heads of each mailbox's events among them).
 _WINDOW = 1000
+#: How far it looks when every mailbox in view waits (see _send).
+_MAX_WINDOW = 8 * _WINDOW
 #: Longest ``Retry-After`` honoured.
 _MAX_RETRY_AFTER = 86400.0
 _JITTER = 0.2
@@ -525,6 +527,7 @@ class WebhookSink(Sink):
         idle_since: float | None = None
         last_read = -math.inf
         full = False
+        window = _WINDOW
         while True:
             sender.wake = trio.Event()
             now = trio.current_time()
@@ -532,17 +535,19 @@ class WebhookSink(Sink):
                 sender.dirty
                 or not sender.cached
                 or now - last_read >= self.poll_seconds
-                or (full and len(sender.cached) < _WINDOW // 2)
+                or (full and len(sender.cached) < window // 2)
             ):
                 sender.dirty = False
                 recorded: dict[str, WebhookEvent | None] = {}
                 sender.recorded_during_read = recorded
                 try:
-                    fresh = await store.outbox_peek(sender.endpoint, _WINDOW)
+                    fresh = await store.outbox_peek(sender.endpoint, window)
                 finally:
                     sender.recorded_during_read = None
                 last_read = trio.current_time()
-                full = len(fresh) >= _WINDOW
+                full = len(fresh) >= window
+                if not full:
+                    window = _WINDOW
                 sender.cached = []
                 for read in fresh:
                     current = recorded.get(read.id, read)
@@ -562,6 +567,7 @@ class WebhookSink(Sink):
             heads: dict[str, WebhookEvent] = {}
             for event in sender.cached:
                 heads.setdefault(event.mailbox_id, event)
+            started = 0
             for mailbox_id, event in heads.items():
                 if mailbox_id in in_flight:
                     continue
@@ -575,6 +581,20 @@ class WebhookSink(Sink):
                 in_flight.add(mailbox_id)
                 sender.released.discard(event.id)
                 nursery.start_soon(self._attempt, sender, event, in_flight, slots)
+                started += 1
+            if (
+                full
+                and not started
+                and len(in_flight) < self.concurrency
+                and window < _MAX_WINDOW
+                and not any(e.last_error.startswith(_UNREACHABLE) for e in heads.values())
+            ):
+                # Every mailbox in view waits (a failing backlog fills the view) while events of
+                # others may lie beyond it: look further at once. Not for an unreachable
+                # receiver: the others would wait for it too.
+                window *= 2
+                sender.dirty = True
+                continue
             if (
                 next_due < math.inf
                 and not in_flight

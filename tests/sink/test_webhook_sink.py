@@ -249,6 +249,26 @@ def test_html_bodies_also_come_as_text() -> None:
     assert (plain["text"], plain["html"]) == ("just text", None)
 
 
+async def test_a_long_failing_backlog_does_not_hide_other_mailboxes(nursery: trio.Nursery) -> None:
+    receiver = WebhookReceiver()
+    await receiver.start(nursery)
+    # The first call (the backlog's oldest event) fails and waits a minute; the rest succeed.
+    receiver.behave("/view", answers=[(503, {})])
+    busy, other = mailbox(receiver.url("/view")), mailbox(receiver.url("/view"), str(uuid.UUID(int=9)))
+    sink = WebhookSink(retry_delays=(60.0,))
+    store = MemoryStore()
+    sink.bind(store)
+    for target in (busy, other):
+        await store.put_mailbox(target)
+    # More of the busy mailbox's events than the sender reads at once, then the other's.
+    await sink.deliver(busy, [message(busy.id, uid) for uid in range(1, 1201)], idempotency_key="k")
+    await sink.deliver(other, [message(other.id, uid) for uid in range(1, 4)], idempotency_key="k")
+    async with running(sink, store):
+        calls = await receiver.wait_accepted("/view", 3, timeout=10)
+    assert [call.event["mailbox"] for call in calls] == [other.id] * 3
+    assert [call.event["data"]["subject"] for call in calls] == ["mail 1", "mail 2", "mail 3"]
+
+
 @pytest.mark.redis
 async def test_redis_outbox_survives_a_restart_and_one_node_sends(nursery: trio.Nursery) -> None:
     receiver = WebhookReceiver()
