@@ -520,3 +520,38 @@ async def test_ordinary_requests_keep_their_connection_alive() -> None:
         assert [a.headers.get("connection") for a in answers if a.headers.get("connection")] == []
         unauthorised = await client.post("/v1/anything", json={"a": 1})
         assert unauthorised.status_code in (401, 405)
+
+
+class _RebindingResolver(trio.abc.HostnameResolver):
+    """A name that first resolves to loopback, then to the metadata address (DNS rebinding)."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    async def getaddrinfo(
+        self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> Any:
+        self.lookups += 1
+        address = "127.0.0.1" if self.lookups == 1 else "169.254.169.254"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+    async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
+        raise NotImplementedError
+
+
+async def test_the_checked_address_is_the_one_connected_to(creatio: CreatioStandIn) -> None:
+    resolver = _RebindingResolver()
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        endpoint = creatio.endpoint().replace("127.0.0.1", "rebinding.test")
+        sink = CreatioSink(timeout=10)
+        try:
+            await sink.deliver(_mailbox_for(endpoint), [Email(id="e1")], idempotency_key="k")
+        finally:
+            await sink.aclose()
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    # One lookup, checked, and the connection made to that address: a second lookup (which
+    # would have answered the metadata address) never happened.
+    assert resolver.lookups == 1
+    assert len(creatio.accepted_calls("ProcessFullEmail")) == 1
