@@ -6,11 +6,12 @@ import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from emlisten.errors import MailAuthError, MailConnectError
-from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth
+from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth, _soap
 from emlisten.mail.ews._auth import AuthMode, choose_scheme
 from emlisten.models import Checkpoint
 from tests.ews.conftest import Node, ews_credentials, ews_mailbox, wait_listening
@@ -276,3 +277,26 @@ async def test_a_wrong_password_is_tried_once_per_request(ews: EwsSimulator) -> 
         with pytest.raises(MailAuthError):
             await reader.current_position("INBOX")  # type: ignore[attr-defined]
     assert [(r.status, r.authorization_scheme) for r in ews.requests[before:]] == [(401, "basic")]
+
+
+async def test_a_large_request_is_sent_once_on_a_new_ntlm_connection(ntlm_ews: EwsSimulator) -> None:
+    account = ntlm_ews.add_account()
+    message = mime("big over NTLM", attachment=bytes(range(256)) * 8192)  # 2 MiB
+    message = message.replace(b"sender@example.test", account.address.encode())
+    body = _soap.envelope(_soap.create_item_send(base64.b64encode(message).decode("ascii"), save_copy=False))
+    # The scheme is known (as after the mailbox's first request); the connection is new.
+    pool = _auth.AuthenticatedPool(
+        _auth.Credentials(account.user, account.password), schemes={ntlm_ews.base_url: "negotiate"}
+    )
+    async with httpx.AsyncClient(transport=pool) as http:
+        response = await http.post(
+            ntlm_ews.url,
+            content=body,
+            headers={"Content-Type": "text/xml; charset=utf-8", "X-AnchorMailbox": account.address},
+        )
+    assert response.status_code == 200 and b"NoError" in response.content
+    assert ntlm_ews.handshakes == 1
+    # The body crossed the wire once (the handshake went on a small request).
+    assert len(body) <= ntlm_ews.bytes_received < len(body) + 4096
+    (sent,) = ntlm_ews.sent
+    assert sent.mime == message

@@ -414,6 +414,8 @@ class EwsSimulator:
             self._bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         #: Completed NTLM/Negotiate handshakes (one per authenticated TCP connection).
         self.handshakes = 0
+        #: Request body bytes received (all requests).
+        self.bytes_received = 0
         #: Connections (client address, port) authenticated by a handshake, and their account.
         self._connection_accounts: dict[tuple[Any, ...], str] = {}
         self._handshakes_in_progress: dict[tuple[Any, ...], tuple[str, Any]] = {}
@@ -653,6 +655,7 @@ class EwsSimulator:
         body = await read_body(receive)
         if body is None:
             return
+        self.bytes_received += len(body)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         connection = tuple(scope.get("client") or ())
         if self.close_connections:

@@ -303,6 +303,14 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             # An authenticated connection needs no header; a new one is answered 401 and the
             # challenge tells which schemes the server takes.
             request.headers.pop("Authorization", None)
+            if known in CONNECTION_SCHEMES and _body_size(request) > LARGE_BODY:
+                # Authenticate the connection with a small request first, so the large body goes
+                # once: a new connection would take it with each handshake leg, and a server may
+                # cut the upload short with its 401.
+                probe = await self._send(connection, _small_copy(request))
+                if probe.status_code == 401:
+                    return probe
+                await _discard(probe)
             response = await connection.transport.handle_async_request(request)
             if response.status_code != 401:
                 return response
@@ -372,6 +380,25 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.transport.aclose()
+
+
+#: Request bodies above this size are sent on a connection authenticated beforehand.
+LARGE_BODY = 1024 * 1024
+
+
+def _body_size(request: httpx.Request) -> int:
+    try:
+        return int(request.headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+def _small_copy(request: httpx.Request) -> httpx.Request:
+    """The request without its body (the server answers it with an error once authenticated)."""
+    headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
+    return httpx.Request(
+        request.method, request.url, headers=headers, content=b"", extensions=request.extensions
+    )
 
 
 async def _discard(response: httpx.Response) -> None:
