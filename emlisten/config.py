@@ -72,10 +72,15 @@ class Settings:
     #: link-local and cloud-metadata addresses.
     callback_allow: str | None = None
     mail_allow: str | None = None
-    #: Per client address: registration (/api/listeners/create, recreate, update) and
-    #: /api/mailbox/validate requests per minute, and the burst allowed above it (0: no limit).
-    rate_limit_per_minute: float = 600.0
-    rate_limit_burst: int = 60
+    #: Per client address: registration requests (/api/listeners/create, recreate, update) per
+    #: minute, and the burst above it (0: no limit). Generous: Creatio's failover job re-creates
+    #: every closed mailbox at once, one request each.
+    rate_limit_per_minute: float = 6000.0
+    rate_limit_burst: int = 2000
+    #: The same for /api/mailbox/validate and /api/mailbox/folders, which probe servers for
+    #: their caller (people checking a mailbox, not Creatio's bulk re-registration).
+    validate_rate_limit_per_minute: float = 60.0
+    validate_rate_limit_burst: int = 20
     #: Largest API request body: a /apiv2/email/send with base64 attachments is the big one.
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
@@ -341,8 +346,9 @@ def _check(settings: Settings) -> None:
             AllowList.parse(getattr(settings, f"{kind}_allow"), env_name(f"{kind}_allow"))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    if settings.rate_limit_per_minute < 0 or settings.rate_limit_burst < 0:
-        raise ConfigError(f"{env_name('rate_limit_per_minute')} and _BURST must be 0 (off) or positive")
+    for prefix in ("rate_limit", "validate_rate_limit"):
+        if getattr(settings, f"{prefix}_per_minute") < 0 or getattr(settings, f"{prefix}_burst") < 0:
+            raise ConfigError(f"{env_name(prefix + '_per_minute')} and _BURST must be 0 (off) or positive")
     if not settings.api_token and not settings.allow_unauthenticated and not is_loopback(settings.host):
         raise ConfigError(
             f"listening on {settings.host} (beyond loopback) needs {env_name('api_token')} for "

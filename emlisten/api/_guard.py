@@ -30,6 +30,7 @@ __all__ = [
     "ApiAccess",
     "BodyRejected",
     "RateLimiter",
+    "RateLimits",
     "inspect_json",
     "is_creatio_route",
     "load_json",
@@ -139,6 +140,8 @@ class ApiAccess:
     creatio_routes_need_token: bool = False
     rate_limit_per_minute: float = 0.0
     rate_limit_burst: int = 0
+    validate_rate_limit_per_minute: float = 0.0
+    validate_rate_limit_burst: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiAccess:
@@ -147,6 +150,8 @@ class ApiAccess:
             creatio_routes_need_token=settings.creatio_routes_need_token,
             rate_limit_per_minute=settings.rate_limit_per_minute,
             rate_limit_burst=settings.rate_limit_burst,
+            validate_rate_limit_per_minute=settings.validate_rate_limit_per_minute,
+            validate_rate_limit_burst=settings.validate_rate_limit_burst,
         )
 
     def open_without_token(self, token: str | None) -> list[str]:
@@ -204,10 +209,27 @@ class RateLimiter:
         return str(max(1, math.ceil(seconds)))
 
 
-#: Routes the rate limit applies to (POST).
-RATE_LIMITED_ROUTES = frozenset(
-    ("/api/listeners/create", "/api/listeners/recreate", "/api/listeners/update", "/api/mailbox/validate")
-)
+#: Routes the rate limits apply to (POST): registration, and the probes of mail servers.
+REGISTRATION_ROUTES = frozenset(("/api/listeners/create", "/api/listeners/recreate", "/api/listeners/update"))
+PROBE_ROUTES = frozenset(("/api/mailbox/validate", "/api/mailbox/folders"))
+
+
+class RateLimits:
+    """The two per-client limits of an app: registration and probes."""
+
+    def __init__(self, access: ApiAccess) -> None:
+        self.registration = RateLimiter(access.rate_limit_per_minute, access.rate_limit_burst)
+        self.probes = RateLimiter(access.validate_rate_limit_per_minute, access.validate_rate_limit_burst)
+
+    def wait(self, method: str, path: str, client: str) -> float:
+        """0 when the request may go ahead, else the seconds to wait (Retry-After)."""
+        if method != "POST":
+            return 0.0
+        if path in REGISTRATION_ROUTES:
+            return self.registration.take(client)
+        if path in PROBE_ROUTES:
+            return self.probes.take(client)
+        return 0.0
 
 
 def drain_unread_body(asgi_app: Any) -> Any:

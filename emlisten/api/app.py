@@ -20,10 +20,10 @@ from werkzeug.exceptions import HTTPException
 
 import emlisten
 from emlisten.api._guard import (
-    RATE_LIMITED_ROUTES,
     ApiAccess,
     BodyRejected,
     RateLimiter,
+    RateLimits,
     drain_unread_body,
     is_creatio_route,
     load_json,
@@ -133,7 +133,7 @@ def create_app(
     app.config["PROPAGATE_EXCEPTIONS"] = False
     expected_token = api_token.encode("utf-8") if api_token else None
     access = access or ApiAccess()
-    rate_limiter = RateLimiter(access.rate_limit_per_minute, access.rate_limit_burst)
+    rate_limits = RateLimits(access)
     # Said at start, in /readyz and by `emlisten status` (emlisten.api.admin reads it).
     app.config["EMLISTEN_OPEN_WITHOUT_TOKEN"] = open_routes = access.open_without_token(api_token)
     for routes in open_routes:
@@ -150,8 +150,8 @@ def create_app(
             and scheme.lower() == "bearer"
             and hmac.compare_digest(presented.strip().encode("utf-8"), expected_token)
         )
-        if request.method == "POST" and request.path in RATE_LIMITED_ROUTES and not authenticated:
-            wait = rate_limiter.take(request.remote_addr or "")
+        if not authenticated:
+            wait = rate_limits.wait(request.method, request.path, request.remote_addr or "")
             if wait:
                 limited = _json_response({"Message": "Too many requests"}, 429)
                 limited.headers["Retry-After"] = RateLimiter.retry_after_header(wait)

@@ -363,21 +363,35 @@ def test_rate_limiter_refills_at_its_rate() -> None:
     assert RateLimiter(0, 0).take("a") == 0  # off
 
 
-async def test_registration_and_validate_are_rate_limited_per_client() -> None:
-    access = ApiAccess(rate_limit_per_minute=1, rate_limit_burst=2)
+async def test_registration_and_probes_are_rate_limited_per_client() -> None:
+    access = ApiAccess(
+        rate_limit_per_minute=1,
+        rate_limit_burst=2,
+        validate_rate_limit_per_minute=1,
+        validate_rate_limit_burst=1,
+    )
     async with running_app(access=access) as client:
-        body = [creds("0F8FAD5B-D9CB-469F-A165-70867728950E")]
-        assert [(await client.post("/api/listeners/create", json=body)).status_code for _ in range(2)] == [
-            200,
-            200,
-        ]
+        body = [creds(ID)]
+        statuses = [(await client.post("/api/listeners/create", json=body)).status_code for _ in range(2)]
+        assert statuses == [200, 200]
         limited = await client.post("/api/listeners/update", json=body)
         assert limited.status_code == 429
         assert int(limited.headers["Retry-After"]) >= 1
-        assert (await client.post("/api/mailbox/validate", json={})).status_code == 429
+        # Probes have a bucket of their own.
+        assert (await client.post("/api/mailbox/validate", json={})).status_code == 200  # IsValid false
+        assert (await client.post("/api/mailbox/folders", json={})).status_code == 429
         # Other routes and callers with the token are not limited.
         assert (await client.post("/api/listeners/close", json=[])).status_code == 200
         assert (await client.post("/api/listeners/create", json=body, headers=BEARER)).status_code == 200
+
+
+def test_the_default_limits_let_creatios_failover_burst_through() -> None:
+    # Creatio's failover job re-creates every closed mailbox at once, one request each.
+    settings = load_settings({})
+    limits = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, clock=lambda: 0.0)
+    assert all(limits.take("creatio") == 0 for _ in range(2000))
+    probes = RateLimiter(settings.validate_rate_limit_per_minute, settings.validate_rate_limit_burst)
+    assert [probes.take("scanner") == 0 for _ in range(21)].count(False) == 1
 
 
 async def test_a_413_closes_the_connection_and_the_service_goes_on() -> None:
