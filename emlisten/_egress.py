@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,7 +35,10 @@ __all__ = [
     "AllowList",
     "EgressDenied",
     "Kind",
+    "check_addresses",
     "configure",
+    "configured",
+    "denial",
     "http_transport",
     "open_tcp_stream",
     "policy",
@@ -294,9 +297,3 @@ def denial(error: BaseException) -> EgressDenied | None:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
-
-
-def parse_setting(text: str | None, kind: Kind) -> Sequence[str]:
-    """Validation for config: the entries, or ValueError."""
-    allow = AllowList.parse(text, setting_name(kind))
-    return [str(n) for n in allow.networks] + list(allow.hosts)
