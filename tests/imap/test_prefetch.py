@@ -286,7 +286,7 @@ async def test_without_memory_to_spare_the_mail_is_left_to_a_reader(
 ) -> None:
     """The prefetch memory budget is taken without waiting: when it is spent (other sessions
     fetching, maybe from a slow server), the listener announces the mail instead of waiting."""
-    source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30, prefetch_budget_bytes=1000)
+    source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30, prefetch_budget_bytes=100)
     sink = Sink()
     async with trio.open_nursery() as nursery:
         await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(max_bytes=2000))
@@ -294,4 +294,26 @@ async def test_without_memory_to_spare_the_mail_is_left_to_a_reader(
         uid = await dovecot.aappend(mail_user, make_message())
         task = await sink.next()
         assert (task.reason, task.has_prefetch, task.uid_hint) == ("exists", False, uid)
+        nursery.cancel_scope.cancel()
+
+
+async def test_when_the_worst_case_does_not_fit_the_real_sizes_are_asked(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    """The budget is taken for the worst case (every new mail at the size limit); when that does
+    not fit but the real sizes do, the listener asks them on its own session and still carries
+    the mail: one round trip there instead of a reader's connect and login."""
+    message = make_message(subject="small")
+    source, commands = imap_source(dovecot, prefetch_budget_bytes=len(message) + 2048)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch(max_bytes=200_000))
+        await sink.next()
+        sent = len(commands)
+        uid = await dovecot.aappend(mail_user, message)
+        task = await sink.next()
+        assert (task.reason, task.has_prefetch, task.uid_hint) == ("exists", True, uid)
+        assert [m.data for m in task.prefetched] == [message]
+        assert commands[sent:sent + 2] == ["UID FETCH", "UID FETCH"]  # the sizes, then the mail
+        assert "LOGIN" not in commands[sent:] and "AUTHENTICATE" not in commands[sent:]
         nursery.cancel_scope.cancel()

@@ -326,11 +326,13 @@ class _Listener:
             return
         first = checkpoint.last_uid + 1
         unsolicited: list[Response] = []
-        listed = await self.client.uid_fetch(f"{first}:*", "(UID)", unsolicited=unsolicited)
+        listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
         self.note(unsolicited)
-        uids = sorted(m.uid for m in listed if m.uid >= first)
+        new = [m for m in listed if m.uid >= first]
+        uids = sorted(m.uid for m in new)
         self.exists = max([self.exists, *(m.sequence for m in listed)])
-        weight = len(uids) * (prefetch.max_message_bytes + 1)
+        cut = prefetch.max_message_bytes + 1
+        weight = sum(min(m.size if m.size is not None else cut, cut) + 1024 for m in new)
         if len(uids) > prefetch.max_messages or (uids and not self.budget.try_take(weight)):
             # A real backlog (a reader pages through it), or no memory to spare for it now.
             await self.on_new_mail(plain)
@@ -362,10 +364,30 @@ class _Listener:
             return None
         return weight
 
+    async def _weight_by_size(self) -> int | None:
+        """When the worst case does not fit the ByteBudget: ask the sizes of the new mail (one
+        round trip on this session, far cheaper than a reader's connect and login) and take
+        what they need. None: too much, or no memory to spare even so (a reader fetches)."""
+        assert self.prefetch is not None
+        if self.exists - self.fetched_exists > self.prefetch.max_messages:
+            return None
+        first = self.next_uid
+        unsolicited: list[Response] = []
+        listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
+        self.note(unsolicited)
+        cut = self.prefetch.max_message_bytes + 1
+        sizes = [min(m.size if m.size is not None else cut, cut) for m in listed if m.uid >= first]
+        if not sizes or len(sizes) > self.prefetch.max_messages:
+            return None
+        weight = sum(sizes) + 1024 * len(sizes)  # the parsed form's overhead, roughly
+        return weight if self.budget.try_take(weight) else None
+
     async def fetch_new(self) -> None:
         """Fetch what the server announced (prefetch mode), and hand it on."""
         self.wanted = False
         weight = self._fetch_weight()
+        if weight is None:
+            weight = await self._weight_by_size()
         if weight is None:
             # Only learn the newest UID, and let a reader fetch.
             newest = await self.client.last_uid()
