@@ -200,15 +200,21 @@ async def _authenticate_oauth(client: ImapClient, mailbox: MailboxConfig) -> Non
         )
 
 
-class ByteBudget:
-    """Memory for message bodies in flight, taken without waiting: a listener that cannot get
-    it hands the mail to a reader instead, so a slow server never holds up the others."""
+#: How long a listener waits for prefetch memory once it knows the real sizes of its new mail.
+_REAL_SIZE_PATIENCE = 2.0
 
-    __slots__ = ("available", "total")
+
+class ByteBudget:
+    """Memory for message bodies in flight. A listener that cannot get it hands the mail to a
+    reader instead, so a slow server never holds up the others for long: the worst case is
+    taken without waiting, real sizes with a short patience (see _Listener._weight_by_size)."""
+
+    __slots__ = ("_freed", "available", "total")
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.available = total
+        self._freed = trio.Event()
 
     def try_take(self, size: int) -> bool:
         if size > self.available:
@@ -216,8 +222,20 @@ class ByteBudget:
         self.available -= size
         return True
 
+    async def take(self, size: int, *, patience: float) -> bool:
+        """Wait up to ``patience`` seconds for ``size`` bytes; False if they did not come."""
+        if size > self.total:
+            return False
+        with trio.move_on_after(patience):
+            while not self.try_take(size):
+                await self._freed.wait()
+            return True
+        return False
+
     def give_back(self, size: int) -> None:
         self.available = min(self.total, self.available + size)
+        self._freed.set()
+        self._freed = trio.Event()
 
 
 class _Listener:
@@ -380,7 +398,8 @@ class _Listener:
         if not sizes or len(sizes) > self.prefetch.max_messages:
             return None
         weight = sum(sizes) + 1024 * len(sizes)  # the parsed form's overhead, roughly
-        return weight if self.budget.try_take(weight) else None
+        # Others' worst-case reservations free within a round trip: worth a short wait.
+        return weight if await self.budget.take(weight, patience=_REAL_SIZE_PATIENCE) else None
 
     async def fetch_new(self) -> None:
         """Fetch what the server announced (prefetch mode), and hand it on."""
