@@ -933,7 +933,9 @@ def _figures(
         "first delivery after its end: from the end of the fault (node restarted and answering, server back, "
         "proxy restored, Creatio answering) to the first mail of the ledger accepted after it; backlog "
         "drained: to the last mail appended before the end accepted. A mail's delay past a fault end: its "
-        "callback minus the latest end of the faults that overlapped its wait (its append time if none)."
+        "callback minus the end of the fault that delayed it (running when it was appended, or begun "
+        "within 60 s of that append or of the previous such end; its append time if none). The first "
+        "delivery after a fault can wait for the next fault when that one begins at once."
     )
     if soak.unexpected_exits:
         result.notes.append("unexpected exits: " + "; ".join(soak.unexpected_exits))
