@@ -44,6 +44,9 @@ _RECHECK_BUSY_TASKS_PER_SECOND = 16
 #: While busy, a recheck waits at most this long (then runs whatever the load): under sustained
 #: traffic "busy" may never end, and the mail a recheck finds must not wait for that.
 _RECHECK_MAX_HOLD_SECONDS = 30.0
+#: How long the checkpoint of accepted mail is retried through a store outage (see
+#: DeliveryWorker._save_checkpoint); past it the drainer's retry may deliver the mail again.
+_CHECKPOINT_PATIENCE = 120.0
 
 
 class _RecentCount:
@@ -492,10 +495,12 @@ class DeliveryWorker:
             for _ in batch:
                 self.metrics.delivery_latency.observe(latency)
         self.metrics.activity.delivered(mailbox.id, folder, len(batch), latency)
-        # Shielded: Creatio has the mail; losing the checkpoint now would deliver it twice.
-        with trio.CancelScope(shield=True):
-            await self.store.advance_checkpoint(mailbox.id, folder, checkpoint)
-            await self.store.add_delivered(mailbox.id, len(batch))
+        await self._save_checkpoint(mailbox.id, folder, checkpoint)
+        try:
+            with trio.CancelScope(shield=True):
+                await self.store.add_delivered(mailbox.id, len(batch))
+        except StoreError as error:
+            log.warning("could not count the delivery: %s", error, extra={"mailbox": mailbox.id})
         log.info(
             "delivered %d email(s), uid %d..%d",
             len(batch),
@@ -504,6 +509,29 @@ class DeliveryWorker:
             extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
+
+
+    async def _save_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
+        """Record the checkpoint of mail the receiver has accepted. Creatio has the mail now:
+        if the store cannot take the write (an outage), retrying the delivery from the old
+        checkpoint would deliver it twice, so the write itself is retried (shielded, each try)
+        for up to ``_CHECKPOINT_PATIENCE`` seconds before the error goes to the drainer."""
+        retry = Retry(self.settings.delivery_backoff)
+        give_up_at = trio.current_time() + _CHECKPOINT_PATIENCE
+        while True:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.store.advance_checkpoint(mailbox_id, folder, checkpoint)
+                return
+            except StoreError as error:
+                if trio.current_time() >= give_up_at:
+                    raise
+                log.warning(
+                    "could not record the checkpoint of delivered mail, retrying: %s",
+                    error,
+                    extra={"mailbox": mailbox_id, "folder": folder},
+                )
+            await trio.sleep(min(retry.next_delay(), 2.0))
 
 
 def _feature_enabled(mailbox: MailboxConfig, name: str) -> bool:

@@ -41,3 +41,34 @@ async def test_listeners_failing_while_redis_is_down_do_not_stop_the_node(
     problem = await settled(flow, creatio, c, "p1", ("p1", "s1"))
     report(count("listeners failing during a Redis outage", flow, creatio), problem)
     assert c.nodes["p1"].alive
+
+
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+async def test_a_checkpoint_lost_to_a_redis_outage_is_written_later_not_delivered_twice(
+    proxied: Proxied, dovecot: Dovecot, creatio: CreatioStandIn
+) -> None:
+    """Found by the chaos soak: Creatio accepted a delivery while Redis was down, the checkpoint
+    write failed, and the retry delivered the mail again from the old checkpoint. Now the write
+    is retried until Redis is back; the mail stays delivered once."""
+    c = proxied.cluster
+    await start_nodes(c, {"p1": "primary", "s1": "secondary"})
+    flow = await start_listening(c, dovecot, creatio, mailboxes=1)
+    await flow.append("before")
+    await settled(flow, creatio, c, "p1", ("p1", "s1"))
+
+    creatio.hold_next("ProcessFullEmail")
+    await flow.append("accepted during the outage")
+    await creatio.wait_held(timeout=20)
+    log_offset = len(c.nodes["s1"].log_text())
+    proxied.redis.block()
+    creatio.release()  # Creatio accepts the mail; the secondary cannot record it
+    with trio.fail_after(60):
+        while "could not record the checkpoint" not in c.nodes["s1"].log_text()[log_offset:]:
+            assert c.nodes["s1"].alive, c.nodes["s1"].log_text()[-3000:]
+            await trio.sleep(0.05)
+    proxied.redis.unblock()
+
+    await flow.append("after")
+    problem = await settled(flow, creatio, c, "p1", ("p1", "s1"))
+    report(count("checkpoint write during a Redis outage", flow, creatio), problem)
