@@ -199,9 +199,9 @@ class ChaosCreatio(CreatioStandIn):
 
         await super()._asgi(scope, receive, send_with_retry_after)
 
-    def _status_for(self, method: str, body: Any) -> int:
+    def _status_for(self, method: str, body: Any) -> tuple[int, int | None]:
         if self.outage_status is not None:
-            return self.outage_status
+            return self.outage_status, None  # send_with_retry_after adds it to a 429
         return super()._status_for(method, body)
 
 

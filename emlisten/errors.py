@@ -47,11 +47,13 @@ class FolderNotFoundError(MailSourceError):
 
 
 class DeliveryError(EmlistenError):
-    """The sink (Creatio) did not accept a delivery. ``status`` is the HTTP status when there was one."""
+    """The sink (Creatio) did not accept a delivery. ``status`` is the HTTP status when there was
+    one; ``retry_after`` the seconds the receiver asked to wait (``Retry-After``), if it did."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class StoreError(EmlistenError):

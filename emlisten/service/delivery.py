@@ -181,6 +181,11 @@ class DeliveryWorker:
                         break
                     except (DeliveryError, MailSourceError, StoreError) as exc:
                         delay = retry.next_delay()
+                        asked = exc.retry_after if isinstance(exc, DeliveryError) else None
+                        if asked is not None:
+                            # The receiver said when to come back: sooner than a grown backoff
+                            # after a short overload, never later than the backoff's cap.
+                            delay = min(asked, self.settings.delivery_retry_cap_seconds)
                         log.warning(
                             "delivery failed, retrying in %.1fs: %s",
                             delay,

@@ -92,6 +92,14 @@ class _Pool:
         self.in_flight = trio.CapacityLimiter(size)
 
 
+def _retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as delta-seconds (what a 429 or 503 from Creatio or its proxy sends);
+    an HTTP date or junk is ignored (the worker's own backoff applies)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
+
+
 class CreatioSink(Sink):
     def __init__(self, *, timeout: float = 300.0, max_connections: int = 32) -> None:
         sizes = [_CONNECTIONS_PER_POOL] * (max_connections // _CONNECTIONS_PER_POOL)
@@ -137,6 +145,7 @@ class CreatioSink(Sink):
             raise DeliveryError(
                 f"{what}: Creatio answered HTTP {response.status_code}: {snippet}",
                 status=response.status_code,
+                retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
             )
 
     async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:

@@ -82,6 +82,7 @@ def same_id(a: str | None, b: str | None) -> bool:
 class _Failure:
     status: int
     remaining: int
+    retry_after: int | None = None
 
 
 #: Recorded as the status of a held request whose client went away before ``release()``
@@ -159,7 +160,9 @@ class CreatioStandIn:
         method = path.rsplit("/", 1)[-1]
         known = path.startswith(SERVICE_PATH) and scope["method"] == "POST"
         client_gone = known and await self._hold_if_asked(method, body, received_at, receive)
-        status = CLIENT_GONE if client_gone else (self._status_for(method, body) if known else 404)
+        status, retry_after = (CLIENT_GONE, None) if client_gone else (
+            self._status_for(method, body) if known else (404, None)
+        )
         call = RecordedCall(
             method=method,
             path=path,
@@ -182,6 +185,7 @@ class CreatioStandIn:
                 "headers": [
                     (b"content-type", b"application/json; charset=utf-8"),
                     (b"content-length", str(len(payload)).encode()),
+                    *([(b"retry-after", str(retry_after).encode())] if retry_after is not None else []),
                 ],
             }
         )
@@ -217,27 +221,30 @@ class CreatioStandIn:
         self._holds.remove(hold)
         return client_gone
 
-    def _status_for(self, method: str, body: Any) -> int:
+    def _status_for(self, method: str, body: Any) -> tuple[int, int | None]:
+        """The status to answer, and the ``Retry-After`` seconds to send with it (or None)."""
         pending = self._fail_next.get(method)
         if pending:
             failure = pending[0]
             failure.remaining -= 1
             if failure.remaining <= 0:
                 pending.pop(0)
-            return failure.status
+            return failure.status, failure.retry_after
         mailbox = mailbox_id_of(body)
         for failing_mailbox, status in self._fail_mailbox.items():
             if same_id(mailbox, failing_mailbox):
-                return status
-        return 200
+                return status, None
+        return 200, None
 
     # -- programmable failures -------------------------------------------------------------
 
-    def fail_next(self, method: str, status: int = 500, count: int = 3) -> None:
+    def fail_next(
+        self, method: str, status: int = 500, count: int = 3, *, retry_after: int | None = None
+    ) -> None:
         """Answer the next ``count`` calls of ``method`` with ``status`` (queued after earlier
-        fail_next requests for the same method)."""
+        fail_next requests for the same method), with ``Retry-After: retry_after`` if given."""
         if count > 0:
-            self._fail_next.setdefault(method, []).append(_Failure(status, count))
+            self._fail_next.setdefault(method, []).append(_Failure(status, count, retry_after))
 
     def fail_mailbox(self, mailbox_id: str, status: int | None = 500) -> None:
         """Answer every call about ``mailbox_id`` with ``status`` until cleared (None clears)."""

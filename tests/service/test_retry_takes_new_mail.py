@@ -54,3 +54,29 @@ async def test_mail_arriving_during_delivery_retries_goes_with_the_retry(
 
     emails = await creatio.wait_for_emails(creds["Id"], 2, timeout=10)
     assert [e["Subject"] for e in emails] == ["first", "second"]
+
+
+async def test_retry_after_from_creatio_is_honoured(
+    dovecot: Dovecot, creatio: CreatioStandIn, nursery: trio.Nursery, mail_user: MailUser
+) -> None:
+    """Creatio (or its proxy) answers 429 with Retry-After: 1 where the worker's own backoff
+    would wait 20-40 s: the mail arrives after about a second, not after the backoff."""
+    async with running_service(
+        dovecot,
+        creatio,
+        nursery,
+        recheck_seconds=0,  # a recheck would deliver the mail on its own and hide the wait
+        recheck_late_seconds=0,
+        delivery_retry_base_seconds=40.0,
+        delivery_retry_cap_seconds=60.0,
+    ) as service:
+        creds = service.credentials(mail_user)
+        assert (await service.create(creds)).status_code == 200
+        await service.wait_state(creds["Id"], MailboxState.LISTENING)
+        creatio.fail_next("ProcessFullEmail", 429, count=1, retry_after=1)
+        started = trio.current_time()
+        await dovecot.aappend(mail_user, make_message("after a 429"))
+        emails = await creatio.wait_for_emails(creds["Id"], 1, timeout=15)
+        assert [e["Subject"] for e in emails] == ["after a 429"]
+        assert trio.current_time() - started < 10
+        assert [c.status for c in creatio.calls("ProcessFullEmail")][:2] == [429, 200]
