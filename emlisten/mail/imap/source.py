@@ -200,6 +200,13 @@ async def _authenticate_oauth(client: ImapClient, mailbox: MailboxConfig) -> Non
         )
 
 
+def _reservation(messages: Sequence[FetchedMessage], max_message_bytes: int) -> int:
+    """Prefetch memory for these messages by their RFC822.SIZE (the fetch cuts bodies at
+    ``max_message_bytes + 1``; unknown sizes count as that), plus the parsed form's overhead."""
+    cut = max_message_bytes + 1
+    return sum(min(m.size if m.size is not None else cut, cut) + 1024 for m in messages)
+
+
 #: How long a listener waits for prefetch memory once it knows the real sizes of its new mail.
 _REAL_SIZE_PATIENCE = 2.0
 
@@ -349,8 +356,7 @@ class _Listener:
         new = [m for m in listed if m.uid >= first]
         uids = sorted(m.uid for m in new)
         self.exists = max([self.exists, *(m.sequence for m in listed)])
-        cut = prefetch.max_message_bytes + 1
-        weight = sum(min(m.size if m.size is not None else cut, cut) + 1024 for m in new)
+        weight = _reservation(new, prefetch.max_message_bytes)
         if len(uids) > prefetch.max_messages or (uids and not self.budget.try_take(weight)):
             # A real backlog (a reader pages through it), or no memory to spare for it now.
             await self.on_new_mail(plain)
@@ -393,11 +399,10 @@ class _Listener:
         unsolicited: list[Response] = []
         listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
         self.note(unsolicited)
-        cut = self.prefetch.max_message_bytes + 1
-        sizes = [min(m.size if m.size is not None else cut, cut) for m in listed if m.uid >= first]
-        if not sizes or len(sizes) > self.prefetch.max_messages:
+        new = [m for m in listed if m.uid >= first]
+        if not new or len(new) > self.prefetch.max_messages:
             return None
-        weight = sum(sizes) + 1024 * len(sizes)  # the parsed form's overhead, roughly
+        weight = _reservation(new, self.prefetch.max_message_bytes)
         # Others' worst-case reservations free within a round trip: worth a short wait.
         return weight if await self.budget.take(weight, patience=_REAL_SIZE_PATIENCE) else None
 
