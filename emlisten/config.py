@@ -124,6 +124,11 @@ class Settings:
     #: Connection attempts started per second per process, at most (0: no limit); halved while
     #: attempts fail to connect, climbing back as they succeed.
     max_connects_per_second: float = 500.0
+    #: IMAP sessions ending IDLE at once per process (to fetch new mail, renew or probe). A
+    #: server that parks idle sessions (Dovecot's imap-hibernate) must start a process for each
+    #: one woken: after an outage thousands wake at once, and Dovecot then drops sessions it
+    #: failed to wake. Uncontended in normal traffic.
+    max_concurrent_wakeups: int = 128
     #: Safety net for notifications a server drops (Dovecot while hibernating a session): this
     #: long after new mail on a listening session, a worker checks the folder once on a session
     #: of its own (0: never).
@@ -306,6 +311,7 @@ def _check(settings: Settings) -> None:
         "batch_max_bytes",
         "max_message_bytes",
         "max_concurrent_connects",
+        "max_concurrent_wakeups",
         "max_request_bytes",
         "callback_max_connections",
         "lease_ttl_seconds",

@@ -118,6 +118,7 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         command_timeout=settings.command_timeout_seconds,
         recheck_seconds=settings.recheck_seconds,
         recheck_late_seconds=settings.recheck_late_seconds,
+        max_concurrent_wakeups=settings.max_concurrent_wakeups,
         ca_file=settings.tls_ca_file,
     )
     sources["graph"] = graph_source_from_settings(settings)

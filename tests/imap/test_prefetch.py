@@ -317,3 +317,48 @@ async def test_when_the_worst_case_does_not_fit_the_real_sizes_are_asked(
         assert commands[sent:sent + 2] == ["UID FETCH", "UID FETCH"]  # the sizes, then the mail
         assert "LOGIN" not in commands[sent:] and "AUTHENTICATE" not in commands[sent:]
         nursery.cancel_scope.cancel()
+
+
+class CountingLimiter:
+    """A CapacityLimiter that records how many holders it had at once (the listener only uses
+    ``async with``)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.limiter = trio.CapacityLimiter(tokens)
+        self.holders = 0
+        self.peak = 0
+        self.taken = 0
+
+    async def __aenter__(self) -> None:
+        await self.limiter.acquire()
+        self.holders += 1
+        self.taken += 1
+        self.peak = max(self.peak, self.holders)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.holders -= 1
+        self.limiter.release()
+
+
+async def test_sessions_end_idle_a_bounded_number_at_once(dovecot: Dovecot) -> None:
+    # After an outage every session has mail at once; each DONE makes a hibernating server
+    # start a process. With one wake-up at a time, all four mailboxes still get their mail.
+    users = [dovecot.add_user() for _ in range(4)]
+    source, _ = imap_source(dovecot)
+    limiter = CountingLimiter(1)
+    source._wakeups = limiter  # type: ignore[assignment]
+    sinks = [Sink() for _ in users]
+    async with trio.open_nursery() as nursery:
+        for user, sink in zip(users, sinks, strict=True):
+            await listen(nursery, source, mailbox_for(dovecot, user), sink, prefetch())
+            assert (await sink.next()).reason == "catch-up"
+        raws = [make_message(subject=f"to {user.name}") for user in users]
+        for user, raw in zip(users, raws, strict=True):
+            await dovecot.aappend(user, raw)
+        for sink, raw in zip(sinks, raws, strict=True):
+            task = await sink.next()
+            assert task.reason == "exists"
+            assert [m.data for m in task.prefetched] == [raw]
+        nursery.cancel_scope.cancel()
+    assert limiter.taken >= len(users)  # every fetch went through it
+    assert limiter.peak == 1

@@ -89,6 +89,7 @@ class ImapSource(MailSource):
         recheck_seconds: float = 3.0,
         recheck_late_seconds: float = 12.0,
         prefetch_budget_bytes: int = 256 * 1024 * 1024,
+        max_concurrent_wakeups: int = 128,
         ca_file: str | None = None,
         client_id: dict[str, str] | None = None,
     ) -> None:
@@ -105,6 +106,8 @@ class ImapSource(MailSource):
         )
         #: Bounds the memory of message bodies being fetched on listening sessions at once.
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
+        #: Bounds the sessions ending IDLE at once: see Settings.max_concurrent_wakeups.
+        self._wakeups = trio.CapacityLimiter(max_concurrent_wakeups)
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
@@ -151,6 +154,7 @@ class ImapSource(MailSource):
                 settings=self.settings,
                 prefetch=prefetch,
                 budget=self._prefetch_budget,
+                wakeups=self._wakeups,
             )
             # Mail that arrived while we were away: queued before we report "started".
             await listener.catch_up()
@@ -268,6 +272,7 @@ class _Listener:
         "recheck_late_at",
         "seen_at",
         "settings",
+        "wakeups",
         "wanted",
     )
 
@@ -281,6 +286,7 @@ class _Listener:
         settings: ImapSettings,
         prefetch: Prefetch | None = None,
         budget: ByteBudget | None = None,
+        wakeups: trio.CapacityLimiter | None = None,
     ) -> None:
         self.client = client
         self.mailbox_id = mailbox_id
@@ -290,6 +296,7 @@ class _Listener:
         self.settings = settings
         self.prefetch = prefetch
         self.budget = budget or ByteBudget(256 * 1024 * 1024)
+        self.wakeups = wakeups or trio.CapacityLimiter(128)
         self.next_uid = max(info.uidnext, 1)
         self.fetched_exists = info.exists
         #: The server announced mail that was not fetched yet (prefetch mode).
@@ -556,8 +563,10 @@ class _Listener:
                     await self.handle((response,))
             # DONE doubles as a liveness probe: a dead peer never sends the tagged OK.
             timeout = settings.keepalive_timeout if probe else settings.command_timeout
-            if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
-                await self.handle(await client.idle_done(timeout=timeout))
+            # Taken until the server answered: it has woken the session by then.
+            async with self.wakeups:
+                if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
+                    await self.handle(await client.idle_done(timeout=timeout))
             if probe:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
             while self.wanted:
