@@ -10,7 +10,10 @@ Exchange, failures included:
   as IIS with Windows authentication is (Basic refused with 401): pyspnego is the acceptor, with
   the accounts in a credential file (``NTLM_USER_FILE``); the handshake authenticates the TCP
   connection (told apart by the client's address and port), whose later requests need no
-  ``Authorization``; Negotiate carries NTLM in SPNEGO. ``handshakes`` counts completed ones,
+  ``Authorization``; Negotiate carries NTLM in SPNEGO, or Kerberos when a KDC is set up
+  (``tests/servers/kdc.py``: the acceptor reads ``HTTP/<host>``'s key from ``KRB5_KTNAME``);
+  ``kerberos_only`` refuses NTLM inside Negotiate, and ``handshake_mechanisms`` tells which
+  mechanism each handshake used. ``handshakes`` counts completed ones,
   ``close_connections`` answers every request but 401s with ``Connection: close`` (each request
   then needs a new handshake), and a dropped stream forgets its connection's authentication.
 - ``GetFolder`` (ids only) and ``Unsubscribe`` (recorded in ``unsubscribed``; the subscription
@@ -62,7 +65,7 @@ Not simulated: SRV records and the unauthenticated GET redirect of Autodiscover,
 Autodiscover, pull/push subscriptions, FindItem beyond date restrictions, CreateItem of anything but a MIME
 message (``SaveOnly`` drafts, items built from properties), real transport (NDRs), several
 mailboxes on one streaming connection from different anchors, HangingConnectionLimit,
-Kerberos, EWS schema validation beyond the elements read, and real throttling budgets.
+EWS schema validation beyond the elements read, and real throttling budgets.
 Every request is logged in ``requests`` (with its trio time) so tests can assert waits.
 """
 
@@ -372,6 +375,16 @@ def _new_id(prefix: str = "AAMkA") -> str:
     return prefix + base64.b64encode(uuid.uuid4().bytes + secrets.token_bytes(8)).decode()
 
 
+def _client_name(context: spnego.ContextProxy) -> str:
+    """The authenticated user's name: NTLM's as the client sent it (``user``, ``DOMAIN\\user``,
+    a UPN), Kerberos's principal ``user@REALM`` without the realm (the KDC's users are the
+    simulator's accounts by user name)."""
+    principal = str(context.client_principal or "")
+    if context.negotiated_protocol == "kerberos":
+        return principal.rpartition("@")[0] or principal
+    return principal
+
+
 # --------------------------------------------------------------------------------------------
 # The server
 
@@ -390,9 +403,12 @@ class EwsSimulator:
         close_connections: bool = False,
         tls: tuple[str, str] | None = None,
         channel_binding: bool = False,
+        kerberos_only: bool = False,
     ) -> None:
         """``tls``: (certificate PEM, key PEM) files: serve https. ``channel_binding``: NTLM and
-        Negotiate demand Extended Protection (the client's token bound to that certificate)."""
+        Negotiate demand Extended Protection (the client's token bound to that certificate).
+        ``kerberos_only``: Negotiate refuses NTLM inside SPNEGO (a domain with NTLM disabled);
+        Kerberos needs the acceptor's keytab (``KRB5_KTNAME``, see ``tests/servers/kdc.py``)."""
         self.host = host
         self.port = 0
         self.keepalive_seconds = keepalive_seconds
@@ -401,6 +417,7 @@ class EwsSimulator:
         #: Schemes accepted for user + password: "basic", "ntlm", "negotiate" (bearer always).
         self.auth_schemes = tuple(a.lower() for a in auth)
         self.close_connections = close_connections
+        self.kerberos_only = kerberos_only
         self.tls = tls
         self._bindings: GssChannelBindings | None = None
         if channel_binding:
@@ -414,6 +431,8 @@ class EwsSimulator:
             self._bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         #: Completed NTLM/Negotiate handshakes (one per authenticated TCP connection).
         self.handshakes = 0
+        #: The mechanism of each completed handshake: "ntlm", or "kerberos" (inside Negotiate).
+        self.handshake_mechanisms: list[str] = []
         #: Request body bytes received (all requests).
         self.bytes_received = 0
         #: Connections (client address, port) authenticated by a handshake, and their account.
@@ -790,6 +809,10 @@ class EwsSimulator:
             # A wrong password or an unknown user: start again from the challenge.
             self._handshakes_in_progress.pop(connection, None)
             return None, scheme, self._challenges(scheme, realm)
+        if self.kerberos_only and context.negotiated_protocol != "kerberos":
+            # NTLM disabled in the domain: the NTLM token inside SPNEGO is refused at once.
+            self._handshakes_in_progress.pop(connection, None)
+            return None, scheme, self._challenges(scheme, realm)
         if not context.complete:
             self._handshakes_in_progress[connection] = (scheme, context)
             return (
@@ -798,11 +821,12 @@ class EwsSimulator:
                 [(b"www-authenticate", f"{name} {base64.b64encode(answer or b'').decode()}".encode())],
             )
         self._handshakes_in_progress.pop(connection, None)
-        account = self._account_named(str(context.client_principal or ""))
+        account = self._account_named(_client_name(context))
         if account is None:
             return None, scheme, self._challenges(scheme, realm)
         self._connection_accounts[connection] = account.address.lower()
         self.handshakes += 1
+        self.handshake_mechanisms.append(str(context.negotiated_protocol or scheme))
         final = (
             [(b"www-authenticate", f"{name} {base64.b64encode(answer).decode()}".encode())] if answer else []
         )
