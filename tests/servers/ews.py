@@ -784,7 +784,13 @@ class EwsSimulator:
         value = headers.get("authorization", "")
         scheme = value.partition(" ")[0].lower()
         if scheme in _HANDSHAKE_SCHEMES and scheme in self.auth_schemes:
-            return self._handshake(scheme, value.partition(" ")[2].strip(), connection, realm)
+            try:
+                return self._handshake(scheme, value.partition(" ")[2].strip(), connection, realm)
+            except AttributeError:
+                # pyspnego's Kerberos acceptor fails so on channel bindings that do not match
+                # (Extended Protection): a refusal, as IIS answers it.
+                self._handshakes_in_progress.pop(connection, None)
+                return None, scheme, self._challenges(scheme, realm)
         if not value and connection in self._connection_accounts:
             return self.accounts.get(self._connection_accounts[connection]), "connection", []
         if scheme == "basic" and "basic" not in self.auth_schemes:

@@ -174,12 +174,13 @@ class Kdc:
             time.sleep(0.05)
         log.info("KDC for %s on 127.0.0.1:%d (%s)", self.realm, self.port, self.dir)
 
-    def add_user(self, name: str, password: str) -> str:
+    def add_user(self, name: str, password: str, *, max_life: str = "") -> str:
         """Create ``name@REALM`` with ``password`` (pre-authentication required, as in AD);
-        return the principal."""
+        return the principal. ``max_life``: its tickets' longest life (kadmin's ``4m``)."""
         register_secret(password)
         principal = self.principal(name)
-        self._kadmin(f"addprinc +requires_preauth -pw {password} {principal}")
+        life = f"-maxlife {max_life} " if max_life else ""
+        self._kadmin(f"addprinc +requires_preauth {life}-pw {password} {principal}")
         return principal
 
     def add_service(self, service: str, host: str) -> str:
