@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
+import spnego._ntlm as spnego_ntlm
+import spnego._ntlm_raw.crypto as ntlm_crypto
 import trio
+from spnego.channel_bindings import GssChannelBindings
 
 from emlisten.errors import MailAuthError, MailConnectError
 from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth, _soap
@@ -300,3 +303,97 @@ async def test_a_large_request_is_sent_once_on_a_new_ntlm_connection(ntlm_ews: E
     assert len(body) <= ntlm_ews.bytes_received < len(body) + 4096
     (sent,) = ntlm_ews.sent
     assert sent.mime == message
+
+
+async def test_a_new_connection_starts_the_handshake_with_its_first_request(ntlm_ews: EwsSimulator) -> None:
+    account = ntlm_ews.add_account()
+    source = ntlm_source(connections_per_account=2)
+    mailbox = ews_mailbox(ntlm_ews, account)
+    async with source.open_reader(mailbox) as reader:
+        await reader.current_position("INBOX")  # type: ignore[attr-defined]  # learns "negotiate"
+    first = [(r.status, r.authorization_scheme) for r in ntlm_ews.requests]
+    # The first connection to the server asks without credentials to learn its schemes.
+    assert first == [(401, ""), (401, "negotiate"), (200, "negotiate")]
+
+    # Later connections (here two at once, of another pool) know the scheme: the handshake's
+    # first leg goes with the first request, so each costs one 401, not two.
+    before = len(ntlm_ews.requests)
+    async with source.open_reader(ews_mailbox(ntlm_ews, account)) as reader, trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(reader.current_position, "INBOX")  # type: ignore[attr-defined]
+    later = [(r.status, r.authorization_scheme) for r in ntlm_ews.requests[before:]]
+    assert sorted(later) == [(200, "negotiate"), (200, "negotiate"), (401, "negotiate"), (401, "negotiate")]
+    assert ntlm_ews.handshakes == 3
+
+
+async def test_a_server_that_dropped_ntlm_for_basic_is_answered_with_basic(ews: EwsSimulator) -> None:
+    # The process learnt "negotiate" for this origin; the server now takes Basic only.
+    account = ews.add_account()
+    schemes = {ews.base_url: "negotiate"}
+    pool = _auth.AuthenticatedPool(_auth.Credentials(account.user, account.password), schemes=schemes)
+    async with httpx.AsyncClient(transport=pool) as http:
+        response = await http.post(ews.url, content=_soap.envelope(_soap.get_folders(["inbox"])))
+    assert response.status_code == 200
+    assert schemes == {ews.base_url: "basic"}
+    assert [(r.status, r.authorization_scheme) for r in ews.requests] == [(401, "negotiate"), (200, "basic")]
+
+
+async def test_a_new_connection_showing_another_certificate_binds_its_handshake_again(
+    tls_files: tuple[Path, Path, Path],
+) -> None:
+    ca, cert, key = tls_files
+    async with running_ews_simulator(
+        auth=("negotiate", "ntlm"), tls=(str(cert), str(key)), channel_binding=True
+    ) as server:
+        account = server.add_account()
+        source = ntlm_source(ca_file=str(ca))
+        mailbox = ews_mailbox(server, account)
+        async with source.open_reader(mailbox) as reader:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        # As if the origin had shown another certificate last (a renewed one, another node
+        # behind the balancer): the first leg is bound to it, the server's 401 shows this one.
+        source._bindings[server.base_url] = GssChannelBindings(
+            application_data=b"tls-server-end-point:" + bytes(32)
+        )
+        before = len(server.requests)
+        async with source.open_reader(mailbox) as reader:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        # Started over with the right binding before the credential-bearing leg: one extra
+        # first leg, no refusal.
+        assert [(r.status, r.authorization_scheme) for r in server.requests[before:]] == [
+            (401, "negotiate"),
+            (401, "negotiate"),
+            (200, "negotiate"),
+        ]
+        assert server.handshakes == 2
+        # Learnt again: the next new connection costs one 401.
+        before = len(server.requests)
+        async with source.open_reader(mailbox) as reader:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+        assert [r.status for r in server.requests[before:]] == [401, 200]
+
+
+async def test_the_nt_hash_is_computed_once_per_credential_group(
+    ntlm_ews: EwsSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = ntlm_ews.add_account()
+    calls: list[str] = []
+
+    def counting(name: str, function: Callable[[str], bytes]) -> Callable[[str], bytes]:
+        def hashed(password: str) -> bytes:
+            calls.append(name)
+            return function(password)
+
+        return hashed
+
+    # Where pyspnego's client (and the simulator's acceptor) would hash a password.
+    monkeypatch.setattr(ntlm_crypto, "ntowfv1", counting("nt", ntlm_crypto.ntowfv1))
+    monkeypatch.setattr(spnego_ntlm, "ntowfv1", counting("nt", spnego_ntlm.ntowfv1))
+    monkeypatch.setattr(spnego_ntlm, "lmowfv1", counting("lm", spnego_ntlm.lmowfv1))
+    source = ntlm_source(connections_per_account=3)
+    async with source.open_reader(ews_mailbox(ntlm_ews, account)) as reader, trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(reader.current_position, "INBOX")  # type: ignore[attr-defined]
+    assert ntlm_ews.handshakes == 3
+    # Three handshakes, one NT hash, no LM hash (NTLMv2 does not use it).
+    assert calls == ["nt"]

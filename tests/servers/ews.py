@@ -74,6 +74,7 @@ from __future__ import annotations
 import atexit
 import base64
 import email.policy
+import functools
 import hashlib
 import itertools
 import json
@@ -81,10 +82,12 @@ import logging
 import operator
 import os
 import secrets
+import shutil
+import struct
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -99,6 +102,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from defusedxml.ElementTree import fromstring
+from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
 from spnego.channel_bindings import GssChannelBindings
 
 from tests.servers._http import Receive, Scope, Send, lifespan_or_other, read_body, serve_app, server_config
@@ -127,10 +131,27 @@ _ntlm_store: str | None = None
 NTLM_DOMAIN = "EWS"
 
 
+#: A credential file per account (by lowercased user name and UPN), with its hashes computed once.
+_ntlm_files: dict[str, str] = {}
+
+
+@functools.cache
+def _ntlm_account_dir() -> str:
+    path = tempfile.mkdtemp(prefix="emlisten-ntlm-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _ntlm_register(user: str, address: str, password: str) -> None:
     """Add an account to this process's NTLM credential file (pyspnego's acceptor reads the file
     named by ``NTLM_USER_FILE``; one file serves every simulator of the process), under the
-    names Windows accepts: ``user``, ``user@domain`` (UPN) and ``DOMAIN\\user``."""
+    names Windows accepts: ``user``, ``user@domain`` (UPN) and ``DOMAIN\\user``.
+
+    Also to a file of its own, with the LM and NT hashes computed here: for every handshake the
+    acceptor reads its store file to the matching line and hashes a stored password again (the
+    LM hash with a pure-Python DES), so with 1,000 accounts the simulator's credential lookup
+    cost more than the rest of the handshake. ``_ntlm_store_for`` points the acceptor at the
+    account's own file (a domain controller looks up one account too)."""
     global _ntlm_store
     if _ntlm_store is None:
         handle, _ntlm_store = tempfile.mkstemp(prefix="emlisten-ntlm-", suffix=".txt")
@@ -139,6 +160,59 @@ def _ntlm_register(user: str, address: str, password: str) -> None:
         atexit.register(os.unlink, _ntlm_store)
     with open(_ntlm_store, "a", encoding="utf-8") as store:
         store.write(f":{user}:{password}\n:{address}:{password}\n{NTLM_DOMAIN}:{user}:{password}\n")
+    if user.lower() in _ntlm_files or address.lower() in _ntlm_files:
+        return  # the shared file answers with the first line that matches: so do we
+    path = os.path.join(_ntlm_account_dir(), f"{len(_ntlm_files)}.txt")
+    # smbpasswd lines: NAME:UID:LM:NT:FLAGS:LCT, which pyspnego reads without hashing anything.
+    hashes = f"{lmowfv1(password).hex().upper()}:{ntowfv1(password).hex().upper()}"
+    with open(path, "w", encoding="utf-8") as own:
+        for name in (user, address, f"{NTLM_DOMAIN}\\{user}"):
+            own.write(f"{name}:0:{hashes}:[U]:LCT-00000000\n")
+    _ntlm_files[user.lower()] = _ntlm_files[address.lower()] = path
+
+
+#: The start of an NTLM AUTHENTICATE message (signature, type 3).
+_NTLM_AUTHENTICATE = b"NTLMSSP\x00\x03\x00\x00\x00"
+
+
+def _ntlm_store_for(token: bytes) -> str | None:
+    """The credential file of the account an NTLM AUTHENTICATE message (raw, or inside SPNEGO)
+    names, or None (the acceptor then searches the shared file, and refuses unknown users)."""
+    start = token.find(_NTLM_AUTHENTICATE)
+    if start < 0 or len(token) < start + 64:
+        return None
+    message = token[start:]
+    # MS-NLMP 2.2.1.3: UserNameFields (length, maximum, offset) at 36, NegotiateFlags at 60.
+    length, _, offset = struct.unpack_from("<HHI", message, 36)
+    (flags,) = struct.unpack_from("<I", message, 60)
+    raw = message[offset : offset + length]
+    try:
+        user = raw.decode("utf-16-le" if flags & 0x1 else "latin-1")
+    except UnicodeDecodeError:
+        return None
+    return _ntlm_files.get(user.lower())
+
+
+@contextmanager
+def _credential_store(path: str | None) -> Iterator[None]:
+    """``NTLM_USER_FILE`` is ``path`` while the acceptor looks a user up (synchronously)."""
+    if path is None:
+        yield
+        return
+    shared = os.environ.get("NTLM_USER_FILE")
+    os.environ["NTLM_USER_FILE"] = path
+    try:
+        yield
+    finally:
+        if shared is None:
+            os.environ.pop("NTLM_USER_FILE", None)
+        else:
+            os.environ["NTLM_USER_FILE"] = shared
+
+
+def _starts_handshake(token: bytes) -> bool:
+    """An NTLM NEGOTIATE message or a SPNEGO NegTokenInit: a client starting (again)."""
+    return token.startswith(b"NTLMSSP\x00\x01\x00\x00\x00") or token[:1] == b"\x60"
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -446,6 +520,8 @@ class EwsSimulator:
         #: (X-AnchorMailbox, Cookie) of every GetStreamingEvents request carrying several mailboxes.
         self.grouped_streams: list[tuple[str, str]] = []
         self.accounts: dict[str, EwsAccount] = {}  # by lowercased address
+        #: Accounts by lowercased user name and address (the first added wins, as in a scan).
+        self._accounts_by_name: dict[str, EwsAccount] = {}
         self.tokens: dict[str, str] = {}  # bearer token -> address
         self.requests: list[EwsRequest] = []
         self._subscriptions: dict[str, _Subscription] = {}
@@ -516,6 +592,8 @@ class EwsSimulator:
             account.folders[folder.id] = folder
             account.distinguished[name] = folder.id
         self.accounts[address.lower()] = account
+        self._accounts_by_name.setdefault(account.user.lower(), account)
+        self._accounts_by_name.setdefault(address.lower(), account)
         return account
 
     def add_folder(
@@ -771,11 +849,7 @@ class EwsSimulator:
         return found
 
     def _account_named(self, principal: str) -> EwsAccount | None:
-        name = principal.rsplit("\\", 1)[-1].lower()
-        for account in self.accounts.values():
-            if name in (account.user.lower(), account.address.lower()):
-                return account
-        return None
+        return self._accounts_by_name.get(principal.rsplit("\\", 1)[-1].lower())
 
     def _authorize(
         self, headers: Mapping[str, str], connection: tuple[Any, ...], realm: str
@@ -804,13 +878,18 @@ class EwsSimulator:
         name = _HANDSHAKE_SCHEMES[scheme]
         self._connection_accounts.pop(connection, None)
         started = self._handshakes_in_progress.get(connection)
-        context = (
-            started[1]
-            if started is not None and started[0] == scheme
-            else spnego.server(protocol=scheme, channel_bindings=self._bindings)
-        )
         try:
-            answer = context.step(base64.b64decode(token))
+            raw = base64.b64decode(token)
+            if started is not None and (started[0] != scheme or _starts_handshake(raw)):
+                # A new first leg restarts the handshake, as on IIS.
+                started = None
+            if started is None:
+                context = spnego.server(protocol=scheme, channel_bindings=self._bindings)
+                answer = context.step(raw)
+            else:
+                context = started[1]
+                with _credential_store(_ntlm_store_for(raw)):
+                    answer = context.step(raw)
         except (spnego.exceptions.SpnegoError, ValueError):
             # A wrong password or an unknown user: start again from the challenge.
             self._handshakes_in_progress.pop(connection, None)
@@ -851,11 +930,9 @@ class EwsSimulator:
                 user, _, password = base64.b64decode(credentials).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return None, scheme
-            for account in self.accounts.values():
-                if user.lower() in (account.user.lower(), account.address.lower()):
-                    if secrets.compare_digest(password.encode(), account.password.encode()):
-                        return account, scheme
-                    return None, scheme
+            account = self._accounts_by_name.get(user.lower())
+            if account is not None and secrets.compare_digest(password.encode(), account.password.encode()):
+                return account, scheme
             return None, scheme
         if scheme == "bearer":
             address = self.tokens.get(credentials.strip())

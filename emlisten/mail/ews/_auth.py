@@ -21,6 +21,15 @@ handshake itself is pyspnego's (``spnego.client``; without a Kerberos library Ne
 NTLM inside SPNEGO). Creatio's ``UserName`` is used as given: ``DOMAIN\\user``, ``user@domain``
 or ``user``.
 
+Cost per new connection, once the server's scheme is known (a cold start of many mailboxes, each
+with its own credentials, is one handshake per mailbox): a new connection is never authenticated,
+so its first request starts the handshake at once rather than going without credentials for a
+401 first (two round trips, not three). Its token is bound to the certificate the origin showed
+last; when the connection shows another one, the handshake starts over with the right binding
+before any credential-bearing leg is sent. The NT hash is computed once per credential group
+(pyspnego would compute it, and the LM hash with a pure-Python DES, for every handshake; the LM
+hash is only used by NTLMv1, which pyspnego sends only with ``LM_COMPAT_LEVEL`` below 3).
+
 Secrets: the pool keeps the password to answer challenges; it has no repr showing it, and
 tokens never leave this module other than in ``Authorization`` headers.
 """
@@ -31,6 +40,7 @@ import base64
 import binascii
 import enum
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -144,14 +154,38 @@ def basic_header(credentials: Credentials) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
+def _packed(bindings: GssChannelBindings | None) -> bytes | None:
+    return bindings.pack() if bindings is not None else None
+
+
+def _nt_hash(password: str) -> str | None:
+    """The NT hash (MD4 of the UTF-16LE password) as hex, or None when pyspnego's own MD4 is
+    not where this pyspnego version keeps it (the password then goes to pyspnego as before)."""
+    try:
+        from spnego._ntlm_raw.crypto import ntowfv1
+    except ImportError:  # pragma: no cover - a pyspnego that moved its internals
+        return None
+    return ntowfv1(password).hex()
+
+
+def _uses_lm_hash() -> bool:
+    """pyspnego sends NTLMv1 (which needs the LM hash) only with ``LM_COMPAT_LEVEL`` below 3."""
+    try:
+        return int(os.environ.get("LM_COMPAT_LEVEL", "3")) < 3
+    except ValueError:
+        return True  # pyspnego refuses the value itself; leave the credential as given
+
+
 class _Connection:
     """One single-connection sub-transport: one TCP connection at a time, authenticated by the
-    handshake that ran on it (the server answers 401 on a new one, which starts the next)."""
+    handshake that ran on it (the server answers 401 on a new one, which starts the next).
+    ``fresh`` until its first request: it has no TCP connection yet, so none authenticated."""
 
-    __slots__ = ("transport",)
+    __slots__ = ("fresh", "transport")
 
     def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
         self.transport = transport
+        self.fresh = True
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
@@ -201,6 +235,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         max_connections: int = 4,
         keepalive_expiry: float = 120.0,
         schemes: dict[str, str] | None = None,
+        bindings: dict[str, GssChannelBindings | None] | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -218,6 +253,11 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         self._slots = trio.Semaphore(max_connections)
         #: The scheme that worked, by origin (``scheme://host:port``).
         self.schemes: dict[str, str] = schemes if schemes is not None else {}
+        #: The channel bindings (None over plain HTTP) of the certificate each origin showed
+        #: last: a new connection's first handshake leg is bound to it.
+        self.bindings: dict[str, GssChannelBindings | None] = bindings if bindings is not None else {}
+        #: What pyspnego authenticates with, made on the first handshake (the NT hash once).
+        self._spnego_credentials: list[spnego.Credential] | None = None
         #: Handshakes completed (one per authenticated TCP connection; for tests and status).
         self.handshakes = 0
         self._closed = False
@@ -269,8 +309,9 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout") or {}
         connection = await self._lease(stream, timeouts.get("pool"))
         release = _Release(self, connection, stream)
+        fresh, connection.fresh = connection.fresh, False
         try:
-            response = await self._send(connection, request)
+            response = await self._send(connection, request, fresh)
         except BaseException:
             release()
             raise
@@ -282,7 +323,8 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             request=request,
         )
 
-    async def _send(self, connection: _Connection, request: httpx.Request) -> httpx.Response:
+    async def _send(self, connection: _Connection, request: httpx.Request, fresh: bool) -> httpx.Response:
+        """``fresh``: the connection has carried nothing yet (so it is not authenticated)."""
         credentials = self._credentials
         if credentials.token:
             request.headers["Authorization"] = f"Bearer {credentials.token}"
@@ -307,11 +349,16 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                 # Authenticate the connection with a small request first, so the large body goes
                 # once: a new connection would take it with each handshake leg, and a server may
                 # cut the upload short with its 401.
-                probe = await self._send(connection, _small_copy(request))
+                probe = await self._send(connection, _small_copy(request), fresh)
                 if probe.status_code == 401:
                     return probe
                 await _discard(probe)
-            response = await connection.transport.handle_async_request(request)
+                response = await connection.transport.handle_async_request(request)
+            elif fresh and known in CONNECTION_SCHEMES and choose_scheme(self.mode, {known: ""}) == known:
+                # A new connection: without credentials the answer would be the 401 we know.
+                response = await self._first_handshake(connection, request, known, origin)
+            else:
+                response = await connection.transport.handle_async_request(request)
             if response.status_code != 401:
                 return response
         scheme = choose_scheme(self.mode, challenges(response))
@@ -325,7 +372,39 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             if response.status_code != 401:
                 self.schemes[origin] = "basic"
             return response
+        self.bindings[origin] = bindings
         return await self._handshake(connection, request, scheme, origin, bindings)
+
+    async def _first_handshake(
+        self, connection: _Connection, request: httpx.Request, scheme: str, origin: str
+    ) -> httpx.Response:
+        """The handshake on a new connection to an origin whose scheme is known, from its first
+        request. A 401 in return that is no step of it (the server stopped offering the scheme,
+        or the connection shows another certificate than the origin did last, so the token
+        carries the wrong binding) is returned for the caller to start over from, as from the
+        401 of a request without credentials (the first leg proves nothing: no lockout risk)."""
+        if request.url.scheme == "http":
+            bindings = None
+        elif origin in self.bindings:
+            bindings = self.bindings[origin]
+        else:
+            # Never seen over TLS in this process: learn the certificate from a plain 401.
+            return await connection.transport.handle_async_request(request)
+        return await self._handshake(connection, request, scheme, origin, bindings, first=True)
+
+    def _credentials_for_spnego(self) -> list[spnego.Credential]:
+        """The user's credential for pyspnego, the NT hash computed once (not per handshake)."""
+        if self._spnego_credentials is None:
+            user, password = self._credentials.user, self._credentials.password
+            found: list[spnego.Credential] = []
+            nt_hash = None if _uses_lm_hash() else _nt_hash(password)
+            if nt_hash is not None:
+                # First: pyspnego takes NTLM's credential from the first that offers NTLM.
+                found.append(spnego.NTLMHash(user, nt_hash=nt_hash))
+            # Kerberos (Negotiate with a Kerberos library) needs the password itself.
+            found.append(spnego.Password(user, password))
+            self._spnego_credentials = found
+        return self._spnego_credentials
 
     async def _handshake(
         self,
@@ -334,13 +413,13 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         scheme: str,
         origin: str,
         bindings: GssChannelBindings | None,
+        *,
+        first: bool = False,
     ) -> httpx.Response:
         name = CONNECTION_SCHEMES[scheme]
-        credentials = self._credentials
         try:
             context = spnego.client(
-                credentials.user,
-                credentials.password,
+                self._credentials_for_spnego(),
                 hostname=request.url.host or "unspecified",
                 service="HTTP",
                 protocol=scheme,
@@ -355,8 +434,16 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                 raise httpx.ProtocolError(f"{name}: the handshake produced no token")
             request.headers["Authorization"] = f"{name} {base64.b64encode(token).decode('ascii')}"
             response = await connection.transport.handle_async_request(request)
-            server_token = challenges(response).get(scheme, "")
+            offered_schemes = challenges(response)
+            server_token = offered_schemes.get(scheme, "")
+            if first and response.status_code == 401:
+                first = False
+                shown = channel_bindings(response)
+                self.bindings[origin] = shown
+                if scheme not in offered_schemes or _packed(shown) != _packed(bindings):
+                    return response
             if response.status_code != 401:
+                self.bindings[origin] = channel_bindings(response)
                 if server_token and not context.complete:
                     # Negotiate's last leg (mutual authentication) rides on the answer.
                     try:

@@ -69,6 +69,7 @@ from xml.etree.ElementTree import Element
 
 import httpx
 import trio
+from spnego.channel_bindings import GssChannelBindings
 
 from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
 from emlisten.errors import (
@@ -454,6 +455,9 @@ class EwsSource(MailSource):
         #: The scheme each server origin took (``auto``), shared by all pools: a server is
         #: probed without credentials once per process, not once per pool.
         self._schemes: dict[str, str] = {}
+        #: The TLS channel bindings each origin showed last, shared the same way: a new
+        #: connection's handshake starts with its first request, bound to them (``_auth``).
+        self._bindings: dict[str, GssChannelBindings | None] = {}
         #: Streaming hubs by (EWS URL, credentials, impersonation, TLS verification).
         self._hubs: dict[tuple[str, ...], StreamingHub] = {}
         self.autodiscover_bases = {
@@ -477,6 +481,7 @@ class EwsSource(MailSource):
             verify=context_for(mailbox.imap.verify_certificate, self.ca_file),
             max_connections=self.settings.connections_per_account,
             schemes=self._schemes,
+            bindings=self._bindings,
         )
 
     @asynccontextmanager
