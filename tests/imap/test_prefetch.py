@@ -214,7 +214,8 @@ async def test_without_recheck_an_unannounced_mail_waits(
 async def test_one_recheck_per_activity_and_none_for_a_quiet_mailbox(
     dovecot: Dovecot, mail_user: MailUser
 ) -> None:
-    """Bounded work per mail: one recheck after the last new mail, nothing while quiet."""
+    """Bounded work per mail: one recheck after the last new mail, nothing while quiet (but
+    the one look after the session's first IDLE, here after 12 s)."""
     source, _ = imap_source(dovecot, recheck_seconds=0.2)
     sink = Sink()
     async with trio.open_nursery() as nursery:
@@ -256,6 +257,30 @@ async def test_a_late_recheck_finds_mail_that_landed_after_the_first_one(
             task = await sink.next()
             pytest.fail(f"a third recheck without new mail: {task}")
         assert commands[sent:] == []  # both looks left the listening session in IDLE
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_idle_of_a_session_is_looked_at_once(
+    dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy
+) -> None:
+    """Mail landing in the hand-off window of a session's first IDLE (1.5-2 s after a connect
+    or reconnect) has no new mail before it to schedule a look: in the soak such mail, right
+    after a cold start, waited for the next one (90-139 s). The session schedules one look
+    itself, after the late hand-off, and stays in IDLE for it."""
+    source, commands = imap_source(dovecot, recheck_seconds=0.2, recheck_late_seconds=0.6)
+    sink = Sink()
+    proxy.drop_server_lines = EXISTS_LINE  # the server announces nothing
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, proxied_mailbox(dovecot, mail_user, proxy), sink, prefetch())
+        assert (await sink.next()).reason == "catch-up"
+        sent = len(commands)
+        await dovecot.aappend(mail_user, make_message(subject="in the first window"))
+        task = await sink.next(timeout=5)
+        assert (task.reason, task.uid_hint) == ("recheck", 0)
+        with trio.move_on_after(1.5):
+            task = await sink.next()
+            pytest.fail(f"a second look without new mail: {task}")
+        assert commands[sent:] == []
         nursery.cancel_scope.cancel()
 
 

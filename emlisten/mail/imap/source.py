@@ -524,6 +524,17 @@ class _Listener:
         if first <= 0 and late > 0:
             self.recheck_at, self.recheck_late_at = now + late, math.inf
 
+    def _check_the_first_window(self) -> None:
+        """The first IDLE of a session opens a hand-off window like any other, without new mail
+        to schedule a look after it: mail landing 1.5-2 s after a (re)connect waited for the
+        next mail (seen in the soak, right after a cold start). One look, after the late
+        hand-off; none when the catch-up already scheduled one."""
+        if self.recheck_at != math.inf:
+            return
+        window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
+        if window > 0:
+            self.recheck_at = trio.current_time() + window
+
     async def recheck(self) -> None:
         """Ask a worker to look, on a session of its own. Not here: ending IDLE to ask would
         start a new IDLE, and with it a new hand-off window in which mail can go unannounced,
@@ -542,6 +553,7 @@ class _Listener:
             if not started:
                 task_status.started(self.info)
                 started = True
+                self._check_the_first_window()
             await self.handle(initial)
             now = trio.current_time()
             renew_at = now + settings.idle_renew_seconds
