@@ -339,7 +339,7 @@ async def test_when_the_worst_case_does_not_fit_the_real_sizes_are_asked(
         task = await sink.next()
         assert (task.reason, task.has_prefetch, task.uid_hint) == ("exists", True, uid)
         assert [m.data for m in task.prefetched] == [message]
-        assert commands[sent:sent + 2] == ["UID FETCH", "UID FETCH"]  # the sizes, then the mail
+        assert commands[sent : sent + 2] == ["UID FETCH", "UID FETCH"]  # the sizes, then the mail
         assert "LOGIN" not in commands[sent:] and "AUTHENTICATE" not in commands[sent:]
         nursery.cancel_scope.cancel()
 
