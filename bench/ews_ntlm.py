@@ -25,6 +25,8 @@ bounds on cost.
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import tempfile
 import time
 import uuid
@@ -61,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ntlm",
         help="the cold start's server: NTLM-only (the scenario) or Basic-only (for comparison)",
     )
+    parser.add_argument(
+        "--hide-kerberos",
+        action="store_true",
+        help="run emlisten as without the kerberos extra (gssapi, krb5 not importable): NTLM only",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting after this long (s)")
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra emlisten environment"
@@ -94,6 +101,29 @@ def _credentials(
             body["ImpersonatedUser"] = account.address
         found.append(body)
     return found
+
+
+def _kerberos_hidden(log_dir: Path) -> str:
+    """A directory whose ``gssapi`` and ``krb5`` fail to import, for the front of PYTHONPATH: the
+    emlisten process then runs as installed without the kerberos extra (pyspnego's Negotiate
+    carries NTLM only), whatever this environment has installed."""
+    root = log_dir / "no-kerberos"
+    for name in ("gssapi", "krb5"):
+        package = root / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(
+            'raise ImportError("hidden by bench ews-ntlm --hide-kerberos")\n'
+        )
+    return str(root)
+
+
+def _kerberos_installed() -> bool:
+    try:
+        import gssapi  # noqa: F401
+        import krb5  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 async def _listening(http: httpx.AsyncClient, base: str) -> int:
@@ -130,6 +160,10 @@ async def _one_process(
     args: argparse.Namespace, auth: tuple[str, ...], count: int, identity: str, log_dir: Path
 ) -> dict[str, Any]:
     env = {"EMLISTEN_LOG_LEVEL": "WARNING", "EMLISTEN_NODE_ID": "bench", **parse_env(args.env)}
+    if args.hide_kerberos:
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [_kerberos_hidden(log_dir), os.environ.get("PYTHONPATH")])
+        )
     standin = CreatioStandIn()
     sim = EwsSimulator(keepalive_seconds=30.0, auth=auth)
     emlisten = EmlistenProcess(env, log_dir, name=f"emlisten-{'-'.join(auth)}-{count}")
@@ -156,6 +190,14 @@ async def _one_process(
                 await trio.sleep(2.0)
                 figures["rss_growth_kib_per_mailbox"] = round((emlisten.rss_kib() - rss_before) / count, 1)
                 figures["handshakes"] = sim.handshakes
+                # What each mailbox cost the server: HTTP requests (401 handshake legs included).
+                figures["requests_per_mailbox"] = round(len(sim.requests) / count, 2)
+                figures["requests_401_per_mailbox"] = round(
+                    sum(1 for r in sim.requests if r.status == 401) / count, 2
+                )
+                figures["requests_by_operation"] = dict(
+                    collections.Counter(r.operation or f"HTTP {r.status}" for r in sim.requests)
+                )
                 figures["authenticated_connections"] = sim.authenticated_connections()
                 figures["open_streams"] = len(sim._streams)
                 figures["connections_from_emlisten"] = emlisten.connections_to([sim.port])
@@ -188,10 +230,18 @@ async def _measure(args: argparse.Namespace) -> Result:
             "memory_mailboxes": args.memory_mailboxes,
             "identity": args.identity,
             "cold_auth": args.cold_auth,
+            "hide_kerberos": args.hide_kerberos,
             "emlisten_env": list(args.env),
         },
     )
     log_dir = Path(tempfile.mkdtemp(prefix="emlisten-bench-"))
+    if args.hide_kerberos:
+        kerberos = "hidden (--hide-kerberos: as installed without the kerberos extra, NTLM only)"
+    elif _kerberos_installed():
+        kerberos = "the kerberos extra is installed: Negotiate tries Kerberos before NTLM"
+    else:
+        kerberos = "the kerberos extra is not installed: Negotiate carries NTLM"
+    result.notes.append(f"emlisten's Kerberos: {kerberos}.")
     ntlm = ("negotiate", "ntlm")
     if args.memory_mailboxes > 0:
         say(f"memory: {args.memory_mailboxes} mailboxes on a Basic-only server")
@@ -231,6 +281,15 @@ async def _measure(args: argparse.Namespace) -> Result:
         "bounded by settings, not by mailboxes",
     )
     result.row("open streaming responses", str(cold["open_streams"]))
+    result.row(
+        "CPU per mailbox: emlisten / EWS simulator and stand-in",
+        f"{1000 * cold['emlisten_cpu_seconds'] / args.mailboxes:.1f} ms"
+        f" / {1000 * cold['server_cpu_seconds'] / args.mailboxes:.1f} ms",
+    )
+    result.row(
+        "HTTP requests per mailbox at the server (of them 401)",
+        f"{cold['requests_per_mailbox']:.2f} ({cold['requests_401_per_mailbox']:.2f})",
+    )
     result.row(
         "sample mails delivered after the cold start",
         f"{cold['sample_delivered']}/20 in {cold['sample_delivery_seconds']:.2f} s",
