@@ -511,7 +511,7 @@ class DeliveryWorker:
             len(batch),
             first.uid,
             last.uid,
-            extra={"mailbox": mailbox.id, "folder": folder, "seen_to_delivered_ms": _age_ms(batch)},
+            extra={"mailbox": mailbox.id, "folder": folder, "arrived_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
 
