@@ -17,9 +17,11 @@ and the handshake runs again on the new connection (once; a second refusal is th
 The scheme comes from the ``WWW-Authenticate`` challenge of the server (``AuthMode.AUTO``:
 Negotiate, else NTLM, else Basic, remembered per origin), or is fixed by ``EMLISTEN_EWS_AUTH``.
 Basic and bearer tokens are sent with every request (bearer always, whatever the mode). The
-handshake itself is pyspnego's (``spnego.client``; without a Kerberos library Negotiate carries
-NTLM inside SPNEGO). Creatio's ``UserName`` is used as given: ``DOMAIN\\user``, ``user@domain``
-or ``user``.
+handshake itself is pyspnego's (``spnego.client``). Negotiate offers Kerberos first when the
+``kerberos`` extra is installed, with the credential group's tickets (``_kerberos``: got from
+the user name and password in a worker thread, since libkrb5 talks to the KDC synchronously),
+and NTLM inside SPNEGO otherwise. For NTLM and Basic, Creatio's ``UserName`` is used as given:
+``DOMAIN\\user``, ``user@domain`` or ``user``.
 
 Cost per new connection, once the server's scheme is known (a cold start of many mailboxes, each
 with its own credentials, is one handshake per mailbox): a new connection is never authenticated,
@@ -55,6 +57,7 @@ from cryptography.hazmat.primitives import hashes
 from spnego.channel_bindings import GssChannelBindings
 
 from emlisten import _egress
+from emlisten.mail.ews import _kerberos
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +264,8 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
         #: Handshakes completed (one per authenticated TCP connection; for tests and status).
         self.handshakes = 0
         self._closed = False
+        #: The user's Kerberos tickets (Negotiate with the kerberos extra installed).
+        self.tickets = _kerberos.TicketCache(credentials.user, credentials.password)
 
     def __repr__(self) -> str:
         return f"AuthenticatedPool(user={self._credentials.user!r}, mode={self.mode.value})"
@@ -418,14 +423,7 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         name = CONNECTION_SCHEMES[scheme]
         try:
-            context = spnego.client(
-                self._credentials_for_spnego(),
-                hostname=request.url.host or "unspecified",
-                service="HTTP",
-                protocol=scheme,
-                channel_bindings=bindings,
-            )
-            token = context.step()
+            context, token = await self._start(scheme, request.url.host or "unspecified", bindings)
         except spnego.exceptions.SpnegoError as exc:
             reason = exc.nt_status or "error"
             raise httpx.ProtocolError(f"{name}: cannot start the handshake ({reason})") from None
@@ -462,8 +460,37 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             except (spnego.exceptions.SpnegoError, binascii.Error, ValueError):
                 raise httpx.ProtocolError(f"{name}: the server's challenge is not understood") from None
 
+    async def _start(
+        self, scheme: str, host: str, bindings: GssChannelBindings | None
+    ) -> tuple[spnego.ContextProxy, bytes | None]:
+        """The client context and its first token. With Kerberos, Negotiate's first token is
+        the service ticket's AP-REQ for ``HTTP/<host>``: getting the tickets talks to the KDC
+        (blocking), so that runs in a worker thread, abandoned when the request is cancelled."""
+        credentials = self._credentials_for_spnego()
+        if scheme != "negotiate" or not _kerberos.AVAILABLE:
+            context = spnego.client(
+                credentials, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
+            )
+            return context, context.step()
+
+        def start() -> tuple[spnego.ContextProxy, bytes | None]:
+            ticket = self.tickets.credential()
+            # Kerberos takes the first credential that offers it: the tickets, else nothing
+            # (not the password: pyspnego would ask the KDC again at every handshake, under
+            # the user name as given). NTLM takes its own (the NT hash) from the rest.
+            ntlm: list[spnego.Credential] = [c for c in credentials if not isinstance(c, spnego.Password)]
+            found: list[spnego.Credential] = [ticket] if ticket is not None else []
+            found += ntlm or credentials
+            context = spnego.client(
+                found, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
+            )
+            return context, context.step()
+
+        return await trio.to_thread.run_sync(start, abandon_on_cancel=True)
+
     async def aclose(self) -> None:
         self._closed = True
+        self.tickets.close()
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.transport.aclose()
