@@ -48,12 +48,22 @@ class FolderNotFoundError(MailSourceError):
 
 class DeliveryError(EmlistenError):
     """The sink (Creatio) did not accept a delivery. ``status`` is the HTTP status when there was
-    one; ``retry_after`` the seconds the receiver asked to wait (``Retry-After``), if it did."""
+    one; ``retry_after`` the seconds the receiver asked to wait (``Retry-After``), if it did;
+    ``origin`` the receiver (``scheme://host:port``) when known: deliveries waiting to retry on
+    the same receiver are retried as soon as one of them gets through again."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        origin: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.origin = origin
 
 
 class StoreError(EmlistenError):

@@ -116,6 +116,8 @@ class DeliveryWorker:
         self._rechecks: dict[DrainKey, float] = {}  # -> when first asked (trio clock)
         self._recheck_asked = trio.Event()
         self._recent_tasks = _RecentCount()
+        #: Receivers (origins) some drainer is backing off from, set when one gets through.
+        self._receivers_back: dict[str, trio.Event] = {}
         self._intake = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -168,6 +170,7 @@ class DeliveryWorker:
 
     async def _drain(self, drainer: _Drainer) -> None:
         retry = Retry(self.settings.delivery_backoff)
+        failing_at: str | None = None  # the receiver the last failed attempt could not reach
         try:
             while drainer.pending:
                 taken = drainer.pending
@@ -178,8 +181,12 @@ class DeliveryWorker:
                 while True:
                     try:
                         await self._sync_exclusively(drainer.key, seen_at, tasks)
+                        if failing_at is not None:
+                            self._receiver_is_back(failing_at)
+                            failing_at = None
                         break
                     except (DeliveryError, MailSourceError, StoreError) as exc:
+                        failing_at = exc.origin if isinstance(exc, DeliveryError) else None
                         delay = retry.next_delay()
                         asked = exc.retry_after if isinstance(exc, DeliveryError) else None
                         if asked is not None:
@@ -193,6 +200,7 @@ class DeliveryWorker:
                             extra={"mailbox": drainer.key[0], "folder": drainer.key[1]},
                         )
                     except Exception:
+                        failing_at = None
                         delay = retry.next_delay()
                         log.exception(
                             "sync failed unexpectedly, retrying in %.1fs",
@@ -211,13 +219,31 @@ class DeliveryWorker:
                     ]
                     await self._ack_all(drainer.pending)
                     drainer.pending = []
-                    await trio.sleep(delay)
+                    await self._back_off(delay, failing_at)
                 retry.reset()
                 await self._ack_all(taken)
         finally:
             del self._drainers[drainer.key]
             if not self._drainers:
                 self._idle.set()
+
+    async def _back_off(self, delay: float, receiver: str | None) -> None:
+        """Wait before a retry, and no longer than until a delivery to the same receiver got
+        through again: after an outage of Creatio each folder would otherwise wait out its own
+        backoff, up to the cap (60 s) after the receiver was back."""
+        if receiver is None:
+            await trio.sleep(delay)
+            return
+        back = self._receivers_back.get(receiver)
+        if back is None:
+            back = self._receivers_back[receiver] = trio.Event()
+        with trio.move_on_after(delay):
+            await back.wait()
+
+    def _receiver_is_back(self, receiver: str) -> None:
+        back = self._receivers_back.pop(receiver, None)
+        if back is not None:
+            back.set()
 
     async def _run_rechecks(self) -> None:
         """Look at the folders listeners asked about, after real deliveries.
@@ -514,7 +540,6 @@ class DeliveryWorker:
             extra={"mailbox": mailbox.id, "folder": folder, "arrived_to_delivered_ms": _age_ms(batch)},
         )
         return len(batch)
-
 
     async def _save_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
         """Record the checkpoint of mail the receiver has accepted. Creatio has the mail now:

@@ -173,11 +173,15 @@ class CreatioSink(Sink):
                 finally:
                     await response.aclose()
         except httpx.TimeoutException:
-            raise DeliveryError(f"{what}: Creatio did not answer in time ({_origin(url)})") from None
+            raise DeliveryError(
+                f"{what}: Creatio did not answer in time ({_origin(url)})", origin=_origin(url)
+            ) from None
         except httpx.HTTPError as exc:
             denied = _egress.denial(exc)
             reason = denied.strerror if denied is not None else type(exc).__name__
-            raise DeliveryError(f"{what}: cannot reach Creatio at {_origin(url)}: {reason}") from None
+            raise DeliveryError(
+                f"{what}: cannot reach Creatio at {_origin(url)}: {reason}", origin=_origin(url)
+            ) from None
         except (httpx.InvalidURL, ValueError):
             # Not an HTTP failure but still the callback's: a warning, not a traceback.
             raise DeliveryError(f"{what}: the callback URL cannot be used ({_origin(url)})") from None
@@ -187,6 +191,7 @@ class CreatioSink(Sink):
                 f"{what}: Creatio answered HTTP {response.status_code}: {snippet}",
                 status=response.status_code,
                 retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+                origin=_origin(url),
             )
 
     async def deliver(self, mailbox: MailboxConfig, emails: Sequence[Email], *, idempotency_key: str) -> None:
