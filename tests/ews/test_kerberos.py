@@ -96,6 +96,18 @@ async def test_kerberos_handshake_once_then_the_connection_serves_every_request(
     assert tickets_for(kdc, account.user) == (1, 1)
 
 
+async def test_concurrent_first_connections_share_one_service_ticket(
+    kerberos_ews: EwsSimulator, kdc: Kdc
+) -> None:
+    account = domain_account(kerberos_ews, kdc)
+    source, mailbox = kerberos_source(connections_per_account=3), ews_mailbox(kerberos_ews, account)
+    async with source.open_reader(mailbox) as reader, trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(reader.current_position, "INBOX")  # type: ignore[attr-defined]
+    assert kerberos_ews.handshake_mechanisms == ["kerberos"] * 3
+    assert tickets_for(kdc, account.user) == (1, 1)
+
+
 @pytest.mark.parametrize("form", ["user", "realm", "upn", "domain"])
 async def test_user_name_forms_get_a_ticket(kerberos_ews: EwsSimulator, kdc: Kdc, form: str) -> None:
     account = domain_account(kerberos_ews, kdc)

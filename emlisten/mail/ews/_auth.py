@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import logging
 import os
@@ -481,10 +482,11 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
             ntlm: list[spnego.Credential] = [c for c in credentials if not isinstance(c, spnego.Password)]
             found: list[spnego.Credential] = [ticket] if ticket is not None else []
             found += ntlm or credentials
-            context = spnego.client(
-                found, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
-            )
-            return context, context.step()
+            with self.tickets.first_use() if ticket is not None else contextlib.nullcontext():
+                context = spnego.client(
+                    found, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
+                )
+                return context, context.step()
 
         return await trio.to_thread.run_sync(start, abandon_on_cancel=True)
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import spnego
@@ -116,6 +118,11 @@ class TicketCache:
         self._state = threading.Lock()
         self._closed = False
         self._busy = False
+        #: Set with a new TGT until a handshake has used it: that first handshake gets the
+        #: service ticket into the cache while the group's others wait (``first_use``), so
+        #: concurrent first connections do not each ask the KDC for it.
+        self._fresh = False
+        self._first = threading.Lock()
         #: TGTs got from the password (for tests and status).
         self.tgts = 0
 
@@ -182,7 +189,19 @@ class TicketCache:
         self._context, self._ccache = context, ccache
         self._name = f"MEMORY:{(ccache.name or b'').decode()}"
         self._ends = float(creds.times.endtime)
+        self._fresh = True
         self.tgts += 1
+
+    @contextmanager
+    def first_use(self) -> Iterator[None]:
+        """Around a handshake's first step with ``credential()``'s cache (blocking): while the
+        TGT is new, one at a time, until one has completed its step."""
+        if not self._fresh:
+            yield
+            return
+        with self._first:
+            yield
+            self._fresh = False
 
     def _retire(self) -> None:
         if self._retired is not None:
