@@ -14,7 +14,7 @@ import trio
 from spnego.channel_bindings import GssChannelBindings
 
 from emlisten.errors import MailAuthError
-from emlisten.mail.ews import EwsSource, _auth
+from emlisten.mail.ews import EwsSource, _auth, _kerberos
 from emlisten.mail.ews._auth import AuthMode
 from emlisten.mail.ews._kerberos import TicketCache, forget_realm_failures, kerberos_principal
 from emlisten.mail.imap import ImapSource
@@ -79,6 +79,17 @@ def test_user_names_map_to_principals() -> None:
     assert kerberos_principal("CONTOSO\\alice") == "alice"
     assert kerberos_principal("alice@contoso.com") == "alice@CONTOSO.COM"
     assert kerberos_principal("alice@CONTOSO.COM") == "alice@CONTOSO.COM"
+
+
+def test_a_malformed_user_name_is_the_users_failure_not_the_realms(kdc: Kdc) -> None:
+    # Remembered for its own group only: other users of the realm still get tickets at once.
+    for user in ("", "EMLISTEN\\", "a@b@EMLISTEN.TEST"):
+        assert TicketCache(user, "x").credential() is None
+    assert _kerberos._realm_failures == {}
+    kdc.add_user("well-formed", "well-formed-password-1")
+    cache = TicketCache("well-formed", "well-formed-password-1")
+    assert cache.credential() is not None
+    cache.close()
 
 
 @pytest.mark.parametrize("mode", [AuthMode.AUTO, AuthMode.NEGOTIATE])

@@ -93,6 +93,10 @@ def kerberos_principal(user: str) -> str:
     return user.rpartition("\\")[2]
 
 
+class _NotAPrincipal(Exception):
+    pass
+
+
 def forget_realm_failures() -> None:
     """Let every realm be tried again at once (a KDC that was just set up; tests)."""
     with _realm_lock:
@@ -162,6 +166,11 @@ class TicketCache:
             return None
         try:
             self._get_tgt()
+        except _NotAPrincipal as error:
+            # The user's own mistake (an empty or malformed name): no reason to spare the realm.
+            self._failed_at = time.monotonic()
+            log.info("Kerberos: %r is no principal (%s); Negotiate goes without", self._principal, error)
+            return None
         except krb5.Krb5Error as error:
             self._failed_at = time.monotonic()
             if error.err_code not in _USER_ERRORS:
@@ -177,7 +186,12 @@ class TicketCache:
 
     def _get_tgt(self) -> None:
         context = krb5.init_context()
-        principal = krb5.parse_name_flags(context, self._principal.encode())
+        if not self._principal.partition("@")[0]:
+            raise _NotAPrincipal("no user name")
+        try:
+            principal = krb5.parse_name_flags(context, self._principal.encode())
+        except krb5.Krb5Error as error:
+            raise _NotAPrincipal(str(error)) from None
         options = krb5.get_init_creds_opt_alloc(context)
         # The KDC may answer with the principal's canonical name and realm (AD does, for UPNs).
         krb5.get_init_creds_opt_set_canonicalize(options, True)
