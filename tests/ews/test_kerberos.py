@@ -192,7 +192,7 @@ async def test_a_silent_kdc_holds_up_neither_the_event_loop_nor_validate(
         )
         took = trio.current_time() - started
     assert not result.is_valid and result.data["Category"] == "timeout", result
-    assert took < 2.0
+    assert took < 5.0  # the time limit, with room for a loaded machine: not libkrb5's 25 s
     assert kerberos_ews.handshakes == 0
 
 
