@@ -14,8 +14,9 @@ import trio
 from spnego.channel_bindings import GssChannelBindings
 
 from emlisten.errors import MailAuthError, MailConnectError
-from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth, _soap
+from emlisten.mail.ews import EWS_UIDVALIDITY, EwsSource, _auth, _kerberos, _soap
 from emlisten.mail.ews._auth import AuthMode, choose_scheme
+from emlisten.mail.ews._kerberos import forget_realm_failures
 from emlisten.models import Checkpoint
 from tests.ews.conftest import Node, ews_credentials, ews_mailbox, wait_listening
 from tests.ews.test_source import Tasks, mime, read_new, start_listening
@@ -23,6 +24,7 @@ from tests.secret_scan import register_secret
 from tests.servers.creatio import CreatioStandIn
 from tests.servers.dovecot import make_tls_files
 from tests.servers.ews import NTLM_DOMAIN, EwsSimulator, running_ews_simulator
+from tests.servers.kdc import krb5_conf
 
 
 @pytest.fixture
@@ -388,8 +390,8 @@ async def test_the_nt_hash_is_computed_once_per_credential_group(
 
     # Where pyspnego's client (and the simulator's acceptor) would hash a password.
     monkeypatch.setattr(ntlm_crypto, "ntowfv1", counting("nt", ntlm_crypto.ntowfv1))
-    monkeypatch.setattr(spnego_ntlm, "ntowfv1", counting("nt", spnego_ntlm.ntowfv1))
-    monkeypatch.setattr(spnego_ntlm, "lmowfv1", counting("lm", spnego_ntlm.lmowfv1))
+    monkeypatch.setattr(spnego_ntlm, "ntowfv1", counting("nt", getattr(spnego_ntlm, "ntowfv1")))  # noqa: B009
+    monkeypatch.setattr(spnego_ntlm, "lmowfv1", counting("lm", getattr(spnego_ntlm, "lmowfv1")))  # noqa: B009
     source = ntlm_source(connections_per_account=3)
     async with source.open_reader(ews_mailbox(ntlm_ews, account)) as reader, trio.open_nursery() as nursery:
         for _ in range(3):
@@ -397,3 +399,34 @@ async def test_the_nt_hash_is_computed_once_per_credential_group(
     assert ntlm_ews.handshakes == 3
     # Three handshakes, one NT hash, no LM hash (NTLMv2 does not use it).
     assert calls == ["nt"]
+
+
+async def test_once_the_realm_failed_ntlm_handshakes_need_no_worker_thread(
+    ntlm_ews: EwsSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _kerberos.AVAILABLE:
+        pytest.skip("the kerberos extra is not installed: Negotiate never needs a worker thread")
+    # A realm without a KDC: Negotiate's first handshake asks for a TGT (in a worker thread,
+    # the KDC talk blocks), fails, and that is remembered for the realm.
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(krb5_conf("NOKDC.TEST", None))
+    monkeypatch.setenv("KRB5_CONFIG", str(conf))
+    forget_realm_failures()
+    threads: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(function: Callable[[], object], **options: object) -> object:
+        threads.append(function)
+        return await run_sync(function, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    source = ntlm_source()
+    try:
+        for _ in range(4):
+            async with source.open_reader(ews_mailbox(ntlm_ews, ntlm_ews.add_account())) as reader:
+                await reader.current_position("INBOX")  # type: ignore[attr-defined]
+    finally:
+        forget_realm_failures()
+    # Four users' NTLM handshakes; only the first went through a worker thread.
+    assert ntlm_ews.handshake_mechanisms == ["ntlm"] * 4
+    assert len(threads) == 1

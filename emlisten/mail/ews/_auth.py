@@ -473,6 +473,15 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                 credentials, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
             )
             return context, context.step()
+        ntlm_only: list[spnego.Credential] = [c for c in credentials if not isinstance(c, spnego.Password)]
+        if ntlm_only and self.tickets.known_unavailable():
+            # No Kerberos for now (the group's or realm's failure is remembered): NTLM inside
+            # SPNEGO needs no KDC, so no worker thread (a hop per handshake costs CPU in a cold
+            # start of per-user mailboxes, and the thread contends for the GIL with the loop).
+            context = spnego.client(
+                ntlm_only, hostname=host, service="HTTP", protocol=scheme, channel_bindings=bindings
+            )
+            return context, context.step()
 
         def start() -> tuple[spnego.ContextProxy, bytes | None]:
             ticket = self.tickets.credential()

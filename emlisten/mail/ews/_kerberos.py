@@ -156,6 +156,21 @@ class TicketCache:
                     found = None
             return found
 
+    def known_unavailable(self) -> bool:
+        """Without blocking: ``credential()`` would answer None without asking the KDC (the
+        group's or its realm's last attempt failed less than ``RETRY_SECONDS`` ago, or closed).
+        Handshakes then need no worker thread: after the realm's first failure, a cold start of
+        1,000 users with their own credentials would otherwise hop to a thread and back 1,000
+        times for NTLM alone."""
+        if not AVAILABLE or self._closed:
+            return True
+        if self._ccache is not None:
+            return False
+        failed = self._failed_at
+        if failed is not None and time.monotonic() - failed < RETRY_SECONDS:
+            return True
+        return _realm_failed_recently(_realm_of(self._principal))
+
     def _current(self) -> spnego.KerberosCCache | None:
         if self._ccache is not None and self._ends - time.time() > RENEW_BEFORE_SECONDS:
             return spnego.KerberosCCache(ccache=self._name)
