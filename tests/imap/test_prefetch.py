@@ -15,7 +15,7 @@ import trio
 
 from emlisten.abc import Prefetch
 from emlisten.mail.imap import ImapSource
-from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, Security
+from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, Security, SyncTask
 from tests.imap.test_source import Sink
 from tests.servers.dovecot import Dovecot, MailUser, mailbox_for, make_message
 from tests.servers.faultproxy import FaultProxy
@@ -387,3 +387,42 @@ async def test_sessions_end_idle_a_bounded_number_at_once(dovecot: Dovecot) -> N
         nursery.cancel_scope.cancel()
     assert limiter.taken >= len(users)  # every fetch went through it
     assert limiter.peak == 1
+
+
+async def test_a_session_handing_on_its_mail_holds_no_wake_up(dovecot: Dovecot) -> None:
+    # The wake-up bound is for the server's work (ending IDLE, the fetch), not for handing the
+    # mail on: a queue that blocks there (RabbitMQ retrying an unreachable broker) must not
+    # keep every other session in IDLE. One wake-up at a time; the first mailbox's hand-off
+    # blocks, the second still gets its mail.
+    blocked_user, other_user = dovecot.add_user(), dovecot.add_user()
+    source, _ = imap_source(dovecot)
+    source._wakeups = trio.CapacityLimiter(1)
+    handing_on, go_on = trio.Event(), trio.Event()
+    blocked_sink, other_sink = Sink(), Sink()
+
+    async def blocking(task: SyncTask) -> None:
+        if task.reason == "exists":
+            handing_on.set()
+            await go_on.wait()
+        await blocked_sink(task)
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
+            mailbox = mailbox_for(dovecot, blocked_user)
+            await source.listen(mailbox, "INBOX", blocking, prefetch=prefetch(), task_status=task_status)
+
+        await nursery.start(run)
+        await listen(nursery, source, mailbox_for(dovecot, other_user), other_sink, prefetch())
+        assert (await blocked_sink.next()).reason == "catch-up"
+        assert (await other_sink.next()).reason == "catch-up"
+        await dovecot.aappend(blocked_user, make_message(subject="handed on slowly"))
+        with trio.fail_after(30):
+            await handing_on.wait()
+        raw = make_message(subject="not held up")
+        await dovecot.aappend(other_user, raw)
+        task = await other_sink.next(timeout=10)
+        assert task.reason == "exists" and [m.data for m in task.prefetched] == [raw]
+        go_on.set()
+        assert (await blocked_sink.next()).reason == "exists"
+        nursery.cancel_scope.cancel()

@@ -460,9 +460,10 @@ class _Listener:
         if ending_idle is None:
             fetched = await self.client.uid_fetch(f"{first}:*", items, unsolicited=unsolicited)
         else:
-            before, fetched = await self.client.idle_done_uid_fetch(
-                f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited
-            )
+            async with self.wakeups:  # until the server answered, not while it is handed on
+                before, fetched = await self.client.idle_done_uid_fetch(
+                    f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited
+                )
             self.note(before)
         self.note(unsolicited)
         # "n:*" also matches the newest message when n is above every UID: filter it out.
@@ -575,10 +576,14 @@ class _Listener:
                     await self.handle((response,))
             # DONE doubles as a liveness probe: a dead peer never sends the tagged OK.
             timeout = settings.keepalive_timeout if probe else settings.command_timeout
-            # Taken until the server answered: it has woken the session by then.
-            async with self.wakeups:
-                if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
-                    await self.handle(await client.idle_done(timeout=timeout))
+            # A wake-up token is held until the server answered (it has woken the session by
+            # then), not while the answer is handed on: a queue that blocks (RabbitMQ retrying
+            # an unreachable broker) would otherwise keep every other session in IDLE, its
+            # renewals and liveness probes included.
+            if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
+                async with self.wakeups:
+                    answer = await client.idle_done(timeout=timeout)
+                await self.handle(answer)
             if probe:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
             while self.wanted:
