@@ -17,6 +17,10 @@ Creatio the stand-in, both in this process's Trio loop; emlisten runs as its own
    mailbox (``ImpersonatedUser``), whose connections are shared.
 3. A mail to each of 20 mailboxes: delivered (callback at the stand-in) after the cold start.
 
+``--tls``: the EWS server over https (a private CA that emlisten trusts through
+``EMLISTEN_TLS_CA_FILE``), NTLM and Negotiate bound to its certificate (Extended Protection).
+``--hide-kerberos``: emlisten runs as installed without the ``kerberos`` extra.
+
 The simulator (NTLM acceptor included) and the stand-in share this process's single core with
 the measurement; the machine is shared with other work while it runs, so figures are upper
 bounds on cost.
@@ -38,6 +42,7 @@ import trio
 
 from bench._harness import RESULTS_DIR, BenchError, EmlistenProcess, Progress, Result, parse_env, say
 from tests.servers.creatio import CreatioStandIn
+from tests.servers.dovecot import make_tls_files
 from tests.servers.ews import EwsSimulator
 
 COLD_START_TARGET = 15.0
@@ -62,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("ntlm", "basic"),
         default="ntlm",
         help="the cold start's server: NTLM-only (the scenario) or Basic-only (for comparison)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the EWS server over https with a private CA, NTLM/Negotiate bound to its certificate"
+        " (Extended Protection, as Exchange 2019 CU14+ requires)",
     )
     parser.add_argument(
         "--hide-kerberos",
@@ -165,7 +176,13 @@ async def _one_process(
             filter(None, [_kerberos_hidden(log_dir), os.environ.get("PYTHONPATH")])
         )
     standin = CreatioStandIn()
-    sim = EwsSimulator(keepalive_seconds=30.0, auth=auth)
+    tls: tuple[str, str] | None = None
+    if args.tls:
+        ca, cert, key = make_tls_files(log_dir / "tls")
+        tls = (str(cert), str(key))
+        env["EMLISTEN_TLS_CA_FILE"] = str(ca)
+    windows = any(a in ("ntlm", "negotiate") for a in auth)
+    sim = EwsSimulator(keepalive_seconds=30.0, auth=auth, tls=tls, channel_binding=args.tls and windows)
     emlisten = EmlistenProcess(env, log_dir, name=f"emlisten-{'-'.join(auth)}-{count}")
     figures: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -231,6 +248,7 @@ async def _measure(args: argparse.Namespace) -> Result:
             "identity": args.identity,
             "cold_auth": args.cold_auth,
             "hide_kerberos": args.hide_kerberos,
+            "tls": args.tls,
             "emlisten_env": list(args.env),
         },
     )
