@@ -196,6 +196,37 @@ async def test_a_silent_kdc_holds_up_neither_the_event_loop_nor_validate(
     assert kerberos_ews.handshakes == 0
 
 
+async def test_a_kdc_wait_takes_no_thread_of_trios_default_limiter(
+    kerberos_ews: EwsSimulator, kdc: Kdc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Trio's default thread limiter also resolves host names for every connection: a thread
+    # waiting for a silent KDC (up to ~25 s, holding its token even once abandoned) must hold
+    # a token of Kerberos's own limiter instead, or a cold start stops the process's DNS.
+    account = domain_account(kerberos_ews, kdc)
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(krb5_conf("QUIET.TEST", silent.getsockname()[1]))
+    monkeypatch.setenv("KRB5_CONFIG", str(conf))
+    mailbox = ews_mailbox(kerberos_ews, account, UserName=f"{account.user}@QUIET.TEST")
+    source = kerberos_source()
+
+    async def read() -> None:
+        async with source.open_reader(mailbox) as reader:
+            await reader.current_position("INBOX")  # type: ignore[attr-defined]
+
+    with silent:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with trio.fail_after(10):
+                asking, _ = await silent.accept()  # the worker thread is at the KDC
+            with asking:
+                assert _kerberos.thread_limiter().borrowed_tokens == 1
+                assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+                nursery.cancel_scope.cancel()
+
+
 async def test_ntlm_still_works_where_the_server_accepts_it(kdc: Kdc) -> None:
     # A Negotiate server that also takes NTLM: a user with no principal in the realm (or a
     # KDC emlisten cannot reach) authenticates with NTLM inside SPNEGO, a realm user with

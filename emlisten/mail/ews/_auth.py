@@ -497,7 +497,9 @@ class AuthenticatedPool(httpx.AsyncBaseTransport):
                 )
                 return context, context.step()
 
-        return await trio.to_thread.run_sync(start, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            start, abandon_on_cancel=True, limiter=_kerberos.thread_limiter()
+        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import spnego
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,26 @@ _USER_ERRORS = frozenset(
         31,  # KRB_AP_ERR_BAD_INTEGRITY: a wrong password (no pre-authentication asked)
     )
 )
+#: Worker threads for Kerberos at once, per process (Trio run). Not Trio's default thread
+#: limiter (40 threads), which also resolves host names (``getaddrinfo``) for every connection:
+#: a thread waiting for a silent KDC holds its token for up to libkrb5's ~25 s, even when the
+#: handshake was cancelled (an abandoned thread gives it back only when it ends), so a cold
+#: start of per-user mailboxes would stop the process's DNS look-ups that long. Threads of one
+#: group also wait in here for its first TGT and service ticket.
+MAX_THREADS = 16
+_threads: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("kerberos_threads")
+
+
+def thread_limiter() -> trio.CapacityLimiter:
+    """The limiter of Kerberos worker threads (``trio.to_thread.run_sync(limiter=...)``)."""
+    try:
+        return _threads.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(MAX_THREADS)
+        _threads.set(limiter)
+        return limiter
+
+
 #: Realms ("" for the default one) whose last attempt failed for the realm, and when.
 _realm_failures: dict[str, float] = {}
 _realm_lock = threading.Lock()
@@ -258,4 +279,12 @@ def _destroy(context: Any, ccache: Any) -> None:
         log.debug("Kerberos: could not destroy a ticket cache")
 
 
-__all__ = ["AVAILABLE", "RETRY_SECONDS", "TicketCache", "forget_realm_failures", "kerberos_principal"]
+__all__ = [
+    "AVAILABLE",
+    "MAX_THREADS",
+    "RETRY_SECONDS",
+    "TicketCache",
+    "forget_realm_failures",
+    "kerberos_principal",
+    "thread_limiter",
+]
