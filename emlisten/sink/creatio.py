@@ -86,6 +86,12 @@ _CONNECTIONS_PER_POOL = 4
 #: Parsed callback URLs, reused by every call to them (a handful per Creatio instance).
 _URL_CACHE_SIZE = 1024
 
+#: How a request fails when its connection ended before any answer: mostly a kept-alive
+#: connection the receiver closed as the request went out. httpcore drops an idle connection
+#: whose close it has seen, not one whose close is still on its way, and many servers end an
+#: idle connection after 5 s, as httpx does (hypercorn, Apache, Node).
+_NO_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
 
 class _Pool:
     __slots__ = ("in_flight", "transport")
@@ -154,6 +160,24 @@ class CreatioSink(Sink):
             self._urls[url] = parsed
         return parsed
 
+    @staticmethod
+    async def _exchange(
+        transport: httpx.AsyncHTTPTransport, request: httpx.Request, *, replayable: bool
+    ) -> httpx.Response:
+        """The answer (its head) to ``request``. One the receiver may take twice (it carries an
+        idempotency key, and Creatio keeps an email once by its Id) is sent again, once, when
+        its connection ended before an answer came: as Go's HTTP client does for a request with
+        an ``Idempotency-Key`` and browsers for one on a reused connection, rather than turning
+        a race with the receiver's keep-alive timeout into a failed delivery and a backoff. Not
+        after a timeout or a failure to connect: those say the receiver is not answering."""
+        try:
+            return await transport.handle_async_request(request)
+        except _NO_ANSWER as exc:
+            if not replayable:
+                raise
+            log.debug("callback connection ended without an answer (%s); sending again", type(exc).__name__)
+        return await transport.handle_async_request(request)
+
     async def _post(self, url: str, body: Any, *, what: str, headers: dict[str, str] | None = None) -> None:
         try:
             # As httpx encodes json=: UTF-8, compact, NaN refused (ValueError).
@@ -167,7 +191,8 @@ class CreatioSink(Sink):
             )
             pool = self._least_busy()
             async with pool.in_flight:
-                response = await pool.transport.handle_async_request(request)
+                replayable = headers is not None and IDEMPOTENCY_HEADER in headers
+                response = await self._exchange(pool.transport, request, replayable=replayable)
                 try:
                     await response.aread()  # the connection goes back to the pool only once read
                 finally:

@@ -166,3 +166,92 @@ async def test_https_callback_verifies_the_certificate(
     finally:
         await trusting.aclose()
     assert json.loads(standin.calls("ProcessFullEmail")[0].raw_body)["Emails"][0]["Id"] == "e1"
+
+
+class ClosingServer:
+    """A real HTTP/1.1 server over TCP that plays the receiver's side of a keep-alive race:
+    the requests numbered in ``unanswered`` (from 0, across connections) are read, then their
+    connection is closed without an answer, as when a server's idle timeout ends it just as a
+    request goes out. Every other request gets ``200 {}`` on a kept-alive connection."""
+
+    def __init__(self, unanswered: set[int]) -> None:
+        self.unanswered = unanswered
+        self.seen: list[tuple[int, str]] = []  # (connection, idempotency key or method path)
+        self.port = 0
+        self._connections = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail"
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        connection, self._connections = self._connections, self._connections + 1
+        buffered = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                request_line, *lines = head.split(b"\r\n")
+                fields = {
+                    name.strip().lower(): value.strip()
+                    for name, value in (line.split(b":", 1) for line in lines)
+                }
+                length = int(fields[b"content-length"])
+                while len(buffered) < length:
+                    buffered += await stream.receive_some()
+                buffered = buffered[length:]
+                key = fields.get(b"idempotency-key", request_line.split(b" ")[1].rpartition(b"/")[2])
+                self.seen.append((connection, key.decode()))
+                if len(self.seen) - 1 in self.unanswered:
+                    return  # closed, the request unanswered
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                await stream.send_all(b"Content-Length: 2\r\n\r\n{}")
+
+
+async def test_a_delivery_its_kept_alive_connection_lost_unanswered_is_sent_again_once(
+    nursery: trio.Nursery,
+) -> None:
+    server = ClosingServer(unanswered={1})
+    await nursery.start(server.serve)
+    sink = CreatioSink(timeout=5.0, max_connections=4)  # one pool: the second call reuses
+    try:
+        box = mailbox(server.endpoint())
+        await sink.deliver(box, [Email(id="e1")], idempotency_key="k1")
+        await sink.deliver(box, [Email(id="e2")], idempotency_key="k2")
+    finally:
+        await sink.aclose()
+    # The second went on the kept-alive connection, which the server closed; then on a new one.
+    assert server.seen == [(0, "k1"), (0, "k2"), (1, "k2")]
+
+
+async def test_a_delivery_is_sent_again_only_once(nursery: trio.Nursery) -> None:
+    server = ClosingServer(unanswered={0, 1})
+    await nursery.start(server.serve)
+    sink = CreatioSink(timeout=5.0, max_connections=4)
+    try:
+        with pytest.raises(DeliveryError, match=r"cannot reach Creatio.*RemoteProtocolError"):
+            await sink.deliver(mailbox(server.endpoint()), [Email(id="e1")], idempotency_key="k1")
+    finally:
+        await sink.aclose()
+    assert server.seen == [(0, "k1"), (1, "k1")]
+
+
+async def test_a_callback_without_an_idempotency_key_is_not_sent_again(nursery: trio.Nursery) -> None:
+    server = ClosingServer(unanswered={0})
+    await nursery.start(server.serve)
+    sink = CreatioSink(timeout=5.0, max_connections=4)
+    try:
+        with pytest.raises(DeliveryError, match="RemoteProtocolError"):
+            await sink.report_state(mailbox(server.endpoint()), available=True)
+    finally:
+        await sink.aclose()
+    assert server.seen == [(0, "ProcessMailboxState")]
