@@ -7,6 +7,7 @@ here and nowhere else. httpx errors are converted to DeliveryError at this bound
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -91,6 +92,9 @@ _URL_CACHE_SIZE = 1024
 #: whose close it has seen, not one whose close is still on its way, and many servers end an
 #: idle connection after 5 s, as httpx does (hypercorn, Apache, Node).
 _NO_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+#: An answer's body is read this far at most: only an error's first 200 characters are used.
+_MAX_ANSWER_BYTES = 64 * 1024
 
 
 class _Pool:
@@ -194,7 +198,7 @@ class CreatioSink(Sink):
                 replayable = headers is not None and IDEMPOTENCY_HEADER in headers
                 response = await self._exchange(pool.transport, request, replayable=replayable)
                 try:
-                    await response.aread()  # the connection goes back to the pool only once read
+                    answer = await _answer_start(response)
                 finally:
                     await response.aclose()
         except httpx.TimeoutException:
@@ -211,7 +215,7 @@ class CreatioSink(Sink):
             # Not an HTTP failure but still the callback's: a warning, not a traceback.
             raise DeliveryError(f"{what}: the callback URL cannot be used ({_origin(url)})") from None
         if not response.is_success:
-            snippet = response.text[:200].replace("\n", " ")
+            snippet = answer.decode(response.encoding or "utf-8", "replace")[:200].replace("\n", " ")
             raise DeliveryError(
                 f"{what}: Creatio answered HTTP {response.status_code}: {snippet}",
                 status=response.status_code,
@@ -281,6 +285,20 @@ _HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"User-Agent", f"emlisten/{__version__}".encode()),
     (b"Content-Type", b"application/json"),
 )
+
+
+async def _answer_start(response: httpx.Response) -> bytes:
+    """The answer's body, read to its end (its connection then goes back to the pool) unless it
+    is longer than ``_MAX_ANSWER_BYTES``: a receiver that sends without end (each read within
+    the timeout) would otherwise hold the delivery and grow the process's memory for good. A
+    connection left before the end of its answer is closed, not reused."""
+    read = bytearray()
+    async with contextlib.aclosing(response.aiter_bytes()) as chunks:  # type: ignore[type-var]  # a generator
+        async for chunk in chunks:
+            read += chunk
+            if len(read) > _MAX_ANSWER_BYTES:
+                break
+    return bytes(read)
 
 
 def _encoded(headers: dict[str, str] | None) -> list[tuple[bytes, bytes]]:

@@ -4,6 +4,7 @@ connections go back to their pool after each call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,3 +256,39 @@ async def test_a_callback_without_an_idempotency_key_is_not_sent_again(nursery: 
     finally:
         await sink.aclose()
     assert server.seen == [(0, "ProcessMailboxState")]
+
+
+async def endless_answers(status: bytes, task_status: trio.TaskStatus[int]) -> None:
+    """A real HTTP/1.1 server that answers each request with a chunked body without end."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        received = b""
+        async with stream:
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some()
+            await stream.send_all(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await stream.send_all(chunk)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+@pytest.mark.parametrize("status", [b"200 OK", b"500 Internal Server Error"])
+async def test_an_endless_answer_does_not_hold_the_delivery(nursery: trio.Nursery, status: bytes) -> None:
+    # Each read comes within the timeout, so only a bound on the body ends the call.
+    port = await nursery.start(endless_answers, status)
+    sink = CreatioSink(timeout=5.0, max_connections=4)
+    box = mailbox(f"http://127.0.0.1:{port}/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail")
+    try:
+        with trio.fail_after(10):
+            if status.startswith(b"200"):
+                await sink.deliver(box, [Email(id="e1")], idempotency_key="k1")
+            else:
+                with pytest.raises(DeliveryError, match=r"Creatio answered HTTP 500: x{200}$"):
+                    await sink.deliver(box, [Email(id="e1")], idempotency_key="k1")
+    finally:
+        await sink.aclose()
