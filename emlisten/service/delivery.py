@@ -186,7 +186,7 @@ class DeliveryWorker:
                             failing_at = None
                         break
                     except (DeliveryError, MailSourceError, StoreError) as exc:
-                        failing_at = exc.origin if isinstance(exc, DeliveryError) else None
+                        failing_at = _receiver_away(exc)
                         delay = retry.next_delay()
                         asked = exc.retry_after if isinstance(exc, DeliveryError) else None
                         if asked is not None:
@@ -577,3 +577,13 @@ def _age_ms(batch: Sequence[tuple[RawMessage, Email]]) -> int | None:
     if not dates:
         return None
     return max(0, math.floor((time.time() - min(dates).timestamp()) * 1000))
+
+
+def _receiver_away(exc: Exception) -> str | None:
+    """The receiver a failed delivery says is away (no answer, or a 5xx), whose folders retry
+    together once one delivery to it gets through again; None for a refusal (4xx): a receiver
+    limiting its rate (429) lets some calls through and asks the rest to wait, so one getting
+    through must not send every refused folder back at once, and a 400 or 413 is the batch's."""
+    if isinstance(exc, DeliveryError) and (exc.status is None or exc.status >= 500):
+        return exc.origin
+    return None

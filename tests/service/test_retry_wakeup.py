@@ -75,3 +75,20 @@ async def test_other_failures_keep_their_own_backoff(autojump_clock: trio.testin
     through = await _outage(_OutageWorker(MailSourceError), folders=20)
     assert len(through) == 20
     assert through[-1] - through[0] > 1.0
+
+
+class _RateLimitedWorker(_OutageWorker):
+    """The receiver answers, refusing every call with 429 until OUTAGE_ENDS."""
+
+    async def _sync_exclusively(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
+        if trio.current_time() < OUTAGE_ENDS:
+            raise DeliveryError("Creatio answered HTTP 429", status=429, origin="http://creatio:80")
+        self.through[key[0]] = trio.current_time()
+
+
+async def test_refused_deliveries_keep_their_own_backoff(autojump_clock: trio.testing.MockClock) -> None:
+    """A receiver that refuses (429: limiting its rate) is not away: one call it lets through
+    says nothing of the others, which would otherwise all come back at that moment."""
+    through = await _outage(_RateLimitedWorker(DeliveryError), folders=20)
+    assert len(through) == 20
+    assert through[-1] - through[0] > 1.0
