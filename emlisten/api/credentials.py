@@ -18,7 +18,7 @@ Protocol (see docs/protocols.md; first match wins)
 ---------------------------------------------------
 1. The emlisten extension field ``Protocol`` (``"imap"``, ``"ews"`` or ``"graph"``, any case).
 2. ``ServiceUrl`` is an http(s) URL (or a scheme-less ``host/path``, read as https) whose host
-   is ``graph.microsoft.com``: Microsoft Graph.
+   is ``graph.microsoft.com`` or a national cloud's Graph host (``GRAPH_HOSTS``): Microsoft Graph.
 3. Any other http(s) URL (or scheme-less ``host/path``): Exchange Web Services.
 4. Otherwise (a host name): IMAP.
 5. ``IsAutodiscover`` true and no ``ServiceUrl`` (with ``Protocol`` absent or "ews"): EWS through
@@ -125,6 +125,17 @@ AUTODISCOVER_NEEDS_ADDRESS = (
 PROTOCOLS = ("imap", "ews", "graph")
 GRAPH_HOST = "graph.microsoft.com"
 GRAPH_DEFAULT_URL = f"https://{GRAPH_HOST}"
+#: Microsoft Graph's hosts: the global service and the national clouds (US Government L4 and
+#: L5/DoD, Microsoft 365 operated by 21Vianet, Germany). A ServiceUrl on one of them is Graph.
+GRAPH_HOSTS = frozenset(
+    {
+        GRAPH_HOST,
+        "graph.microsoft.us",
+        "dod-graph.microsoft.us",
+        "microsoftgraph.chinacloudapi.cn",
+        "graph.microsoft.de",
+    }
+)
 EWS_DEFAULT_PATH = "/EWS/Exchange.asmx"
 
 IMAP_TLS_PORT = 993
@@ -670,7 +681,7 @@ class _CredentialsReader:
         if port == 0:
             raise self._error(field, "port must be between 1 and 65535")
         if protocol is None:
-            protocol = "graph" if host == GRAPH_HOST else "ews"
+            protocol = "graph" if host in GRAPH_HOSTS else "ews"
         netloc = parts.netloc
         if protocol == "graph":
             service_url = f"{scheme}://{netloc}"

@@ -378,6 +378,22 @@ def test_port_as_numeric_string_is_accepted() -> None:
             Security.SSL_ON_CONNECT,
         ),
         (
+            {"ServiceUrl": "https://microsoftgraph.chinacloudapi.cn/v1.0"},
+            "graph",
+            "https://microsoftgraph.chinacloudapi.cn",
+            "microsoftgraph.chinacloudapi.cn",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
+            {"ServiceUrl": "https://graph.microsoft.us"},
+            "graph",
+            "https://graph.microsoft.us",
+            "graph.microsoft.us",
+            443,
+            Security.SSL_ON_CONNECT,
+        ),
+        (
             {"ServiceUrl": "http://127.0.0.1:8123/whatever", "Protocol": "graph"},
             "graph",
             "http://127.0.0.1:8123",
