@@ -86,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="give up when no callback arrived for this long (default 30)",
     )
+    parser.add_argument(
+        "--afterwards",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the last callback, keep counting emlisten's CPU and the sessions it opens for "
+        "this long: the rechecks each mail schedules (EMLISTEN_RECHECK_SECONDS, _LATE_SECONDS; held "
+        "up to 30 s while busy) run after the measured window (default 0: not counted)",
+    )
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -217,6 +226,17 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             complete = await index.wait_for(m, args.callback_timeout, "callbacks")
             cpu_used = stack.emlisten.cpu_seconds() - cpu_before
             opened = await session_counts(stack.http, stack.emlisten.url) - sessions_before
+            afterwards: dict[str, Any] = {}
+            if args.afterwards > 0:
+                say(f"counting CPU and sessions for {args.afterwards:g} s more (the rechecks)")
+                await trio.sleep(args.afterwards)
+                afterwards = {
+                    "seconds": args.afterwards,
+                    "cpu_seconds": round(stack.emlisten.cpu_seconds() - cpu_before, 3),
+                    "sessions_opened": (
+                        await session_counts(stack.http, stack.emlisten.url) - sessions_before
+                    ).as_dict(),
+                }
             nursery.cancel_scope.cancel()
         await close_all(appenders)
 
@@ -274,6 +294,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "floor_missing": floor_missing,
             "callbacks": index.calls,
             "emlisten_cpu_seconds_per_mail": round(cpu_used / m, 5) if m else None,
+            "afterwards": afterwards,
             "complete": complete,
         }
     )
@@ -306,6 +327,11 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     )
     result.row("emlisten CPU per mail", f"{1000 * cpu_used / m:.2f} ms")
     result.row("IMAP sessions opened during the measured mails (LOGIN/AUTHENTICATE)", str(opened.logins))
+    if afterwards:
+        result.row(
+            f"including {afterwards['seconds']:g} s after the last callback: CPU per mail / sessions opened",
+            f"{1000 * afterwards['cpu_seconds'] / m:.2f} ms / {afterwards['sessions_opened']['logins']}",
+        )
     if quiet:
         least, idle = quiet["quiet_seconds_least"], quiet["reader_idle_seconds"]
         closed = "yes" if quiet["reader_sessions_closed"] else "NO"

@@ -65,11 +65,29 @@ def test_idle_scenario(tmp_path: Path) -> None:
 
 @pytest.mark.dovecot
 def test_latency_scenario_over_tls(tmp_path: Path) -> None:
-    result = run_bench(tmp_path, "latency", "--mailboxes", "2", "--mails", "4", "--tls", *FAST)
+    result = run_bench(
+        tmp_path,
+        "latency",
+        "--mailboxes",
+        "2",
+        "--mails",
+        "4",
+        "--tls",
+        "--afterwards",
+        "4",
+        "--env",
+        "EMLISTEN_RECHECK_SECONDS=0.5",
+        *FAST,
+    )
     metrics = result["metrics"]
     assert metrics["delivered"] == 4 and metrics["not_delivered"] == 0 and metrics["duplicated"] == 0
     assert metrics["emlisten_ms"]["count"] == 4
     assert metrics["floor_ms"]["count"] == 4
+    # Each mailbox's recheck (0.5 s after its last mail) opens a session after the last callback.
+    afterwards = metrics["afterwards"]
+    assert afterwards["seconds"] == 4
+    assert afterwards["sessions_opened"]["logins"] >= metrics["sessions_opened_during_run"]["logins"] + 1
+    assert afterwards["cpu_seconds"] >= metrics["emlisten_cpu_seconds_per_mail"] * 4
 
 
 @pytest.mark.dovecot
