@@ -145,6 +145,10 @@ class Settings:
     #: A second look this long after the last new mail (0: none), for a server that hands the
     #: session to hibernation late, under load, after the first look (Dovecot at times 4-5 s).
     recheck_late_seconds: float = 12.0
+    #: One look after the first IDLE of every IMAP session (after a connect or reconnect): mail
+    #: landing in that IDLE's hibernation hand-off window has no new mail before it to schedule
+    #: a look. Costs one short reader session per connect (a cold start of N mailboxes: N).
+    recheck_after_connect: bool = True
 
     # Ownership (several primaries sharing one store)
     #: A node's mailbox leases and heartbeat expire this long after its last renewal; a dead

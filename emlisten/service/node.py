@@ -118,6 +118,7 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
         command_timeout=settings.command_timeout_seconds,
         recheck_seconds=settings.recheck_seconds,
         recheck_late_seconds=settings.recheck_late_seconds,
+        recheck_after_connect=settings.recheck_after_connect,
         max_concurrent_wakeups=settings.max_concurrent_wakeups,
         ca_file=settings.tls_ca_file,
     )

@@ -68,6 +68,9 @@ class ImapSettings:
     #: A second, later look (0: none): under load a server can hand a session to hibernation
     #: seconds after it usually does, after the first recheck has looked.
     recheck_late_seconds: float = 12.0
+    #: One look after the first IDLE of every session (a connect or reconnect), whose hand-off
+    #: window no new mail follows to schedule one: a login per connect.
+    recheck_after_connect: bool = True
 
 
 class ImapSource(MailSource):
@@ -88,6 +91,7 @@ class ImapSource(MailSource):
         close_timeout: float = 5.0,
         recheck_seconds: float = 3.0,
         recheck_late_seconds: float = 12.0,
+        recheck_after_connect: bool = True,
         prefetch_budget_bytes: int = 256 * 1024 * 1024,
         max_concurrent_wakeups: int = 128,
         ca_file: str | None = None,
@@ -103,6 +107,7 @@ class ImapSource(MailSource):
             close_timeout=close_timeout,
             recheck_seconds=recheck_seconds,
             recheck_late_seconds=recheck_late_seconds,
+            recheck_after_connect=recheck_after_connect,
         )
         #: Bounds the memory of message bodies being fetched on listening sessions at once.
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
@@ -530,7 +535,7 @@ class _Listener:
         to schedule a look after it: mail landing 1.5-2 s after a (re)connect waited for the
         next mail (seen in the soak, right after a cold start). One look, after the late
         hand-off; none when the catch-up already scheduled one."""
-        if self.recheck_at != math.inf:
+        if self.recheck_at != math.inf or not self.settings.recheck_after_connect:
             return
         window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
         if window > 0:
