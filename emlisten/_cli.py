@@ -94,9 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         cause = _known_cause(exc)
         if cause is None:
             raise
-        log.error(
-            "%s: %s", "configuration error" if isinstance(cause, ConfigError) else "stopped", cause
-        )
+        log.error("%s: %s", "configuration error" if isinstance(cause, ConfigError) else "stopped", cause)
         return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_UNAVAILABLE
     return EXIT_OK
 

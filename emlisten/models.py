@@ -211,6 +211,7 @@ class SyncTask:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SyncTask:
         uidvalidity = int(data.get("uidvalidity", 0))
+
         def date(item: Mapping[str, Any]) -> datetime | None:
             text = item.get("internal_date")
             return datetime.fromisoformat(text) if text else None

@@ -682,9 +682,7 @@ def _walk(message: Message) -> Iterator[tuple[int, Message, str]]:
             stack.extend((child, content_type, depth + 1) for child in reversed(_children(part)))
 
 
-def _attachments(
-    message: Message, body_parts: set[int], email: Email, linesep: str
-) -> list[Attachment]:
+def _attachments(message: Message, body_parts: set[int], email: Email, linesep: str) -> list[Attachment]:
     referenced = _referenced_content_ids(email.body) if email.is_html_body else set()
     result = []
     for index, part, parent_type in _walk(message):
@@ -692,8 +690,12 @@ def _attachments(
             continue
         try:
             attachment = _attachment(
-                index, part, parent_type=parent_type, email_id=email.id,
-                referenced=referenced, linesep=linesep,
+                index,
+                part,
+                parent_type=parent_type,
+                email_id=email.id,
+                referenced=referenced,
+                linesep=linesep,
             )
         except Exception:
             attachment = None  # one unreadable part must not cost the rest of the message

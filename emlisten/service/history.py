@@ -338,6 +338,7 @@ class HistoryLoads:
         except FolderNotFoundError as exc:
             log.warning("history load: skipping a folder that does not exist: %s", exc, extra=where)
             return None
+
         async def current_end() -> Checkpoint:
             return Checkpoint(info.uidvalidity, max(info.uidnext - 1, 0))
 

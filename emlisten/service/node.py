@@ -133,7 +133,6 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
     return sources
 
 
-
 @asynccontextmanager
 async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:
     """The configured adapters; Redis and RabbitMQ need the asyncio bridge to be open."""

@@ -301,6 +301,7 @@ end
 return 1
 """
 
+
 def _describe(exc: BaseException) -> str:
     # redis-py messages name host:port and the failure, never the password.
     text = str(exc)
@@ -662,7 +663,6 @@ class RedisStore(Store):
             lambda: self._client.smembers(self._history_key(mailbox_id, folder, uidvalidity))
         )
         return {int(member) for member in members}
-
 
     # -- webhook outboxes and dead letters -------------------------------------------------------
 

@@ -319,7 +319,6 @@ async def settled(
 BLOCK_SECONDS = {"redis": 5.0, "rabbitmq": 3.0}
 
 
-
 @pytest.mark.redis
 @pytest.mark.rabbitmq
 @pytest.mark.parametrize(

@@ -73,8 +73,7 @@ mailboxes = st.builds(
     context=json_mappings,
     extra=json_mappings,
     revision=st.integers(0, 2**31),
-    webhook=st.none()
-    | st.builds(WebhookTarget, url=text, secrets=st.lists(text, max_size=3).map(tuple)),
+    webhook=st.none() | st.builds(WebhookTarget, url=text, secrets=st.lists(text, max_size=3).map(tuple)),
 )
 
 statuses = st.builds(
@@ -125,8 +124,12 @@ def test_webhook_event_round_trip(event: WebhookEvent) -> None:
 
 def test_mailbox_without_webhook_reads_as_creatio() -> None:
     # Documents written before /v1 existed have no "webhook" key.
-    minimal = {"id": "m", "user_name": "u", "bpm_endpoint": "https://x",
-               "imap": {"host": "h", "port": 143, "security": "starttls"}}
+    minimal = {
+        "id": "m",
+        "user_name": "u",
+        "bpm_endpoint": "https://x",
+        "imap": {"host": "h", "port": 143, "security": "starttls"},
+    }
     assert decode_mailbox(json.dumps(minimal)).webhook is None
 
 

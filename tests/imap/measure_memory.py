@@ -39,8 +39,11 @@ async def measure(dovecot: Dovecot, sessions: int, tls: bool) -> None:
     async with trio.open_nursery() as nursery:
         # Warm up: one session first, so one-time costs (SSLContext, imports) are not counted.
         warm = MailboxConfig(
-            id="warm", user_name=users[0].name, password=users[0].password,
-            imap=ServerEndpoint(dovecot.host, port, security), bpm_endpoint="",
+            id="warm",
+            user_name=users[0].name,
+            password=users[0].password,
+            imap=ServerEndpoint(dovecot.host, port, security),
+            bpm_endpoint="",
         )
         await nursery.start(source.listen, warm, "INBOX", on_new_mail)
         gc.collect()
@@ -50,8 +53,11 @@ async def measure(dovecot: Dovecot, sessions: int, tls: bool) -> None:
         for i in range(sessions):
             user = users[i % len(users)]
             mailbox = MailboxConfig(
-                id=f"m{i}", user_name=user.name, password=user.password,
-                imap=ServerEndpoint(dovecot.host, port, security), bpm_endpoint="",
+                id=f"m{i}",
+                user_name=user.name,
+                password=user.password,
+                imap=ServerEndpoint(dovecot.host, port, security),
+                bpm_endpoint="",
             )
             await nursery.start(source.listen, mailbox, "INBOX", on_new_mail)
         gc.collect()
@@ -62,8 +68,11 @@ async def measure(dovecot: Dovecot, sessions: int, tls: bool) -> None:
         for i in range(sessions):
             user = users[i % len(users)]
             mailbox = MailboxConfig(
-                id=f"n{i}", user_name=user.name, password=user.password,
-                imap=ServerEndpoint(dovecot.host, port, security), bpm_endpoint="",
+                id=f"n{i}",
+                user_name=user.name,
+                password=user.password,
+                imap=ServerEndpoint(dovecot.host, port, security),
+                bpm_endpoint="",
             )
             await nursery.start(source.listen, mailbox, "INBOX", on_new_mail)
         gc.collect()

@@ -22,9 +22,7 @@ def endpoint(dovecot: Dovecot, security: Security, *, verify: bool = True) -> Se
     return ServerEndpoint(dovecot.host, port, security, verify_certificate=verify)
 
 
-def client_for(
-    dovecot: Dovecot, security: Security = Security.NONE, **kwargs: object
-) -> ImapClient:
+def client_for(dovecot: Dovecot, security: Security = Security.NONE, **kwargs: object) -> ImapClient:
     kwargs.setdefault("ca_file", str(dovecot.ca_file))
     return ImapClient(endpoint(dovecot, security), **kwargs)  # type: ignore[arg-type]
 
@@ -92,9 +90,7 @@ async def test_login_quotes_or_literals_the_password(
 
 
 @pytest.mark.parametrize("method", ["login", "authenticate_plain"])
-async def test_wrong_password_is_auth_error(
-    dovecot: Dovecot, mail_user: MailUser, method: str
-) -> None:
+async def test_wrong_password_is_auth_error(dovecot: Dovecot, mail_user: MailUser, method: str) -> None:
     async with client_for(dovecot) as client:
         with pytest.raises(MailAuthError) as caught:
             await getattr(client, method)(mail_user.name, "not-the-password")
@@ -104,9 +100,7 @@ async def test_wrong_password_is_auth_error(
         await client.login(mail_user.name, mail_user.password)
 
 
-async def test_unknown_ca_is_tls_connect_error(
-    dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unknown_ca_is_tls_connect_error(dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CA_FILE_ENV, raising=False)
     client = ImapClient(endpoint(dovecot, Security.SSL_ON_CONNECT))
     with pytest.raises(MailConnectError, match="TLS") as caught:
@@ -143,9 +137,7 @@ async def test_unverified_tls_accepts_unknown_ca(
 
 
 async def test_plain_connection_to_tls_port_fails_cleanly(dovecot: Dovecot) -> None:
-    client = ImapClient(
-        ServerEndpoint(dovecot.host, dovecot.imaps_port, Security.NONE), connect_timeout=0.5
-    )
+    client = ImapClient(ServerEndpoint(dovecot.host, dovecot.imaps_port, Security.NONE), connect_timeout=0.5)
     # The TLS server waits for a ClientHello, we wait for a greeting: the timeout ends it.
     with pytest.raises(MailConnectError, match="greeting"):
         await client.connect()
@@ -185,7 +177,7 @@ async def test_select_non_ascii_folder(dovecot: Dovecot, mail_user: MailUser) ->
 
 
 async def test_fetch_exact_bytes(dovecot: Dovecot, mail_user: MailUser) -> None:
-    eight_bit = make_message(subject="Grüße", body="Ünïcödé body ✓ {3}\r\n\"quoted\" (x)\r\n")
+    eight_bit = make_message(subject="Grüße", body='Ünïcödé body ✓ {3}\r\n"quoted" (x)\r\n')
     large = make_message(body=("0123456789abcdef" * 64 + "\r\n") * 1000)  # ~1 MB
     assert len(large) > 1_000_000
     uid_small = await dovecot.aappend(mail_user, eight_bit)
@@ -372,9 +364,7 @@ async def test_silent_server_during_connect_times_out() -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(trio.serve_listeners, mute, listeners)
-        client = ImapClient(
-            ServerEndpoint("127.0.0.1", port, Security.SSL_ON_CONNECT), connect_timeout=0.2
-        )
+        client = ImapClient(ServerEndpoint("127.0.0.1", port, Security.SSL_ON_CONNECT), connect_timeout=0.2)
         with pytest.raises(MailConnectError, match=r"TLS handshake .* timed out"):
             await client.connect()
         nursery.cancel_scope.cancel()

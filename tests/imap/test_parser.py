@@ -20,7 +20,7 @@ from emlisten.mail.imap._parser import (
 
 BODY = (
     b"From: a@example.test\r\nTo: b@example.test\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
-    b"\r\nHello {5}\r\n\"quoted\" (paren) \xc3\xa4\xc3\xb6\xc3\xbc\r\n"
+    b'\r\nHello {5}\r\n"quoted" (paren) \xc3\xa4\xc3\xb6\xc3\xbc\r\n'
 )
 
 DOVECOT_SESSION = (
@@ -86,9 +86,7 @@ def test_dovecot_session_in_one_piece() -> None:
     assert greeting.text == "Dovecot (Debian) ready."
 
     login = responses[1]
-    assert (login.kind, login.tag, login.type, login.code) == (
-        ResponseKind.TAGGED, "A1", "OK", "CAPABILITY"
-    )
+    assert (login.kind, login.tag, login.type, login.code) == (ResponseKind.TAGGED, "A1", "OK", "CAPABILITY")
     assert login.text == "Logged in"
 
     flags = responses[2]
@@ -97,9 +95,7 @@ def test_dovecot_session_in_one_piece() -> None:
 
     permanent = responses[3]
     assert permanent.code == "PERMANENTFLAGS"
-    assert permanent.code_args == [
-        ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "\\*"]
-    ]
+    assert permanent.code_args == [["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "\\*"]]
     assert permanent.text == "Flags permitted."
 
     exists = responses[4]
@@ -159,7 +155,10 @@ def test_random_chunks_equal_one_piece(seed: int) -> None:
 def test_fetch_split_at_every_boundary() -> None:
     body = b"line one\r\nline {2}\r\n" + bytes(range(256))
     data = (
-        b"* 12 FETCH (UID 99 BODY[] {" + str(len(body)).encode() + b"}\r\n" + body
+        b"* 12 FETCH (UID 99 BODY[] {"
+        + str(len(body)).encode()
+        + b"}\r\n"
+        + body
         + b' INTERNALDATE "17-Jul-1996 02:44:25 +0200" RFC822.SIZE 278)\r\n'
     )
     expected = parse_all(data)
@@ -174,7 +173,7 @@ def test_fetch_split_at_every_boundary() -> None:
 def test_gmail_style_fetch_and_flags() -> None:
     data = (
         b"* 1 FETCH (X-GM-THRID 1278455344230334865 X-GM-MSGID 1278455344230334865 "
-        b"X-GM-LABELS (\\Important \"Some Label\") UID 1 FLAGS (\\Seen) MODSEQ (4127))\r\n"
+        b'X-GM-LABELS (\\Important "Some Label") UID 1 FLAGS (\\Seen) MODSEQ (4127))\r\n'
     )
     (response,) = parse_all(data)
     attributes = fetch_attributes(response)
@@ -199,9 +198,7 @@ def test_exchange_style_responses() -> None:
     assert capability.type == "CAPABILITY"
     assert "AUTH=XOAUTH2" in capability.data
     assert (auth.tag, auth.type, auth.text) == ("A2", "NO", "AUTHENTICATE failed.")
-    assert fetch_attributes(fetch)["BODY[HEADER.FIELDS (SUBJECT FROM)]"] == (
-        b"Subject: x\r\nFrom: y\r\n"
-    )
+    assert fetch_attributes(fetch)["BODY[HEADER.FIELDS (SUBJECT FROM)]"] == (b"Subject: x\r\nFrom: y\r\n")
     assert (bad.type, bad.text) == ("BAD", "Command Error. 10")
 
 
@@ -227,17 +224,13 @@ def test_status_and_id_and_enabled() -> None:
         b"* ENABLED CONDSTORE UTF8=ACCEPT\r\n"
     )
     status, ident, enabled = parse_all(data)
-    assert status.data == [
-        b"INBOX", ["MESSAGES", 231, "UIDNEXT", 44292, "UIDVALIDITY", 1, "UNSEEN", 0]
-    ]
+    assert status.data == [b"INBOX", ["MESSAGES", 231, "UIDNEXT", 44292, "UIDVALIDITY", 1, "UNSEEN", 0]]
     assert ident.data == [[b"name", b"Dovecot", b"version", None]]
     assert enabled.data == ["CONDSTORE", "UTF8=ACCEPT"]
 
 
 def test_literal_variants() -> None:
-    data = (
-        b"* 1 FETCH (BINARY[] ~{3}\r\n\x00\x01\x02 BODY[1] {0}\r\n BODY[2] {2+}\r\nab)\r\n"
-    )
+    data = b"* 1 FETCH (BINARY[] ~{3}\r\n\x00\x01\x02 BODY[1] {0}\r\n BODY[2] {2+}\r\nab)\r\n"
     (response,) = parse_all(data)
     assert fetch_attributes(response) == {
         "BINARY[]": b"\x00\x01\x02",
@@ -259,13 +252,11 @@ def test_response_codes() -> None:
         b"A4 OK [COPYUID 38505 304,319:320 3956:3958] Done\r\n"
         b"* OK [ALERT] System shutdown in 10 minutes\r\n"
         b"* NO [WEBALERT https://accounts.google.com/x?a=b&c=d] Web login required.\r\n"
-        b"* OK [BADCHARSET (UTF-8 \"US-ASCII\")] x\r\n"
+        b'* OK [BADCHARSET (UTF-8 "US-ASCII")] x\r\n'
         b"A5 OK [READ-ONLY]\r\n"
         b"A6 OK\r\n"
     )
-    auth, nonexistent, appenduid, copyuid, alert, webalert, badcharset, readonly, bare = parse_all(
-        data
-    )
+    auth, nonexistent, appenduid, copyuid, alert, webalert, badcharset, readonly, bare = parse_all(data)
     assert (auth.type, auth.code, auth.text) == ("NO", "AUTHENTICATIONFAILED", "Authentication failed.")
     assert nonexistent.code == "NONEXISTENT"
     assert appenduid.code_args == [1718000000, 45]
@@ -284,9 +275,7 @@ def test_status_text_ending_in_braces_is_not_a_literal() -> None:
 
 
 def test_continuations() -> None:
-    plain, empty, bare, challenge = parse_all(
-        b"+ idling\r\n+ \r\n+\r\n+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"
-    )
+    plain, empty, bare, challenge = parse_all(b"+ idling\r\n+ \r\n+\r\n+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
     assert all(r.kind is ResponseKind.CONTINUATION for r in (plain, empty, bare, challenge))
     assert (plain.text, empty.text, bare.text) == ("idling", "", "")
     assert challenge.text == "eyJzdGF0dXMiOiI0MDEifQ=="
@@ -337,8 +326,8 @@ def test_cr_at_chunk_end() -> None:
         b"* 1\r\n",
         b"A1\r\n",
         b"A1 FETCH (UID 1)\r\n",
-        b"* LIST (\\Noselect \"/\" x\r\n",
-        b"* LIST () \"/ x\r\n",
+        b'* LIST (\\Noselect "/" x\r\n',
+        b'* LIST () "/ x\r\n',
         b"* LIST ) x\r\n",
         b"* OK [UIDVALIDITY 3 text\r\n",
         b"* OK [] text\r\n",

@@ -21,9 +21,7 @@ MAX_LITERAL = 500
 
 # -- generating valid responses ---------------------------------------------------------------
 
-atoms = st.from_regex(r"\\?[A-Za-z][A-Za-z0-9.\-]{0,15}", fullmatch=True).filter(
-    lambda a: a.upper() != "NIL"
-)
+atoms = st.from_regex(r"\\?[A-Za-z][A-Za-z0-9.\-]{0,15}", fullmatch=True).filter(lambda a: a.upper() != "NIL")
 section_atoms = st.sampled_from(
     ["BODY[]", "BODY[TEXT]", "BODY[1.2.MIME]", "BODY[HEADER.FIELDS (SUBJECT FROM)]", "BODY[]<0>"]
 )
@@ -32,9 +30,7 @@ strings = st.binary(max_size=80)
 
 
 def values(max_leaves: int = 12) -> st.SearchStrategy[Value]:
-    leaves: st.SearchStrategy[Value] = st.one_of(
-        st.none(), numbers, atoms, section_atoms, strings
-    )
+    leaves: st.SearchStrategy[Value] = st.one_of(st.none(), numbers, atoms, section_atoms, strings)
     return st.recursive(leaves, lambda inner: st.lists(inner, max_size=5), max_leaves=max_leaves)
 
 
@@ -53,9 +49,9 @@ def encode(value: Value) -> bytes:
     return b"(" + b" ".join(encode(v) for v in value) + b")"
 
 
-printable_text = st.text(
-    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40
-).filter(lambda t: not t.startswith(("[", " ")))
+printable_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).filter(
+    lambda t: not t.startswith(("[", " "))
+)
 
 
 @st.composite
@@ -126,9 +122,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 @given(transcript=transcripts, cuts=st.lists(st.integers(min_value=0), max_size=20))
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-def test_round_trip_in_any_chunking(
-    transcript: list[tuple[bytes, Response]], cuts: list[int]
-) -> None:
+def test_round_trip_in_any_chunking(transcript: list[tuple[bytes, Response]], cuts: list[int]) -> None:
     wire = b"".join(w for w, _ in transcript)
     parser = ResponseParser()
     parsed: list[Response] = []
@@ -140,9 +134,7 @@ def test_round_trip_in_any_chunking(
 
 @given(transcript=transcripts, cut=st.integers(min_value=0))
 @settings(max_examples=200)
-def test_truncated_valid_transcript_never_errors(
-    transcript: list[tuple[bytes, Response]], cut: int
-) -> None:
+def test_truncated_valid_transcript_never_errors(transcript: list[tuple[bytes, Response]], cut: int) -> None:
     wire = b"".join(w for w, _ in transcript)
     cut %= len(wire) + 1
     parser = ResponseParser()
@@ -156,9 +148,7 @@ def test_truncated_valid_transcript_never_errors(
 @example(data=b"* 1 FETCH (BODY[] {400}\r\n" + b"x" * 400, cuts=[])
 @example(data=b"* SEARCH" + b" 1" * 200, cuts=[3])
 @example(data=b"(" * 1000 + b"\r\n", cuts=[])
-def test_random_bytes_only_raise_protocol_error_and_stay_bounded(
-    data: bytes, cuts: list[int]
-) -> None:
+def test_random_bytes_only_raise_protocol_error_and_stay_bounded(data: bytes, cuts: list[int]) -> None:
     parser = ResponseParser(max_line_bytes=MAX_LINE, max_literal_bytes=MAX_LITERAL)
     try:
         for piece in split(data, cuts):

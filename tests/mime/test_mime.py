@@ -35,9 +35,7 @@ def mail(text: str, *, encoding: str = "utf-8") -> bytes:
 
 
 def convert(data: bytes, *, internal_date: datetime | None = None, **kwargs: int) -> Email:
-    return to_email(
-        RawMessage(uid=7, data=data, internal_date=internal_date), email_id=EMAIL_ID, **kwargs
-    )
+    return to_email(RawMessage(uid=7, data=data, internal_date=internal_date), email_id=EMAIL_ID, **kwargs)
 
 
 def attachment_id(index: int) -> str:
@@ -714,8 +712,7 @@ def test_unsafe_attachment_names_are_cleaned() -> None:
             "raw text\n",
         ),
         (
-            b"Subject: garbage\r\nContent-Type: ;;;===\r\n"
-            b"Content-Transfer-Encoding: \xff\r\n\r\nok",
+            b"Subject: garbage\r\nContent-Type: ;;;===\r\nContent-Transfer-Encoding: \xff\r\n\r\nok",
             "garbage",
             "ok",
         ),
@@ -756,9 +753,7 @@ def test_lenient_fallback_without_the_mime_parser() -> None:
 
 def test_deep_nesting_does_not_raise() -> None:
     depth = 3000
-    opening = "".join(
-        f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n" for i in range(depth)
-    )
+    opening = "".join(f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n" for i in range(depth))
     data = ("Subject: deep\r\n" + opening + "Content-Type: text/plain\r\n\r\nleaf\r\n").encode()
     email = convert(data)
 
@@ -834,7 +829,7 @@ def test_random_bytes_never_raise(data: bytes) -> None:
 
 _FRAGMENTS = [
     b"Content-Type: multipart/mixed; boundary=q\r\n",
-    b"Content-Type: multipart/alternative; boundary=\"q\"\r\n",
+    b'Content-Type: multipart/alternative; boundary="q"\r\n',
     b"Content-Type: multipart/related; boundary=r; start=<x>\r\n",
     b"Content-Type: message/rfc822\r\n",
     b"Content-Type: text/html; charset=x-bogus\r\n",
@@ -846,7 +841,7 @@ _FRAGMENTS = [
     b"Content-Transfer-Encoding: x-uuencode\r\n",
     b"Content-ID: <x>\r\n",
     b"Subject: =?utf-8?B?8J+O?= =?koi8-r?Q?=F0=D2?=\r\n",
-    b"From: \"a\\\" <b@c>, =?utf-8?q?=FF?= <@>, group:;\r\n",
+    b'From: "a\\" <b@c>, =?utf-8?q?=FF?= <@>, group:;\r\n',
     b"Date: Mon, 99 Foo 99999 99:99:99 +9999\r\n",
     b"X-Priority: \xff\r\n",
     b"\r\n",
@@ -858,7 +853,7 @@ _FRAGMENTS = [
     b"begin 644 x\r\n",
     b"AAAA====BBBB\r\n",
     b"\xc3\x28\xff\xfe\r\n",
-    b"<img src=\"cid:x\">\r\n",
+    b'<img src="cid:x">\r\n',
     b" folded continuation\r\n",
     b"\x00\r\n",
 ]

@@ -160,8 +160,8 @@ class CreatioStandIn:
         method = path.rsplit("/", 1)[-1]
         known = path.startswith(SERVICE_PATH) and scope["method"] == "POST"
         client_gone = known and await self._hold_if_asked(method, body, received_at, receive)
-        status, retry_after = (CLIENT_GONE, None) if client_gone else (
-            self._status_for(method, body) if known else (404, None)
+        status, retry_after = (
+            (CLIENT_GONE, None) if client_gone else (self._status_for(method, body) if known else (404, None))
         )
         call = RecordedCall(
             method=method,

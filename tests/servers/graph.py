@@ -427,9 +427,7 @@ class GraphSimulator:
         ``received``: its ``receivedDateTime`` (default now)."""
         target = self._folder_of(address, folder)
         parsed = email.message_from_bytes(mime, policy=email.policy.default)
-        message = SimMessage(
-            _new_id(), target.id, mime, received or _now(), str(parsed.get("Subject", ""))
-        )
+        message = SimMessage(_new_id(), target.id, mime, received or _now(), str(parsed.get("Subject", "")))
         target.messages[message.id] = message
         self._record_change(target, "created", message.id)
         for subscription in self._live_subscriptions():

@@ -36,7 +36,11 @@ class _RecordingWorker(DeliveryWorker):
     def __init__(self) -> None:
         settings = Settings()
         super().__init__(
-            settings, MemoryStore(), InProcessQueue(), ReaderPool(None, idle_seconds=0), CreatioSink()  # type: ignore[arg-type]
+            settings,
+            MemoryStore(),
+            InProcessQueue(),
+            ReaderPool(None, idle_seconds=0),
+            CreatioSink(),  # type: ignore[arg-type]
         )
         self.started: list[float] = []
 

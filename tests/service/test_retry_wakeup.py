@@ -40,7 +40,11 @@ class _OutageWorker(DeliveryWorker):
 
     def __init__(self, error: type[Exception]) -> None:
         super().__init__(
-            Settings(), MemoryStore(), InProcessQueue(), ReaderPool(None, idle_seconds=0), CreatioSink()  # type: ignore[arg-type]
+            Settings(),
+            MemoryStore(),
+            InProcessQueue(),
+            ReaderPool(None, idle_seconds=0),
+            CreatioSink(),  # type: ignore[arg-type]
         )
         self.error = error
         self.through: dict[str, float] = {}

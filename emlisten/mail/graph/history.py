@@ -38,8 +38,6 @@ LIST_PAGE_SIZE = 1000
 FETCH_PARALLEL = 4
 
 
-
-
 class GraphHistory:
     """History listing and fetching over one ``GraphReader``."""
 
@@ -119,9 +117,7 @@ class GraphHistory:
                 nursery.start_soon(one, item_id, nursery.cancel_scope)
         if failures:
             raise failures[0]
-        return [
-            RawMessage(uid=0, data=found[i], size=len(found[i]), key=i) for i in item_ids if i in found
-        ]
+        return [RawMessage(uid=0, data=found[i], size=len(found[i]), key=i) for i in item_ids if i in found]
 
 
 __all__ = ["LIST_PAGE_SIZE", "GraphHistory"]

@@ -840,7 +840,6 @@ class ImapClient:
         messages = _fetched_messages(result.untagged, None)
         return max(messages, key=lambda m: m.sequence) if messages else None
 
-
     async def uid_store(
         self,
         uids: Iterable[int],
@@ -1086,7 +1085,6 @@ _capability_sets: dict[frozenset[str], frozenset[str]] = {}
 _MAX_CAPABILITY_SETS = 256
 
 
-
 def _fetched_messages(
     untagged: Sequence[Response], unsolicited: list[Response] | None
 ) -> list[FetchedMessage]:
@@ -1119,6 +1117,7 @@ def _fetched_messages(
             )
         )
     return messages
+
 
 def _shared_capabilities(capabilities: frozenset[str]) -> frozenset[str]:
     shared = _capability_sets.get(capabilities)

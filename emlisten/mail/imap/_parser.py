@@ -223,9 +223,7 @@ class ResponseParser:
             end = buf.find(b"\r\n", self._scan_from)
             if end < 0:
                 if self._line_bytes + len(buf) > self.max_line_bytes:
-                    raise MailProtocolError(
-                        f"IMAP response line longer than {self.max_line_bytes} bytes"
-                    )
+                    raise MailProtocolError(f"IMAP response line longer than {self.max_line_bytes} bytes")
                 # A CR at the very end may be completed by the next feed.
                 self._scan_from = max(0, len(buf) - 1)
                 break
@@ -234,9 +232,7 @@ class ResponseParser:
             del buf[: end + 2]
             self._line_bytes += end + 2
             if self._line_bytes > self.max_line_bytes:
-                raise MailProtocolError(
-                    f"IMAP response line longer than {self.max_line_bytes} bytes"
-                )
+                raise MailProtocolError(f"IMAP response line longer than {self.max_line_bytes} bytes")
             literal_size = self._literal_size(line)
             self._lines.append(line)
             if literal_size is None:
@@ -248,9 +244,7 @@ class ResponseParser:
                 continue
             self._literal_bytes += literal_size
             if literal_size > self.max_literal_bytes or self._literal_bytes > self.max_literal_bytes:
-                raise MailProtocolError(
-                    f"IMAP literal larger than {self.max_literal_bytes} bytes"
-                )
+                raise MailProtocolError(f"IMAP literal larger than {self.max_literal_bytes} bytes")
             if self._answer_bytes + literal_size > self.max_answer_bytes:
                 raise MailProtocolError(
                     f"IMAP answer with more than {self.max_answer_bytes} bytes of literals"
