@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 DrainKey = tuple[str, str]
 
+#: Tasks that ask for a look at a folder, not for mail the listener saw: "recheck" after new
+#: mail, "recheck-connect" after the first IDLE of a session.
+RECHECK_REASONS = frozenset({"recheck", "recheck-connect"})
+
 _THREAD_CONVERT_BYTES = 256 * 1024
 #: Rechecks run at once while the worker has no delivery in progress.
 _RECHECK_CONCURRENCY = 4
@@ -44,6 +48,11 @@ _RECHECK_BUSY_TASKS_PER_SECOND = 16
 #: While busy, a recheck waits at most this long (then runs whatever the load): under sustained
 #: traffic "busy" may never end, and the mail a recheck finds must not wait for that.
 _RECHECK_MAX_HOLD_SECONDS = 30.0
+#: Looks after a session's first IDLE (reason "recheck-connect") start at most this often: a
+#: cold start or a reconnect storm asks one per mailbox at once, and run at the rechecks' pace
+#: they doubled the logins the server had to take while the listeners connected (a cold start
+#: of 10,000 mailboxes in split roles). They wait for every other recheck.
+_CONNECT_RECHECKS_PER_SECOND = 25.0
 #: How long the checkpoint of accepted mail is retried through a store outage (see
 #: DeliveryWorker._save_checkpoint); past it the drainer's retry may deliver the mail again.
 _CHECKPOINT_PATIENCE = 120.0
@@ -114,6 +123,8 @@ class DeliveryWorker:
         self._folder_locks: dict[DrainKey, _FolderLock] = {}
         #: Folders to look at again (``recheck`` tasks), in the order asked, one entry each.
         self._rechecks: dict[DrainKey, float] = {}  # -> when first asked (trio clock)
+        #: Looks after a session's first IDLE: paced, after every other recheck.
+        self._connect_rechecks: dict[DrainKey, float] = {}
         self._recheck_asked = trio.Event()
         self._recent_tasks = _RecentCount()
         #: Receivers (origins) some drainer is backing off from, set when one gets through.
@@ -150,10 +161,13 @@ class DeliveryWorker:
 
     def _dispatch(self, nursery: trio.Nursery, delivery: TaskDelivery) -> None:
         key = (delivery.task.mailbox_id, delivery.task.folder)
-        if delivery.task.reason == "recheck":
+        if delivery.task.reason in RECHECK_REASONS:
             # A safety net, not mail: settled at once (it must not hold a queue slot while it
             # waits behind deliveries) and run when the worker has time, see _run_rechecks.
-            self._rechecks.setdefault(key, trio.current_time())
+            if delivery.task.reason == "recheck":
+                self._rechecks.setdefault(key, trio.current_time())
+            else:
+                self._connect_rechecks.setdefault(key, trio.current_time())
             self._recheck_asked.set()
             nursery.start_soon(self._ack_all, [delivery])
             return
@@ -257,12 +271,30 @@ class DeliveryWorker:
 
         slots = trio.Semaphore(_RECHECK_CONCURRENCY)
         last_started = -math.inf
+        next_connect_look = -math.inf
         async with trio.open_nursery() as nursery:
             while True:
-                while not self._rechecks:
+                while not self._rechecks and not self._connect_rechecks:
                     self._recheck_asked = trio.Event()
                     await self._recheck_asked.wait()
+                if not self._rechecks:
+                    # Only looks after first IDLEs are left: paced; a recheck asked meanwhile
+                    # goes first.
+                    now = trio.current_time()
+                    if now < next_connect_look:
+                        self._recheck_asked = trio.Event()
+                        with trio.move_on_at(next_connect_look):
+                            await self._recheck_asked.wait()
+                        continue
+                    key = next(iter(self._connect_rechecks))
+                    del self._connect_rechecks[key]
+                    next_connect_look = now + 1.0 / _CONNECT_RECHECKS_PER_SECOND
+                    await slots.acquire()
+                    nursery.start_soon(self._recheck, key, slots, name=f"recheck:{key[0]}:{key[1]}")
+                    continue
                 key, asked_at = next(iter(self._rechecks.items()))
+                # A look after the first IDLE is covered by this one.
+                self._connect_rechecks.pop(key, None)
                 # Busy: draining a backlog, not the odd new mail.
                 now = trio.current_time()
                 busy = (
@@ -377,7 +409,7 @@ class DeliveryWorker:
                 return delivered
         # A session opened only to answer rechecks is closed at once: a mail server keeps a
         # process for every session that is not idling, and most rechecks find nothing.
-        only_rechecks = bool(tasks) and all(task.reason == "recheck" for task in tasks)
+        only_rechecks = bool(tasks) and all(task.reason in RECHECK_REASONS for task in tasks)
         async with self.readers.reader(mailbox, linger=0 if only_rechecks else None) as reader:
             if checkpoint is None:
                 # The listener seeds the checkpoint before it publishes; none means the mailbox

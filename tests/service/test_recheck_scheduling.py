@@ -91,3 +91,40 @@ async def test_rechecks_run_at_once_when_not_busy(autojump_clock: trio.testing.M
     asked_at = await _run(worker, tasks_per_second=2, seconds=5)
     assert len(worker.started) == 40
     assert max(worker.started) - asked_at < 0.01
+
+
+async def test_looks_after_first_idles_are_paced_and_wait_for_rechecks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cold start asks a look after the first IDLE of every session at once: they start at
+    most _CONNECT_RECHECKS_PER_SECOND, and a recheck after new mail does not wait behind them."""
+    worker = _RecordingWorker()
+    keys: list[DrainKey] = []
+    original = worker._recheck
+
+    async def record(key: DrainKey, slots: trio.Semaphore) -> None:
+        keys.append(key)
+        await original(key, slots)
+
+    worker._recheck = record  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker._run_rechecks)
+        await trio.sleep(0.5)
+        asked_at = trio.current_time()
+        for i in range(100):
+            worker._connect_rechecks.setdefault((f"c{i}", "INBOX"), asked_at)
+        worker._recheck_asked.set()
+        await trio.sleep(1.0)
+        worker._rechecks.setdefault(("mail", "INBOX"), trio.current_time())
+        worker._recheck_asked.set()
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    started = [t - asked_at for t in worker.started]
+    assert len(started) == 101
+    rate = delivery._CONNECT_RECHECKS_PER_SECOND
+    # Paced: the 100 looks take about 100 / rate seconds, not a burst.
+    assert 99 / rate - 0.01 <= max(started) <= 100 / rate + 0.5
+    # The recheck after new mail ran as soon as it was asked, ahead of the looks still waiting.
+    mail_at = started[keys.index(("mail", "INBOX"))]
+    assert mail_at - 1.0 < 1 / rate + 0.01
+    assert keys.index(("mail", "INBOX")) < 100

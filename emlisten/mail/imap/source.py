@@ -266,6 +266,7 @@ class _Listener:
     __slots__ = (
         "budget",
         "client",
+        "connect_look",
         "exists",
         "fetched_exists",
         "info",
@@ -309,6 +310,8 @@ class _Listener:
         self.seen_at = 0.0
         self.recheck_at = math.inf
         self.recheck_late_at = math.inf
+        #: The pending look is the one after the session's first IDLE.
+        self.connect_look = False
 
     def _task(self, **fields: Any) -> SyncTask:
         return SyncTask(
@@ -523,6 +526,7 @@ class _Listener:
         """New mail was handled: have the folder looked at again a little later, in case the
         server failed to announce what came next (Dovecot drops notifications while it hands a
         session to imap-hibernate, about two seconds after IDLE began)."""
+        self.connect_look = False  # the looks after new mail cover the first IDLE's window
         first, late = self.settings.recheck_seconds, self.settings.recheck_late_seconds
         now = trio.current_time()
         self.recheck_at = now + first if first > 0 else math.inf
@@ -540,13 +544,17 @@ class _Listener:
         window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
         if window > 0:
             self.recheck_at = trio.current_time() + window
+            self.connect_look = True
 
     async def recheck(self) -> None:
         """Ask a worker to look, on a session of its own. Not here: ending IDLE to ask would
         start a new IDLE, and with it a new hand-off window in which mail can go unannounced,
         and it would keep the session from hibernating. The late look, if any, comes next."""
         self.recheck_at, self.recheck_late_at = self.recheck_late_at, math.inf
-        await self.on_new_mail(self._task(uid_hint=0, reason="recheck"))
+        # The look after a first IDLE is paced by the worker (a cold start asks thousands).
+        reason = "recheck-connect" if self.connect_look else "recheck"
+        self.connect_look = False
+        await self.on_new_mail(self._task(uid_hint=0, reason=reason))
 
     # -- the session loops ----------------------------------------------------------------------
 
