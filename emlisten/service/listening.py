@@ -30,6 +30,7 @@ from emlisten.errors import (
     MailConnectError,
     MailSourceError,
     MailTokenRejectedError,
+    QueueError,
     StoreError,
 )
 from emlisten.metrics import Metrics
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 _HEALTHY_AFTER_SECONDS = 60.0
+#: A recheck the queue cannot take within this long is dropped (see _publish_recheck): the
+#: listening session's loop waits for it meanwhile.
+_RECHECK_PUBLISH_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -539,7 +543,25 @@ class MailboxSupervisor:
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return
+        if task.reason in ("recheck", "recheck-connect"):
+            await self._publish_recheck(task)
+            return
         await self.m.queue.publish(task)
+
+    async def _publish_recheck(self, task: SyncTask) -> None:
+        """A recheck is a safety net: when the queue cannot take it soon (a broker that is down
+        or flooded, as by 10,000 looks after a cold start's first IDLEs), drop it with a
+        warning rather than fail the listener: a failed listener reconnects, and every
+        reconnect asks for one more look."""
+        try:
+            with trio.fail_after(_RECHECK_PUBLISH_SECONDS):
+                await self.m.queue.publish(task)
+        except (QueueError, trio.TooSlowError) as exc:
+            log.warning(
+                "could not queue a recheck: %s",
+                exc if isinstance(exc, QueueError) else f"no answer within {_RECHECK_PUBLISH_SECONDS:g}s",
+                extra={"mailbox": self.mailbox.id, "folder": task.folder},
+            )
 
     async def _report(self, *, available: bool, error_class: str = "", message: str = "") -> None:
         try:
