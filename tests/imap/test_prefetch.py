@@ -8,6 +8,7 @@ imap-hibernate.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +17,7 @@ import trio
 
 from emlisten.abc import Prefetch
 from emlisten.mail.imap import ImapSource
+from emlisten.mail.imap.source import _LookSlots
 from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, Security, SyncTask
 from tests.imap.test_source import Sink
 from tests.servers.dovecot import Dovecot, MailUser, mailbox_for, make_message
@@ -436,3 +438,14 @@ async def test_a_session_handing_on_its_mail_holds_no_wake_up(dovecot: Dovecot) 
         go_on.set()
         assert (await blocked_sink.next()).reason == "exists"
         nursery.cancel_scope.cancel()
+
+
+def test_looks_after_first_idles_are_spread() -> None:
+    """A cold start of thousands of sessions asks a look after each first IDLE within a minute:
+    they are scheduled one slot apart, never all at the same moment."""
+    slots = _LookSlots(25.0)
+    times = [slots.reserve(12.0) for _ in range(100)]
+    assert times[0] == 12.0
+    assert all(abs((b - a) - 0.04) < 1e-9 for a, b in itertools.pairwise(times))
+    # A session connecting long after the storm is looked at on time.
+    assert slots.reserve(100.0) == 100.0

@@ -73,6 +73,28 @@ class ImapSettings:
     recheck_after_connect: bool = True
 
 
+#: Looks after first IDLEs asked per second per process, at most (see _LookSlots).
+CONNECT_LOOKS_PER_SECOND = 25.0
+
+
+class _LookSlots:
+    """Spreads the looks after sessions' first IDLEs: a cold start or a reconnect storm starts
+    thousands of sessions within a minute, and a look each at the same moment flooded the
+    queue (RabbitMQ publishes timed out) and the workers' logins. Each look takes the next free
+    slot, at most ``per_second`` a second; never waiting, only scheduled later."""
+
+    __slots__ = ("_gap", "_next_free")
+
+    def __init__(self, per_second: float) -> None:
+        self._gap = 1.0 / per_second if per_second > 0 else 0.0
+        self._next_free = -math.inf
+
+    def reserve(self, earliest: float) -> float:
+        slot = max(earliest, self._next_free)
+        self._next_free = slot + self._gap
+        return slot
+
+
 class ImapSource(MailSource):
     """Listens with IDLE (NOOP polling when the server has no IDLE) and reads with UID FETCH.
 
@@ -113,6 +135,7 @@ class ImapSource(MailSource):
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
         #: Bounds the sessions ending IDLE at once: see Settings.max_concurrent_wakeups.
         self._wakeups = trio.CapacityLimiter(max_concurrent_wakeups)
+        self._look_slots = _LookSlots(CONNECT_LOOKS_PER_SECOND)
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
@@ -160,6 +183,7 @@ class ImapSource(MailSource):
                 prefetch=prefetch,
                 budget=self._prefetch_budget,
                 wakeups=self._wakeups,
+                look_slots=self._look_slots,
             )
             # Mail that arrived while we were away: queued before we report "started".
             await listener.catch_up()
@@ -270,6 +294,7 @@ class _Listener:
         "exists",
         "fetched_exists",
         "info",
+        "look_slots",
         "mailbox_id",
         "next_uid",
         "on_new_mail",
@@ -293,6 +318,7 @@ class _Listener:
         prefetch: Prefetch | None = None,
         budget: ByteBudget | None = None,
         wakeups: trio.CapacityLimiter | None = None,
+        look_slots: _LookSlots | None = None,
     ) -> None:
         self.client = client
         self.mailbox_id = mailbox_id
@@ -303,6 +329,7 @@ class _Listener:
         self.prefetch = prefetch
         self.budget = budget or ByteBudget(256 * 1024 * 1024)
         self.wakeups = wakeups or trio.CapacityLimiter(128)
+        self.look_slots = look_slots or _LookSlots(CONNECT_LOOKS_PER_SECOND)
         self.next_uid = max(info.uidnext, 1)
         self.fetched_exists = info.exists
         #: The server announced mail that was not fetched yet (prefetch mode).
@@ -543,7 +570,7 @@ class _Listener:
             return
         window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
         if window > 0:
-            self.recheck_at = trio.current_time() + window
+            self.recheck_at = self.look_slots.reserve(trio.current_time() + window)
             self.connect_look = True
 
     async def recheck(self) -> None:
