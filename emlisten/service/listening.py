@@ -53,6 +53,7 @@ _HEALTHY_AFTER_SECONDS = 60.0
 #: A recheck the queue cannot take within this long is dropped (see _publish_recheck): the
 #: listening session's loop waits for it meanwhile.
 _RECHECK_PUBLISH_SECONDS = 5.0
+_RECHECK_DROPPED_LOG_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -96,6 +97,9 @@ class MailboxManager:
         self._renewed_at = -math.inf
         self._started_at = time.time()
         self._nursery: trio.Nursery | None = None
+        #: Rechecks dropped since the last warning about them (one warning a minute at most).
+        self.rechecks_dropped = 0
+        self.rechecks_dropped_said_at = -math.inf
         self.pacer = ConnectPacer(
             max_concurrent=settings.max_concurrent_connects, max_per_second=settings.max_connects_per_second
         )
@@ -557,11 +561,20 @@ class MailboxSupervisor:
             with trio.fail_after(_RECHECK_PUBLISH_SECONDS):
                 await self.m.queue.publish(task)
         except (QueueError, trio.TooSlowError) as exc:
+            # One line a minute at most: in a flood thousands are dropped within seconds.
+            manager = self.m
+            manager.rechecks_dropped += 1
+            now = trio.current_time()
+            if now - manager.rechecks_dropped_said_at < _RECHECK_DROPPED_LOG_SECONDS:
+                return
             log.warning(
-                "could not queue a recheck: %s",
+                "could not queue %d recheck(s) since the last such warning (the last: %s)",
+                manager.rechecks_dropped,
                 exc if isinstance(exc, QueueError) else f"no answer within {_RECHECK_PUBLISH_SECONDS:g}s",
                 extra={"mailbox": self.mailbox.id, "folder": task.folder},
             )
+            manager.rechecks_dropped = 0
+            manager.rechecks_dropped_said_at = now
 
     async def _report(self, *, available: bool, error_class: str = "", message: str = "") -> None:
         try:
