@@ -430,3 +430,12 @@ async def test_once_the_realm_failed_ntlm_handshakes_need_no_worker_thread(
     # Four users' NTLM handshakes; only the first went through a worker thread.
     assert ntlm_ews.handshake_mechanisms == ["ntlm"] * 4
     assert len(threads) == 1
+
+
+def test_the_nt_hash_comes_from_pyspnego_as_expected() -> None:
+    """_nt_hash leans on pyspnego's private MD4 (spnego._ntlm_raw.crypto.ntowfv1): a pyspnego
+    that moved or changed it must fail here, not silently hash the password at every handshake
+    again (or send a wrong hash). MD4 of UTF-16LE "password" is a published value."""
+    from emlisten.mail.ews._auth import _nt_hash
+
+    assert _nt_hash("password") == "8846f7eaee8fb117ad06bdd830b7586c"
