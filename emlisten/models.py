@@ -138,6 +138,11 @@ class Checkpoint:
     cursor: str = ""
 
 
+#: Task reasons that ask for a look at a folder, not for mail a listener saw: "recheck" after
+#: new mail, "recheck-connect" after the first IDLE of a session.
+RECHECK_REASONS = frozenset({"recheck", "recheck-connect"})
+
+
 @dataclass(frozen=True, slots=True)
 class SyncTask:
     """Work item: "folder F of mailbox M has new mail (at least up to UID ``uid_hint``)".

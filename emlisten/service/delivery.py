@@ -25,17 +25,22 @@ from emlisten.config import Settings
 from emlisten.errors import DeliveryError, MailSourceError, QueueError, StoreError
 from emlisten.mail.mime import to_email
 from emlisten.metrics import Metrics
-from emlisten.models import Checkpoint, Email, MailboxConfig, RawMessage, SyncTask, email_id, message_key
+from emlisten.models import (
+    RECHECK_REASONS,
+    Checkpoint,
+    Email,
+    MailboxConfig,
+    RawMessage,
+    SyncTask,
+    email_id,
+    message_key,
+)
 from emlisten.service.backoff import Retry
 from emlisten.service.readers import ReaderPool
 
 log = logging.getLogger(__name__)
 
 DrainKey = tuple[str, str]
-
-#: Tasks that ask for a look at a folder, not for mail the listener saw: "recheck" after new
-#: mail, "recheck-connect" after the first IDLE of a session.
-RECHECK_REASONS = frozenset({"recheck", "recheck-connect"})
 
 _THREAD_CONVERT_BYTES = 256 * 1024
 #: Rechecks run at once while the worker has no delivery in progress.

@@ -35,6 +35,7 @@ from emlisten.errors import (
 )
 from emlisten.metrics import Metrics
 from emlisten.models import (
+    RECHECK_REASONS,
     Checkpoint,
     FolderInfo,
     MailboxConfig,
@@ -547,7 +548,7 @@ class MailboxSupervisor:
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return
-        if task.reason in ("recheck", "recheck-connect"):
+        if task.reason in RECHECK_REASONS:
             await self._publish_recheck(task)
             return
         await self.m.queue.publish(task)

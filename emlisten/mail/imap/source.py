@@ -392,10 +392,7 @@ class _Listener:
             await self.on_new_mail(plain)
             return
         first = checkpoint.last_uid + 1
-        unsolicited: list[Response] = []
-        listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
-        self.note(unsolicited)
-        new = [m for m in listed if m.uid >= first]
+        listed, new = await self._sizes_from(first)
         uids = sorted(m.uid for m in new)
         self.exists = max([self.exists, *(m.sequence for m in listed)])
         weight = _reservation(new, prefetch.max_message_bytes)
@@ -430,6 +427,15 @@ class _Listener:
             return None
         return weight
 
+    async def _sizes_from(self, first: int) -> tuple[list[FetchedMessage], list[FetchedMessage]]:
+        """``UID FETCH first:* (UID RFC822.SIZE)``: what the server listed, and of it the
+        messages from ``first`` on ("n:*" also lists the newest message when n is above every
+        UID)."""
+        unsolicited: list[Response] = []
+        listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
+        self.note(unsolicited)
+        return listed, [m for m in listed if m.uid >= first]
+
     async def _weight_by_size(self) -> int | None:
         """When the worst case does not fit the ByteBudget: ask the sizes of the new mail (one
         round trip on this session, far cheaper than a reader's connect and login) and take
@@ -437,11 +443,7 @@ class _Listener:
         assert self.prefetch is not None
         if self.exists - self.fetched_exists > self.prefetch.max_messages:
             return None
-        first = self.next_uid
-        unsolicited: list[Response] = []
-        listed = await self.client.uid_fetch(f"{first}:*", "(UID RFC822.SIZE)", unsolicited=unsolicited)
-        self.note(unsolicited)
-        new = [m for m in listed if m.uid >= first]
+        _, new = await self._sizes_from(self.next_uid)
         if not new or len(new) > self.prefetch.max_messages:
             return None
         weight = _reservation(new, self.prefetch.max_message_bytes)
