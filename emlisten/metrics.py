@@ -96,6 +96,13 @@ class Metrics:
             ["command", "outcome"],
             registry=self.registry,
         )
+        self.imap_looks = Counter(
+            "emlisten_imap_looks",
+            "Looks at a listening folder on a side session (the safety net for notifications a "
+            "server drops) by outcome: found (mail the server did not announce), nothing, failed",
+            ["outcome"],
+            registry=self.registry,
+        )
         #: The web console's view of this node: deliveries per minute and recent events per
         #: mailbox (in memory, the last hour; see docs/console.md).
         self.activity = Activity()

@@ -139,7 +139,9 @@ class Checkpoint:
 
 
 #: Task reasons that ask for a look at a folder, not for mail a listener saw: "recheck" after
-#: new mail, "recheck-connect" after the first IDLE of a session.
+#: new mail, "recheck-connect" after the first IDLE of a session. Listeners look for
+#: themselves (see ImapSource, since 0.1.0); workers still take such tasks from earlier primaries
+#: during a rolling upgrade, as ordinary syncs.
 RECHECK_REASONS = frozenset({"recheck", "recheck-connect"})
 
 

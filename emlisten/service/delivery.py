@@ -43,50 +43,9 @@ log = logging.getLogger(__name__)
 DrainKey = tuple[str, str]
 
 _THREAD_CONVERT_BYTES = 256 * 1024
-#: Rechecks run at once while the worker has no delivery in progress.
-_RECHECK_CONCURRENCY = 4
-#: With this many folders delivering at once the worker is draining a backlog: rechecks wait.
-_RECHECK_BUSY_DRAINERS = 8
-#: ... or with this many tasks taken in the last second: after an outage, carried mail is
-#: delivered so fast that few folders deliver at once, while the listeners are still fetching.
-_RECHECK_BUSY_TASKS_PER_SECOND = 16
-#: While busy, a recheck waits at most this long (then runs whatever the load): under sustained
-#: traffic "busy" may never end, and the mail a recheck finds must not wait for that.
-_RECHECK_MAX_HOLD_SECONDS = 30.0
-#: Looks after a session's first IDLE (reason "recheck-connect") start at most this often: a
-#: cold start or a reconnect storm asks one per mailbox at once, and run at the rechecks' pace
-#: they doubled the logins the server had to take while the listeners connected (a cold start
-#: of 10,000 mailboxes in split roles). They wait for every other recheck.
-_CONNECT_RECHECKS_PER_SECOND = 25.0
 #: How long the checkpoint of accepted mail is retried through a store outage (see
 #: DeliveryWorker._save_checkpoint); past it the drainer's retry may deliver the mail again.
 _CHECKPOINT_PATIENCE = 120.0
-
-
-class _RecentCount:
-    """Events in the current and the previous whole second (cheap, no timestamps kept)."""
-
-    __slots__ = ("current", "previous", "second")
-
-    def __init__(self) -> None:
-        self.second = 0
-        self.current = 0
-        self.previous = 0
-
-    def _roll(self, now: float) -> None:
-        second = int(now)
-        if second != self.second:
-            self.previous = self.current if second == self.second + 1 else 0
-            self.current = 0
-            self.second = second
-
-    def add(self, now: float) -> None:
-        self._roll(now)
-        self.current += 1
-
-    def in_last_second(self, now: float) -> int:
-        self._roll(now)
-        return max(self.current, self.previous)
 
 
 class _Drainer:
@@ -126,12 +85,6 @@ class DeliveryWorker:
         self.sink = sink
         self._drainers: dict[DrainKey, _Drainer] = {}
         self._folder_locks: dict[DrainKey, _FolderLock] = {}
-        #: Folders to look at again (``recheck`` tasks), in the order asked, one entry each.
-        self._rechecks: dict[DrainKey, float] = {}  # -> when first asked (trio clock)
-        #: Looks after a session's first IDLE: paced, after every other recheck.
-        self._connect_rechecks: dict[DrainKey, float] = {}
-        self._recheck_asked = trio.Event()
-        self._recent_tasks = _RecentCount()
         #: Receivers (origins) some drainer is backing off from, set when one gets through.
         self._receivers_back: dict[str, trio.Event] = {}
         self._intake = trio.CancelScope()
@@ -145,12 +98,10 @@ class DeliveryWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             with self._intake:
-                async with trio.open_nursery() as background:  # ends with the intake
-                    background.start_soon(self._run_rechecks)
-                    async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
-                        task_status.started()
-                        async for delivery in deliveries:
-                            self._dispatch(nursery, delivery)
+                async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
+                    task_status.started()
+                    async for delivery in deliveries:
+                        self._dispatch(nursery, delivery)
             # Intake stopped (shutdown): the nursery waits for running drainers to finish.
 
     def reset_intake(self) -> None:
@@ -166,17 +117,6 @@ class DeliveryWorker:
 
     def _dispatch(self, nursery: trio.Nursery, delivery: TaskDelivery) -> None:
         key = (delivery.task.mailbox_id, delivery.task.folder)
-        if delivery.task.reason in RECHECK_REASONS:
-            # A safety net, not mail: settled at once (it must not hold a queue slot while it
-            # waits behind deliveries) and run when the worker has time, see _run_rechecks.
-            if delivery.task.reason == "recheck":
-                self._rechecks.setdefault(key, trio.current_time())
-            else:
-                self._connect_rechecks.setdefault(key, trio.current_time())
-            self._recheck_asked.set()
-            nursery.start_soon(self._ack_all, [delivery])
-            return
-        self._recent_tasks.add(trio.current_time())
         drainer = self._drainers.get(key)
         if drainer is None:
             drainer = _Drainer(key)
@@ -264,74 +204,6 @@ class DeliveryWorker:
         if back is not None:
             back.set()
 
-    async def _run_rechecks(self) -> None:
-        """Look at the folders listeners asked about, after real deliveries.
-
-        A recheck costs a session of its own (a TLS handshake and a login on both sides), and
-        after an outage every mailbox asks for one at once: run while deliveries are in
-        progress, they would slow the backlog they protect (measured: 500 logins during a
-        1,000-mailbox drain, a fifth of its CPU). So while a backlog drains (many folders at
-        once, or many tasks a second) they wait, up to ``_RECHECK_MAX_HOLD_SECONDS`` each, and
-        one a second still runs; otherwise a few run at once, oldest first."""
-
-        slots = trio.Semaphore(_RECHECK_CONCURRENCY)
-        last_started = -math.inf
-        next_connect_look = -math.inf
-        async with trio.open_nursery() as nursery:
-            while True:
-                while not self._rechecks and not self._connect_rechecks:
-                    self._recheck_asked = trio.Event()
-                    await self._recheck_asked.wait()
-                if not self._rechecks:
-                    # Only looks after first IDLEs are left: paced; a recheck asked meanwhile
-                    # goes first.
-                    now = trio.current_time()
-                    if now < next_connect_look:
-                        self._recheck_asked = trio.Event()
-                        with trio.move_on_at(next_connect_look):
-                            await self._recheck_asked.wait()
-                        continue
-                    key = next(iter(self._connect_rechecks))
-                    del self._connect_rechecks[key]
-                    next_connect_look = now + 1.0 / _CONNECT_RECHECKS_PER_SECOND
-                    await slots.acquire()
-                    nursery.start_soon(self._recheck, key, slots, name=f"recheck:{key[0]}:{key[1]}")
-                    continue
-                key, asked_at = next(iter(self._rechecks.items()))
-                # A look after the first IDLE is covered by this one.
-                self._connect_rechecks.pop(key, None)
-                # Busy: draining a backlog, not the odd new mail.
-                now = trio.current_time()
-                busy = (
-                    len(self._drainers) >= _RECHECK_BUSY_DRAINERS
-                    or self._recent_tasks.in_last_second(now) >= _RECHECK_BUSY_TASKS_PER_SECOND
-                )
-                if busy and now - last_started < 1.0 and now - asked_at < _RECHECK_MAX_HOLD_SECONDS:
-                    await trio.sleep_until(min(last_started + 1.0, asked_at + _RECHECK_MAX_HOLD_SECONDS))
-                    continue
-                del self._rechecks[key]
-                await slots.acquire()
-                last_started = trio.current_time()
-                nursery.start_soon(self._recheck, key, slots, name=f"recheck:{key[0]}:{key[1]}")
-
-    async def _recheck(self, key: DrainKey, slots: trio.Semaphore) -> None:
-        try:
-            await self._sync_exclusively(key, 0.0, [SyncTask(key[0], key[1], reason="recheck")])
-        except (DeliveryError, MailSourceError, StoreError) as exc:
-            # Mail may be waiting: hand it to a drainer, which retries with backoff.
-            log.warning(
-                "recheck failed, queueing a sync: %s", exc, extra={"mailbox": key[0], "folder": key[1]}
-            )
-            with trio.move_on_after(30):
-                try:
-                    await self.queue.publish(SyncTask(key[0], key[1], reason="exists"))
-                except QueueError as error:
-                    log.warning("could not queue a sync after a failed recheck: %s", error)
-        except Exception:
-            log.exception("recheck failed unexpectedly", extra={"mailbox": key[0], "folder": key[1]})
-        finally:
-            slots.release()
-
     async def _sync_exclusively(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         """Sync one folder while holding its sync lease, so that two workers (two secondaries, or
         a primary standing in) never deliver the same folder at once: that would double mail.
@@ -412,8 +284,8 @@ class DeliveryWorker:
             )
             if all(task.covered_by(checkpoint) for task in tasks):
                 return delivered
-        # A session opened only to answer rechecks is closed at once: a mail server keeps a
-        # process for every session that is not idling, and most rechecks find nothing.
+        # A session opened only to answer rechecks (queued by a primary of an earlier version,
+        # during a rolling upgrade) is closed at once: most rechecks find nothing.
         only_rechecks = bool(tasks) and all(task.reason in RECHECK_REASONS for task in tasks)
         async with self.readers.reader(mailbox, linger=0 if only_rechecks else None) as reader:
             if checkpoint is None:

@@ -227,6 +227,8 @@ async def _run(
     if imap is not None:
         commands = metrics.imap_commands
         imap.command_observer = lambda command, outcome: commands.labels(command, outcome).inc()
+        looks = metrics.imap_looks
+        imap.look_observer = lambda outcome: looks.labels(outcome).inc()
     depth = getattr(adapters.queue, "depth", None)
     metrics.watch(
         settings.node_id,

@@ -5,7 +5,8 @@ Serve with ``await nursery.start(proxy.serve)`` and point the client at ``proxy.
 - ``cut()``: every open connection is reset at once, in both directions (RST, no FIN), as when
   a network path dies or the server crashes; new connections are accepted as before.
 - ``block()``: until ``unblock()``, new connections are reset as soon as they arrive (the
-  client sees "connection reset") and the open ones are cut.
+  client sees "connection reset") and the open ones are cut; ``refuse_new()`` leaves the open
+  ones alone.
 - ``black_hole()``: until ``restore()``, nothing passes in either direction and new connections
   get no answer (their upstream is not dialled): a path that silently drops packets. The bytes
   held meanwhile travel on afterwards, as TCP retransmission would deliver them; a client whose
@@ -104,6 +105,11 @@ class FaultProxy:
         """Reset new connections on arrival until ``unblock()``; cut the open ones."""
         self._blocked = True
         return self.cut()
+
+    def refuse_new(self) -> None:
+        """Reset new connections on arrival until ``unblock()``; the open ones go on (a server
+        that refuses more sessions, as at a per-user connection limit)."""
+        self._blocked = True
 
     def unblock(self) -> None:
         self._blocked = False

@@ -17,10 +17,11 @@ new keywords (no ``\\*`` in PERMANENTFLAGS) answer STORE with NO: ``MailProtocol
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import trio
 
 from emlisten.abc import MailReader, MailSource, NewMailCallback, Prefetch
-from emlisten.errors import MailAuthError, MailProtocolError, MailTokenRejectedError
+from emlisten.errors import MailAuthError, MailProtocolError, MailSourceError, MailTokenRejectedError
 from emlisten.mail.imap._client import FetchedMessage, ImapClient
 from emlisten.mail.imap._parser import Response
 from emlisten.models import Checkpoint, FolderInfo, MailboxConfig, RawMessage, SyncTask
@@ -62,8 +63,8 @@ class ImapSettings:
     #: LOGOUT/DONE on shutdown; shielded, so keep it short.
     close_timeout: float = 5.0
     #: Safety net for notifications a server drops: this long after new mail was handled on
-    #: a session, publish a ``recheck`` task, so that a worker looks at the folder on a session
-    #: of its own (0 disables).
+    #: a session, look at the folder once on a short session of its own (STATUS), leaving the
+    #: listening session in IDLE (0 disables).
     recheck_seconds: float = 3.0
     #: A second, later look (0: none): under load a server can hand a session to hibernation
     #: seconds after it usually does, after the first recheck has looked.
@@ -75,13 +76,22 @@ class ImapSettings:
 
 #: Looks after first IDLEs asked per second per process, at most (see _LookSlots).
 CONNECT_LOOKS_PER_SECOND = 25.0
+#: Looks (side sessions) per process: at most this many at once, and started this often.
+LOOK_CONCURRENCY = 4
+LOOKS_PER_SECOND = 25.0
+#: While the process's listening sessions fetch this many mails a second, a backlog drains:
+#: looks start one a second only, and none waits longer than _LOOK_MAX_HOLD_SECONDS for that.
+_LOOK_BUSY_FETCHES_PER_SECOND = 16
+_LOOK_MAX_HOLD_SECONDS = 30.0
+#: One warning about failed looks per this many seconds at most.
+_LOOK_FAILED_LOG_SECONDS = 60.0
 
 
 class _LookSlots:
     """Spreads the looks after sessions' first IDLEs: a cold start or a reconnect storm starts
-    thousands of sessions within a minute, and a look each at the same moment flooded the
-    queue (RabbitMQ publishes timed out) and the workers' logins. Each look takes the next free
-    slot, at most ``per_second`` a second; never waiting, only scheduled later."""
+    thousands of sessions within a minute, and a look each at the same moment would open as
+    many side sessions at once. Each look takes the next free slot, at most ``per_second`` a
+    second; never waiting, only scheduled later."""
 
     __slots__ = ("_gap", "_next_free")
 
@@ -93,6 +103,69 @@ class _LookSlots:
         slot = max(earliest, self._next_free)
         self._next_free = slot + self._gap
         return slot
+
+
+class _RecentCount:
+    """Events in the current and the previous whole second (cheap, no timestamps kept)."""
+
+    __slots__ = ("current", "previous", "second")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.current = 0
+        self.previous = 0
+
+    def _roll(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            self.previous = self.current if second == self.second + 1 else 0
+            self.current = 0
+            self.second = second
+
+    def add(self, now: float, count: int = 1) -> None:
+        self._roll(now)
+        self.current += count
+
+    def in_last_second(self, now: float) -> int:
+        self._roll(now)
+        return max(self.current, self.previous)
+
+
+class _LookGate:
+    """The process's looks share this: a few side sessions at once, a bounded login rate, and
+    while a backlog drains (the listening sessions fetch many mails a second) one look a second
+    only, so that the looks do not slow the drain they protect (500+ logins had taken a fifth
+    of a 1,000-mailbox drain's CPU); none is held longer than ``_LOOK_MAX_HOLD_SECONDS``."""
+
+    __slots__ = ("_gap", "_next_start", "failed", "failed_said_at", "fetched", "observer", "slots")
+
+    def __init__(self, *, concurrency: int = LOOK_CONCURRENCY, per_second: float = LOOKS_PER_SECOND) -> None:
+        self.slots = trio.CapacityLimiter(concurrency)
+        self._gap = 1.0 / per_second if per_second > 0 else 0.0
+        self._next_start = -math.inf
+        #: Mails fetched on listening sessions, for "a backlog drains".
+        self.fetched = _RecentCount()
+        #: Looks failed since the last warning about them.
+        self.failed = 0
+        self.failed_said_at = -math.inf
+        #: Told the outcome of every look ("found", "nothing", "failed"): metrics.
+        self.observer: Callable[[str], None] | None = None
+
+    async def wait_turn(self, asked_at: float) -> None:
+        """Return when a look asked at ``asked_at`` may start (the caller holds a slot)."""
+        while True:
+            now = trio.current_time()
+            if now < self._next_start:
+                await trio.sleep_until(self._next_start)
+                continue
+            draining = self.fetched.in_last_second(now) >= _LOOK_BUSY_FETCHES_PER_SECOND
+            held_long_enough = now - asked_at >= _LOOK_MAX_HOLD_SECONDS
+            self._next_start = now + (1.0 if draining and not held_long_enough else self._gap)
+            return
+
+    def outcome(self, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer(outcome)
 
 
 class ImapSource(MailSource):
@@ -136,11 +209,21 @@ class ImapSource(MailSource):
         #: Bounds the sessions ending IDLE at once: see Settings.max_concurrent_wakeups.
         self._wakeups = trio.CapacityLimiter(max_concurrent_wakeups)
         self._look_slots = _LookSlots(CONNECT_LOOKS_PER_SECOND)
+        self._looks = _LookGate()
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
         #: Told (command, outcome) after every IMAP command of every session (metrics).
         self.command_observer: Callable[[str, str], None] | None = None
+
+    @property
+    def look_observer(self) -> Callable[[str], None] | None:
+        """Told the outcome of every look at a folder ("found", "nothing", "failed")."""
+        return self._looks.observer
+
+    @look_observer.setter
+    def look_observer(self, observer: Callable[[str], None] | None) -> None:
+        self._looks.observer = observer
 
     async def connect(self, mailbox: MailboxConfig) -> ImapClient:
         """A connected, authenticated client for ``mailbox`` (closed again on failure)."""
@@ -174,25 +257,38 @@ class ImapSource(MailSource):
         client = await self.connect(mailbox)
         try:
             info = await client.examine(folder)
-            listener = _Listener(
-                client,
-                mailbox.id,
-                info,
-                on_new_mail,
-                settings=self.settings,
-                prefetch=prefetch,
-                budget=self._prefetch_budget,
-                wakeups=self._wakeups,
-                look_slots=self._look_slots,
-            )
-            # Mail that arrived while we were away: queued before we report "started".
-            await listener.catch_up()
-            if client.has_capability("IDLE"):
-                await listener.idle_forever(task_status)
-            else:
-                await listener.poll_forever(task_status)
+            async with trio.open_nursery() as looks:
+                listener = _Listener(
+                    client,
+                    mailbox.id,
+                    info,
+                    on_new_mail,
+                    settings=self.settings,
+                    prefetch=prefetch,
+                    budget=self._prefetch_budget,
+                    wakeups=self._wakeups,
+                    look_slots=self._look_slots,
+                    looks=_Looks(looks, self._looks, functools.partial(self._status, mailbox)),
+                )
+                try:
+                    # Mail that arrived while we were away: queued before we report "started".
+                    await listener.catch_up()
+                    if client.has_capability("IDLE"):
+                        await listener.idle_forever(task_status)
+                    else:
+                        await listener.poll_forever(task_status)
+                finally:
+                    looks.cancel_scope.cancel()  # a look ends with its listener
         finally:
             # DONE + LOGOUT when the connection is still healthy; shielded, bounded.
+            await client.close(timeout=self.settings.close_timeout)
+
+    async def _status(self, mailbox: MailboxConfig, folder: str) -> dict[str, int]:
+        """STATUS of ``folder`` on a short session of its own (the listening one stays in IDLE)."""
+        client = await self.connect(mailbox)
+        try:
+            return await client.status(folder, ("MESSAGES", "UIDNEXT", "UIDVALIDITY"))
+        finally:
             await client.close(timeout=self.settings.close_timeout)
 
     @asynccontextmanager
@@ -278,6 +374,15 @@ class ByteBudget:
         self._freed = trio.Event()
 
 
+@dataclass(frozen=True, slots=True)
+class _Looks:
+    """What a listener needs to look at its folder on a side session."""
+
+    nursery: trio.Nursery  # the listener's: a look ends with it
+    gate: _LookGate  # the process's
+    status: Callable[[str], Awaitable[dict[str, int]]]  # STATUS of a folder on a side session
+
+
 class _Listener:
     """Turns the untagged responses of one selected folder into SyncTasks.
 
@@ -293,8 +398,14 @@ class _Listener:
         "connect_look",
         "exists",
         "fetched_exists",
+        "idle_wait_scope",
         "info",
+        "look_asked_at",
+        "look_found",
+        "look_saw",
         "look_slots",
+        "looking",
+        "looks",
         "mailbox_id",
         "next_uid",
         "on_new_mail",
@@ -319,6 +430,7 @@ class _Listener:
         budget: ByteBudget | None = None,
         wakeups: trio.CapacityLimiter | None = None,
         look_slots: _LookSlots | None = None,
+        looks: _Looks | None = None,
     ) -> None:
         self.client = client
         self.mailbox_id = mailbox_id
@@ -339,6 +451,17 @@ class _Listener:
         self.recheck_late_at = math.inf
         #: The pending look is the one after the session's first IDLE.
         self.connect_look = False
+        #: None: the listener cannot look (tests of the listening alone).
+        self.looks = looks
+        #: When a look was asked that has not started yet (None: none asked).
+        self.look_asked_at: float | None = None
+        self.looking = False
+        #: A look found mail this session was not told of (fetched after a NOOP).
+        self.look_found = False
+        #: The STATUS the last look saw, until the listener acted on it.
+        self.look_saw: dict[str, int] | None = None
+        #: Cancelled by a look that found unannounced mail, to end the wait in IDLE.
+        self.idle_wait_scope: trio.CancelScope | None = None
 
     def _task(self, **fields: Any) -> SyncTask:
         return SyncTask(
@@ -575,15 +698,93 @@ class _Listener:
             self.recheck_at = self.look_slots.reserve(trio.current_time() + window)
             self.connect_look = True
 
-    async def recheck(self) -> None:
-        """Ask a worker to look, on a session of its own. Not here: ending IDLE to ask would
-        start a new IDLE, and with it a new hand-off window in which mail can go unannounced,
-        and it would keep the session from hibernating. The late look, if any, comes next."""
+    def recheck(self) -> None:
+        """Have the folder looked at on a side session; the late look, if any, comes next.
+
+        Not on the listening session: ending IDLE to ask would start a new IDLE, and with it a
+        new hand-off window in which mail can go unannounced, and it would keep the session
+        from hibernating. Not by a worker either: a queued look dies with the worker that took
+        it, and a cold start's looks flooded RabbitMQ; here a look dies only with its listener,
+        whose successor catches up anyway."""
         self.recheck_at, self.recheck_late_at = self.recheck_late_at, math.inf
-        # The look after a first IDLE is paced by the worker (a cold start asks thousands).
-        reason = "recheck-connect" if self.connect_look else "recheck"
         self.connect_look = False
-        await self.on_new_mail(self._task(uid_hint=0, reason=reason))
+        if self.looks is None:
+            return
+        if self.look_asked_at is None:
+            self.look_asked_at = trio.current_time()
+        if not self.looking:
+            self.looking = True
+            self.looks.nursery.start_soon(self._look, name=f"look:{self.mailbox_id}")
+
+    async def _look(self) -> None:
+        """Look until no look is asked any more: one asked while a look waits for its turn is
+        covered by it; one asked after the STATUS went out gets a look of its own."""
+        assert self.looks is not None
+        gate = self.looks.gate
+        try:
+            while self.look_asked_at is not None:
+                async with gate.slots:
+                    await gate.wait_turn(self.look_asked_at)
+                    self.look_asked_at = None
+                    try:
+                        self.look_saw = await self.looks.status(self.info.name)
+                    except MailSourceError as exc:
+                        self._look_failed(exc)
+                        continue
+                if self.idle_wait_scope is not None:
+                    self.idle_wait_scope.cancel()  # the listener acts on it (_act_on_look)
+        finally:
+            self.looking = False
+
+    async def _act_on_look(self) -> None:
+        """In the listener's task: act on what a look saw, against what this session knows now
+        (mail the server announced meanwhile is no news)."""
+        assert self.looks is not None
+        status, self.look_saw = self.look_saw, None
+        if status is None:
+            return
+        if status.get("UIDVALIDITY", self.info.uidvalidity) != self.info.uidvalidity:
+            # The folder was re-created: only a new session sees it as it is now.
+            raise MailProtocolError(
+                f"the UIDVALIDITY of {self.info.name!r} changed while listening: reconnecting"
+            )
+        messages, uidnext = status.get("MESSAGES", 0), status.get("UIDNEXT", 0)
+        unannounced = messages > self.exists or (self.prefetch is not None and uidnext > self.next_uid)
+        if self.wanted or not unannounced:
+            self.looks.gate.outcome("nothing")
+            return
+        self.looks.gate.outcome("found")
+        log.info(
+            "a look found mail the server did not announce",
+            extra={"mailbox": self.mailbox_id, "folder": self.info.name},
+        )
+        if not self.seen_at:
+            self.seen_at = time.time()
+        if self.prefetch is not None:
+            self.wanted = self.look_found = True  # fetched on this session, after a NOOP
+            return
+        self.exists = max(self.exists, messages)
+        await self._announce(self._task(uid_hint=0, reason="exists"))
+
+    def _look_failed(self, exc: MailSourceError) -> None:
+        """A failed look is a missed safety net, not a failed listener: the listening session
+        is fine. Said once a minute at most (a server refusing logins fails thousands)."""
+        gate = self.looks.gate if self.looks is not None else None
+        if gate is None:
+            return
+        gate.outcome("failed")
+        gate.failed += 1
+        now = trio.current_time()
+        if now - gate.failed_said_at < _LOOK_FAILED_LOG_SECONDS:
+            return
+        log.warning(
+            "%d look(s) at folders failed since the last such warning (the last: %s)",
+            gate.failed,
+            exc,
+            extra={"mailbox": self.mailbox_id, "folder": self.info.name},
+        )
+        gate.failed = 0
+        gate.failed_said_at = now
 
     # -- the session loops ----------------------------------------------------------------------
 
@@ -603,6 +804,9 @@ class _Listener:
             quiet_until = now + settings.keepalive_seconds
             probe = False
             while not self.wanted:
+                if self.look_saw is not None:
+                    await self._act_on_look()
+                    continue
                 now = trio.current_time()
                 if now >= renew_at:
                     break
@@ -610,9 +814,12 @@ class _Listener:
                     probe = True
                     break
                 if now >= self.recheck_at:
-                    await self.recheck()  # the session stays in IDLE
+                    self.recheck()  # the session stays in IDLE
                     continue
-                response = await client.idle_wait(min(renew_at, quiet_until, self.recheck_at) - now)
+                response = None
+                with trio.CancelScope() as self.idle_wait_scope:
+                    response = await client.idle_wait(min(renew_at, quiet_until, self.recheck_at) - now)
+                self.idle_wait_scope = None
                 if response is not None:
                     quiet_until = trio.current_time() + settings.keepalive_seconds
                     await self.handle((response,))
@@ -622,11 +829,15 @@ class _Listener:
             # then), not while the answer is handed on: a queue that blocks (RabbitMQ retrying
             # an unreachable broker) would otherwise keep every other session in IDLE, its
             # renewals and liveness probes included.
-            if not (self.wanted and not probe and await self.end_idle_and_fetch(timeout)):
+            # Mail a look found was not announced to this session, whose view of the folder
+            # may not hold it yet (Dovecot syncs it at the end of the next command, after a
+            # FETCH would have run): a NOOP first.
+            sync_first, self.look_found = self.look_found, False
+            if not (self.wanted and not probe and not sync_first and await self.end_idle_and_fetch(timeout)):
                 async with self.wakeups:
                     answer = await client.idle_done(timeout=timeout)
                 await self.handle(answer)
-            if probe:
+            if probe or sync_first:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
             while self.wanted:
                 await self.fetch_new()
