@@ -644,6 +644,8 @@ class _Listener:
                 )
             )
         self._advance(fetched)
+        if new and self.looks is not None:
+            self.looks.gate.fetched.add(trio.current_time(), len(new))  # "a backlog drains"
         if not new and covers_to < first:
             return  # announced, then gone (expunged), or already handed on
         newest = max([covers_to, *(m.uid for m in new)])
