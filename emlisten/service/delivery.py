@@ -56,14 +56,6 @@ class _Drainer:
         self.pending: list[TaskDelivery] = []
 
 
-class _FolderLock:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = trio.Lock()
-        self.users = 0
-
-
 class DeliveryWorker:
     def __init__(
         self,
@@ -84,7 +76,6 @@ class DeliveryWorker:
         self.readers = readers
         self.sink = sink
         self._drainers: dict[DrainKey, _Drainer] = {}
-        self._folder_locks: dict[DrainKey, _FolderLock] = {}
         #: Receivers (origins) some drainer is backing off from, set when one gets through.
         self._receivers_back: dict[str, trio.Event] = {}
         self._intake = trio.CancelScope()
@@ -207,24 +198,10 @@ class DeliveryWorker:
     async def _sync_exclusively(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         """Sync one folder while holding its sync lease, so that two workers (two secondaries, or
         a primary standing in) never deliver the same folder at once: that would double mail.
+        Within this worker one drainer per folder runs at a time (``_drainers``).
 
         The lease is the store's generic named lease, renewed while the sync runs."""
 
-        # The store lease keeps other workers out; within this worker a drainer and a recheck
-        # of the same folder share the lease owner, so they take turns on a local lock.
-        lock = self._folder_locks.get(key)
-        if lock is None:
-            lock = self._folder_locks[key] = _FolderLock()
-        lock.users += 1
-        try:
-            async with lock.lock:
-                await self._sync_with_lease(key, seen_at, tasks)
-        finally:
-            lock.users -= 1
-            if not lock.users:
-                del self._folder_locks[key]
-
-    async def _sync_with_lease(self, key: DrainKey, seen_at: float, tasks: Sequence[SyncTask]) -> None:
         name = f"sync/{key[0]}/{key[1]}"
         ttl = self.settings.lease_ttl_seconds
         wait = 0.01
