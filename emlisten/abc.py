@@ -127,6 +127,30 @@ class Store(ABC):
         Only changes published after the subscription was entered are seen.
         """
 
+    # -- the data set's identity (docs/reliability.md, "A store that lost its data") -------------
+
+    @abstractmethod
+    async def incarnation(self) -> str:
+        """The id of the data set this store holds, created (random) when there is none.
+
+        It stays the same for as long as the data does (a Redis restarted with its data, a
+        reopened data directory) and changes when the data is gone (Redis restarted empty or
+        flushed): a node that sees another id than the one it started with knows that every
+        registration, checkpoint and lease was lost, not removed."""
+
+    @abstractmethod
+    async def restore_mailboxes(
+        self, mailboxes: Sequence[MailboxConfig], checkpoints: Mapping[str, Mapping[str, Checkpoint]]
+    ) -> list[str]:
+        """Register each mailbox that is not registered, with the checkpoints given for its
+        folders (``checkpoints[mailbox_id][folder]``), after the store lost its data.
+
+        Never overwrites: a registered mailbox keeps its stored document, and a folder that has a
+        checkpoint keeps it. A folder without one gets the given checkpoint, which also becomes
+        its history floor when it has none (as with ``seed_checkpoint``). Atomic per mailbox at
+        least: nobody sees a restored mailbox without the checkpoints it was restored with.
+        Returns the ids this call registered."""
+
     @abstractmethod
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         """Every folder's checkpoint of one mailbox (for the admin API)."""

@@ -155,6 +155,11 @@ class Settings:
     #: node's mailboxes are taken over within about this time.
     lease_ttl_seconds: float = 5.0
     lease_renew_seconds: float = 1.5
+    #: How often a primary re-reads the checkpoints of the mailboxes it runs, to restore them
+    #: if the store loses its data (docs/reliability.md): after a wipe, mail delivered within
+    #: this long before it is delivered again (same Email.Id). 0: only what sessions read at
+    #: connect (each wipe repeats the mail since then).
+    checkpoint_refresh_seconds: float = 30.0
     #: Most mailboxes one node listens to (0: no cap beyond the fair share).
     max_mailboxes: int = 0
 
@@ -328,7 +333,13 @@ def _check(settings: Settings) -> None:
         raise ConfigError(
             f"{env_name('lease_renew_seconds')} must be at most half of {env_name('lease_ttl_seconds')}"
         )
-    for name in ("recheck_seconds", "recheck_late_seconds", "prefetch_max_bytes", "max_connects_per_second"):
+    for name in (
+        "recheck_seconds",
+        "recheck_late_seconds",
+        "prefetch_max_bytes",
+        "max_connects_per_second",
+        "checkpoint_refresh_seconds",
+    ):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
     if settings.ews_auth.strip().lower() not in ("auto", "basic", "ntlm", "negotiate"):

@@ -103,6 +103,17 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.checkpoint_refreshes = Counter(
+            "emlisten_checkpoint_refreshes",
+            "Reads of the checkpoints of the mailboxes this node runs, kept in memory to register "
+            "them again if the store loses its data",
+            registry=self.registry,
+        )
+        self.restored_mailboxes = Counter(
+            "emlisten_restored_mailboxes",
+            "Mailboxes this node registered again after the store lost its data",
+            registry=self.registry,
+        )
         #: The web console's view of this node: deliveries per minute and recent events per
         #: mailbox (in memory, the last hour; see docs/console.md).
         self.activity = Activity()

@@ -11,12 +11,11 @@ A failing mailbox only ever affects its own scope.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -55,6 +54,11 @@ _HEALTHY_AFTER_SECONDS = 60.0
 #: listening session's loop waits for it meanwhile.
 _RECHECK_PUBLISH_SECONDS = 5.0
 _RECHECK_DROPPED_LOG_SECONDS = 60.0
+#: Mailboxes per read when the checkpoints of this node's mailboxes are re-read (about 12 ms of
+#: the event loop each with Redis).
+_CHECKPOINT_REFRESH_CHUNK = 1000
+#: How long the sync of a restored folder may wait for the queue (see _sync_restored).
+_RESTORED_SYNC_PUBLISH_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -104,6 +108,17 @@ class MailboxManager:
         self.pacer = ConnectPacer(
             max_concurrent=settings.max_concurrent_connects, max_per_second=settings.max_connects_per_second
         )
+        #: The store's data set as this node first saw it (Store.incarnation): another one means
+        #: the store lost its data (Redis restarted empty), not that mailboxes were closed.
+        self._incarnation: str | None = None
+        self._incarnation_lock = trio.Lock()
+        #: The newest checkpoint this process read or seeded per mailbox and folder, for the
+        #: restore after a store lost its data. Older than the store's (workers advance it
+        #: unseen): restoring it repeats mail (same Email.Id), never skips any.
+        self.known_checkpoints: dict[str, dict[str, Checkpoint]] = {}
+        #: Until then no surplus is released (trio time): after a restore, the registry fills up
+        #: as the other primaries restore theirs, and a share computed meanwhile is too small.
+        self._keep_surplus_until = -math.inf
 
     def prefetch_for(self, mailbox: MailboxConfig) -> Prefetch | None:
         """Fetch small new mail on the listening session and carry it in the task, whatever the
@@ -112,11 +127,31 @@ class MailboxManager:
         settings = self.settings
         if settings.prefetch_max_bytes <= 0:
             return None
+        mailbox_id = mailbox.id
+
+        async def checkpoint(folder: str) -> Checkpoint | None:
+            found = await self.store.get_checkpoint(mailbox_id, folder)
+            self.remember_checkpoint(mailbox_id, folder, found)
+            return found
+
         return Prefetch(
             max_message_bytes=settings.prefetch_max_bytes,
             max_messages=settings.batch_max_count,
-            checkpoint=functools.partial(self.store.get_checkpoint, mailbox.id),
+            checkpoint=checkpoint,
         )
+
+    def remember_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint | None) -> None:
+        """Keep the newest checkpoint seen for a folder of a mailbox this node runs."""
+        if checkpoint is None or mailbox_id not in self._running:
+            return
+        folders = self.known_checkpoints.setdefault(mailbox_id, {})
+        known = folders.get(folder)
+        if (
+            known is None
+            or known.uidvalidity != checkpoint.uidvalidity
+            or known.last_uid <= checkpoint.last_uid
+        ):
+            folders[folder] = checkpoint
 
     @property
     def running_count(self) -> int:
@@ -143,6 +178,7 @@ class MailboxManager:
                                 task_status.started()
                                 nursery.start_soon(self._renew_loop)
                                 nursery.start_soon(self._balance_loop)
+                                nursery.start_soon(self._checkpoint_refresh_loop)
                                 started = True
                             else:
                                 await self._resync()  # what changed while the feed was down
@@ -187,6 +223,35 @@ class MailboxManager:
             except StoreError as exc:
                 log.warning("cannot rebalance mailboxes: %s", exc)
 
+    async def _checkpoint_refresh_loop(self) -> None:
+        """Re-read the checkpoints of the mailboxes this node runs now and then: workers move
+        them on unseen by this node, and a restore after the store lost its data repeats the
+        mail delivered after the checkpoint it restores. Also covers mailboxes whose session is
+        down (it read none)."""
+        period = self.settings.checkpoint_refresh_seconds
+        if period <= 0:
+            return
+        while True:
+            await trio.sleep(period)
+            try:
+                await self._refresh_known_checkpoints()
+            except StoreError as exc:
+                log.debug("could not re-read checkpoints: %s", exc)  # the renewal says it louder
+
+    async def _refresh_known_checkpoints(self) -> None:
+        ids = sorted(self._running)
+        found: dict[str, dict[str, Checkpoint]] = {}
+        for start in range(0, len(ids), _CHECKPOINT_REFRESH_CHUNK):
+            found.update(await self.store.get_checkpoints_of(ids[start : start + _CHECKPOINT_REFRESH_CHUNK]))
+        # The identity is read after the checkpoints: still the data set this node knows, so are
+        # they (a store that lost its data has a new one from the first look after the loss on).
+        if self._incarnation is None or await self.store.incarnation() != self._incarnation:
+            return
+        for mailbox_id, folders in found.items():
+            for folder, checkpoint in folders.items():
+                self.remember_checkpoint(mailbox_id, folder, checkpoint)
+        self.metrics.checkpoint_refreshes.inc()
+
     def _node_info(self) -> NodeInfo:
         return NodeInfo(
             id=self.settings.node_id,
@@ -226,10 +291,15 @@ class MailboxManager:
 
         settings = self.settings
         node_id, ttl = settings.node_id, settings.lease_ttl_seconds
+        await self._restore_if_store_lost()
         primaries = [n for n in await self.store.list_nodes() if Role(n.role).listens]
         node_count = max(1, len(primaries) + (0 if any(n.id == node_id for n in primaries) else 1))
         all_ids = await self.store.list_mailbox_ids()
         gone = self._owned - set(all_ids)
+        # Checked again after the read: a wipe just before it must not read as "closed".
+        if gone and await self._restore_if_store_lost():
+            all_ids = await self.store.list_mailbox_ids()
+            gone = self._owned - set(all_ids)
         if gone:
             await self._give_up(gone)
         self._target = math.ceil(len(all_ids) / node_count)
@@ -245,7 +315,7 @@ class MailboxManager:
                 claimed = await self.store.claim_leases(node_id, wanted, ttl)
                 self._owned.update(claimed)
                 await self._start_claimed(claimed)
-        elif len(self._owned) > self._target:
+        elif len(self._owned) > self._target and trio.current_time() >= self._keep_surplus_until:
             surplus = sorted(self._owned)[: len(self._owned) - self._target]
             log.info("releasing %d mailbox(es) to other nodes", len(surplus))
             await self._give_up(surplus)
@@ -254,7 +324,10 @@ class MailboxManager:
         """Many mailboxes changed at once (a bulk create or recreate): restart the owned ones whose
         configuration changed, stop the removed ones, then claim our share of the new ones."""
 
+        await self._restore_if_store_lost()
         configs = await self.store.get_mailboxes(sorted(self._owned))
+        if len(configs) < len(self._owned) and await self._restore_if_store_lost():
+            configs = await self.store.get_mailboxes(sorted(self._owned))
         for mailbox_id in list(self._owned):
             config = configs.get(mailbox_id)
             running = self._running.get(mailbox_id)
@@ -267,6 +340,95 @@ class MailboxManager:
             if mailbox_id in self._owned and mailbox_id not in self._running:
                 self._start(config)  # configs already read: no second round trip
         await self._balance()
+
+    async def _restore_if_store_lost(self) -> bool:
+        """When the store holds another data set than the one this node started with (Redis
+        restarted empty), register again the mailboxes this node runs, with the newest
+        checkpoints it knows, instead of giving them up and waiting for Creatio's failover job
+        (every minute) to re-create them. True when it restored.
+
+        The sessions keep running. Every node does this for its own mailboxes at once: the
+        store registers only what is absent and sets only missing checkpoints, so what another
+        node or the API wrote meanwhile stays."""
+
+        async with self._incarnation_lock:
+            current = await self.store.incarnation()
+            if self._incarnation is None or current == self._incarnation:
+                self._incarnation = current
+                return False
+            running = [running.config for running in self._running.values()]
+            log.warning(
+                "the store lost its data (new incarnation): restoring %d mailbox(es) this node runs",
+                len(running),
+            )
+            checkpoints = {config.id: dict(self.known_checkpoints.get(config.id, {})) for config in running}
+            # A folder whose checkpoint this process never read (its session never got up) would
+            # start at the server's current position, and a mailbox the store knows is one
+            # Creatio's failover job leaves alone: the mail that arrived meanwhile would be lost.
+            # Those mailboxes are given up as before: the job re-creates them and loads their
+            # history.
+            unknown = [config.id for config in running if set(config.folders) - set(checkpoints[config.id])]
+            if unknown:
+                log.warning(
+                    "no checkpoint known for every folder of %d mailbox(es) (%s%s): left to Creatio's "
+                    "failover job, which re-creates them and loads their history",
+                    len(unknown),
+                    ", ".join(unknown[:5]),
+                    ", ..." if len(unknown) > 5 else "",
+                )
+            left = set(unknown)
+            candidates = {config.id: config for config in running if config.id not in left}
+            # The leases first: once a mailbox is registered again, other nodes may claim it. A
+            # lease another node holds means that node runs the mailbox (our renewal stops ours).
+            settings = self.settings
+            held = await self.store.claim_leases(
+                settings.node_id, sorted(candidates), settings.lease_ttl_seconds
+            )
+            restoring = [candidates[mailbox_id] for mailbox_id in held]
+            restored = await self.store.restore_mailboxes(restoring, checkpoints)
+            await self._record_restored_states(restored)
+            self.metrics.restored_mailboxes.inc(len(restored))
+            self._incarnation = current
+            # Every primary sees the change within a renewal period and restores in one step.
+            self._keep_surplus_until = trio.current_time() + 2 * settings.lease_ttl_seconds
+            log.info(
+                "restored %d mailbox(es) (%d already registered again by others)",
+                len(restored),
+                len(restoring) - len(restored),
+            )
+        await self._sync_restored(restoring, checkpoints)
+        return True
+
+    async def _record_restored_states(self, mailbox_ids: Sequence[str]) -> None:
+        """The states went with the data: write what the sessions are in now (for the API)."""
+        now = time.time()
+        statuses = {
+            mailbox_id: MailboxStatus(MailboxState(state), updated_at=now, node=self.settings.node_id)
+            for mailbox_id in mailbox_ids
+            if (state := self.local_states.get(mailbox_id)) is not None
+        }
+        if statuses:
+            await self.store.set_statuses(statuses)
+
+    async def _sync_restored(
+        self, mailboxes: Sequence[MailboxConfig], checkpoints: Mapping[str, Mapping[str, Checkpoint]]
+    ) -> None:
+        """One sync per restored folder: workers skipped the tasks of the mailboxes the store did
+        not know, so the mail after the restored checkpoint is delivered now, not with the
+        folder's next mail."""
+        failed = 0
+        for config in mailboxes:
+            for folder in config.folders:
+                known = checkpoints.get(config.id, {}).get(folder)
+                task = SyncTask(config.id, folder, known.uidvalidity if known else 0, 0, reason="restored")
+                try:
+                    with trio.fail_after(_RESTORED_SYNC_PUBLISH_SECONDS):
+                        await self.queue.publish(task)
+                except (QueueError, trio.TooSlowError):
+                    failed += 1
+        if failed:
+            # Not lost: the folder's next mail, or the next reconnect's catch-up, syncs it.
+            log.warning("could not queue the sync of %d restored folder(s)", failed)
 
     async def _start_claimed(self, mailbox_ids: Sequence[str]) -> None:
         """Start supervisors for newly claimed mailboxes, reading their configs in one call."""
@@ -284,7 +446,9 @@ class MailboxManager:
             await self._resync()
             return
         if mailbox_id in self._owned:
-            if await self.store.get_mailbox(mailbox_id) is None:
+            if await self.store.get_mailbox(mailbox_id) is None and not (
+                await self._restore_if_store_lost() and await self.store.get_mailbox(mailbox_id) is not None
+            ):
                 await self._give_up([mailbox_id])
             else:
                 await self.reconcile(mailbox_id)
@@ -355,6 +519,7 @@ class MailboxManager:
             if running is None or running.scope is scope:
                 self._running.pop(mailbox.id, None)
                 self.local_states.pop(mailbox.id, None)
+                self.known_checkpoints.pop(mailbox.id, None)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -543,8 +708,11 @@ class MailboxSupervisor:
             # (history is loaded through /api/email/synchronize), so seed the checkpoint.
             seed = Checkpoint(task.uidvalidity, task.uid_hint, task.seed_cursor)
             if await self.m.store.seed_checkpoint(task.mailbox_id, task.folder, seed):
+                self.m.remember_checkpoint(task.mailbox_id, task.folder, seed)
                 return  # a new subscription: nothing to catch up on
-            if task.covered_by(await self.m.store.get_checkpoint(task.mailbox_id, task.folder)):
+            checkpoint = await self.m.store.get_checkpoint(task.mailbox_id, task.folder)
+            self.m.remember_checkpoint(task.mailbox_id, task.folder, checkpoint)
+            if task.covered_by(checkpoint):
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return

@@ -7,7 +7,8 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -35,6 +36,8 @@ class MemoryStore(Store):
         # (event id -> event). Copies go in and out, so callers cannot change what is stored.
         self._outboxes: dict[str, dict[str, WebhookEvent]] = {}
         self._dead: dict[str, WebhookEvent] = {}
+        #: The data set lives as long as this object: one id for its whole life.
+        self._incarnation = str(uuid.uuid4())
 
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:
         self._mailboxes[mailbox.id] = mailbox
@@ -115,6 +118,33 @@ class MemoryStore(Store):
             self._floors[key] = checkpoint
         self._checkpoints[key] = checkpoint
         return True
+
+    async def incarnation(self) -> str:
+        return self._incarnation
+
+    async def restore_mailboxes(
+        self, mailboxes: Sequence[MailboxConfig], checkpoints: Mapping[str, Mapping[str, Checkpoint]]
+    ) -> list[str]:
+        return [
+            mailbox.id for mailbox in mailboxes if self._restore(mailbox, checkpoints.get(mailbox.id, {}))[0]
+        ]
+
+    def _restore(
+        self, mailbox: MailboxConfig, checkpoints: Mapping[str, Checkpoint]
+    ) -> tuple[bool, list[tuple[str, str]]]:
+        """One mailbox of ``restore_mailboxes`` (no await: atomic). Whether it was registered,
+        and the (mailbox, folder) keys whose checkpoint and floor it set."""
+        registered = mailbox.id not in self._mailboxes
+        if registered:
+            self._mailboxes[mailbox.id] = mailbox
+        set_keys = []
+        for folder, checkpoint in checkpoints.items():
+            key = (mailbox.id, folder)
+            if key not in self._checkpoints:
+                self._checkpoints[key] = checkpoint
+                self._floors.setdefault(key, checkpoint)
+                set_keys.append(key)
+        return registered, set_keys
 
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         return {folder: cp for (mid, folder), cp in self._checkpoints.items() if mid == mailbox_id}

@@ -267,6 +267,7 @@ class SqliteStore(MemoryStore):
     async def _load(self) -> None:
         try:
             await self._check_key()
+            await self._load_incarnation()
             rows = {
                 table: await self._thread(self._db.query, f"SELECT * FROM {table}")  # noqa: S608 - fixed names
                 for table in ("mailboxes", "statuses", "checkpoints", "floors", "history")
@@ -306,6 +307,19 @@ class SqliteStore(MemoryStore):
 
     def _open_event(self, event_id: str, blob: bytes) -> WebhookEvent:
         return decode_webhook_event(self._cipher.decrypt(bytes(blob), associated_data=event_id.encode()))
+
+    async def _load_incarnation(self) -> None:
+        """The data set's id (Store.incarnation) is kept with the data: a reopened directory
+        keeps it, a new one gets its own."""
+        found = await self._thread(self._db.query, "SELECT value FROM meta WHERE key = 'incarnation'")
+        if found:
+            self._incarnation = str(found[0][0])
+            return
+        statement: Statement = (
+            "INSERT INTO meta (key, value) VALUES ('incarnation', ?)",
+            (self._incarnation,),
+        )
+        await self._thread(self._db.apply, [statement])
 
     async def _check_key(self) -> None:
         schema = await self._thread(self._db.query, "SELECT value FROM meta WHERE key = 'schema'")
@@ -531,6 +545,20 @@ class SqliteStore(MemoryStore):
         self._dirty.floors.add((mailbox_id, folder))
         await self._persisted()
         return True
+
+    async def restore_mailboxes(
+        self, mailboxes: Sequence[MailboxConfig], checkpoints: Mapping[str, Mapping[str, Checkpoint]]
+    ) -> list[str]:
+        restored = []
+        for mailbox in mailboxes:
+            registered, set_keys = self._restore(mailbox, checkpoints.get(mailbox.id, {}))
+            if registered:
+                restored.append(mailbox.id)
+                self._dirty.mailboxes.add(mailbox.id)
+            self._dirty.checkpoints.update(set_keys)
+            self._dirty.floors.update(set_keys)
+        await self._persisted()  # one transaction carries every mailbox with its checkpoints
+        return restored
 
     async def mark_history_delivered(
         self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]

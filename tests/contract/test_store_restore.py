@@ -1,0 +1,138 @@
+"""Store contract, the restore after a store lost its data: the data set's identity
+(``incarnation``) and ``restore_mailboxes`` (register if absent, checkpoints only where absent,
+atomic per mailbox), on every adapter, plus what only Redis and SQLite can show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from emlisten.abc import Store
+from emlisten.models import Checkpoint
+from emlisten.store.redis import RedisStore
+from tests.contract.backends import (
+    REDIS_URL,
+    TEST_SECRET_KEY,
+    delete_redis_keys,
+    redis_store,
+    sqlite_store,
+    unique_prefix,
+)
+from tests.contract.test_redis_specific import raw_hash
+from tests.contract.test_store import mailbox, store  # noqa: F401 - the parametrized fixture
+
+
+async def test_the_incarnation_stays_while_the_data_does(store: Store) -> None:  # noqa: F811
+    first = await store.incarnation()
+    assert first
+    await store.put_mailbox(mailbox())
+    assert await store.incarnation() == first
+
+
+async def test_restore_into_an_empty_store(store: Store) -> None:  # noqa: F811
+    m = mailbox()  # folders INBOX and Support; only INBOX's checkpoint is known
+    assert await store.restore_mailboxes([m], {m.id: {"INBOX": Checkpoint(7, 10)}}) == [m.id]
+
+    assert await store.get_mailbox(m.id) == m  # the password comes back as it went in
+    assert await store.list_mailbox_ids() == [m.id]
+    assert await store.get_checkpoints(m.id) == {"INBOX": Checkpoint(7, 10)}
+    assert await store.get_history_floor(m.id, "INBOX") == Checkpoint(7, 10)
+    # The worker's "no checkpoint: seed at the current position" cannot move a restored one;
+    # a folder restored without one is seeded as before.
+    assert await store.seed_checkpoint(m.id, "INBOX", Checkpoint(7, 99)) is False
+    assert await store.seed_checkpoint(m.id, "Support", Checkpoint(3, 4)) is True
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(7, 12)) is True
+    assert await store.get_checkpoint(m.id, "INBOX") == Checkpoint(7, 12)
+
+
+async def test_restore_never_overwrites_what_was_written_meanwhile(store: Store) -> None:  # noqa: F811
+    ours = mailbox()
+    theirs = ours.replace(password="written-by-the-api", revision=3)  # e.g. Creatio's recreate
+    await store.put_mailbox(theirs)
+    await store.seed_checkpoint(ours.id, "INBOX", Checkpoint(7, 20))
+
+    restored = await store.restore_mailboxes(
+        [ours], {ours.id: {"INBOX": Checkpoint(7, 30), "Support": Checkpoint(8, 5)}}
+    )
+
+    assert restored == []
+    assert await store.get_mailbox(ours.id) == theirs
+    # INBOX keeps its checkpoint (not moved forward, nor back); Support had none and gets ours.
+    assert await store.get_checkpoints(ours.id) == {"INBOX": Checkpoint(7, 20), "Support": Checkpoint(8, 5)}
+    assert await store.get_history_floor(ours.id, "INBOX") == Checkpoint(7, 20)
+
+
+async def test_restoring_again_changes_nothing(store: Store) -> None:  # noqa: F811
+    a, b = mailbox(), mailbox("22222222-2222-2222-2222-222222222222")
+    checkpoints = {a.id: {"INBOX": Checkpoint(1, 5)}, b.id: {"INBOX": Checkpoint(2, 6)}}
+    assert sorted(await store.restore_mailboxes([a, b], checkpoints)) == sorted([a.id, b.id])
+    await store.advance_checkpoint(a.id, "INBOX", Checkpoint(1, 9))
+
+    # Another node (or this one, a tick later) restores the same mailboxes with older knowledge.
+    assert await store.restore_mailboxes([a, b], {a.id: {"INBOX": Checkpoint(1, 2)}}) == []
+    assert await store.get_checkpoint(a.id, "INBOX") == Checkpoint(1, 9)
+    assert await store.get_checkpoint(b.id, "INBOX") == Checkpoint(2, 6)
+    assert await store.restore_mailboxes([], {}) == []
+
+
+async def test_a_restored_mailbox_is_never_seen_without_its_checkpoint(store: Store) -> None:  # noqa: F811
+    """A worker that finds the mailbox and then reads no checkpoint seeds one at the server's
+    current position, skipping the mail in between: the two must appear together."""
+    mailboxes = [mailbox(f"m-{n:04d}") for n in range(300)]
+    checkpoints = {m.id: {"INBOX": Checkpoint(1, 100)} for m in mailboxes}
+    seen_without: list[str] = []
+    done = False
+
+    async def worker() -> None:
+        while not done:
+            for m in mailboxes:
+                if (
+                    await store.get_mailbox(m.id) is not None
+                    and await store.get_checkpoint(m.id, "INBOX") is None
+                ):
+                    seen_without.append(m.id)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        assert len(await store.restore_mailboxes(mailboxes, checkpoints)) == len(mailboxes)
+        done = True
+    assert seen_without == []
+
+
+@pytest.mark.redis
+async def test_redis_a_wiped_prefix_is_a_new_incarnation_and_credentials_stay_encrypted() -> None:
+    prefix = unique_prefix()
+    async with (
+        redis_store(prefix=prefix) as node,
+        RedisStore.open(REDIS_URL, prefix=prefix, secret_key=TEST_SECRET_KEY) as other_node,
+    ):
+        first = await node.incarnation()
+        assert await other_node.incarnation() == first  # one id per data set, whoever asks
+
+        await delete_redis_keys(prefix)  # what a Redis restarted empty looks like to us
+        second = await other_node.incarnation()
+        assert second != first
+        assert await node.incarnation() == second
+
+        m = mailbox(password="restored-secret-password")
+        assert await node.restore_mailboxes([m], {m.id: {"INBOX": Checkpoint(1, 2)}}) == [m.id]
+        stored = await raw_hash(f"{prefix}mailboxes")
+        assert b"restored-secret-password" not in stored[m.id.encode()]
+        assert await other_node.get_mailbox(m.id) == m
+
+
+async def test_sqlite_keeps_the_incarnation_and_the_restore_across_a_restart(tmp_path: Path) -> None:
+    m = mailbox()
+    async with sqlite_store(tmp_path / "a") as durable:
+        first = await durable.incarnation()
+        await durable.restore_mailboxes([m], {m.id: {"INBOX": Checkpoint(7, 10)}})
+    async with sqlite_store(tmp_path / "a") as durable:
+        assert await durable.incarnation() == first
+        assert await durable.get_mailbox(m.id) == m
+        assert await durable.get_checkpoints(m.id) == {"INBOX": Checkpoint(7, 10)}
+        assert await durable.get_history_floor(m.id, "INBOX") == Checkpoint(7, 10)
+    async with sqlite_store(tmp_path / "b") as elsewhere:
+        assert await elsewhere.incarnation() != first
