@@ -119,6 +119,10 @@ class MailboxManager:
         #: Until then no surplus is released (trio time): after a restore, the registry fills up
         #: as the other primaries restore theirs, and a share computed meanwhile is too small.
         self._keep_surplus_until = -math.inf
+        #: The mailboxes (and their known checkpoints) this node stopped when it lost contact with
+        #: the store: if the store comes back without its data, they are restored too. Dropped
+        #: when it comes back with it (balancing takes them back then).
+        self._stopped_for_outage: dict[str, tuple[MailboxConfig, dict[str, Checkpoint]]] = {}
 
     def prefetch_for(self, mailbox: MailboxConfig) -> Prefetch | None:
         """Fetch small new mail on the listening session and carry it in the task, whatever the
@@ -208,6 +212,10 @@ class MailboxManager:
                 if trio.current_time() - self._renewed_at >= self.settings.lease_ttl_seconds * 0.8:
                     # Our leases may expire any moment and another node take over: step back.
                     log.error("lost contact with the store: stopping all mailboxes of this node")
+                    for mailbox_id in self._owned:
+                        if (running := self._running.get(mailbox_id)) is not None:
+                            known = dict(self.known_checkpoints.get(mailbox_id, {}))
+                            self._stopped_for_outage[mailbox_id] = (running.config, known)
                     self._stop(list(self._owned))
                     self._owned.clear()
 
@@ -355,13 +363,26 @@ class MailboxManager:
             current = await self.store.incarnation()
             if self._incarnation is None or current == self._incarnation:
                 self._incarnation = current
+                self._stopped_for_outage.clear()  # the store kept its data
                 return False
             running = [running.config for running in self._running.values()]
-            log.warning(
-                "the store lost its data (new incarnation): restoring %d mailbox(es) this node runs",
-                len(running),
-            )
             checkpoints = {config.id: dict(self.known_checkpoints.get(config.id, {})) for config in running}
+            # Redis restarted empty is first an outage: past 0.8 lease TTL this node stopped
+            # everything (see _renew_loop). Those mailboxes are this node's to restore as well.
+            stopped = {
+                mailbox_id: entry
+                for mailbox_id, entry in self._stopped_for_outage.items()
+                if mailbox_id not in checkpoints
+            }
+            for mailbox_id, (config, known) in stopped.items():
+                running.append(config)
+                checkpoints[mailbox_id] = known
+            log.warning(
+                "the store lost its data (new incarnation): restoring %d mailbox(es) this node runs "
+                "(%d of them stopped while the store was unreachable)",
+                len(running),
+                len(stopped),
+            )
             # A folder whose checkpoint this process never read (its session never got up) would
             # start at the server's current position, and a mailbox the store knows is one
             # Creatio's failover job leaves alone: the mail that arrived meanwhile would be lost.
@@ -386,9 +407,15 @@ class MailboxManager:
             )
             restoring = [candidates[mailbox_id] for mailbox_id in held]
             restored = await self.store.restore_mailboxes(restoring, checkpoints)
+            for config in restoring:
+                if config.id in stopped:
+                    self._owned.add(config.id)
+                    if config.id not in self._running:
+                        self._start(config)  # a new session: its catch-up starts at the checkpoint
             await self._record_restored_states(restored)
             self.metrics.restored_mailboxes.inc(len(restored))
             self._incarnation = current
+            self._stopped_for_outage.clear()
             # Every primary sees the change within a renewal period and restores in one step.
             self._keep_surplus_until = trio.current_time() + 2 * settings.lease_ttl_seconds
             log.info(
