@@ -136,3 +136,13 @@ async def test_sqlite_keeps_the_incarnation_and_the_restore_across_a_restart(tmp
         assert await durable.get_history_floor(m.id, "INBOX") == Checkpoint(7, 10)
     async with sqlite_store(tmp_path / "b") as elsewhere:
         assert await elsewhere.incarnation() != first
+
+
+async def test_checkpoints_of_thousands_of_mailboxes_at_once(store: Store) -> None:  # noqa: F811
+    """What a primary reads every EMLISTEN_CHECKPOINT_REFRESH_SECONDS (Redis: one script per
+    2,000 mailboxes, so this crosses a chunk)."""
+    mailboxes = [mailbox(f"m-{n:04d}", folders=("INBOX",)) for n in range(2500)]
+    expected = {m.id: {"INBOX": Checkpoint(1, n)} for n, m in enumerate(mailboxes)}
+    await store.restore_mailboxes(mailboxes, expected)
+    found = await store.get_checkpoints_of([*expected, "unknown"])
+    assert found == {**expected, "unknown": {}}
