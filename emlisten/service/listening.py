@@ -34,7 +34,6 @@ from emlisten.errors import (
 )
 from emlisten.metrics import Metrics
 from emlisten.models import (
-    RECHECK_REASONS,
     Checkpoint,
     FolderInfo,
     MailboxConfig,
@@ -50,10 +49,6 @@ log = logging.getLogger(__name__)
 
 #: A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 _HEALTHY_AFTER_SECONDS = 60.0
-#: A recheck the queue cannot take within this long is dropped (see _publish_recheck): the
-#: listening session's loop waits for it meanwhile.
-_RECHECK_PUBLISH_SECONDS = 5.0
-_RECHECK_DROPPED_LOG_SECONDS = 60.0
 #: Mailboxes per read when the checkpoints of this node's mailboxes are re-read (about 12 ms of
 #: the event loop each with Redis).
 _CHECKPOINT_REFRESH_CHUNK = 1000
@@ -102,9 +97,6 @@ class MailboxManager:
         self._renewed_at = -math.inf
         self._started_at = time.time()
         self._nursery: trio.Nursery | None = None
-        #: Rechecks dropped since the last warning about them (one warning a minute at most).
-        self.rechecks_dropped = 0
-        self.rechecks_dropped_said_at = -math.inf
         self.pacer = ConnectPacer(
             max_concurrent=settings.max_concurrent_connects, max_per_second=settings.max_connects_per_second
         )
@@ -743,34 +735,7 @@ class MailboxSupervisor:
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return
-        if task.reason in RECHECK_REASONS:
-            await self._publish_recheck(task)
-            return
         await self.m.queue.publish(task)
-
-    async def _publish_recheck(self, task: SyncTask) -> None:
-        """A recheck is a safety net: when the queue cannot take it soon (a broker that is down
-        or flooded, as by 10,000 looks after a cold start's first IDLEs), drop it with a
-        warning rather than fail the listener: a failed listener reconnects, and every
-        reconnect asks for one more look."""
-        try:
-            with trio.fail_after(_RECHECK_PUBLISH_SECONDS):
-                await self.m.queue.publish(task)
-        except (QueueError, trio.TooSlowError) as exc:
-            # One line a minute at most: in a flood thousands are dropped within seconds.
-            manager = self.m
-            manager.rechecks_dropped += 1
-            now = trio.current_time()
-            if now - manager.rechecks_dropped_said_at < _RECHECK_DROPPED_LOG_SECONDS:
-                return
-            log.warning(
-                "could not queue %d recheck(s) since the last such warning (the last: %s)",
-                manager.rechecks_dropped,
-                exc if isinstance(exc, QueueError) else f"no answer within {_RECHECK_PUBLISH_SECONDS:g}s",
-                extra={"mailbox": self.mailbox.id, "folder": task.folder},
-            )
-            manager.rechecks_dropped = 0
-            manager.rechecks_dropped_said_at = now
 
     async def _report(self, *, available: bool, error_class: str = "", message: str = "") -> None:
         try:
