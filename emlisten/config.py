@@ -130,9 +130,10 @@ class Settings:
     #: failed to wake. Uncontended in normal traffic.
     max_concurrent_wakeups: int = 128
     #: Safety net for notifications a server drops (Dovecot while hibernating a session): this
-    #: long after new mail on a listening session, a worker checks the folder once on a session
-    #: of its own (0: never).
-    recheck_seconds: float = 3.0
+    #: long after new mail on a listening session, the listener looks at the folder once on a
+    #: short session of its own (0: never). About twice the server's imap_hibernate_timeout:
+    #: see docs/architecture.md for why not just above it.
+    recheck_seconds: float = 4.0
     #: EWS with user name + password: "auto" (as the server's WWW-Authenticate challenge asks:
     #: Negotiate, else NTLM, else Basic), or "basic", "ntlm", "negotiate" only.
     ews_auth: str = "auto"
@@ -147,7 +148,7 @@ class Settings:
     recheck_late_seconds: float = 12.0
     #: One look after the first IDLE of every IMAP session (after a connect or reconnect): mail
     #: landing in that IDLE's hibernation hand-off window has no new mail before it to schedule
-    #: a look. Costs one short reader session per connect (a cold start of N mailboxes: N).
+    #: a look. Costs one short session per connect (a cold start of N mailboxes: N).
     recheck_after_connect: bool = True
 
     # Ownership (several primaries sharing one store)

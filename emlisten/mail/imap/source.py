@@ -65,7 +65,7 @@ class ImapSettings:
     #: Safety net for notifications a server drops: this long after new mail was handled on
     #: a session, look at the folder once on a short session of its own (STATUS), leaving the
     #: listening session in IDLE (0 disables).
-    recheck_seconds: float = 3.0
+    recheck_seconds: float = 4.0
     #: A second, later look (0: none): under load a server can hand a session to hibernation
     #: seconds after it usually does, after the first recheck has looked.
     recheck_late_seconds: float = 12.0
@@ -184,7 +184,7 @@ class ImapSource(MailSource):
         connect_timeout: float = 30.0,
         command_timeout: float = 60.0,
         close_timeout: float = 5.0,
-        recheck_seconds: float = 3.0,
+        recheck_seconds: float = 4.0,
         recheck_late_seconds: float = 12.0,
         recheck_after_connect: bool = True,
         prefetch_budget_bytes: int = 256 * 1024 * 1024,
