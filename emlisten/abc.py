@@ -145,11 +145,28 @@ class Store(ABC):
         """Register each mailbox that is not registered, with the checkpoints given for its
         folders (``checkpoints[mailbox_id][folder]``), after the store lost its data.
 
-        Never overwrites: a registered mailbox keeps its stored document, and a folder that has a
-        checkpoint keeps it. A folder without one gets the given checkpoint, which also becomes
-        its history floor when it has none (as with ``seed_checkpoint``). Atomic per mailbox at
-        least: nobody sees a restored mailbox without the checkpoints it was restored with.
-        Returns the ids this call registered."""
+        Never overwrites: a registered mailbox keeps its stored document. Checkpoints only move
+        forward, as with ``reassert_checkpoints``: a folder without one gets the given checkpoint,
+        a folder with one of the same UIDVALIDITY and a lower ``last_uid`` is advanced to it, any
+        other is kept (so whichever of a restore and a worker's re-assertion comes first, the
+        newer checkpoint wins). A folder without a history floor gets the checkpoint it ends up
+        with as its floor (as with ``seed_checkpoint``). Atomic per mailbox at least: nobody sees
+        a restored mailbox without the checkpoints it was restored with. Returns the ids this
+        call registered."""
+
+    @abstractmethod
+    async def reassert_checkpoints(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> int:
+        """Put back checkpoints a worker wrote before the store lost its data
+        (``checkpoints[mailbox_id][folder]``), whether the mailbox is registered (yet) or not.
+
+        Only forward, per folder: set where the folder has none (its history floor too, where it
+        has none), advanced where the stored one has the same UIDVALIDITY and a lower
+        ``last_uid``; never moved back, and one of another UIDVALIDITY is never touched. Atomic
+        per folder at least. Returns how many folders were set or advanced.
+
+        Checkpoints of a mailbox nobody registers again stay as leftovers: ``remove_mailbox``
+        deletes them, and registering an unknown id drops them first (StoreListenerControl), so a
+        ``create`` after ``close`` is still a new subscription."""
 
     @abstractmethod
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 
@@ -46,6 +47,20 @@ _THREAD_CONVERT_BYTES = 256 * 1024
 #: How long the checkpoint of accepted mail is retried through a store outage (see
 #: DeliveryWorker._save_checkpoint); past it the drainer's retry may deliver the mail again.
 _CHECKPOINT_PATIENCE = 120.0
+#: How many folders' last written checkpoints a worker remembers, to put them back when the store
+#: loses its data (docs/reliability.md, "A store that lost its data"); the least recently written
+#: go first. An entry (a (mailbox id, folder) key, a Checkpoint, the OrderedDict's links) costs
+#: about 330 bytes with 36-character ids: about 35 MB at the limit, reached only by a worker that
+#: delivered to 100,000 folders since it started.
+_REMEMBERED_CHECKPOINTS = 100_000
+#: How often the worker looks at the store's incarnation (one GET): a wipe is seen within this,
+#: and the primaries restore no sooner than 2 s after they see it (MailboxManager), so every
+#: worker has put its checkpoints back before a restored folder can be synced.
+_INCARNATION_WATCH_SECONDS = 1.0
+#: A checkpoint write that finds its mailbox unknown this soon after the worker saw the store
+#: lose its data is put back at once: a delivery accepted during the outage may record its
+#: checkpoint after the worker put back the others.
+_LATE_REASSERT_SECONDS = 30.0
 
 
 class _Drainer:
@@ -81,6 +96,13 @@ class DeliveryWorker:
         self._intake = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
+        #: The last checkpoint this worker wrote per folder (bounded, least recently written
+        #: dropped first): the exact delivered point, put back if the store loses its data.
+        self._written: OrderedDict[DrainKey, Checkpoint] = OrderedDict()
+        #: The store's data set as this worker saw it (Store.incarnation), kept across runs.
+        self._incarnation: str | None = None
+        #: When this worker last saw the store lose its data (trio time).
+        self._store_lost_at = -math.inf
 
     @property
     def busy(self) -> int:
@@ -88,12 +110,68 @@ class DeliveryWorker:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            watch = trio.CancelScope()
+            nursery.start_soon(self._watch_incarnation, watch)
             with self._intake:
                 async with self.queue.consume(prefetch=self.settings.worker_concurrency) as deliveries:
                     task_status.started()
                     async for delivery in deliveries:
                         self._dispatch(nursery, delivery)
             # Intake stopped (shutdown): the nursery waits for running drainers to finish.
+            watch.cancel()
+
+    async def _watch_incarnation(self, scope: trio.CancelScope) -> None:
+        """Put back the checkpoints this worker wrote when the store loses its data (Redis
+        restarted empty). The primaries restore their mailboxes with the checkpoints they read,
+        which lag the ones workers wrote since: without this, the mail in between is delivered
+        again. Only forward (Store.reassert_checkpoints), so it never undoes newer progress."""
+        with scope:
+            while True:
+                try:
+                    await self._check_incarnation()
+                except StoreError as exc:
+                    # Redis is down during a wipe: look again at the next tick.
+                    log.debug("could not read the store's incarnation: %s", exc)
+                await trio.sleep(_INCARNATION_WATCH_SECONDS)
+
+    async def _check_incarnation(self) -> None:
+        current = await self.store.incarnation()
+        if self._incarnation is None:
+            self._incarnation = current  # the baseline
+            return
+        if current == self._incarnation:
+            return
+        # Before the snapshot: a write that finds its mailbox gone from now on puts itself back.
+        self._store_lost_at = trio.current_time()
+        remembered: dict[str, dict[str, Checkpoint]] = {}
+        for (mailbox_id, folder), checkpoint in self._written.items():
+            remembered.setdefault(mailbox_id, {})[folder] = checkpoint
+        changed = await self.store.reassert_checkpoints(remembered)
+        log.warning(
+            "the store lost its data (new incarnation): put back %d of the %d checkpoint(s) this "
+            "worker wrote",
+            changed,
+            len(self._written),
+        )
+        self._incarnation = current
+
+    def _remember(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
+        key = (mailbox_id, folder)
+        known = self._written.pop(key, None)
+        if (
+            known is not None
+            and known.uidvalidity == checkpoint.uidvalidity
+            and known.last_uid > checkpoint.last_uid
+        ):
+            checkpoint = known  # a late write of older progress (it changed nothing in the store)
+        self._written[key] = checkpoint
+        if len(self._written) > _REMEMBERED_CHECKPOINTS:
+            self._written.popitem(last=False)
+
+    async def _advance(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
+        """Move the checkpoint on past mail that needs no delivery (vanished, a rebuilt folder)."""
+        if await self.store.advance_checkpoint(mailbox_id, folder, checkpoint):
+            self._remember(mailbox_id, folder, checkpoint)
 
     def reset_intake(self) -> None:
         """Allow ``run`` again after ``stop_intake`` (a primary standing in more than once)."""
@@ -282,7 +360,7 @@ class DeliveryWorker:
                         # pass; asking the server again now would cost a round trip per mail.
                         return delivered
                 elif after != checkpoint:
-                    await self.store.advance_checkpoint(mailbox_id, folder, after)
+                    await self._advance(mailbox_id, folder, after)
                 else:
                     return delivered
                 checkpoint = after
@@ -312,7 +390,7 @@ class DeliveryWorker:
                 delivered += await self._deliver_messages(mailbox, folder, messages, after, seen_at)
                 self.metrics.prefetched_emails.inc(len(messages))
             else:
-                await self.store.advance_checkpoint(mailbox.id, folder, after)
+                await self._advance(mailbox.id, folder, after)
             checkpoint = after
         return checkpoint, delivered
 
@@ -437,7 +515,11 @@ class DeliveryWorker:
         while True:
             try:
                 with trio.CancelScope(shield=True):
-                    await self.store.advance_checkpoint(mailbox_id, folder, checkpoint)
+                    stored = await self.store.advance_checkpoint(mailbox_id, folder, checkpoint)
+                    # Remembered whatever the store did with it: the receiver has the mail.
+                    self._remember(mailbox_id, folder, checkpoint)
+                    if not stored and trio.current_time() - self._store_lost_at < _LATE_REASSERT_SECONDS:
+                        await self._reassert_late(mailbox_id, folder, checkpoint)
                 return
             except StoreError as error:
                 if trio.current_time() >= give_up_at:
@@ -448,6 +530,19 @@ class DeliveryWorker:
                     extra={"mailbox": mailbox_id, "folder": folder},
                 )
             await trio.sleep(min(retry.next_delay(), 2.0))
+
+    async def _reassert_late(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
+        """The mailbox is unknown to a store that just lost its data (or was closed): put the
+        checkpoint back as the others were, in case this write came after them. Best effort:
+        at worst the primary's restore repeats this batch."""
+        try:
+            await self.store.reassert_checkpoints({mailbox_id: {folder: checkpoint}})
+        except StoreError as error:
+            log.warning(
+                "could not put back the checkpoint of delivered mail: %s",
+                error,
+                extra={"mailbox": mailbox_id, "folder": folder},
+            )
 
 
 def _feature_enabled(mailbox: MailboxConfig, name: str) -> bool:

@@ -54,6 +54,10 @@ _HEALTHY_AFTER_SECONDS = 60.0
 _CHECKPOINT_REFRESH_CHUNK = 1000
 #: How long the sync of a restored folder may wait for the queue (see _sync_restored).
 _RESTORED_SYNC_PUBLISH_SECONDS = 5.0
+#: How long after it first sees a new incarnation a primary restores: every worker looks at the
+#: incarnation each second (DeliveryWorker) and puts back the checkpoints it wrote, newer than
+#: the ones a primary knows; a restored folder synced before that would repeat the mail between.
+RESTORE_DELAY_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -348,15 +352,20 @@ class MailboxManager:
         (every minute) to re-create them. True when it restored.
 
         The sessions keep running. Every node does this for its own mailboxes at once: the
-        store registers only what is absent and sets only missing checkpoints, so what another
-        node or the API wrote meanwhile stays."""
+        store registers only what is absent and moves checkpoints only forward, so what another
+        node, the API or a worker (which puts back the checkpoints it wrote) wrote meanwhile
+        stays. It waits ``RESTORE_DELAY_SECONDS`` first, so that the workers' come first."""
 
+        seen_before = self._incarnation
         async with self._incarnation_lock:
             current = await self.store.incarnation()
             if self._incarnation is None or current == self._incarnation:
                 self._incarnation = current
                 self._stopped_for_outage.clear()  # the store kept its data
-                return False
+                # Restored by another caller while this one waited for the lock: the caller's
+                # reads from before are stale all the same.
+                return seen_before is not None and current != seen_before
+            current = await self._wait_for_workers(current)
             running = [running.config for running in self._running.values()]
             checkpoints = {config.id: dict(self.known_checkpoints.get(config.id, {})) for config in running}
             # Redis restarted empty is first an outage: past 0.8 lease TTL this node stopped
@@ -417,6 +426,18 @@ class MailboxManager:
             )
         await self._sync_restored(restoring, checkpoints)
         return True
+
+    async def _wait_for_workers(self, current: str) -> str:
+        """Give the workers ``RESTORE_DELAY_SECONDS`` from the moment this node first saw the new
+        incarnation to put back their checkpoints before it restores (the mailboxes stay
+        unregistered meanwhile: workers drop their tasks, the restore queues a sync per folder).
+        Returns the incarnation to restore into (a second loss meanwhile restarts the wait)."""
+        while True:
+            await trio.sleep(RESTORE_DELAY_SECONDS)
+            latest = await self.store.incarnation()
+            if latest == current:
+                return current
+            current = latest
 
     async def _record_restored_states(self, mailbox_ids: Sequence[str]) -> None:
         """The states went with the data: write what the sessions are in now (for the API)."""

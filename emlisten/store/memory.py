@@ -137,14 +137,36 @@ class MemoryStore(Store):
         registered = mailbox.id not in self._mailboxes
         if registered:
             self._mailboxes[mailbox.id] = mailbox
-        set_keys = []
-        for folder, checkpoint in checkpoints.items():
-            key = (mailbox.id, folder)
-            if key not in self._checkpoints:
-                self._checkpoints[key] = checkpoint
-                self._floors.setdefault(key, checkpoint)
-                set_keys.append(key)
+        set_keys = [
+            (mailbox.id, folder)
+            for folder, checkpoint in checkpoints.items()
+            if self._forward((mailbox.id, folder), checkpoint)
+        ]
         return registered, set_keys
+
+    def _forward(self, key: tuple[str, str], checkpoint: Checkpoint) -> bool:
+        """Set the checkpoint where there is none, advance it within the same UIDVALIDITY, leave
+        any other alone; the floor is set where there is none. Whether it changed (no await)."""
+        current = self._checkpoints.get(key)
+        if current is not None and (
+            current.uidvalidity != checkpoint.uidvalidity or current.last_uid >= checkpoint.last_uid
+        ):
+            return False
+        self._checkpoints[key] = checkpoint
+        self._floors.setdefault(key, checkpoint)
+        return True
+
+    async def reassert_checkpoints(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> int:
+        return len(self._reassert(checkpoints))
+
+    def _reassert(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> list[tuple[str, str]]:
+        """``reassert_checkpoints`` (no await: atomic): the (mailbox, folder) keys it changed."""
+        return [
+            (mailbox_id, folder)
+            for mailbox_id, folders in checkpoints.items()
+            for folder, checkpoint in folders.items()
+            if self._forward((mailbox_id, folder), checkpoint)
+        ]
 
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         return {folder: cp for (mid, folder), cp in self._checkpoints.items() if mid == mailbox_id}

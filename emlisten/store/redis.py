@@ -130,18 +130,48 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
-# KEYS as _SEED; ARGV[1] mailbox id, ARGV[2] sealed mailbox document, then (folder, checkpoint
-# JSON) pairs. Registers the mailbox if absent and sets each checkpoint where the folder has none
-# (its floor too, as _SEED does), in one step: a worker never sees the mailbox without them.
-_RESTORE = """
-local registered = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-for i = 3, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1])
+# Only forward (Store.reassert_checkpoints): set the folder's checkpoint (checkpoints hash cps)
+# where it has none, advance it within the same UIDVALIDITY, leave any other alone; its history
+# floor (hash floors) is set where it has none. 1 when it changed.
+_FORWARD = """
+local function forward(cps, floors, folder, doc)
+  local current = redis.call('HGET', cps, folder)
+  if current then
+    local have, want = cjson.decode(current), cjson.decode(doc)
+    if tonumber(have['uidvalidity']) ~= tonumber(want['uidvalidity'])
+        or tonumber(have['last_uid']) >= tonumber(want['last_uid']) then
+      return 0
+    end
   end
+  redis.call('HSET', cps, folder, doc)
+  redis.call('HSETNX', floors, folder, doc)
+  return 1
 end
+"""
+
+# KEYS as _SEED; ARGV[1] mailbox id, ARGV[2] sealed mailbox document, then (folder, checkpoint
+# JSON) pairs. Registers the mailbox if absent and moves each checkpoint forward to the one given
+# (_FORWARD), in one step: a worker never sees the mailbox without them.
+_RESTORE = (
+    _FORWARD
+    + """
+local registered = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+for i = 3, #ARGV, 2 do forward(KEYS[2], KEYS[3], ARGV[i], ARGV[i + 1]) end
 return registered
 """
+)
+
+# KEYS (checkpoints hash, floors hash) per folder, ARGV (folder, checkpoint JSON) per folder, in
+# the same order. Each checkpoint moved forward (_FORWARD), registered mailbox or not. Returns
+# how many changed.
+_REASSERT = (
+    _FORWARD
+    + """
+local changed = 0
+for i = 1, #ARGV, 2 do changed = changed + forward(KEYS[i], KEYS[i + 1], ARGV[i], ARGV[i + 1]) end
+return changed
+"""
+)
 
 # KEYS[1] mailboxes hash, KEYS[2] the mailbox's history index, KEYS[3] the history set of
 # (folder, uidvalidity); ARGV[1] mailbox id, ARGV[2..] UIDs. Nothing for an unknown mailbox, so
@@ -391,6 +421,7 @@ class RedisStore(Store):
         self._seed = client.register_script(_SEED)
         self._incarnation = client.register_script(_INCARNATION)
         self._restore = client.register_script(_RESTORE)
+        self._reassert = client.register_script(_REASSERT)
         self._advance = client.register_script(_ADVANCE)
         self._mark_history = client.register_script(_MARK_HISTORY)
         self._add_delivered = client.register_script(_ADD_DELIVERED)
@@ -675,6 +706,27 @@ class RedisStore(Store):
             return restored
 
         return await self._run(restore) if calls else []
+
+    async def reassert_checkpoints(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> int:
+        keys: list[str] = []
+        args: list[str | bytes] = []
+        for mailbox_id, folders in checkpoints.items():
+            for folder, checkpoint in folders.items():
+                keys += [self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
+                args += [folder, encode_checkpoint(checkpoint)]
+
+        async def reassert() -> int:
+            # Chunked like get_checkpoints_of (a worker may remember 100,000 folders), in one
+            # bridge crossing; atomic per script call, which is more than per folder.
+            changed = 0
+            step = 2 * _UNPACK_CHUNK
+            for start in range(0, len(keys), step):
+                changed += int(
+                    await self._reassert(keys=keys[start : start + step], args=args[start : start + step])
+                )
+            return changed
+
+        return await self._run(reassert) if keys else 0
 
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
         documents: dict[bytes | str, bytes | str] = await self._run(

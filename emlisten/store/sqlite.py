@@ -560,6 +560,14 @@ class SqliteStore(MemoryStore):
         await self._persisted()  # one transaction carries every mailbox with its checkpoints
         return restored
 
+    async def reassert_checkpoints(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> int:
+        changed = self._reassert(checkpoints)
+        if changed:
+            self._dirty.checkpoints.update(changed)
+            self._dirty.floors.update(changed)
+            await self._persisted()
+        return len(changed)
+
     async def mark_history_delivered(
         self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]
     ) -> None:

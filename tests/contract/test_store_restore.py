@@ -1,6 +1,7 @@
 """Store contract, the restore after a store lost its data: the data set's identity
-(``incarnation``) and ``restore_mailboxes`` (register if absent, checkpoints only where absent,
-atomic per mailbox), on every adapter, plus what only Redis and SQLite can show."""
+(``incarnation``), ``restore_mailboxes`` (register if absent, checkpoints only forward, atomic per
+mailbox) and ``reassert_checkpoints`` (the workers put back the checkpoints they wrote, only
+forward, registered or not), on every adapter, plus what only Redis and SQLite can show."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import trio
 
 from emlisten.abc import Store
 from emlisten.models import Checkpoint
+from emlisten.service.listeners import StoreListenerControl
 from emlisten.store.redis import RedisStore
 from tests.contract.backends import (
     REDIS_URL,
@@ -59,9 +61,15 @@ async def test_restore_never_overwrites_what_was_written_meanwhile(store: Store)
 
     assert restored == []
     assert await store.get_mailbox(ours.id) == theirs
-    # INBOX keeps its checkpoint (not moved forward, nor back); Support had none and gets ours.
-    assert await store.get_checkpoints(ours.id) == {"INBOX": Checkpoint(7, 20), "Support": Checkpoint(8, 5)}
+    # Checkpoints only go forward: INBOX moves on to the one this node knows was reached (mail up
+    # to it was delivered before the loss); Support had none and gets ours. The floor stays.
+    assert await store.get_checkpoints(ours.id) == {"INBOX": Checkpoint(7, 30), "Support": Checkpoint(8, 5)}
     assert await store.get_history_floor(ours.id, "INBOX") == Checkpoint(7, 20)
+    # Never back, and never over another UIDVALIDITY (the folder was rebuilt meanwhile).
+    await store.advance_checkpoint(ours.id, "Support", Checkpoint(9, 1))
+    older = {"INBOX": Checkpoint(7, 25), "Support": Checkpoint(8, 6)}
+    await store.restore_mailboxes([ours], {ours.id: older})
+    assert await store.get_checkpoints(ours.id) == {"INBOX": Checkpoint(7, 30), "Support": Checkpoint(9, 1)}
 
 
 async def test_restoring_again_changes_nothing(store: Store) -> None:  # noqa: F811
@@ -146,3 +154,87 @@ async def test_checkpoints_of_thousands_of_mailboxes_at_once(store: Store) -> No
     await store.restore_mailboxes(mailboxes, expected)
     found = await store.get_checkpoints_of([*expected, "unknown"])
     assert found == {**expected, "unknown": {}}
+
+
+# -- reassert_checkpoints: what the workers know they delivered ----------------------------------
+
+
+async def test_reassert_into_an_empty_store_before_the_mailbox_is_registered(store: Store) -> None:  # noqa: F811
+    m = mailbox()
+    written = {"INBOX": Checkpoint(7, 40), "Support": Checkpoint(8, 3)}
+    changed = await store.reassert_checkpoints({m.id: written})
+
+    assert changed == 2
+    assert await store.get_mailbox(m.id) is None  # nothing registered: only the checkpoints
+    assert await store.get_checkpoints(m.id) == written
+    assert await store.get_history_floor(m.id, "INBOX") == Checkpoint(7, 40)
+    # The primary's restore comes after it with an older checkpoint: the worker's stays.
+    known = {"INBOX": Checkpoint(7, 30), "Support": Checkpoint(8, 3)}
+    assert await store.restore_mailboxes([m], {m.id: known}) == [m.id]
+    assert await store.get_mailbox(m.id) == m
+    assert await store.get_checkpoints(m.id) == written
+    assert await store.advance_checkpoint(m.id, "INBOX", Checkpoint(7, 41)) is True
+
+
+async def test_reassert_after_the_restore_only_moves_forward(store: Store) -> None:  # noqa: F811
+    m = mailbox(folders=("INBOX", "Support", "Sales"))
+    await store.restore_mailboxes([m], {m.id: {"INBOX": Checkpoint(7, 30), "Support": Checkpoint(8, 50)}})
+    await store.advance_checkpoint(m.id, "Sales", Checkpoint(5, 9))
+
+    changed = await store.reassert_checkpoints(
+        {
+            m.id: {
+                "INBOX": Checkpoint(7, 40),  # the worker delivered further: advanced
+                "Support": Checkpoint(8, 45),  # the restore knows more: never moved back
+                "Sales": Checkpoint(4, 99),  # another UIDVALIDITY (the folder was rebuilt): left alone
+            }
+        }
+    )
+
+    assert changed == 1
+    assert await store.get_checkpoints(m.id) == {
+        "INBOX": Checkpoint(7, 40),
+        "Support": Checkpoint(8, 50),
+        "Sales": Checkpoint(5, 9),
+    }
+    # The floors stay where the restore put them (history covers UIDs at or below them).
+    assert await store.get_history_floor(m.id, "INBOX") == Checkpoint(7, 30)
+    assert await store.reassert_checkpoints({m.id: {"INBOX": Checkpoint(7, 40)}}) == 0
+    assert await store.reassert_checkpoints({}) == 0
+
+
+async def test_leftover_checkpoints_go_with_close_and_before_a_new_registration(store: Store) -> None:  # noqa: F811
+    """A worker remembers a mailbox closed before the loss and puts its checkpoints back; nobody
+    registers it again. ``close`` deletes them, and a ``create`` of that id is a new
+    subscription (it starts at the newest message), not a resumption from them."""
+    closed, recreated = mailbox(), mailbox("22222222-2222-2222-2222-222222222222")
+    await store.reassert_checkpoints({m.id: {"INBOX": Checkpoint(7, 40)} for m in (closed, recreated)})
+
+    assert await store.remove_mailbox(closed.id) is False
+    assert await store.get_checkpoints(closed.id) == {}
+    assert await store.get_history_floor(closed.id, "INBOX") is None
+
+    control = StoreListenerControl(store, node_id="n1", role="all")
+    await control.create([recreated])
+    assert await store.get_mailbox(recreated.id) is not None
+    assert await store.get_checkpoints(recreated.id) == {}
+    assert await store.get_history_floor(recreated.id, "INBOX") is None
+    assert await store.seed_checkpoint(recreated.id, "INBOX", Checkpoint(7, 90)) is True
+
+
+async def test_reassert_thousands_of_folders_at_once(store: Store) -> None:  # noqa: F811
+    """What a worker remembers can be 100,000 folders (Redis: 2,000 a script call, so this
+    crosses a chunk)."""
+    checkpoints = {f"m-{n:04d}": {"INBOX": Checkpoint(1, n + 1)} for n in range(2500)}
+    assert await store.reassert_checkpoints(checkpoints) == 2500
+    assert await store.get_checkpoints_of(list(checkpoints)) == checkpoints
+    assert await store.reassert_checkpoints(checkpoints) == 0
+
+
+async def test_sqlite_keeps_reasserted_checkpoints_across_a_restart(tmp_path: Path) -> None:
+    m = mailbox()
+    async with sqlite_store(tmp_path / "a") as durable:
+        await durable.reassert_checkpoints({m.id: {"INBOX": Checkpoint(7, 10)}})
+    async with sqlite_store(tmp_path / "a") as durable:
+        assert await durable.get_checkpoints(m.id) == {"INBOX": Checkpoint(7, 10)}
+        assert await durable.get_history_floor(m.id, "INBOX") == Checkpoint(7, 10)
