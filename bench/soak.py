@@ -19,8 +19,10 @@ Fault kinds (``--kinds``; each round runs every kind once, in an order drawn fro
   at its door; the worker holding the folder's sync lease is killed); restarted after 5 s;
 - ``redis-restart``: Redis stopped (SIGTERM, it writes its AOF) and started again after 5 s;
 - ``redis-wipe``: Redis SIGKILLed, its files removed, started empty after 5 s: every
-  registration, checkpoint and lease is gone, and only Creatio's failover job brings the
-  mailboxes back;
+  registration, checkpoint and lease is gone. The primaries see the new incarnation and
+  register their mailboxes again with the checkpoints they know, after the workers put back the
+  checkpoints they wrote (docs/reliability.md, "A store that lost its data"); Creatio's failover
+  job re-creates only what no primary restored (a primary killed at the same moment);
 - ``rabbitmq-cut``: every connection of the vhost closed, alternately by the broker
   (``rabbitmqctl close_all_connections``) and by a TCP reset on the proxy;
 - ``imap-cut``: every IMAP connection reset on the proxy;

@@ -28,7 +28,9 @@ from tests.cluster.test_faults import (
     Figures,
     MailFlow,
     Proxied,
+    count,
     proxied,
+    report,
     settled,
     start_listening,
     start_nodes,
@@ -215,3 +217,45 @@ async def test_mail_flows_on_after_the_store_lost_its_data(
         after = node.log_text()[offsets[node.node_id] :]
         for sign in ("] listening mailbox=", "restarting", "stopped listening"):
             assert sign not in after, f"{node.node_id} logged {sign!r} after the wipe:\n{after[-6000:]}"
+
+
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+async def test_mail_accepted_while_the_store_was_down_for_a_wipe_is_not_delivered_again(
+    proxied: Proxied, dovecot: Dovecot, creatio: CreatioStandIn
+) -> None:
+    """Creatio accepts a delivery while Redis is down (and comes back empty): the secondary
+    records that checkpoint into a store that no longer knows the mailbox, possibly after it put
+    back the others. The primary, which reads no checkpoints after connecting, restores one older
+    than both mails; neither comes again."""
+    c = proxied.cluster
+    base_env = c.env
+
+    def env(node_id: str, role: str) -> dict[str, str]:
+        return {**base_env(node_id, role), "EMLISTEN_CHECKPOINT_REFRESH_SECONDS": "0"}
+
+    c.env = env  # type: ignore[method-assign]
+    await start_nodes(c, {"p1": "primary", "s1": "secondary"})
+    flow = await start_listening(c, dovecot, creatio, mailboxes=1)
+    await flow.append("before")
+    assert await settled(flow, creatio, c, "p1", ("p1", "s1")) is None
+
+    creatio.hold_next("ProcessFullEmail")
+    await flow.append("accepted-while-down")
+    await creatio.wait_held(timeout=20)
+    offsets = {name: len(c.nodes[name].log_text()) for name in ("p1", "s1")}
+    proxied.redis.block()
+    creatio.release()  # Creatio has the mail; the secondary cannot record it
+    with trio.fail_after(60):
+        while "could not record the checkpoint" not in c.nodes["s1"].log_text()[offsets["s1"] :]:
+            assert c.nodes["s1"].alive, c.nodes["s1"].log_text()[-3000:]
+            await trio.sleep(0.05)
+    assert await trio.to_thread.run_sync(_wipe, c.prefix) > 0
+    proxied.redis.unblock()
+
+    with trio.fail_after(30):
+        while RESTORED not in c.nodes["p1"].log_text()[offsets["p1"] :]:
+            await trio.sleep(0.05)
+    await flow.append("after")
+    problem = await settled(flow, creatio, c, "p1", ("p1", "s1"))
+    report(count("a delivery accepted while the store was down for a wipe", flow, creatio), problem)
