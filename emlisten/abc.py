@@ -165,8 +165,8 @@ class Store(ABC):
         per folder at least. Returns how many folders were set or advanced.
 
         Checkpoints of a mailbox nobody registers again stay as leftovers: ``remove_mailbox``
-        deletes them, and registering an unknown id drops them first (StoreListenerControl), so a
-        ``create`` after ``close`` is still a new subscription."""
+        deletes them, and a registration of that id resumes from them (as when Creatio's
+        failover job re-creates a mailbox the store lost before its primary restored it)."""
 
     @abstractmethod
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:

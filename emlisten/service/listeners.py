@@ -64,7 +64,6 @@ class StoreListenerControl:
         if not mailboxes:
             return
         existing = await self.store.get_mailboxes([m.id for m in mailboxes])
-        await self._drop_leftovers([m.id for m in mailboxes if m.id not in existing])
         now = time.time()
         new_statuses = {}
         stored = []
@@ -93,18 +92,6 @@ class StoreListenerControl:
         else:
             for mailbox in stored:
                 await self.store.publish_change(mailbox.id)
-
-    async def _drop_leftovers(self, mailbox_ids: Sequence[str]) -> None:
-        """Checkpoints of ids the store does not know are leftovers: a worker put them back after
-        the store lost its data (Store.reassert_checkpoints) and nobody registered the mailbox
-        again (it was closed before the loss, or its primary died with it). Registering such an
-        id is a new subscription, as after a close: it starts at the newest message."""
-        if not mailbox_ids:
-            return
-        found = await self.store.get_checkpoints_of(mailbox_ids)
-        for mailbox_id in (mailbox_id for mailbox_id, folders in found.items() if folders):
-            await self.store.remove_mailbox(mailbox_id)
-            log.info("leftover checkpoints of an unregistered mailbox dropped", extra={"mailbox": mailbox_id})
 
     async def create(self, mailboxes: Sequence[MailboxConfig]) -> None:
         await self._register(mailboxes, restart=False)

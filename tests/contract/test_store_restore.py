@@ -203,10 +203,11 @@ async def test_reassert_after_the_restore_only_moves_forward(store: Store) -> No
     assert await store.reassert_checkpoints({}) == 0
 
 
-async def test_leftover_checkpoints_go_with_close_and_before_a_new_registration(store: Store) -> None:  # noqa: F811
-    """A worker remembers a mailbox closed before the loss and puts its checkpoints back; nobody
-    registers it again. ``close`` deletes them, and a ``create`` of that id is a new
-    subscription (it starts at the newest message), not a resumption from them."""
+async def test_leftover_checkpoints_go_with_close_and_stay_for_a_registration(store: Store) -> None:  # noqa: F811
+    """Workers put back the checkpoints of mailboxes nobody restores: closed before the loss (a
+    worker does not hear of closes), or whose primary died with the store. ``close`` deletes
+    them; a registration resumes from them, as after Creatio's failover job re-creates a mailbox
+    the store lost (possibly before its primary restored it): its mail since is delivered, once."""
     closed, recreated = mailbox(), mailbox("22222222-2222-2222-2222-222222222222")
     await store.reassert_checkpoints({m.id: {"INBOX": Checkpoint(7, 40)} for m in (closed, recreated)})
 
@@ -215,11 +216,13 @@ async def test_leftover_checkpoints_go_with_close_and_before_a_new_registration(
     assert await store.get_history_floor(closed.id, "INBOX") is None
 
     control = StoreListenerControl(store, node_id="n1", role="all")
-    await control.create([recreated])
+    await control.recreate([recreated])
     assert await store.get_mailbox(recreated.id) is not None
-    assert await store.get_checkpoints(recreated.id) == {}
-    assert await store.get_history_floor(recreated.id, "INBOX") is None
-    assert await store.seed_checkpoint(recreated.id, "INBOX", Checkpoint(7, 90)) is True
+    assert await store.get_checkpoints(recreated.id) == {"INBOX": Checkpoint(7, 40)}
+    assert await store.seed_checkpoint(recreated.id, "INBOX", Checkpoint(7, 90)) is False
+    # The primary's restore after it registers nothing and moves nothing back.
+    assert await store.restore_mailboxes([recreated], {recreated.id: {"INBOX": Checkpoint(7, 30)}}) == []
+    assert await store.get_checkpoints(recreated.id) == {"INBOX": Checkpoint(7, 40)}
 
 
 async def test_reassert_thousands_of_folders_at_once(store: Store) -> None:  # noqa: F811
