@@ -52,8 +52,11 @@ from bench._harness import (
     session_counts,
     summary_ms,
 )
-from bench._rawimap import RawImap
+from bench._rawimap import RawImap, RawImapError
 from tests.servers.dovecot import Dovecot, MailUser
+
+#: Logins a floor probe tries before the run gives up (the server may close a few under load).
+_PROBE_LOGIN_ATTEMPTS = 5
 
 TARGET_P50_OVER_FLOOR_MS = 5.0
 TARGET_P99_MS = 100.0
@@ -131,9 +134,22 @@ class FloorProbe:
     async def run(self, stack: MailServerSide, user: MailUser, *, task_status: trio.TaskStatus[None]) -> None:
         context = stack.dovecot.client_ssl_context() if stack.tls else None
         port = stack.dovecot.imaps_port if stack.tls else stack.dovecot.imap_port
-        client = await RawImap.connect(stack.dovecot.host, port, context)
+        for attempt in range(_PROBE_LOGIN_ATTEMPTS):
+            # A server busy with thousands of sessions (and emlisten's looks after the warm-up)
+            # closes some new connections during the handshake; any real client logs in again.
+            try:
+                client = await RawImap.connect(stack.dovecot.host, port, context)
+                try:
+                    await client.login(user.name, user.password)
+                except BaseException:
+                    await client.aclose()
+                    raise
+                break
+            except (OSError, trio.BrokenResourceError, RawImapError):
+                if attempt == _PROBE_LOGIN_ATTEMPTS - 1:
+                    raise
+                await trio.sleep(1.0)
         try:
-            await client.login(user.name, user.password)
             self.initial = await client.select("INBOX")
             tag = await client.idle_start()
             task_status.started()
