@@ -10,6 +10,7 @@ import trio.testing
 
 from emlisten.mail.imap.source import (
     _LOOK_BUSY_FETCHES_PER_SECOND,
+    _LOOK_FAILED_MAX_GAP_SECONDS,
     _LOOK_MAX_HOLD_SECONDS,
     LOOKS_PER_SECOND,
     _LookGate,
@@ -65,3 +66,20 @@ async def test_no_look_is_held_past_the_limit(autojump_clock: trio.testing.MockC
     gate.fetched.add(now, _LOOK_BUSY_FETCHES_PER_SECOND * 2)
     started = await starts_of(gate, 3, asked_at=now - _LOOK_MAX_HOLD_SECONDS)
     assert started[-1] - now < 3 / LOOKS_PER_SECOND + 1e-9
+
+
+async def test_failed_looks_slow_the_looks_down_until_one_succeeds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server that refuses more sessions is not asked 25 times a second for one it will
+    refuse: the gap doubles per failure in a row, capped, and the first success resets it."""
+    gate = _LookGate()
+    for _ in range(20):
+        gate.outcome("failed")
+    started = await starts_of(gate, 3)
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert gaps == [_LOOK_FAILED_MAX_GAP_SECONDS] * 2
+    gate.outcome("nothing")
+    await trio.sleep(_LOOK_FAILED_MAX_GAP_SECONDS)
+    started = await starts_of(gate, 3)
+    assert started[-1] - started[0] < 3 / LOOKS_PER_SECOND

@@ -85,6 +85,10 @@ _LOOK_BUSY_FETCHES_PER_SECOND = 16
 _LOOK_MAX_HOLD_SECONDS = 30.0
 #: One warning about failed looks per this many seconds at most.
 _LOOK_FAILED_LOG_SECONDS = 60.0
+#: After looks failed in a row, the gap between looks doubles per failure up to this: a server
+#: that refuses more sessions (seen at 10,000 TLS sessions: it ended the handshakes) is not
+#: asked 25 times a second for one it will refuse; the first look that succeeds resets it.
+_LOOK_FAILED_MAX_GAP_SECONDS = 5.0
 
 
 class _LookSlots:
@@ -137,7 +141,16 @@ class _LookGate:
     only, so that the looks do not slow the drain they protect (500+ logins had taken a fifth
     of a 1,000-mailbox drain's CPU); none is held longer than ``_LOOK_MAX_HOLD_SECONDS``."""
 
-    __slots__ = ("_gap", "_next_start", "failed", "failed_said_at", "fetched", "observer", "slots")
+    __slots__ = (
+        "_gap",
+        "_next_start",
+        "failed",
+        "failed_in_a_row",
+        "failed_said_at",
+        "fetched",
+        "observer",
+        "slots",
+    )
 
     def __init__(self, *, concurrency: int = LOOK_CONCURRENCY, per_second: float = LOOKS_PER_SECOND) -> None:
         self.slots = trio.CapacityLimiter(concurrency)
@@ -148,6 +161,8 @@ class _LookGate:
         #: Looks failed since the last warning about them.
         self.failed = 0
         self.failed_said_at = -math.inf
+        #: Looks failed since the last one that did not: slows the looks down.
+        self.failed_in_a_row = 0
         #: Told the outcome of every look ("found", "nothing", "failed"): metrics.
         self.observer: Callable[[str], None] | None = None
 
@@ -160,10 +175,15 @@ class _LookGate:
                 continue
             draining = self.fetched.in_last_second(now) >= _LOOK_BUSY_FETCHES_PER_SECOND
             held_long_enough = now - asked_at >= _LOOK_MAX_HOLD_SECONDS
-            self._next_start = now + (1.0 if draining and not held_long_enough else self._gap)
+            gap = 1.0 if draining and not held_long_enough else self._gap
+            if self.failed_in_a_row:
+                backoff = self._gap * 2.0 ** min(self.failed_in_a_row, 16)
+                gap = max(gap, min(backoff, _LOOK_FAILED_MAX_GAP_SECONDS))
+            self._next_start = now + gap
             return
 
     def outcome(self, outcome: str) -> None:
+        self.failed_in_a_row = self.failed_in_a_row + 1 if outcome == "failed" else 0
         if self.observer is not None:
             self.observer(outcome)
 
