@@ -187,6 +187,23 @@ class _LookGate:
         if self.observer is not None:
             self.observer(outcome)
 
+    def failed_look(self, exc: MailSourceError, mailbox_id: str, folder: str) -> None:
+        """A failed look is a missed safety net, not a failed listener: the listening session
+        is fine. Said once a minute at most (a server refusing logins fails thousands)."""
+        self.outcome("failed")
+        self.failed += 1
+        now = trio.current_time()
+        if now - self.failed_said_at < _LOOK_FAILED_LOG_SECONDS:
+            return
+        log.warning(
+            "%d look(s) at folders failed since the last such warning (the last: %s)",
+            self.failed,
+            exc,
+            extra={"mailbox": mailbox_id, "folder": folder},
+        )
+        self.failed = 0
+        self.failed_said_at = now
+
 
 class ImapSource(MailSource):
     """Listens with IDLE (NOOP polling when the server has no IDLE) and reads with UID FETCH.
@@ -415,7 +432,6 @@ class _Listener:
     __slots__ = (
         "budget",
         "client",
-        "connect_look",
         "exists",
         "fetched_exists",
         "idle_wait_scope",
@@ -469,8 +485,6 @@ class _Listener:
         self.seen_at = 0.0
         self.recheck_at = math.inf
         self.recheck_late_at = math.inf
-        #: The pending look is the one after the session's first IDLE.
-        self.connect_look = False
         #: None: the listener cannot look (tests of the listening alone).
         self.looks = looks
         #: When a look was asked that has not started yet (None: none asked).
@@ -700,7 +714,6 @@ class _Listener:
         """New mail was handled: have the folder looked at again a little later, in case the
         server failed to announce what came next (Dovecot drops notifications while it hands a
         session to imap-hibernate, about two seconds after IDLE began)."""
-        self.connect_look = False  # the looks after new mail cover the first IDLE's window
         first, late = self.settings.recheck_seconds, self.settings.recheck_late_seconds
         now = trio.current_time()
         self.recheck_at = now + first if first > 0 else math.inf
@@ -718,7 +731,6 @@ class _Listener:
         window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
         if window > 0:
             self.recheck_at = self.look_slots.reserve(trio.current_time() + window)
-            self.connect_look = True
 
     def recheck(self) -> None:
         """Have the folder looked at on a side session; the late look, if any, comes next.
@@ -729,7 +741,6 @@ class _Listener:
         it, and a cold start's looks flooded RabbitMQ; here a look dies only with its listener,
         whose successor catches up anyway."""
         self.recheck_at, self.recheck_late_at = self.recheck_late_at, math.inf
-        self.connect_look = False
         if self.looks is None:
             return
         if self.look_asked_at is None:
@@ -751,7 +762,7 @@ class _Listener:
                     try:
                         self.look_saw = await self.looks.status(self.info.name)
                     except MailSourceError as exc:
-                        self._look_failed(exc)
+                        gate.failed_look(exc, self.mailbox_id, self.info.name)
                         continue
                 if self.idle_wait_scope is not None:
                     self.idle_wait_scope.cancel()  # the listener acts on it (_act_on_look)
@@ -787,26 +798,6 @@ class _Listener:
             return
         self.exists = max(self.exists, messages)
         await self._announce(self._task(uid_hint=0, reason="exists"))
-
-    def _look_failed(self, exc: MailSourceError) -> None:
-        """A failed look is a missed safety net, not a failed listener: the listening session
-        is fine. Said once a minute at most (a server refusing logins fails thousands)."""
-        gate = self.looks.gate if self.looks is not None else None
-        if gate is None:
-            return
-        gate.outcome("failed")
-        gate.failed += 1
-        now = trio.current_time()
-        if now - gate.failed_said_at < _LOOK_FAILED_LOG_SECONDS:
-            return
-        log.warning(
-            "%d look(s) at folders failed since the last such warning (the last: %s)",
-            gate.failed,
-            exc,
-            extra={"mailbox": self.mailbox_id, "folder": self.info.name},
-        )
-        gate.failed = 0
-        gate.failed_said_at = now
 
     # -- the session loops ----------------------------------------------------------------------
 
