@@ -157,6 +157,22 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
+def _end_process_group(pgid: int, grace: float = 2.0) -> None:
+    """SIGTERM what is left of a process group, then SIGKILL what outlives ``grace``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+
+
 class Dovecot:
     """A private Dovecot: ``start()``, then add users and talk IMAP to ``host``/``imap_port``."""
 
@@ -444,6 +460,11 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # The master exits within a second, but its children (imap-login proxies, imap
+        # processes) linger for up to ten seconds more, holding their clients' connections
+        # open: a "stopped" server whose sessions stay up is not what a test that stops it
+        # means (nor what systemd, which stops the whole cgroup, does).
+        _end_process_group(process.pid)
 
     def restart(self) -> None:
         """Stop and start again on the same ports with the same users and mail."""
