@@ -493,3 +493,17 @@ def test_looks_after_first_idles_are_spread() -> None:
     assert all(abs((b - a) - 0.04) < 1e-9 for a, b in itertools.pairwise(times))
     # A session connecting long after the storm is looked at on time.
     assert slots.reserve(100.0) == 100.0
+
+
+def test_looks_after_first_idles_that_would_come_too_late_are_left_out() -> None:
+    """10,000 first IDLEs at 25 looks a second would keep the server logging in for 400 s: a
+    look that cannot start within its lateness bound is not scheduled (the keepalive covers
+    that session), and the ones after it still get theirs while they can."""
+    slots = _LookSlots(25.0, max_lateness=60.0)
+    times = [slots.reserve(12.0) for _ in range(2000)]
+    scheduled = [t for t in times if t is not None]
+    assert 1500 <= len(scheduled) <= 1501  # 0, 0.04, ..., 60.0 s late (the last by rounding)
+    assert times[: len(scheduled)] == scheduled and all(t is None for t in times[len(scheduled) :])
+    assert max(scheduled) - 12.0 <= 60.0 + 1e-9
+    # Left-out looks take no slot: a session connecting a little later gets the next free one.
+    assert slots.reserve(20.0) == scheduled[-1] + 0.04

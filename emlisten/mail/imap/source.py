@@ -76,6 +76,8 @@ class ImapSettings:
 
 #: Looks after first IDLEs asked per second per process, at most (see _LookSlots).
 CONNECT_LOOKS_PER_SECOND = 25.0
+#: A look after a first IDLE that cannot start within this long of its window is left out.
+CONNECT_LOOK_MAX_LATENESS_SECONDS = 60.0
 #: Looks (side sessions) per process: at most this many at once, and started this often.
 LOOK_CONCURRENCY = 4
 LOOKS_PER_SECOND = 25.0
@@ -95,16 +97,25 @@ class _LookSlots:
     """Spreads the looks after sessions' first IDLEs: a cold start or a reconnect storm starts
     thousands of sessions within a minute, and a look each at the same moment would open as
     many side sessions at once. Each look takes the next free slot, at most ``per_second`` a
-    second; never waiting, only scheduled later."""
+    second; never waiting, only scheduled later.
 
-    __slots__ = ("_gap", "_next_free")
+    A look whose slot would come more than ``max_lateness`` seconds after its window is not
+    scheduled: the session's keepalive probe (minutes) finds what the window hid anyway, and at
+    10,000 sessions the looks, 25 a second, would keep the server logging in for 400 s after
+    a cold start, most of them after the keepalive had looked already."""
 
-    def __init__(self, per_second: float) -> None:
+    __slots__ = ("_gap", "_max_lateness", "_next_free")
+
+    def __init__(self, per_second: float, *, max_lateness: float = math.inf) -> None:
         self._gap = 1.0 / per_second if per_second > 0 else 0.0
+        self._max_lateness = max_lateness
         self._next_free = -math.inf
 
-    def reserve(self, earliest: float) -> float:
+    def reserve(self, earliest: float) -> float | None:
+        """The time of the look, or None when it would come too late to be worth a login."""
         slot = max(earliest, self._next_free)
+        if slot - earliest > self._max_lateness:
+            return None
         self._next_free = slot + self._gap
         return slot
 
@@ -187,6 +198,11 @@ class _LookGate:
         if self.observer is not None:
             self.observer(outcome)
 
+    def left_out(self) -> None:
+        """A look after a first IDLE was not scheduled: it would have come too late."""
+        if self.observer is not None:
+            self.observer("too_late")
+
     def failed_look(self, exc: MailSourceError, mailbox_id: str, folder: str) -> None:
         """A failed look is a missed safety net, not a failed listener: the listening session
         is fine. Said once a minute at most (a server refusing logins fails thousands)."""
@@ -245,7 +261,9 @@ class ImapSource(MailSource):
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
         #: Bounds the sessions ending IDLE at once: see Settings.max_concurrent_wakeups.
         self._wakeups = trio.CapacityLimiter(max_concurrent_wakeups)
-        self._look_slots = _LookSlots(CONNECT_LOOKS_PER_SECOND)
+        self._look_slots = _LookSlots(
+            CONNECT_LOOKS_PER_SECOND, max_lateness=CONNECT_LOOK_MAX_LATENESS_SECONDS
+        )
         self._looks = _LookGate()
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
@@ -477,7 +495,9 @@ class _Listener:
         self.prefetch = prefetch
         self.budget = budget or ByteBudget(256 * 1024 * 1024)
         self.wakeups = wakeups or trio.CapacityLimiter(128)
-        self.look_slots = look_slots or _LookSlots(CONNECT_LOOKS_PER_SECOND)
+        self.look_slots = look_slots or _LookSlots(
+            CONNECT_LOOKS_PER_SECOND, max_lateness=CONNECT_LOOK_MAX_LATENESS_SECONDS
+        )
         self.next_uid = max(info.uidnext, 1)
         self.fetched_exists = info.exists
         #: The server announced mail that was not fetched yet (prefetch mode).
@@ -730,7 +750,11 @@ class _Listener:
             return
         window = self.settings.recheck_late_seconds or self.settings.recheck_seconds
         if window > 0:
-            self.recheck_at = self.look_slots.reserve(trio.current_time() + window)
+            slot = self.look_slots.reserve(trio.current_time() + window)
+            if slot is not None:
+                self.recheck_at = slot
+            elif self.looks is not None:
+                self.looks.gate.left_out()
 
     def recheck(self) -> None:
         """Have the folder looked at on a side session; the late look, if any, comes next.
