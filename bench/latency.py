@@ -37,6 +37,7 @@ from bench._harness import (
     CallbackIndex,
     MailServerSide,
     Result,
+    SessionCounts,
     Stack,
     add_common_arguments,
     bench_dovecot,
@@ -64,6 +65,8 @@ TARGET_P99_MS = 100.0
 DEFAULT_READER_IDLE_SECONDS = 60.0
 #: How much longer than the reader idle time a quiet mailbox has been quiet.
 QUIET_MARGIN_SECONDS = 5.0
+#: --settle-looks: the looks are over when no session was opened for this long.
+LOOKS_QUIET_SECONDS = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="give up when no callback arrived for this long (default 30)",
+    )
+    parser.add_argument(
+        "--settle-looks",
+        action="store_true",
+        help="before the measured mails, wait until emlisten has opened no session for "
+        f"{LOOKS_QUIET_SECONDS:g} s: the looks after every session's first IDLE (up to 25 a second, "
+        "for up to a minute after a cold start) are done (default: measure right away, beside them)",
     )
     parser.add_argument(
         "--afterwards",
@@ -190,6 +200,39 @@ async def _quiet_period(
     }
 
 
+def _looks(counts: SessionCounts) -> int:
+    """Looks done, failed or left out (``emlisten_imap_looks_total``, all outcomes)."""
+    return int(sum(v for k, v in counts.counters.items() if k.startswith("emlisten_imap_looks_total")))
+
+
+async def _wait_for_looks(stack: Stack, mailboxes: int, patience: float) -> dict[str, Any]:
+    """Wait until every session's look after its first IDLE is over (done, failed or left out:
+    one each, ``EMLISTEN_RECHECK_LATE_SECONDS`` after it) and no session opened for
+    LOOKS_QUIET_SECONDS, or ``patience`` seconds."""
+    started = trio.current_time()
+    first = last = await session_counts(stack.http, stack.emlisten.url)
+    last_change = started
+    say(f"waiting for the {mailboxes} looks after first IDLEs, then no session for {LOOKS_QUIET_SECONDS:g} s")
+    settled = False
+    while trio.current_time() - started < patience:
+        await trio.sleep(1.0)
+        now = await session_counts(stack.http, stack.emlisten.url)
+        if now.logins != last.logins:
+            last_change = trio.current_time()
+        last = now
+        if _looks(now) >= mailboxes and trio.current_time() - last_change >= LOOKS_QUIET_SECONDS:
+            settled = True
+            break
+    opened = (last - first).logins
+    say(f"looks: {_looks(last)}; {opened} sessions opened in {trio.current_time() - started:.0f} s")
+    return {
+        "seconds": trio.current_time() - started,
+        "logins": opened,
+        "looks": (last - first).counters,
+        "settled": settled,
+    }
+
+
 async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
     n = len(users)
     m = n if args.quiet else args.mails
@@ -211,6 +254,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         settled = False
         if args.settle:
             settled, _ = await stack.wait_connections(n, args.settle_timeout)
+        looks_settled = await _wait_for_looks(stack, n, args.settle_timeout) if args.settle_looks else None
         # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
         # for each doubled the server's sessions (20,000), and it refused some logins.
         probes = [FloorProbe() for _ in users[: min(n, m)]]
@@ -302,6 +346,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "floor_later_mails_ms": summary_ms(later_floor_s),
             "per_mail": per_mail,
             "settled_before_run": settled,
+            "looks_settled_before_run": looks_settled,
             "sessions_opened_during_run": opened.as_dict(),
             "quiet": quiet,
             "delivered": len(index.first_seen),
@@ -347,6 +392,14 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         result.row(
             f"including {afterwards['seconds']:g} s after the last callback: CPU per mail / sessions opened",
             f"{1000 * afterwards['cpu_seconds'] / m:.2f} ms / {afterwards['sessions_opened']['logins']}",
+        )
+    if looks_settled is not None:
+        result.notes.append(
+            f"--settle-looks: the measured mails began after the looks that follow every session's first "
+            f"IDLE: {looks_settled['logins']} sessions opened in the {looks_settled['seconds']:.0f} s after "
+            f"all listened, until none for {LOOKS_QUIET_SECONDS:g} s"
+            + ("" if looks_settled["settled"] else " (NOT settled: the wait timed out)")
+            + "."
         )
     if quiet:
         least, idle = quiet["quiet_seconds_least"], quiet["reader_idle_seconds"]

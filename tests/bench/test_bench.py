@@ -75,12 +75,18 @@ def test_latency_scenario_over_tls(tmp_path: Path) -> None:
         "--tls",
         "--afterwards",
         "4",
+        "--settle-looks",
         "--env",
         "EMLISTEN_RECHECK_SECONDS=0.5",
+        "--env",
+        "EMLISTEN_RECHECK_LATE_SECONDS=1",
         *FAST,
     )
     metrics = result["metrics"]
     assert metrics["delivered"] == 4 and metrics["not_delivered"] == 0 and metrics["duplicated"] == 0
+    # --settle-looks waited for the look after each session's first IDLE (1 s after it).
+    settled = metrics["looks_settled_before_run"]
+    assert settled["settled"] and settled["logins"] >= 2
     assert metrics["emlisten_ms"]["count"] == 4
     assert metrics["floor_ms"]["count"] == 4
     # Each mailbox's recheck (0.5 s after its last mail) opens a session after the last callback.
