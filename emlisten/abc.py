@@ -30,6 +30,16 @@ from emlisten.models import (
 RESYNC = "*"
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedFolder:
+    """What ``Store.claim_lease_and_read_folder`` read once it held the lease."""
+
+    #: None: the mailbox is not registered (closed meanwhile, or the store lost its data).
+    mailbox: MailboxConfig | None
+    #: The folder's checkpoint (None: none yet, or no mailbox).
+    checkpoint: Checkpoint | None
+
+
 class Store(ABC):
     """Shared state: the mailbox registry, states, checkpoints, and change notifications.
 
@@ -96,7 +106,7 @@ class Store(ABC):
 
     @abstractmethod
     async def add_delivered(self, mailbox_id: str, count: int) -> None:
-        """Add to the mailbox's delivered counter."""
+        """Add to the mailbox's delivered counter (nothing for a mailbox without a status)."""
 
     @abstractmethod
     async def get_checkpoint(self, mailbox_id: str, folder: str) -> Checkpoint | None: ...
@@ -106,12 +116,19 @@ class Store(ABC):
         """Set the checkpoint only if there is none yet (a new subscription). True if it was set."""
 
     @abstractmethod
-    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+    async def advance_checkpoint(
+        self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
+    ) -> bool:
         """Move the checkpoint forward; never backwards within one UIDVALIDITY.
 
         A different UIDVALIDITY replaces the checkpoint (the folder was rebuilt). Returns True
         when the stored checkpoint changed. Does nothing (False) for an unknown mailbox, so a
         delivery that finishes after ``/close`` cannot resurrect it.
+
+        ``delivered``: also ``add_delivered(mailbox_id, delivered)``, in the same round trip,
+        whether the checkpoint moved or not (a worker records the checkpoint and the count of
+        the mail just accepted together). A counter that cannot be written never fails the
+        checkpoint's write; a call repeated after a lost answer may count twice (cosmetic).
         """
 
     @abstractmethod
@@ -201,6 +218,16 @@ class Store(ABC):
         """Extend this node's leases and re-take those that expired with nobody taking them (this
         node was paused past the TTL); returns those now held. Only a lease another node holds
         is lost, and it is left untouched. Same step as ``claim_leases``, one atomic batch."""
+
+    @abstractmethod
+    async def claim_lease_and_read_folder(
+        self, node_id: str, lease: str, mailbox_id: str, folder: str, ttl: float
+    ) -> ClaimedFolder | None:
+        """``claim_leases(node_id, [lease], ttl)`` and, when the lease is held, the mailbox and
+        the folder's checkpoint as they are right after the claim, in one atomic step and one
+        round trip (a worker starting to sync a folder). None when another node holds the lease
+        (nothing is read). The checkpoint is None without a registered mailbox. When what it read
+        is unreadable it gives the lease back and raises StoreError."""
 
     @abstractmethod
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
@@ -435,6 +462,7 @@ class Sink(ABC):
 
 
 __all__ = [
+    "ClaimedFolder",
     "MailReader",
     "MailSource",
     "NewMailCallback",

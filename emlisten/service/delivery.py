@@ -21,7 +21,7 @@ from functools import partial
 
 import trio
 
-from emlisten.abc import MailReader, Sink, Store, TaskDelivery, TaskQueue
+from emlisten.abc import ClaimedFolder, MailReader, Sink, Store, TaskDelivery, TaskQueue
 from emlisten.config import Settings
 from emlisten.errors import DeliveryError, MailSourceError, QueueError, StoreError
 from emlisten.mail.mime import to_email
@@ -283,7 +283,10 @@ class DeliveryWorker:
         name = f"sync/{key[0]}/{key[1]}"
         ttl = self.settings.lease_ttl_seconds
         wait = 0.01
-        while not await self.store.claim_leases(self._lock_owner, [name], ttl):
+        # The claim reads the mailbox and the checkpoint too: one store round trip, not three.
+        while (
+            claimed := await self.store.claim_lease_and_read_folder(self._lock_owner, name, *key, ttl)
+        ) is None:
             # Another worker is syncing this folder; it may miss mail that arrived after its
             # UID SEARCH, so wait for it and sync again rather than dropping this task.
             await trio.sleep(wait)
@@ -291,7 +294,7 @@ class DeliveryWorker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_lease, name, ttl)
-                await self.sync_folder(*key, seen_at=seen_at, tasks=tasks)
+                await self.sync_folder(*key, seen_at=seen_at, tasks=tasks, claimed=claimed)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The nursery wraps the sync's own error (a Creatio 500 is a DeliveryError): unwrap
@@ -321,17 +324,27 @@ class DeliveryWorker:
                 log.warning("could not acknowledge a task: %s", exc)
 
     async def sync_folder(
-        self, mailbox_id: str, folder: str, *, seen_at: float = 0.0, tasks: Sequence[SyncTask] = ()
+        self,
+        mailbox_id: str,
+        folder: str,
+        *,
+        seen_at: float = 0.0,
+        tasks: Sequence[SyncTask] = (),
+        claimed: ClaimedFolder | None = None,
     ) -> int:
         """Deliver everything after the checkpoint, oldest first. Returns how many were delivered.
 
         Mail the listener fetched on its own session (``SyncTask.prefetched``) is delivered from
-        the tasks; the server is asked only for what they do not cover."""
+        the tasks; the server is asked only for what they do not cover. ``claimed``: the mailbox
+        and checkpoint read with the sync lease (None: read them now)."""
 
-        mailbox = await self.store.get_mailbox(mailbox_id)
+        if claimed is None:
+            mailbox = await self.store.get_mailbox(mailbox_id)
+            checkpoint = await self.store.get_checkpoint(mailbox_id, folder) if mailbox else None
+        else:
+            mailbox, checkpoint = claimed.mailbox, claimed.checkpoint
         if mailbox is None:
             return 0  # closed meanwhile
-        checkpoint = await self.store.get_checkpoint(mailbox_id, folder)
         delivered = 0
         if checkpoint is not None and tasks:
             checkpoint, delivered = await self._deliver_prefetched(
@@ -490,12 +503,9 @@ class DeliveryWorker:
             for _ in batch:
                 self.metrics.delivery_latency.observe(latency)
         self.metrics.activity.delivered(mailbox.id, folder, len(batch), latency)
-        await self._save_checkpoint(mailbox.id, folder, checkpoint)
-        try:
-            with trio.CancelScope(shield=True):
-                await self.store.add_delivered(mailbox.id, len(batch))
-        except StoreError as error:
-            log.warning("could not count the delivery: %s", error, extra={"mailbox": mailbox.id})
+        # The delivered count rides on the checkpoint's write (one round trip); a counter the
+        # store cannot write never fails it (Store.advance_checkpoint).
+        await self._save_checkpoint(mailbox.id, folder, checkpoint, delivered=len(batch))
         log.info(
             "delivered %d email(s), uid %d..%d",
             len(batch),
@@ -505,17 +515,22 @@ class DeliveryWorker:
         )
         return len(batch)
 
-    async def _save_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> None:
-        """Record the checkpoint of mail the receiver has accepted. Creatio has the mail now:
-        if the store cannot take the write (an outage), retrying the delivery from the old
-        checkpoint would deliver it twice, so the write itself is retried (shielded, each try)
-        for up to ``_CHECKPOINT_PATIENCE`` seconds before the error goes to the drainer."""
+    async def _save_checkpoint(
+        self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
+    ) -> None:
+        """Record the checkpoint of mail the receiver has accepted, and count the ``delivered``
+        mails with it. Creatio has the mail now: if the store cannot take the write (an outage),
+        retrying the delivery from the old checkpoint would deliver it twice, so the write itself
+        is retried (shielded, each try) for up to ``_CHECKPOINT_PATIENCE`` seconds before the
+        error goes to the drainer."""
         retry = Retry(self.settings.delivery_backoff)
         give_up_at = trio.current_time() + _CHECKPOINT_PATIENCE
         while True:
             try:
                 with trio.CancelScope(shield=True):
-                    stored = await self.store.advance_checkpoint(mailbox_id, folder, checkpoint)
+                    stored = await self.store.advance_checkpoint(
+                        mailbox_id, folder, checkpoint, delivered=delivered
+                    )
                     # Remembered whatever the store did with it: the receiver has the mail.
                     self._remember(mailbox_id, folder, checkpoint)
                     if not stored and trio.current_time() - self._store_lost_at < _LATE_REASSERT_SECONDS:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from emlisten.abc import Store
+from emlisten.abc import ClaimedFolder, Store
 from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo, WebhookEvent
 
 
@@ -85,9 +85,15 @@ class MemoryStore(Store):
         return {mid: self._statuses.get(mid) for mid in mailbox_ids}
 
     async def add_delivered(self, mailbox_id: str, count: int) -> None:
+        self._count_delivered(mailbox_id, count)
+
+    def _count_delivered(self, mailbox_id: str, count: int) -> bool:
+        """``add_delivered`` (no await). Whether there was a status to count in."""
         status = self._statuses.get(mailbox_id)
-        if status is not None:
-            status.delivered += count
+        if status is None:
+            return False
+        status.delivered += count
+        return True
 
     async def get_checkpoint(self, mailbox_id: str, folder: str) -> Checkpoint | None:
         return self._checkpoints.get((mailbox_id, folder))
@@ -99,7 +105,15 @@ class MemoryStore(Store):
         self._floors.setdefault((mailbox_id, folder), checkpoint)
         return True
 
-    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+    async def advance_checkpoint(
+        self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
+    ) -> bool:
+        if delivered:
+            self._count_delivered(mailbox_id, delivered)
+        return self._advance(mailbox_id, folder, checkpoint)
+
+    def _advance(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
+        """``advance_checkpoint`` without the count (no await: atomic)."""
         if mailbox_id not in self._mailboxes:
             return False
         key = (mailbox_id, folder)
@@ -265,6 +279,10 @@ class MemoryStore(Store):
         return lease[0] if lease is not None and lease[1] > now else None
 
     async def claim_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        return self._claim(node_id, mailbox_ids, ttl)
+
+    def _claim(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        """``claim_leases`` (no await: atomic)."""
         now = time.time()
         held = []
         for mailbox_id in mailbox_ids:
@@ -272,6 +290,16 @@ class MemoryStore(Store):
                 self._leases[mailbox_id] = (node_id, now + ttl)
                 held.append(mailbox_id)
         return held
+
+    async def claim_lease_and_read_folder(
+        self, node_id: str, lease: str, mailbox_id: str, folder: str, ttl: float
+    ) -> ClaimedFolder | None:
+        # No await between the claim and the reads: one step, as in the other adapters.
+        if not self._claim(node_id, [lease], ttl):
+            return None
+        mailbox = self._mailboxes.get(mailbox_id)
+        checkpoint = self._checkpoints.get((mailbox_id, folder)) if mailbox is not None else None
+        return ClaimedFolder(mailbox, checkpoint)
 
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
         # Ours or free (expired while this node was paused): the same step as a claim.

@@ -64,7 +64,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from emlisten._bridge import run_asyncio
-from emlisten.abc import Store
+from emlisten.abc import ClaimedFolder, Store
 from emlisten.errors import ConfigError, StoreError
 from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo, WebhookEvent
 from emlisten.store._codec import (
@@ -103,8 +103,14 @@ return set
 """
 
 # As _SEED, plus ARGV[4] uidvalidity, ARGV[5] last_uid. A new UIDVALIDITY (the folder was
-# rebuilt, live delivery restarts at its end) moves the history floor there too.
+# rebuilt, live delivery restarts at its end) moves the history floor there too. KEYS[4] status
+# hash, KEYS[5] delivered hash, ARGV[6] count: add_delivered in the same call (the mail just
+# accepted), moved or not; pcall, so a counter HINCRBY refuses (not an integer) cannot fail the
+# checkpoint's write.
 _ADVANCE = """
+if tonumber(ARGV[6]) > 0 and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
+  redis.pcall('HINCRBY', KEYS[5], ARGV[1], ARGV[6])
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local current = redis.call('HGET', KEYS[2], ARGV[2])
 if current then
@@ -234,6 +240,19 @@ for i, key in ipairs(KEYS) do
   end
 end
 return held
+"""
+
+# KEYS[1] the lease, KEYS[2] mailboxes hash, KEYS[3] the mailbox's checkpoints hash; ARGV[1]
+# node id, ARGV[2] ttl ms, ARGV[3] mailbox id, ARGV[4] folder. A claim of one lease as _CLAIM and,
+# when held, the mailbox document and the folder's checkpoint read after it (a worker starting a
+# sync): {} when another node holds the lease, else {1, document or nil, checkpoint or nil}.
+_CLAIM_AND_READ = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return {} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local document = redis.call('HGET', KEYS[2], ARGV[3])
+if not document then return {1} end
+return {1, document, redis.call('HGET', KEYS[3], ARGV[4])}
 """
 
 # KEYS lease keys; ARGV[1] node id.
@@ -433,6 +452,7 @@ class RedisStore(Store):
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._list_nodes = client.register_script(_LIST_NODES)
         self._claim = client.register_script(_CLAIM)
+        self._claim_and_read = client.register_script(_CLAIM_AND_READ)
         self._release = client.register_script(_RELEASE)
         self._wh_endpoints_key = f"{prefix}wh:endpoints"
         self._wh_seq_key = f"{prefix}wh:seq"
@@ -660,14 +680,23 @@ class RedisStore(Store):
         args: list[str | bytes | int] = [mailbox_id, folder, encode_checkpoint(checkpoint)]
         return bool(await self._run(lambda: self._seed(keys=keys, args=args)))
 
-    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
-        keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
+    async def advance_checkpoint(
+        self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
+    ) -> bool:
+        keys = [
+            self._mailboxes_key,
+            self._checkpoints_key(mailbox_id),
+            self._floors_key(mailbox_id),
+            self._status_key,
+            self._delivered_key,
+        ]
         args: list[str | bytes | int] = [
             mailbox_id,
             folder,
             encode_checkpoint(checkpoint),
             checkpoint.uidvalidity,
             checkpoint.last_uid,
+            max(0, delivered),
         ]
         return bool(await self._run(lambda: self._advance(keys=keys, args=args)))
 
@@ -959,6 +988,35 @@ class RedisStore(Store):
 
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
         return await self._leases_held(self._claim, node_id, mailbox_ids, ttl)
+
+    async def claim_lease_and_read_folder(
+        self, node_id: str, lease: str, mailbox_id: str, folder: str, ttl: float
+    ) -> ClaimedFolder | None:
+        keys = [self._lease_key(lease), self._mailboxes_key, self._checkpoints_key(mailbox_id)]
+        args: list[str | int] = [node_id, _ttl_ms(ttl), mailbox_id, folder]
+        reply: list[bytes | str | int | None] = await self._run(
+            lambda: self._claim_and_read(keys=keys, args=args)
+        )
+        if not reply:
+            return None
+        try:
+            blob = reply[1] if len(reply) > 1 else None
+            if not isinstance(blob, (bytes, str)):
+                return ClaimedFolder(None, None)
+            mailbox = self._open(mailbox_id, _bytes(blob))
+            document = reply[2] if len(reply) > 2 else None
+            if not isinstance(document, (bytes, str)):
+                return ClaimedFolder(mailbox, None)
+            try:
+                return ClaimedFolder(mailbox, decode_checkpoint(document))
+            except CodecError as exc:
+                raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
+        except StoreError:
+            # Unreadable (a wrong key, a damaged document): the caller never learns it holds the
+            # lease, so it is given back here, as a worker's finally did after a failed read.
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT), suppress(StoreError):
+                await self.release_leases(node_id, [lease])
+            raise
 
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
         keys = [self._lease_key(mid) for mid in mailbox_ids]

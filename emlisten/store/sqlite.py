@@ -538,13 +538,20 @@ class SqliteStore(MemoryStore):
         await self._persisted()
         return True
 
-    async def advance_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
-        if not await super().advance_checkpoint(mailbox_id, folder, checkpoint):
-            return False
-        self._dirty.checkpoints.add((mailbox_id, folder))
-        self._dirty.floors.add((mailbox_id, folder))
-        await self._persisted()
-        return True
+    async def advance_checkpoint(
+        self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
+    ) -> bool:
+        # Both in memory first, then one wait: one transaction carries the checkpoint and the count.
+        counted = bool(delivered) and self._count_delivered(mailbox_id, delivered)
+        if counted:
+            self._dirty.statuses.add(mailbox_id)
+        moved = self._advance(mailbox_id, folder, checkpoint)
+        if moved:
+            self._dirty.checkpoints.add((mailbox_id, folder))
+            self._dirty.floors.add((mailbox_id, folder))
+        if moved or counted:
+            await self._persisted()
+        return moved
 
     async def restore_mailboxes(
         self, mailboxes: Sequence[MailboxConfig], checkpoints: Mapping[str, Mapping[str, Checkpoint]]

@@ -77,6 +77,10 @@ async def test_wrong_secret_key_is_a_clear_error() -> None:
                 assert "hunter2" not in str(caught.value)
                 # What needs no decryption still works with the wrong key.
                 assert await reader.list_mailbox_ids() == ["m-1"]
+                # A worker's sync claim that cannot read the mailbox does not keep the lease.
+                with pytest.raises(StoreError, match="wrong EMLISTEN_SECRET_KEY"):
+                    await reader.claim_lease_and_read_folder("w1", "sync/m-1/INBOX", "m-1", "INBOX", 30)
+                assert await reader.lease_owners(["sync/m-1/INBOX"]) == {"sync/m-1/INBOX": None}
         finally:
             await delete_redis_keys(prefix)
 
@@ -127,6 +131,28 @@ async def test_add_delivered_without_status_does_nothing() -> None:
     async with redis_store() as store:
         await store.add_delivered("m-1", 3)
         assert await store.get_statuses(["m-1"]) == {"m-1": None}
+
+
+async def test_a_counter_redis_cannot_add_to_never_fails_the_checkpoint() -> None:
+    """The delivered count rides on the checkpoint's write: a counter HINCRBY refuses (not an
+    integer: written by hand, or by another version) must not cost the checkpoint of mail the
+    receiver already accepted."""
+    async with redis_store() as store:
+        await store.put_mailbox(mailbox())
+        await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING))
+        await store.seed_checkpoint("m-1", "INBOX", Checkpoint(5, 10))
+
+        async def spoil() -> None:
+            client = Redis.from_url(REDIS_URL)
+            try:
+                await client.hset(f"{store.prefix}delivered", "m-1", "not a number")
+            finally:
+                await client.aclose()
+
+        await run_asyncio(spoil)
+        assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(5, 12), delivered=2) is True
+        assert await store.get_checkpoint("m-1", "INBOX") == Checkpoint(5, 12)
+        assert (await raw_hash(f"{store.prefix}delivered"))[b"m-1"] == b"not a number"
 
 
 async def test_existing_many_ids_and_duplicates() -> None:

@@ -101,6 +101,24 @@ async def test_a_returned_change_is_on_disk_already(tmp_path: Path) -> None:
         assert store.commits < 100
 
 
+async def test_a_checkpoint_and_its_delivered_count_are_on_disk_together(tmp_path: Path) -> None:
+    """advance_checkpoint(..., delivered=n) returns once one commit holds both."""
+    async with sqlite_store(tmp_path) as store:
+        await store.put_mailbox(mailbox())
+        await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING))
+        await store.seed_checkpoint("m-1", "INBOX", Checkpoint(1, 1))
+        commits = store.commits
+        assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 4), delivered=3) is True
+        assert store.commits == commits + 1
+        # Counted without a move too (a redelivery), and written.
+        assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 4), delivered=2) is False
+        assert store.commits == commits + 2
+    async with sqlite_store(tmp_path) as reopened:
+        assert await reopened.get_checkpoint("m-1", "INBOX") == Checkpoint(1, 4)
+        status = (await reopened.get_statuses(["m-1"]))["m-1"]
+        assert status is not None and status.delivered == 5
+
+
 def _file_contents(directory: Path, label: str) -> dict[str, bytes]:
     return {f"{label}/{path.name}": path.read_bytes() for path in directory.iterdir() if path.is_file()}
 
