@@ -301,6 +301,13 @@ class DeliveryWorker:
             # it, so the retry loop logs a warning with its status, not a traceback.
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                 raise group.exceptions[0] from None
+            _errors, cancelled = group.split(Exception)
+            if cancelled is not None:
+                # A shutdown cancelled the renewal while the sync failed: only the cancellation
+                # (or whatever else is no Exception) goes on; the drainer's retry would not know
+                # the group, and the node would stop with a traceback. The error is moot: its
+                # task is not acked and comes back.
+                raise cancelled from None
             raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
