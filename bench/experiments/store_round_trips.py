@@ -5,7 +5,8 @@ counts this script's commands only, then:
 
 1. **per call**: the CPU and wall time of one store call through the Trio -> asyncio bridge
    (``RedisStore.get_checkpoint``, an HGET, and ``advance_checkpoint``, an EVALSHA), next to the
-   same HGET from plain asyncio (redis-py without the bridge);
+   bridge's crossing alone (an empty coroutine) and the same HGET from redis-py without the
+   bridge, on a plain asyncio loop (in a process of its own) and on trio-asyncio's loop;
 2. **per task**: a ``DeliveryWorker`` on that Redis and the in-process queue delivers one task
    per mailbox, each carrying mail the listener already fetched (``SyncTask.prefetched``, as the
    primary queues it in the backlog bench: ``--mails-per-task`` mails of about 5 KB in one
@@ -187,6 +188,34 @@ async def _commandstats(client: Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
+async def _per_call_bare_trio(url: str, calls: int) -> None:
+    """A lower bound for a Trio-native client: the same HGET written and its reply read by hand
+    on a Trio socket (no pool, no general RESP parser, no timeouts or retries)."""
+    host, _, port = url.removeprefix("redis://").split("/")[0].rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"*4\r\n$4\r\nHSET\r\n$12\r\nbare-trio-rt\r\n$5\r\nINBOX\r\n$1\r\nx\r\n")
+    await stream.receive_some()
+    hget = b"*3\r\n$4\r\nHGET\r\n$12\r\nbare-trio-rt\r\n$5\r\nINBOX\r\n"
+
+    async def call() -> None:
+        await stream.send_all(hget)
+        reply = b""
+        while not reply.endswith(b"x\r\n"):
+            reply += await stream.receive_some()
+
+    for _ in range(200):
+        await call()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        await call()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    await stream.send_all(b"*2\r\n$3\r\nDEL\r\n$12\r\nbare-trio-rt\r\n")
+    await stream.receive_some()
+    await stream.aclose()
+    label = "HGET, bare Trio socket (by hand)"
+    print(f"  {label:34} {cpu / calls * 1e6:7.0f} us CPU, {wall / calls * 1e6:7.0f} us wall per call")
+
+
 async def _per_call(store: RedisStore, calls: int) -> None:
     async def nothing() -> None:
         pass
@@ -219,7 +248,39 @@ async def _per_call(store: RedisStore, calls: int) -> None:
     await store.remove_mailbox(mailbox.id)
 
 
+# Measured in a process of its own: importing trio_asyncio (as emlisten._bridge does) makes
+# asyncio.run() drive a trio-asyncio loop, on which the same HGET costs over twice the CPU.
+_PLAIN_ASYNCIO = """
+import asyncio, sys, time
+from redis.asyncio import Redis
+
+async def run(url, calls):
+    client = Redis.from_url(url)
+    await client.hset("plain-asyncio", "INBOX", "x")
+    for _ in range(200):
+        await client.hget("plain-asyncio", "INBOX")
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        await client.hget("plain-asyncio", "INBOX")
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    await client.delete("plain-asyncio")
+    await client.aclose()
+    print(f"{cpu / calls * 1e6:7.0f} us CPU, {wall / calls * 1e6:7.0f} us wall per call")
+
+assert "trio_asyncio" not in sys.modules
+asyncio.run(run(sys.argv[1], int(sys.argv[2])))
+"""
+
+
 def _per_call_plain_asyncio(url: str, calls: int) -> None:
+    """redis-py's HGET on a plain asyncio loop (another process), and on trio-asyncio's loop
+    (``asyncio.run`` here, where trio_asyncio is imported), neither through the bridge."""
+    plain = subprocess.run(
+        [sys.executable, "-c", _PLAIN_ASYNCIO, url, str(calls)], capture_output=True, text=True, check=True
+    )
+    label = "HGET, plain asyncio loop"
+    print(f"  {label:34} {plain.stdout.rstrip()}")
+
     async def run() -> None:
         client = Redis.from_url(url)
         await client.hset("plain-asyncio", "INBOX", "x")
@@ -231,7 +292,7 @@ def _per_call_plain_asyncio(url: str, calls: int) -> None:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         await client.delete("plain-asyncio")
         await client.aclose()
-        label = "HGET, plain asyncio (no bridge)"
+        label = "HGET, trio-asyncio loop"
         print(f"  {label:34} {cpu / calls * 1e6:7.0f} us CPU, {wall / calls * 1e6:7.0f} us wall per call")
 
     asyncio.run(run())
@@ -271,6 +332,7 @@ async def main(args: argparse.Namespace, url: str) -> None:
         open_asyncio_bridge(),
         RedisStore.open(url, secret_key=_SECRET, prefix=f"rtt:{uuid.uuid4().hex}:") as store,
     ):
+        await _per_call_bare_trio(url, args.calls)
         print(f"per store call through the bridge ({args.calls} sequential calls):")
         await _per_call(store, args.calls)
 
@@ -329,7 +391,7 @@ def cli() -> None:
         trio.run(main, args, args.redis_url)
         return
     with _private_redis() as url:
-        print("per call, plain asyncio:")
+        print("per call, no bridge:")
         _per_call_plain_asyncio(url, args.calls)
         trio.run(main, args, url)
 
