@@ -328,9 +328,10 @@ async def _per_task(store: Store, mailboxes: int, mails_per_task: int, rounds: i
 
 async def main(args: argparse.Namespace, url: str) -> None:
     tasks = args.mailboxes * args.rounds
+    prefix = f"rtt:{uuid.uuid4().hex}:"
     async with (
         open_asyncio_bridge(),
-        RedisStore.open(url, secret_key=_SECRET, prefix=f"rtt:{uuid.uuid4().hex}:") as store,
+        RedisStore.open(url, secret_key=_SECRET, prefix=prefix) as store,
     ):
         await _per_call_bare_trio(url, args.calls)
         print(f"per store call through the bridge ({args.calls} sequential calls):")
@@ -343,7 +344,14 @@ async def main(args: argparse.Namespace, url: str) -> None:
             redis_cpu, redis_wall = await _per_task(store, args.mailboxes, args.mails_per_task, args.rounds)
             after = await _commandstats(client)
         finally:
-            await run_asyncio(client.aclose)
+            # Closed mailboxes leave their statuses and counters, and the incarnation stays:
+            # nothing of this run stays behind on a shared Redis (--redis-url).
+            async def purge() -> None:
+                async for key in client.scan_iter(match=f"{prefix}*", count=500):
+                    await client.delete(key)
+                await client.aclose()
+
+            await run_asyncio(purge)
     memory_cpu, memory_wall = await _per_task(MemoryStore(), args.mailboxes, args.mails_per_task, args.rounds)
 
     # Crossings and commands made by setup and check-up (put_mailboxes, seed per mailbox, the
