@@ -637,7 +637,15 @@ async def session_counts(http: httpx.AsyncClient, base_url: str) -> SessionCount
     """Read the session counters from the node's ``/metrics`` (the node must not be frozen)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = await http.get(f"{base_url}/metrics", timeout=60)
+    for attempt in range(3):
+        try:
+            response = await http.get(f"{base_url}/metrics", timeout=60)
+            break
+        except httpx.TransportError:
+            # A kept-alive connection the server closed as the request went out (seen once at
+            # 10,000 mailboxes, polling every second): ask again on a new one.
+            if attempt == 2:
+                raise
     response.raise_for_status()
     counts = SessionCounts()
     for family in text_string_to_metric_families(response.text):
