@@ -43,6 +43,7 @@ from emlisten.models import (
     SyncTask,
 )
 from emlisten.service.backoff import Retry
+from emlisten.service.batching import StoreBatcher
 from emlisten.service.pacing import ConnectPacer
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class MailboxManager:
         self.source = source
         self.sink = sink
         self.metrics = metrics or Metrics()
+        #: The store calls every supervisor makes as it starts, gathered into bulk calls.
+        self.batched = StoreBatcher(store)
         #: State of each mailbox this node runs, for metrics (the store has everyone's).
         self.local_states: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
@@ -130,7 +133,7 @@ class MailboxManager:
         mailbox_id = mailbox.id
 
         async def checkpoint(folder: str) -> Checkpoint | None:
-            found = await self.store.get_checkpoint(mailbox_id, folder)
+            found = await self.batched.get_checkpoint((mailbox_id, folder))
             self.remember_checkpoint(mailbox_id, folder, found)
             return found
 
@@ -600,7 +603,7 @@ class MailboxSupervisor:
         self.m.metrics.activity.state_changed(self.mailbox.id, state.value, error)
         status = MailboxStatus(state, last_error=error, updated_at=time.time(), node=self.m.settings.node_id)
         try:
-            await self.m.store.set_status(self.mailbox.id, status)
+            await self.m.batched.set_status((self.mailbox.id, status))
         except StoreError as exc:
             # The status is for the API, not for the mail: a store outage must not end the
             # supervisor (the error would stop the whole node). Written at the next change.
@@ -617,7 +620,7 @@ class MailboxSupervisor:
         # A restart (e.g. /update with a new password) inherits "Creatio was told it is broken",
         # so that the recovery is reported too.
         try:
-            previous = (await self.m.store.get_statuses([mailbox_id])).get(mailbox_id)
+            previous = await self.m.batched.get_status(mailbox_id)
         except StoreError as error:
             log.warning("could not read the last state: %s", error, extra={"mailbox": mailbox_id})
             previous = None
@@ -750,7 +753,7 @@ class MailboxSupervisor:
             if await self.m.store.seed_checkpoint(task.mailbox_id, task.folder, seed):
                 self.m.remember_checkpoint(task.mailbox_id, task.folder, seed)
                 return  # a new subscription: nothing to catch up on
-            checkpoint = await self.m.store.get_checkpoint(task.mailbox_id, task.folder)
+            checkpoint = await self.m.batched.get_checkpoint((task.mailbox_id, task.folder))
             self.m.remember_checkpoint(task.mailbox_id, task.folder, checkpoint)
             if task.covered_by(checkpoint):
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
