@@ -157,6 +157,34 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: their sockets are
+    closed, and they stay in the group (``killpg(pgid, 0)`` finds them) until whoever adopted
+    them reaps them, which PID 1 of a container may do seconds later (here about every 2 s,
+    or never without an init)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no procfs: count the zombies as running
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 def _end_process_group(pgid: int, grace: float = 2.0) -> None:
     """SIGTERM what is left of a process group, then SIGKILL what outlives ``grace``."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -166,9 +194,7 @@ def _end_process_group(pgid: int, grace: float = 2.0) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not _group_running(pgid):
                 return
             time.sleep(0.02)
 
