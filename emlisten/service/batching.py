@@ -11,12 +11,14 @@ still waits for its own result (or the batch's error), so nothing changes for it
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import trio
 
 from emlisten.abc import Store
+from emlisten.errors import StoreError
 from emlisten.models import Checkpoint, MailboxStatus
 
 T = TypeVar("T")
@@ -29,11 +31,13 @@ BATCH_MAX_ITEMS = 256
 
 
 class _Batch(Generic[T, R]):
-    __slots__ = ("done", "full", "items", "results")
+    __slots__ = ("done", "error", "full", "items", "results")
 
     def __init__(self) -> None:
         self.items: list[T] = []
         self.results: Sequence[R] | None = None  # None: the bulk call failed or never ran
+        #: The bulk call's error when it is every caller's (``shared_errors``).
+        self.error: Exception | None = None
         self.done = trio.Event()
         self.full = trio.Event()
 
@@ -44,7 +48,13 @@ class Coalescer(Generic[T, R]):
     The first caller of a batch leads it: it waits up to ``window`` seconds (less when the
     batch fills up) for others to join, then makes the bulk call for all of them. When that
     call fails (or the leader is cancelled), every other caller makes its own single call, so
-    each gets its own result or its own error, as without batching."""
+    each gets its own result or its own error, as without batching.
+
+    ``shared_errors``: errors of the bulk call that cannot be one item's (a write of documents
+    the callers made failing: the store's failure), which every caller gets as it is, without
+    asking again: each would have got it alone, and asking again after a store outage's timeout
+    meant waiting out a second one (a supervisor's state write during a Redis outage took two
+    rounds of the client's retries to fail, not one)."""
 
     def __init__(
         self,
@@ -52,10 +62,12 @@ class Coalescer(Generic[T, R]):
         *,
         window: float = BATCH_WINDOW_SECONDS,
         max_items: int = BATCH_MAX_ITEMS,
+        shared_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         self._bulk = bulk
         self._window = window
         self._max_items = max(1, max_items)
+        self._shared_errors = shared_errors
         self._open: _Batch[T, R] | None = None
 
     async def __call__(self, item: T) -> R:
@@ -69,6 +81,10 @@ class Coalescer(Generic[T, R]):
             await batch.done.wait()
             if batch.results is not None:
                 return batch.results[index]
+            if batch.error is not None:
+                # A copy each: one exception object raised in many tasks would gather all
+                # their tracebacks.
+                raise copy.copy(batch.error) from batch.error
             return (await self._bulk([item]))[0]
         batch = _Batch()
         batch.items.append(item)
@@ -82,8 +98,11 @@ class Coalescer(Generic[T, R]):
                     self._open = None
             try:
                 results = await self._bulk(batch.items)
-            except Exception:
+            except Exception as exc:
                 if len(batch.items) == 1:
+                    raise
+                if isinstance(exc, self._shared_errors):
+                    batch.error = exc  # every caller's: the finally below wakes them with it
                     raise
                 batch.done.set()  # the others ask on their own, and so does the leader
                 return (await self._bulk([item]))[0]
@@ -103,8 +122,10 @@ class StoreBatcher:
     def __init__(self, store: Store, *, window: float = BATCH_WINDOW_SECONDS) -> None:
         self._store = store
         self.get_status: Coalescer[str, MailboxStatus | None] = Coalescer(self._get_statuses, window=window)
+        # A failed set_statuses is the store's failure (it writes documents the callers made):
+        # every caller's, at once. A failed read may be one unreadable document: asked again.
         self.set_status: Coalescer[tuple[str, MailboxStatus], None] = Coalescer(
-            self._set_statuses, window=window
+            self._set_statuses, window=window, shared_errors=(StoreError,)
         )
         self.get_checkpoint: Coalescer[tuple[str, str], Checkpoint | None] = Coalescer(
             self._get_checkpoints, window=window

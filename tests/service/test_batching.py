@@ -127,3 +127,27 @@ async def _lead(coalescer: Coalescer[int, int], scope: trio.CancelScope) -> None
     with scope:
         await coalescer(1)
         raise AssertionError("the leader was to be cancelled")  # pragma: no cover
+
+
+async def test_an_error_every_caller_shares_is_given_to_each_without_asking_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A failed write of documents the callers made is the store's failure (an outage): asking
+    again one by one waited out the outage's timeout a second time. Each caller gets the error at
+    once; an error that may be one item's (here a ValueError) is still asked about one by one."""
+    bulk = _Bulk(fail_batches=True)
+    coalescer = Coalescer(bulk, window=0.005, shared_errors=(StoreError,))
+    answers = await _gather(coalescer, [1, 2, 3])
+    assert [sorted(call) for call in bulk.calls] == [[1, 2, 3]]
+    assert all(isinstance(answer, StoreError) for answer in answers.values())
+    # Each its own exception object (one raised in three tasks would gather their tracebacks).
+    assert len({id(answer) for answer in answers.values()}) == 3
+
+    async def fails_with_a_value_error(items: list[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        if len(items) > 1:
+            raise ValueError("one item may be bad")
+        return [item * 10 for item in items]
+
+    other = Coalescer(fails_with_a_value_error, window=0.005, shared_errors=(StoreError,))
+    assert await _gather(other, [1, 2]) == {1: 10, 2: 20}
