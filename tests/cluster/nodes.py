@@ -32,6 +32,8 @@ class Cluster:
     #: Where the nodes reach Redis and RabbitMQ (a test may point them at fault proxies).
     redis_url: str = REDIS_URL
     amqp_url: str = AMQP_URL
+    #: Settings of this test's own, over the ones below (set before the nodes start).
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     def env(self, node_id: str, role: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMLISTEN_")}
@@ -55,6 +57,7 @@ class Cluster:
                 "EMLISTEN_LOG_LEVEL": "INFO",
             }
         )
+        env.update(self.env_overrides)
         return env
 
     async def start(self, node_id: str, role: str) -> NodeProcess:

@@ -23,6 +23,10 @@ async def test_listeners_failing_while_redis_is_down_do_not_stop_the_node(
     proxied: Proxied, dovecot: Dovecot, creatio: CreatioStandIn
 ) -> None:
     c = proxied.cluster
+    # Leases that outlast the state writes' failure (the Redis client's retries, 1.5 s and
+    # more): with the suite's 2 s TTL the node could lose contact and stop its mailboxes first,
+    # cancelling the very writes this test is about (seen: the line never came).
+    c.env_overrides.update({"EMLISTEN_LEASE_TTL_SECONDS": "30", "EMLISTEN_LEASE_RENEW_SECONDS": "1"})
     await start_nodes(c, {"p1": "primary", "s1": "secondary"})
     flow = await start_listening(c, dovecot, creatio, mailboxes=2)
     log_offset = len(c.nodes["p1"].log_text())
