@@ -274,6 +274,26 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS[1] mailboxes hash, KEYS[2] status hash. How many mailboxes are registered and how many of
+# them are in each state, counted in Redis: {total, state, count, state, count, ...}. The status
+# documents are compact JSON (_codec._dumps), so the state is matched, not decoded (cjson would
+# cost Redis about five times as much at 10,000 mailboxes); a mailbox without one is "starting".
+_STATE_COUNTS = """
+local ids = redis.call('HKEYS', KEYS[1])
+local counts = {}
+for _, id in ipairs(ids) do
+  local doc = redis.call('HGET', KEYS[2], id)
+  local state = doc and string.match(doc, '"state":"([^"]*)"') or 'starting'
+  counts[state] = (counts[state] or 0) + 1
+end
+local out = {#ids}
+for state, n in pairs(counts) do
+  out[#out + 1] = state
+  out[#out + 1] = n
+end
+return out
+"""
+
 # KEYS as _SET_STATUS; ARGV mailbox ids. Returns {status documents, delivered counters}.
 _GET_STATUSES = """
 return {redis.call('HMGET', KEYS[1], unpack(ARGV)), redis.call('HMGET', KEYS[2], unpack(ARGV))}
@@ -447,6 +467,7 @@ class RedisStore(Store):
         self._existing = client.register_script(_EXISTING)
         self._checkpoints_of = client.register_script(_CHECKPOINTS_OF)
         self._set_status = client.register_script(_SET_STATUS)
+        self._state_counts = client.register_script(_STATE_COUNTS)
         self._get_statuses = client.register_script(_GET_STATUSES)
         self._remove = client.register_script(_REMOVE)
         self._heartbeat = client.register_script(_HEARTBEAT)
@@ -623,6 +644,15 @@ class RedisStore(Store):
         keys = [self._status_key, self._delivered_key]
         args: list[str | bytes | int] = [mailbox_id, encode_status(status)]
         await self._run(lambda: self._set_status(keys=keys, args=args))
+
+    async def state_counts(self) -> tuple[int, dict[str, int]]:
+        keys = [self._mailboxes_key, self._status_key]
+        reply: list[bytes | str | int] = await self._run(lambda: self._state_counts(keys=keys))
+        counts = {
+            state.decode() if isinstance(state, bytes) else str(state): int(count)
+            for state, count in zip(reply[1::2], reply[2::2], strict=True)
+        }
+        return int(reply[0]), counts
 
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:
         ids = list(mailbox_ids)

@@ -323,3 +323,18 @@ async def test_repr_hides_secrets() -> None:
     async with redis_store(secret_key="super-secret-store-key") as store:
         assert "super-secret-store-key" not in repr(store)
         assert store.name == "redis"
+
+
+async def test_states_are_counted_in_redis_whatever_the_last_error_says() -> None:
+    """``state_counts`` matches the state in the stored documents inside Redis (one small answer,
+    not every status): a last error that quotes a state must not be taken for it."""
+    async with redis_store() as store:
+        for n in range(3):
+            await store.put_mailbox(mailbox(f"m-{n}"))
+        await store.set_status(
+            "m-0",
+            MailboxStatus(MailboxState.AUTHENTICATION_ERROR, last_error='server said: "state":"listening"'),
+        )
+        await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING))
+        await store.set_status("closed-long-ago", MailboxStatus(MailboxState.LISTENING))
+        assert await store.state_counts() == (3, {"authenticationError": 1, "listening": 1, "starting": 1})
