@@ -48,6 +48,9 @@ class Store(ABC):
     """
 
     name: str = "store"
+    #: Each call is a round trip to another process (Redis): gathering calls into bulk ones pays
+    #: (emlisten/service/batching.py). In-process stores answer at once; a wait would only delay.
+    remote: bool = False
 
     @abstractmethod
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:

@@ -88,10 +88,9 @@ class Coalescer(Generic[T, R]):
             return (await self._bulk([item]))[0]
         batch = _Batch()
         batch.items.append(item)
-        if self._max_items > 1 and self._window > 0:
-            self._open = batch
         try:
-            if self._open is batch:
+            if self._max_items > 1 and self._window > 0:
+                self._open = batch  # others join until the window ends or the batch is full
                 with trio.move_on_after(self._window):
                     await batch.full.wait()
                 if self._open is batch:
@@ -117,10 +116,13 @@ class Coalescer(Generic[T, R]):
 
 
 class StoreBatcher:
-    """The coalesced store calls of a primary's mailbox supervisors."""
+    """The coalesced store calls of a primary's mailbox supervisors. Only a remote store's calls
+    wait to be gathered: an in-process one answers each at once (``window`` 0)."""
 
-    def __init__(self, store: Store, *, window: float = BATCH_WINDOW_SECONDS) -> None:
+    def __init__(self, store: Store, *, window: float | None = None) -> None:
         self._store = store
+        if window is None:
+            window = BATCH_WINDOW_SECONDS if store.remote else 0.0
         self.get_status: Coalescer[str, MailboxStatus | None] = Coalescer(self._get_statuses, window=window)
         # A failed set_statuses is the store's failure (it writes documents the callers made):
         # every caller's, at once. A failed read may be one unreadable document: asked again.

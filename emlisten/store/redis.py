@@ -418,6 +418,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _checkpoint_of(mailbox_id: str, document: bytes | str, what: str = "checkpoint") -> Checkpoint:
+    """A stored checkpoint (or history floor) document; StoreError when it cannot be read."""
+    try:
+        return decode_checkpoint(document)
+    except CodecError as exc:
+        raise StoreError(f"stored {what} of {mailbox_id!r} is unreadable: {exc}") from None
+
+
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
@@ -443,6 +451,7 @@ class _Changes:
 
 class RedisStore(Store):
     name = "redis"
+    remote = True
 
     def __init__(self, client: Redis, *, cipher: CredentialCipher, prefix: str = DEFAULT_PREFIX) -> None:
         """Use :meth:`open`; this takes an already created client (inside the bridge loop)."""
@@ -698,12 +707,7 @@ class RedisStore(Store):
         document: bytes | str | None = await self._run(
             lambda: self._client.hget(self._checkpoints_key(mailbox_id), folder)
         )
-        if document is None:
-            return None
-        try:
-            return decode_checkpoint(document)
-        except CodecError as exc:
-            raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
+        return None if document is None else _checkpoint_of(mailbox_id, document)
 
     async def seed_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
         keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
@@ -824,12 +828,7 @@ class RedisStore(Store):
         document: bytes | str | None = await self._run(
             lambda: self._client.hget(self._floors_key(mailbox_id), folder)
         )
-        if document is None:
-            return None
-        try:
-            return decode_checkpoint(document)
-        except CodecError as exc:
-            raise StoreError(f"stored history floor of {mailbox_id!r} is unreadable: {exc}") from None
+        return None if document is None else _checkpoint_of(mailbox_id, document, "history floor")
 
     async def mark_history_delivered(
         self, mailbox_id: str, folder: str, uidvalidity: int, uids: Iterable[int]
@@ -1037,10 +1036,7 @@ class RedisStore(Store):
             document = reply[2] if len(reply) > 2 else None
             if not isinstance(document, (bytes, str)):
                 return ClaimedFolder(mailbox, None)
-            try:
-                return ClaimedFolder(mailbox, decode_checkpoint(document))
-            except CodecError as exc:
-                raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
+            return ClaimedFolder(mailbox, _checkpoint_of(mailbox_id, document))
         except StoreError:
             # Unreadable (a wrong key, a damaged document): the caller never learns it holds the
             # lease, so it is given back here, as a worker's finally did after a failed read.

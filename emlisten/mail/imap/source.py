@@ -106,7 +106,12 @@ class _LookSlots:
 
     __slots__ = ("_gap", "_max_lateness", "_next_free")
 
-    def __init__(self, per_second: float, *, max_lateness: float = math.inf) -> None:
+    def __init__(
+        self,
+        per_second: float = CONNECT_LOOKS_PER_SECOND,
+        *,
+        max_lateness: float = CONNECT_LOOK_MAX_LATENESS_SECONDS,
+    ) -> None:
         self._gap = 1.0 / per_second if per_second > 0 else 0.0
         self._max_lateness = max_lateness
         self._next_free = -math.inf
@@ -261,9 +266,7 @@ class ImapSource(MailSource):
         self._prefetch_budget = ByteBudget(prefetch_budget_bytes)
         #: Bounds the sessions ending IDLE at once: see Settings.max_concurrent_wakeups.
         self._wakeups = trio.CapacityLimiter(max_concurrent_wakeups)
-        self._look_slots = _LookSlots(
-            CONNECT_LOOKS_PER_SECOND, max_lateness=CONNECT_LOOK_MAX_LATENESS_SECONDS
-        )
+        self._look_slots = _LookSlots()
         self._looks = _LookGate()
         self.ca_file = ca_file
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
@@ -495,9 +498,7 @@ class _Listener:
         self.prefetch = prefetch
         self.budget = budget or ByteBudget(256 * 1024 * 1024)
         self.wakeups = wakeups or trio.CapacityLimiter(128)
-        self.look_slots = look_slots or _LookSlots(
-            CONNECT_LOOKS_PER_SECOND, max_lateness=CONNECT_LOOK_MAX_LATENESS_SECONDS
-        )
+        self.look_slots = look_slots or _LookSlots()
         self.next_uid = max(info.uidnext, 1)
         self.fetched_exists = info.exists
         #: The server announced mail that was not fetched yet (prefetch mode).
