@@ -591,6 +591,10 @@ _LOST_LEASES = re.compile(r"lost (\d+) lease\(s\)")
 
 
 @dataclass
+#: emlisten's own histogram: its new-mail notification to the sink's 2xx (sum, count, buckets).
+DELIVERY_LATENCY = "emlisten_delivery_latency_seconds"
+
+
 class SessionCounts:
     """From one ``GET /metrics``: ``emlisten_imap_commands_total`` for LOGIN and AUTHENTICATE (a
     session each) and ``emlisten_reconnects_total`` by reason. Subtract two readings for the
@@ -616,6 +620,13 @@ class SessionCounts:
             self.login_attempts + other.login_attempts,
             _changed(self.reconnects, other.reconnects, 1),
             _changed(self.counters, other.counters, 1),
+        )
+
+    def delivery_latency(self) -> tuple[float, int]:
+        """(sum of seconds, count) of ``emlisten_delivery_latency_seconds``; subtract readings first."""
+        return (
+            self.counters.get(f"{DELIVERY_LATENCY}_sum", 0.0),
+            int(self.counters.get(f"{DELIVERY_LATENCY}_count", 0)),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -658,7 +669,7 @@ async def session_counts(http: httpx.AsyncClient, base_url: str) -> SessionCount
             elif sample.name == "emlisten_reconnects_total":
                 reason = sample.labels.get("reason", "")
                 counts.reconnects[reason] = counts.reconnects.get(reason, 0) + int(sample.value)
-            if sample.name.endswith("_total"):
+            if sample.name.endswith("_total") or sample.name.startswith(DELIVERY_LATENCY):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 counts.counters[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return counts
