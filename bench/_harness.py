@@ -590,11 +590,11 @@ SESSION_COMMANDS = ("LOGIN", "AUTHENTICATE")
 _LOST_LEASES = re.compile(r"lost (\d+) lease\(s\)")
 
 
-@dataclass
 #: emlisten's own histogram: its new-mail notification to the sink's 2xx (sum, count, buckets).
 DELIVERY_LATENCY = "emlisten_delivery_latency_seconds"
 
 
+@dataclass
 class SessionCounts:
     """From one ``GET /metrics``: ``emlisten_imap_commands_total`` for LOGIN and AUTHENTICATE (a
     session each) and ``emlisten_reconnects_total`` by reason. Subtract two readings for the
