@@ -590,8 +590,12 @@ SESSION_COMMANDS = ("LOGIN", "AUTHENTICATE")
 _LOST_LEASES = re.compile(r"lost (\d+) lease\(s\)")
 
 
-#: emlisten's own histogram: its new-mail notification to the sink's 2xx (sum, count, buckets).
+#: emlisten's own histograms (sum and count kept): its new-mail notification to the sink's 2xx,
+#: one delivery call, one IMAP command.
 DELIVERY_LATENCY = "emlisten_delivery_latency_seconds"
+DELIVERY_CALL = "emlisten_delivery_call_seconds"
+IMAP_COMMAND = "emlisten_imap_command_seconds"
+_TIMINGS = (DELIVERY_LATENCY, DELIVERY_CALL, IMAP_COMMAND)
 
 
 @dataclass
@@ -622,12 +626,12 @@ class SessionCounts:
             _changed(self.counters, other.counters, 1),
         )
 
-    def delivery_latency(self) -> tuple[float, int]:
-        """(sum of seconds, count) of ``emlisten_delivery_latency_seconds``; subtract readings first."""
-        return (
-            self.counters.get(f"{DELIVERY_LATENCY}_sum", 0.0),
-            int(self.counters.get(f"{DELIVERY_LATENCY}_count", 0)),
-        )
+    def mean_ms(self, histogram: str, labels: str = "") -> float | None:
+        """Mean of one of emlisten's histograms (``DELIVERY_LATENCY``...; ``labels`` as
+        ``command=UID FETCH``) in ms; subtract two readings first. None without observations."""
+        suffix = f"{{{labels}}}" if labels else ""
+        count = self.counters.get(f"{histogram}_count{suffix}", 0)
+        return round(1000 * self.counters.get(f"{histogram}_sum{suffix}", 0.0) / count, 2) if count else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -669,7 +673,8 @@ async def session_counts(http: httpx.AsyncClient, base_url: str) -> SessionCount
             elif sample.name == "emlisten_reconnects_total":
                 reason = sample.labels.get("reason", "")
                 counts.reconnects[reason] = counts.reconnects.get(reason, 0) + int(sample.value)
-            if sample.name.endswith("_total") or sample.name.startswith(DELIVERY_LATENCY):
+            timing = sample.name.startswith(_TIMINGS) and sample.name.endswith(("_sum", "_count"))
+            if sample.name.endswith("_total") or timing:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 counts.counters[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return counts

@@ -23,6 +23,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: From loopback (a few ms) to a Creatio that takes its time (minutes).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: A round trip to a server or a receiver: from a loopback millisecond to a timeout.
+_CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
 class _LiveGauges(Collector):
@@ -81,6 +83,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.delivery_calls = Histogram(
+            "emlisten_delivery_call_seconds",
+            "How long the receiving application took to answer one delivery call (ProcessFullEmail, "
+            "or the new-ids notification), whatever the outcome",
+            buckets=_CALL_BUCKETS,
+            registry=self.registry,
+        )
         self.reconnects = Counter(
             "emlisten_reconnects",
             "Mailbox sessions re-established after a failure",
@@ -94,6 +103,15 @@ class Metrics:
             "emlisten_imap_commands",
             "IMAP commands by outcome",
             ["command", "outcome"],
+            registry=self.registry,
+        )
+        self.imap_command_seconds = Histogram(
+            "emlisten_imap_command_seconds",
+            "From an IMAP command's first byte sent to its tagged answer, by command (the DONE that "
+            "ends IDLE and the UID FETCH sent with it count as UID FETCH): how fast the mail server "
+            "answers",
+            ["command"],
+            buckets=_CALL_BUCKETS,
             registry=self.registry,
         )
         self.imap_looks = Counter(
@@ -117,6 +135,11 @@ class Metrics:
         #: The web console's view of this node: deliveries per minute and recent events per
         #: mailbox (in memory, the last hour; see docs/console.md).
         self.activity = Activity()
+
+    def imap_command(self, command: str, outcome: str, seconds: float) -> None:
+        """The IMAP sources' command observer."""
+        self.imap_commands.labels(command, outcome).inc()
+        self.imap_command_seconds.labels(command).observe(seconds)
 
     def watch(
         self,

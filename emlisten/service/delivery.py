@@ -488,13 +488,17 @@ class DeliveryWorker:
         if last is not first:
             key += f"..{last.key or last.uid}"
         emails = [email for _raw, email in batch]
+        called_at = trio.current_time()
         try:
             with trio.fail_after(self.settings.delivery_timeout_seconds):
-                if mailbox.use_full_email:
-                    await self.sink.deliver(mailbox, emails, idempotency_key=key)
-                else:
-                    # UseFullEmail=false: Creatio gets the message ids and loads the mail itself.
-                    await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
+                try:
+                    if mailbox.use_full_email:
+                        await self.sink.deliver(mailbox, emails, idempotency_key=key)
+                    else:
+                        # UseFullEmail=false: Creatio gets the message ids and loads the mail itself.
+                        await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
+                finally:
+                    self.metrics.delivery_calls.observe(trio.current_time() - called_at)
         except trio.TooSlowError:
             self.metrics.deliveries.labels(outcome="failure").inc()
             self.metrics.activity.delivery_failed(mailbox.id, folder, "no answer within the delivery timeout")

@@ -225,8 +225,7 @@ async def _run(
     history = HistoryLoads(settings, adapters.store, adapters.source, adapters.sink)
     imap = _source_of(adapters, "imap", ImapSource)
     if imap is not None:
-        commands = metrics.imap_commands
-        imap.command_observer = lambda command, outcome: commands.labels(command, outcome).inc()
+        imap.command_observer = metrics.imap_command
         looks = metrics.imap_looks
         imap.look_observer = lambda outcome: looks.labels(outcome).inc()
     depth = getattr(adapters.queue, "depth", None)

@@ -47,7 +47,7 @@ def imap_source(dovecot: Dovecot, **changes: float) -> tuple[ImapSource, list[st
     """A source whose commands are recorded (name of each command, in order)."""
     source = ImapSource(ca_file=str(dovecot.ca_file), command_timeout=30, **changes)  # type: ignore[arg-type]
     commands: list[str] = []
-    source.command_observer = lambda command, outcome: commands.append(command)
+    source.command_observer = lambda command, outcome, seconds: commands.append(command)
     return source, commands
 
 

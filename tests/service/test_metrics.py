@@ -49,5 +49,18 @@ async def test_metrics_move_when_mail_is_delivered(service: RunningService, make
     assert after[("emlisten_delivery_latency_seconds_sum", ())] > 0
     assert after[("emlisten_imap_commands_total", (("command", "AUTHENTICATE"), ("outcome", "no")))] >= 1
     assert after[("emlisten_imap_commands_total", (("command", "UID FETCH"), ("outcome", "ok")))] >= 1
+    # Where a delivery's time went: the receiver's answer (each call lies within the time from
+    # notification to 2xx of the mail it carried) and the mail server's.
+    calls = after[("emlisten_delivery_call_seconds_count", ())]
+    assert 1 <= calls <= 3
+    assert (
+        0
+        < after[("emlisten_delivery_call_seconds_sum", ())]
+        <= after[("emlisten_delivery_latency_seconds_sum", ())]
+    )
+    fetch = (("command", "UID FETCH"),)
+    assert after[("emlisten_imap_command_seconds_count", fetch)] >= 1
+    assert after[("emlisten_imap_command_seconds_sum", fetch)] > 0
+    assert after[("emlisten_imap_command_seconds_count", (("command", "AUTHENTICATE"),))] >= 2  # good and bad
     text = (await service.http.get("/metrics")).text
     assert "nope-not-it" not in text and good.password not in text

@@ -87,7 +87,8 @@ class Literal:
 
 
 Argument = bytes | Literal
-CommandObserver = Callable[[str, str], None]
+#: Told (command, outcome, seconds from the command's first byte sent to its tagged answer).
+CommandObserver = Callable[[str, str, float], None]
 
 
 def astring(value: str | bytes) -> Argument:
@@ -430,25 +431,26 @@ class ImapClient:
         seconds = self.command_timeout if timeout is None else timeout
         name = command.split(b" ", 1)[0].decode("ascii", "replace")
         tag = self._new_tag()
+        started = trio.current_time()
         try:
             with trio.fail_after(seconds):
                 result = await self._exchange(tag, command, args, expect_bye)
         except trio.TooSlowError:
             self._broken = True
-            self._observe(self._metric_name(command), "error")
+            self._observe(self._metric_name(command), "error", started)
             raise MailConnectError(f"{name}: no answer from {self._where} within {seconds:g}s") from None
         except BaseException:
             self._broken = True
-            self._observe(self._metric_name(command), "error")
+            self._observe(self._metric_name(command), "error", started)
             raise
         self._observe(
-            self._metric_name(command), result.status.type.lower() if result.status.type else "error"
+            self._metric_name(command), result.status.type.lower() if result.status.type else "error", started
         )
         return result
 
-    def _observe(self, name: str, outcome: str) -> None:
+    def _observe(self, name: str, outcome: str, started: float) -> None:
         if self.observer is not None:
-            self.observer(name.upper(), outcome)
+            self.observer(name.upper(), outcome, trio.current_time() - started)
 
     @staticmethod
     def _metric_name(command: bytes) -> str:
@@ -568,6 +570,7 @@ class ImapClient:
         tag = self._new_tag()
         untagged: list[Response] = []
         self._check_usable()
+        started = trio.current_time()
         try:
             with trio.fail_after(seconds):
                 try:
@@ -600,6 +603,7 @@ class ImapClient:
         except BaseException:
             self._broken = True
             raise
+        self._observe("AUTHENTICATE", (result.status.type or "error").lower(), started)
         await self._check_auth(result, f"AUTHENTICATE {mechanism.upper()}", timeout, secret=secret)
 
     async def authenticate_xoauth2(self, user: str, token: str, *, timeout: float | None = None) -> None:
@@ -652,8 +656,6 @@ class ImapClient:
         self, result: CommandResult, what: str, timeout: float | None, *, secret: str
     ) -> None:
         status = result.status
-        if what.startswith("AUTHENTICATE"):  # LOGIN is counted by _command already
-            self._observe("AUTHENTICATE", (status.type or "error").lower())
         if status.type == "OK":
             if status.code != "CAPABILITY":
                 # Capabilities change after login (IDLE is often listed only then).
@@ -1013,6 +1015,7 @@ class ImapClient:
         seconds = self.command_timeout if timeout is None else timeout
         fetch_tag = self._new_tag()
         command = b"UID FETCH " + uids.encode("ascii") + b" " + items.encode("ascii")
+        started = trio.current_time()
         try:
             with trio.fail_after(seconds):
                 await self._send(b"DONE\r\n" + fetch_tag + b" " + command + b"\r\n")
@@ -1021,15 +1024,17 @@ class ImapClient:
                 fetch_result = await self._read_until_tagged(fetch_tag, [])
         except trio.TooSlowError:
             self._broken = True
-            self._observe("UID FETCH", "error")
+            self._observe("UID FETCH", "error", started)
             raise MailConnectError(
                 f"DONE + UID FETCH: no answer from {self._where} within {seconds:g}s"
             ) from None
         except BaseException:
             self._broken = True
-            self._observe("UID FETCH", "error")
+            self._observe("UID FETCH", "error", started)
             raise
-        self._observe("UID FETCH", fetch_result.status.type.lower() if fetch_result.status.type else "error")
+        self._observe(
+            "UID FETCH", fetch_result.status.type.lower() if fetch_result.status.type else "error", started
+        )
         self._require_ok(idle_result, "IDLE")
         self._require_ok(fetch_result, "UID FETCH")
         return idle_result.untagged, _fetched_messages(fetch_result.untagged, unsolicited)

@@ -272,7 +272,7 @@ class ImapSource(MailSource):
         #: Sent with ID (RFC 2971) when the server supports it; None disables ID.
         self.client_id = client_id
         #: Told (command, outcome) after every IMAP command of every session (metrics).
-        self.command_observer: Callable[[str, str], None] | None = None
+        self.command_observer: Callable[[str, str, float], None] | None = None
 
     @property
     def look_observer(self) -> Callable[[str], None] | None:
