@@ -484,6 +484,51 @@ async def test_a_session_handing_on_its_mail_holds_no_wake_up(dovecot: Dovecot) 
         nursery.cancel_scope.cancel()
 
 
+async def test_a_mail_being_handed_on_holds_only_its_real_size(dovecot: Dovecot) -> None:
+    # The worst case (every new mail at the size limit) is taken for the fetch; once the answer
+    # is in, only what the mail really takes is held while it is handed on. Held whole across a
+    # slow hand-off (RabbitMQ confirms in a backlog), it left other sessions without memory, and
+    # each took the long way: the sizes first, then the mail.
+    max_bytes = 200_000
+    blocked_user, other_user = dovecot.add_user(), dovecot.add_user()
+    source, commands = imap_source(dovecot, prefetch_budget_bytes=max_bytes + 1 + 10_000)
+    handing_on, go_on = trio.Event(), trio.Event()
+    blocked_sink, other_sink = Sink(), Sink()
+
+    async def blocking(task: SyncTask) -> None:
+        if task.reason == "exists":
+            handing_on.set()
+            await go_on.wait()
+        await blocked_sink(task)
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
+            mailbox = mailbox_for(dovecot, blocked_user)
+            policy = prefetch(max_bytes=max_bytes)
+            await source.listen(mailbox, "INBOX", blocking, prefetch=policy, task_status=task_status)
+
+        await nursery.start(run)
+        await listen(
+            nursery, source, mailbox_for(dovecot, other_user), other_sink, prefetch(max_bytes=max_bytes)
+        )
+        assert (await blocked_sink.next()).reason == "catch-up"
+        assert (await other_sink.next()).reason == "catch-up"
+        await dovecot.aappend(blocked_user, make_message(subject="handed on slowly"))
+        with trio.fail_after(30):
+            await handing_on.wait()
+        sent = len(commands)
+        raw = make_message(subject="fetched at once")
+        await dovecot.aappend(other_user, raw)
+        task = await other_sink.next(timeout=10)
+        assert task.reason == "exists" and [m.data for m in task.prefetched] == [raw]
+        assert commands[sent:].count("UID FETCH") == 1  # DONE + UID FETCH, no sizes first
+        go_on.set()
+        assert (await blocked_sink.next()).reason == "exists"
+        nursery.cancel_scope.cancel()
+    assert source._prefetch_budget.available == source._prefetch_budget.total  # all given back
+
+
 def test_looks_after_first_idles_are_spread() -> None:
     """A cold start of thousands of sessions asks a look after each first IDLE within a minute:
     they are scheduled one slot apart, never all at the same moment."""

@@ -432,6 +432,29 @@ class ByteBudget:
         self._freed = trio.Event()
 
 
+class _Held:
+    """Prefetch memory one fetch holds: the worst case until the answer is in, then only what
+    the fetched mail really takes, until the task carrying it has been handed on."""
+
+    __slots__ = ("_budget", "size")
+
+    def __init__(self, budget: ByteBudget, size: int) -> None:
+        self._budget = budget
+        self.size = size
+
+    def shrink_to(self, size: int) -> None:
+        # A backlog's worst case (max size for each new mail) is some 50 times its real size:
+        # held across a slow hand-on (a RabbitMQ confirm), it left hundreds of listeners without
+        # memory and sent them the long way (sizes first, then the fetch).
+        if size < self.size:
+            self._budget.give_back(self.size - size)
+            self.size = size
+
+    def release(self) -> None:
+        self._budget.give_back(self.size)
+        self.size = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Looks:
     """What a listener needs to look at its folder on a side session."""
@@ -589,10 +612,11 @@ class _Listener:
             return
         self.next_uid = first
         self.fetched_exists = self.exists - len(uids)
+        held = _Held(self.budget, weight)
         try:
-            await self._fetch(reason="catch-up", covers_to=newest)
+            await self._fetch(held, reason="catch-up", covers_to=newest)
         finally:
-            self.budget.give_back(weight)
+            held.release()
 
     def _fetch_weight(self) -> int | None:
         """Memory taken from the ByteBudget for fetching what the server announced, or None
@@ -641,10 +665,11 @@ class _Listener:
                 self._advance([newest])
                 await self._announce(self._task(uid_hint=newest.uid, reason="exists"))
             return
+        held = _Held(self.budget, weight)
         try:
-            await self._fetch(reason="exists", covers_to=0)
+            await self._fetch(held, reason="exists", covers_to=0)
         finally:
-            self.budget.give_back(weight)
+            held.release()
 
     async def end_idle_and_fetch(self, wait_seconds: float) -> bool:
         """The common case of new mail while idling: DONE and the fetch in one round trip.
@@ -653,15 +678,19 @@ class _Listener:
         if weight is None:
             return False
         self.wanted = False
+        held = _Held(self.budget, weight)
         try:
-            await self._fetch(reason="exists", covers_to=0, ending_idle=wait_seconds)
+            await self._fetch(held, reason="exists", covers_to=0, ending_idle=wait_seconds)
         finally:
-            self.budget.give_back(weight)
+            held.release()
         return True
 
-    async def _fetch(self, *, reason: str, covers_to: int, ending_idle: float | None = None) -> None:
+    async def _fetch(
+        self, held: _Held, *, reason: str, covers_to: int, ending_idle: float | None = None
+    ) -> None:
         """UID FETCH next_uid:* with bodies cut at the size limit; publish what is complete.
 
+        ``held``: the caller's memory for it, shrunk to what the answer really takes.
         ``covers_to``: the task may claim the folder up to this UID even when nothing newer is
         there (a catch-up past expunged mail). ``ending_idle``: the session is in IDLE; end it
         in the same write, waiting this long for the answers."""
@@ -681,6 +710,7 @@ class _Listener:
                 )
             self.note(before)
         self.note(unsolicited)
+        held.shrink_to(sum(len(m.body or b"") + 1024 for m in fetched))  # as _reservation counts
         # "n:*" also matches the newest message when n is above every UID: filter it out.
         new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
         uidvalidity = self.info.uidvalidity
