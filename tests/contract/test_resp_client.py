@@ -5,9 +5,9 @@ credentials. redis-py is the independent client that looks at (and kills) what o
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,26 +23,11 @@ from emlisten.store._resp import (
     parse_url,
 )
 from emlisten.store.redis import RedisStore
-from tests.contract.backends import REDIS_URL, TEST_SECRET_KEY, unique_prefix
+from tests.contract.backends import REDIS_URL, TEST_SECRET_KEY, unique_prefix, with_redis_py
 from tests.secret_scan import register_secret
 from tests.servers.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.redis
-
-T = TypeVar("T")
-
-
-async def with_redis_py(action: Callable[[redis.Redis], T]) -> T:
-    """``action`` on a fresh synchronous redis-py client, off the Trio thread."""
-
-    def run() -> T:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            return action(client)
-        finally:
-            client.close()
-
-    return await trio.to_thread.run_sync(run)
 
 
 def client_ids(client: redis.Redis, name: str) -> list[int]:
