@@ -400,8 +400,13 @@ async def connect(address: Address, *, client_name: str | None, connect_timeout:
 
 
 def describe(exc: BaseException) -> str:
+    """``Type: message``, with the cause of a Trio error that wraps one (a TLS failure is an
+    ``SSLError`` inside ``BrokenResourceError``). Nothing here carries credentials."""
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        described += f" ({describe(exc.__cause__)})"
+    return described
 
 
 #: What a dropped connection looks like from Trio's side.

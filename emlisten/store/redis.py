@@ -1063,6 +1063,7 @@ class RedisStore(Store):
 
         try:
             subscription = await self._run(lambda: self._client.subscribe(self._channel))
+            raised: BaseException | None = None
             try:
                 # The reader lives in a nursery of this context's own, exactly as long as the
                 # subscription; pump() raises nothing, so it never cancels the caller's body.
@@ -1070,10 +1071,16 @@ class RedisStore(Store):
                     nursery.start_soon(pump, subscription)
                     try:
                         yield iterator
+                    except BaseException as exc:
+                        # Raised again outside the nursery, which would wrap it in an
+                        # ExceptionGroup: callers catch the StoreError of a lost feed as such.
+                        raised = exc
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
                 subscription.close()
+            if raised is not None:
+                raise raised
         finally:
             send.close()
             receive.close()
