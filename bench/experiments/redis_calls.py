@@ -86,7 +86,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     mailbox = MailboxConfig(
         id="m-1",
         user_name="someone@example.com",
-        password="bench-password",
         imap=ServerEndpoint("imap.example.com", 993, Security.SSL_ON_CONNECT),
         bpm_endpoint="https://creatio.example.com/0/ProcessFullEmail",
     )

@@ -22,7 +22,7 @@ import random
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Final, TypeAlias, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -421,6 +421,7 @@ def backoff(failures: int) -> float:
 # -- the client ----------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
 class Client:
     """A bounded pool of connections to one Redis, and the commands the store sends.
 
@@ -429,27 +430,19 @@ class Client:
     a complete exchange: one that errored or was cancelled half-way is closed.
     """
 
-    def __init__(
-        self,
-        address: Address,
-        *,
-        max_connections: int = 32,
-        client_name: str | None = None,
-        pool_timeout: float = 20.0,
-        connect_timeout: float = 5.0,
-        retries: int = RETRIES,
-        health_check_interval: float = HEALTH_CHECK_INTERVAL,
-    ) -> None:
-        if max_connections < 1:
+    address: Address
+    _: KW_ONLY
+    max_connections: int = 32
+    client_name: str | None = None
+    pool_timeout: float = 20.0
+    connect_timeout: float = 5.0
+    retries: int = RETRIES
+    health_check_interval: float = HEALTH_CHECK_INTERVAL
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        self.address = address
-        self.max_connections = max_connections
-        self.client_name = client_name
-        self.pool_timeout = pool_timeout
-        self.connect_timeout = connect_timeout
-        self.retries = retries
-        self.health_check_interval = health_check_interval
-        self._slots = trio.Semaphore(max_connections)
+        self._slots = trio.Semaphore(self.max_connections)
         self._idle: list[Connection] = []
         self._closed = False
 
