@@ -341,17 +341,14 @@ class Connection:
         return reply
 
     def close(self) -> None:
-        """Close at once (no TLS close_notify): for a connection that is broken or half-used."""
+        """Close the socket at once, without QUIT or TLS close_notify: synchronous, so it can
+        run where a request was cancelled half-way; Redis drops a client whose socket closed."""
         self.broken = True
         stream: object = self._stream
         while isinstance(stream, trio.SSLStream):
             stream = stream.transport_stream
         if isinstance(stream, trio.SocketStream):
             stream.socket.close()
-
-    async def aclose(self) -> None:
-        self.broken = True
-        await trio.aclose_forcefully(self._stream)
 
 
 async def connect(address: Address, *, client_name: str | None, connect_timeout: float) -> Connection:
