@@ -471,7 +471,7 @@ class Client:
     async def _take(self) -> Connection:
         """A set-up connection, from the pool or new (the caller holds a slot)."""
         if self._closed:
-            raise RedisConnectionError("the client is closed")
+            raise RedisError("the client is closed")  # not a RedisConnectionError: no retries
         while self._idle:
             conn = self._idle.pop()
             if time.monotonic() - conn.last_used < self.health_check_interval:

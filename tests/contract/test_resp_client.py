@@ -19,6 +19,7 @@ from emlisten.store._resp import (
     RETRIES,
     Client,
     RedisConnectionError,
+    RedisError,
     ReplyError,
     parse_url,
 )
@@ -274,3 +275,12 @@ async def test_a_subscription_that_cannot_come_back_ends_with_a_store_error() ->
         finally:
             await with_redis_py(lambda r: [r.delete(key) for key in r.scan_iter(match=f"{prefix}*")])
         nursery.cancel_scope.cancel()
+
+
+async def test_a_closed_client_refuses_at_once() -> None:
+    async with resp_client() as (client, _, _):
+        assert await client.execute("PING") == b"PONG"
+        await client.aclose()
+        assert client.idle_count == 0
+        with trio.fail_after(1), pytest.raises(RedisError, match="closed"):  # not retried
+            await client.execute("PING")
