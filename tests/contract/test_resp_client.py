@@ -284,3 +284,29 @@ async def test_a_closed_client_refuses_at_once() -> None:
         assert client.idle_count == 0
         with trio.fail_after(1), pytest.raises(RedisError, match="closed"):  # not retried
             await client.execute("PING")
+
+
+async def test_requests_cancelled_at_any_moment_leave_no_stale_reply_behind() -> None:
+    """Cancelled before the send, during it, or while the replies arrive: whatever connection
+    goes back to the pool answers the next request with that request's own replies."""
+    async with resp_client(max_connections=2) as (client, _, _):
+        payload = "x" * 200_000  # big enough that sending and reading take several steps
+
+        async def pipeline(label: str) -> None:
+            pipe = client.pipeline()
+            for n in range(20):
+                pipe.command("ECHO", f"{label}-{n}-{payload}")
+            assert len(await pipe.execute()) == 20
+
+        started = trio.current_time()
+        await pipeline("timing")
+        took = trio.current_time() - started
+        outcomes = []
+        for attempt in range(60):  # deadlines from 0 to three times what one pipeline took
+            with trio.move_on_after(took * attempt / 20) as scope:
+                await pipeline(str(attempt))
+            outcomes.append(scope.cancelled_caught)
+            token = f"check-{attempt}"
+            assert await client.execute("ECHO", token) == token.encode()
+        assert client.in_use == 0
+        assert True in outcomes and False in outcomes
