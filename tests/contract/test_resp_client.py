@@ -184,7 +184,8 @@ async def test_a_cancelled_request_does_not_poison_the_pool() -> None:
 
 async def test_a_script_redis_does_not_have_is_sent_whole() -> None:
     """NOSCRIPT (a restarted or flushed Redis; here a script never sent) falls back to EVAL, which
-    caches it again. A script of this test's own, not SCRIPT FLUSH: other clients share this Redis."""
+    caches it again. A script of this test's own, not SCRIPT FLUSH: other clients share this Redis
+    (test_resp_tls.py flushes a private one)."""
     async with resp_client() as (client, _, prefix):
         script = client.register_script(f"-- {prefix}\nreturn {{KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}}")
         assert await with_redis_py(lambda r: r.script_exists(script.sha)) == [False]

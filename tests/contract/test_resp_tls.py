@@ -1,5 +1,6 @@
-"""``rediss://``: the Redis store over TLS, against a private ``redis-server`` with a TLS port and a
-password (a private CA made with openssl, as the Dovecot fixture does)."""
+"""The Redis store against a private ``redis-server`` of its own: ``rediss://`` (a TLS port and a
+password, a private CA made with openssl as the Dovecot fixture does), and what the shared
+Redis must not be put through (SCRIPT FLUSH)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from emlisten.errors import StoreError
-from emlisten.models import MailboxConfig, Security, ServerEndpoint
+from emlisten.models import Checkpoint, MailboxConfig, Security, ServerEndpoint
 from emlisten.store.redis import RedisStore
 from tests.secret_scan import register_secret
 from tests.servers.dovecot import free_port, make_tls_files
@@ -82,9 +83,9 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
         server.process.wait(10)
 
 
-def mailbox() -> MailboxConfig:
+def mailbox(mailbox_id: str = "m-1") -> MailboxConfig:
     return MailboxConfig(
-        id="m-1",
+        id=mailbox_id,
         user_name="someone@example.com",
         password="hunter2-password",
         imap=ServerEndpoint("imap.example.com", 993, Security.SSL_ON_CONNECT),
@@ -124,3 +125,32 @@ async def test_an_unknown_ca_or_a_wrong_password_is_a_store_error(tls_redis: Tls
         ):
             pass
     assert wrong not in str(caught.value)
+
+
+async def test_scripts_flushed_from_redis_are_sent_again(tls_redis: TlsRedis) -> None:
+    """SCRIPT FLUSH (what a restarted Redis looks like to the scripts), on this private server
+    (the shared one's other clients would see it too): single calls and a pipeline of scripts
+    (restore_mailboxes) go on, by EVAL, and then by EVALSHA again."""
+    await tls_redis.wait_listening()
+    url = tls_redis.url(query=f"?ssl_ca_certs={tls_redis.ca}")
+    async with RedisStore.open(url, secret_key="k") as store:
+        await store.put_mailbox(mailbox())
+        assert await store.seed_checkpoint("m-1", "INBOX", Checkpoint(1, 5))
+        first = {"m-2": {"INBOX": Checkpoint(1, 1)}}
+        assert await store.restore_mailboxes([mailbox("m-2")], first) == ["m-2"]
+
+        assert await store._client.execute("SCRIPT", "FLUSH") == b"OK"
+        assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 9)) is True
+        more = {"m-3": {"INBOX": Checkpoint(1, 2)}}
+        assert await store.restore_mailboxes([mailbox("m-1"), mailbox("m-3")], more) == ["m-3"]
+
+        assert await store._client.execute("SCRIPT", "FLUSH") == b"OK"
+        # A pipeline of scripts first this time; each ran once (m-4 is registered once).
+        assert await store.restore_mailboxes([mailbox("m-3"), mailbox("m-4")], {}) == ["m-4"]
+        assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(1, 9)) is False
+
+        assert await store.get_checkpoint("m-1", "INBOX") == Checkpoint(1, 9)
+        assert await store.get_checkpoint("m-3", "INBOX") == Checkpoint(1, 2)
+        assert sorted(await store.list_mailbox_ids()) == ["m-1", "m-2", "m-3", "m-4"]
+        shas = [store._restore.sha, store._advance.sha]
+        assert await store._client.execute("SCRIPT", "EXISTS", *shas) == [1, 1]
