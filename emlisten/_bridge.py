@@ -1,8 +1,10 @@
 """The one asyncio event loop of the process, running inside Trio (trio-asyncio).
 
-redis-py, aio-pika and aiosmtplib are asyncio libraries. They are created and called only in
-adapter modules, through :func:`run_asyncio`; nothing else imports asyncio. Leaving the loop
-cancels their hidden tasks, so they stay inside the structured task tree.
+aio-pika and aiosmtplib are asyncio libraries. They are created and called only in adapter
+modules, through :func:`run_asyncio`; nothing else imports asyncio. Leaving the loop cancels
+their hidden tasks, so they stay inside the structured task tree. (Redis is not on the bridge:
+the store speaks RESP over Trio sockets, emlisten.store._resp; a call through the bridge cost
+258-280 us of CPU.)
 """
 
 from __future__ import annotations

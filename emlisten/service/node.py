@@ -2,7 +2,7 @@
 
 ```
 root nursery
-  asyncio bridge loop            (redis-py, aio-pika live here)
+  asyncio bridge loop            (aio-pika, aiosmtplib live here; Redis is pure Trio)
   signal watcher
   reader pool + delivery worker  (secondary, all; a primary stands in while no secondary lives)
   front scope (cancelled first on shutdown)
@@ -135,7 +135,7 @@ def mail_sources(settings: Settings) -> dict[str, MailSource]:
 
 @asynccontextmanager
 async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:
-    """The configured adapters; Redis and RabbitMQ need the asyncio bridge to be open."""
+    """The configured adapters; RabbitMQ needs the asyncio bridge to be open (Redis does not)."""
 
     check_topology(settings)
     local = build_local_adapters(settings)

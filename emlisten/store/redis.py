@@ -1,15 +1,16 @@
-"""Redis Store: the shared state of a multi-node deployment (redis-py asyncio, behind the bridge).
+"""Redis Store: the shared state of a multi-node deployment (Trio-native RESP client, _resp).
 
-Open it inside the process's asyncio bridge loop::
+Pure Trio: no asyncio bridge::
 
-    async with open_asyncio_bridge():
-        async with RedisStore.open(url, secret_key=key, prefix="emlisten:") as store:
-            ...
+    async with RedisStore.open(url, secret_key=key, prefix="emlisten:") as store:
+        ...
 
-Every Redis call crosses into asyncio through :func:`emlisten._bridge.run_asyncio`, once per
-store operation: an operation that needs several commands sends them as one Lua script (or
-MULTI) (a round trip from Trio costs ~200-250 us). redis-py's exceptions become
-``StoreError`` here; nothing else in emlisten sees them.
+The store speaks RESP itself over Trio sockets (:mod:`emlisten.store._resp`). It used redis-py on
+trio-asyncio's loop until 2026-12-06: one call cost 258-280 us of CPU through the bridge, a
+quarter of a primary's CPU at a 10,000-mailbox cold start (docs/architecture.md, "The asyncio
+bridge"). Still, an operation that needs several commands sends them as one Lua script (one
+round trip, atomic). The client's exceptions become ``StoreError`` here; nothing else in
+emlisten sees them.
 
 Keys (``P`` is the prefix):
 
@@ -47,7 +48,6 @@ other: a delivery that finishes after ``/close`` cannot resurrect a mailbox's ch
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import uuid
@@ -56,14 +56,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
 import trio
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
-from emlisten._bridge import run_asyncio
 from emlisten.abc import ClaimedFolder, Store
 from emlisten.errors import ConfigError, StoreError
 from emlisten.models import Checkpoint, MailboxConfig, MailboxState, MailboxStatus, NodeInfo, WebhookEvent
@@ -81,11 +74,12 @@ from emlisten.store._codec import (
     encode_webhook_event,
 )
 from emlisten.store._crypto import CredentialCipher
+from emlisten.store._resp import Arg, Client, RedisError, Reply, Script, Subscription, describe, parse_url
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "emlisten:"
-#: Bound on how long shielded cleanup (unsubscribe, closing the pool) may take.
+#: Bound on how long shielded cleanup (giving a lease back) may take.
 _CLEANUP_TIMEOUT = 5.0
 #: Reconnect attempts (with jittered backoff up to 1 s) before an operation fails.
 _RETRIES = 5
@@ -263,8 +257,8 @@ end
 return 1
 """
 
-# Small multi-command operations are Lua rather than MULTI/pipelines: from Trio, one EVALSHA
-# measured ~400 us against ~650-750 us for a two-command MULTI or pipeline (redis-py overhead).
+# Small multi-command operations are Lua rather than MULTI/pipelines: one round trip, atomic
+# (with redis-py, one EVALSHA measured ~400 us against ~650-750 us for a two-command MULTI).
 
 # KEYS[1] status hash, KEYS[2] delivered hash; ARGV[1] mailbox id, ARGV[2] status JSON.
 # The delivered counter is left alone: only add_delivered moves it, so a status write racing
@@ -404,12 +398,6 @@ return 1
 """
 
 
-def _describe(exc: BaseException) -> str:
-    # redis-py messages name host:port and the failure, never the password.
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _ttl_ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
 
@@ -428,6 +416,40 @@ def _checkpoint_of(mailbox_id: str, document: bytes | str, what: str = "checkpoi
 
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+def _unexpected(reply: Reply) -> StoreError:
+    return StoreError(f"redis: unexpected reply of type {type(reply).__name__}")
+
+
+def _bulk(reply: Reply) -> bytes | None:
+    """A bulk string reply (or nil)."""
+    if reply is None or isinstance(reply, bytes):
+        return reply
+    raise _unexpected(reply)
+
+
+def _array(reply: Reply) -> list[Reply]:
+    if isinstance(reply, list):
+        return reply
+    raise _unexpected(reply)
+
+
+def _bulks(reply: Reply) -> list[bytes | None]:
+    """An array of bulk strings (or nils)."""
+    items = _array(reply)
+    for item in items:
+        if item is not None and not isinstance(item, bytes):
+            raise _unexpected(item)
+    return items  # type: ignore[return-value]  # checked just above
+
+
+def _integer(reply: Reply) -> int:
+    if isinstance(reply, int):
+        return reply
+    if isinstance(reply, bytes):  # a Lua number that went through a string
+        return int(reply)
+    raise _unexpected(reply)
 
 
 class _Changes:
@@ -453,8 +475,8 @@ class RedisStore(Store):
     name = "redis"
     remote = True
 
-    def __init__(self, client: Redis, *, cipher: CredentialCipher, prefix: str = DEFAULT_PREFIX) -> None:
-        """Use :meth:`open`; this takes an already created client (inside the bridge loop)."""
+    def __init__(self, client: Client, *, cipher: CredentialCipher, prefix: str = DEFAULT_PREFIX) -> None:
+        """Use :meth:`open`; this takes an already created client."""
 
         self._client = client
         self._cipher = cipher
@@ -512,38 +534,36 @@ class RedisStore(Store):
     ) -> AsyncIterator[RedisStore]:
         """Connect (``redis://[[user]:password@]host:port/db`` or ``rediss://``) and check with PING.
 
-        Must run inside :func:`emlisten._bridge.open_asyncio_bridge`. Raises ``ConfigError`` for
-        an empty ``secret_key`` or a malformed URL, ``StoreError`` when Redis is unreachable.
-        ``max_connections`` bounds the pool; callers beyond it wait for a free connection (each
-        open ``changes()`` subscription holds one). ``client_name`` is set on every connection
-        (CLIENT SETNAME), so operators can tell emlisten's connections apart.
+        Pure Trio (no asyncio bridge needed; it works inside one too). Raises ``ConfigError`` for
+        an empty ``secret_key`` or a malformed URL, ``StoreError`` when Redis is unreachable or
+        refuses the credentials. ``rediss://`` verifies the server's certificate against the
+        system's CAs; the URL options ``ssl_ca_certs`` (a CA file) and ``ssl_cert_reqs`` (none,
+        optional, required) change that. ``max_connections`` bounds the pool; callers beyond it
+        wait for a free connection up to 20 s (each open ``changes()`` subscription holds one).
+        ``client_name`` is set on every connection (CLIENT SETNAME), so operators can tell
+        emlisten's connections apart.
 
-        A dropped connection is re-established by redis-py (5 attempts, jittered backoff capped
-        at 1 s) before an operation fails with ``StoreError``; the ``changes()``
-        subscription reconnects and resubscribes the same way (notifications published while
-        it was disconnected are lost, so the ownership loop must not rely on them alone).
+        A dropped connection is re-established (5 more attempts, jittered backoff capped at
+        1 s) before an operation fails with ``StoreError``; the ``changes()`` subscription
+        reconnects and resubscribes the same way (notifications published while it was
+        disconnected are lost, so the ownership loop must not rely on them alone).
         """
 
         cipher = CredentialCipher(secret_key)
-
-        async def connect() -> Redis:
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=20,
-                socket_connect_timeout=5,
-                health_check_interval=30,
-                client_name=client_name,
-                # redis-py retries nothing unless told. Every operation here is idempotent
-                # except add_delivered (a retry after a lost reply may count twice: cosmetic).
-                retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), _RETRIES),
-            )
-            return Redis.from_pool(pool)
-
         try:
-            client = await run_asyncio(connect)
-        except ValueError as exc:
+            address = parse_url(url)
+        except (ValueError, OSError) as exc:  # OSError: an unreadable ssl_ca_certs
             raise ConfigError(f"bad Redis URL: {exc}") from None
+        client = Client(
+            address,
+            max_connections=max_connections,
+            client_name=client_name,
+            pool_timeout=20,
+            connect_timeout=5,
+            # Every operation here is idempotent except add_delivered (a retry after a lost
+            # reply may count twice: cosmetic).
+            retries=_RETRIES,
+        )
         store = cls(client, cipher=cipher, prefix=prefix)
         try:
             await store.ping()
@@ -553,9 +573,15 @@ class RedisStore(Store):
 
     async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await run_asyncio(operation)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreError(f"redis: {_describe(exc)}") from exc
+            return await operation()
+        except RedisError as exc:
+            raise StoreError(f"redis: {describe(exc)}") from exc
+
+    async def _call(self, *args: Arg) -> Reply:
+        return await self._run(lambda: self._client.execute(*args))
+
+    async def _eval(self, script: Script, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Reply:
+        return await self._run(lambda: script(keys, args))
 
     def _checkpoints_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}checkpoints:{mailbox_id}"
@@ -573,12 +599,10 @@ class RedisStore(Store):
         return f"{self.prefix}history:{mailbox_id}:{uidvalidity}:{folder}"
 
     async def ping(self) -> None:
-        await self._run(self._client.ping)
+        await self._call("PING")
 
     async def aclose(self) -> None:
-        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-            with suppress(StoreError):
-                await self._run(self._client.aclose)
+        await self._client.aclose()
 
     # -- registry --------------------------------------------------------------------------------
 
@@ -593,35 +617,32 @@ class RedisStore(Store):
             raise StoreError(f"stored mailbox {mailbox_id!r} is unreadable: {exc}") from None
 
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:
-        blob = self._seal(mailbox)
-        await self._run(lambda: self._client.hset(self._mailboxes_key, mailbox.id, blob))
+        await self._call("HSET", self._mailboxes_key, mailbox.id, self._seal(mailbox))
 
     async def get_mailbox(self, mailbox_id: str) -> MailboxConfig | None:
-        blob: bytes | str | None = await self._run(lambda: self._client.hget(self._mailboxes_key, mailbox_id))
-        return None if blob is None else self._open(mailbox_id, _bytes(blob))
+        blob = _bulk(await self._call("HGET", self._mailboxes_key, mailbox_id))
+        return None if blob is None else self._open(mailbox_id, blob)
 
     async def put_mailboxes(self, mailboxes: Sequence[MailboxConfig]) -> None:
         if mailboxes:
-            blobs: dict[str | bytes, bytes | str] = {mailbox.id: self._seal(mailbox) for mailbox in mailboxes}
-            await self._run(lambda: self._client.hset(self._mailboxes_key, mapping=blobs))  # type: ignore[arg-type]
+            pairs: list[Arg] = []
+            for mailbox in {mailbox.id: mailbox for mailbox in mailboxes}.values():
+                pairs += [mailbox.id, self._seal(mailbox)]
+            await self._call("HSET", self._mailboxes_key, *pairs)
 
     async def set_statuses(self, statuses: Mapping[str, MailboxStatus]) -> None:
         if statuses:
-            documents = {mailbox_id: encode_status(status) for mailbox_id, status in statuses.items()}
-            await self._run(lambda: self._client.hset(self._status_key, mapping=documents))  # type: ignore[arg-type]
+            pairs: list[Arg] = []
+            for mailbox_id, status in statuses.items():
+                pairs += [mailbox_id, encode_status(status)]
+            await self._call("HSET", self._status_key, *pairs)
 
     async def get_mailboxes(self, mailbox_ids: Sequence[str]) -> dict[str, MailboxConfig]:
         ids = list(mailbox_ids)
         if not ids:
             return {}
-        blobs: list[bytes | str | None] = await self._run(
-            lambda: self._client.hmget(self._mailboxes_key, ids)
-        )
-        return {
-            mid: self._open(mid, _bytes(blob))
-            for mid, blob in zip(ids, blobs, strict=True)
-            if blob is not None
-        }
+        blobs = _bulks(await self._call("HMGET", self._mailboxes_key, *ids))
+        return {mid: self._open(mid, blob) for mid, blob in zip(ids, blobs, strict=True) if blob is not None}
 
     async def remove_mailbox(self, mailbox_id: str) -> bool:
         keys = [
@@ -633,35 +654,33 @@ class RedisStore(Store):
             self._floors_key(mailbox_id),
             self._history_index_key(mailbox_id),
         ]
-        args: list[str | bytes] = [mailbox_id, encode_status(MailboxStatus(MailboxState.CLOSED))]
-        return bool(await self._run(lambda: self._remove(keys=keys, args=args)))
+        args: list[Arg] = [mailbox_id, encode_status(MailboxStatus(MailboxState.CLOSED))]
+        return bool(_integer(await self._eval(self._remove, keys, args)))
 
     async def list_mailbox_ids(self) -> list[str]:
-        ids: list[bytes | str] = await self._run(lambda: self._client.hkeys(self._mailboxes_key))
-        return [_text(i) for i in ids]
+        return [_text(i) for i in _bulks(await self._call("HKEYS", self._mailboxes_key)) if i is not None]
 
     async def existing(self, mailbox_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(mailbox_ids))
         if not ids:
             return set()
-        flags: list[int] = await self._run(lambda: self._existing(keys=[self._mailboxes_key], args=ids))
+        flags = _array(await self._eval(self._existing, [self._mailboxes_key], ids))
         return {mid for mid, flag in zip(ids, flags, strict=True) if flag}
 
     # -- statuses --------------------------------------------------------------------------------
 
     async def set_status(self, mailbox_id: str, status: MailboxStatus) -> None:
         keys = [self._status_key, self._delivered_key]
-        args: list[str | bytes | int] = [mailbox_id, encode_status(status)]
-        await self._run(lambda: self._set_status(keys=keys, args=args))
+        await self._eval(self._set_status, keys, [mailbox_id, encode_status(status)])
 
     async def state_counts(self) -> tuple[int, dict[str, int]]:
         keys = [self._mailboxes_key, self._status_key]
-        reply: list[bytes | str | int] = await self._run(lambda: self._state_counts(keys=keys))
+        reply = _array(await self._eval(self._state_counts, keys))
         counts = {
-            state.decode() if isinstance(state, bytes) else str(state): int(count)
+            _text(state) if isinstance(state, bytes) else str(state): _integer(count)
             for state, count in zip(reply[1::2], reply[2::2], strict=True)
         }
-        return int(reply[0]), counts
+        return _integer(reply[0]), counts
 
     async def get_statuses(self, mailbox_ids: Iterable[str]) -> dict[str, MailboxStatus | None]:
         ids = list(mailbox_ids)
@@ -669,20 +688,14 @@ class RedisStore(Store):
             return {}
 
         keys = [self._status_key, self._delivered_key]
-
-        async def read() -> tuple[list[bytes | None], list[bytes | None]]:
-            # Lua's unpack() has a stack limit of a few thousand values: chunk big requests,
-            # still in one bridge crossing.
-            documents: list[bytes | None] = []
-            counters: list[bytes | None] = []
-            for start in range(0, len(ids), _UNPACK_CHUNK):
-                chunk = ids[start : start + _UNPACK_CHUNK]
-                chunk_documents, chunk_counters = await self._get_statuses(keys=keys, args=chunk)
-                documents += chunk_documents
-                counters += chunk_counters
-            return documents, counters
-
-        documents, counters = await self._run(read)
+        # Lua's unpack() has a stack limit of a few thousand values: chunk big requests.
+        documents: list[bytes | None] = []
+        counters: list[bytes | None] = []
+        for start in range(0, len(ids), _UNPACK_CHUNK):
+            chunk = ids[start : start + _UNPACK_CHUNK]
+            chunk_documents, chunk_counters = _array(await self._eval(self._get_statuses, keys, chunk))
+            documents += _bulks(chunk_documents)
+            counters += _bulks(chunk_counters)
         statuses: dict[str, MailboxStatus | None] = {}
         for mailbox_id, document, counter in zip(ids, documents, counters, strict=True):
             if document is None:
@@ -698,21 +711,18 @@ class RedisStore(Store):
 
     async def add_delivered(self, mailbox_id: str, count: int) -> None:
         keys = [self._status_key, self._delivered_key]
-        args: list[str | int] = [mailbox_id, count]
-        await self._run(lambda: self._add_delivered(keys=keys, args=args))
+        await self._eval(self._add_delivered, keys, [mailbox_id, count])
 
     # -- checkpoints -----------------------------------------------------------------------------
 
     async def get_checkpoint(self, mailbox_id: str, folder: str) -> Checkpoint | None:
-        document: bytes | str | None = await self._run(
-            lambda: self._client.hget(self._checkpoints_key(mailbox_id), folder)
-        )
+        document = _bulk(await self._call("HGET", self._checkpoints_key(mailbox_id), folder))
         return None if document is None else _checkpoint_of(mailbox_id, document)
 
     async def seed_checkpoint(self, mailbox_id: str, folder: str, checkpoint: Checkpoint) -> bool:
         keys = [self._mailboxes_key, self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
-        args: list[str | bytes | int] = [mailbox_id, folder, encode_checkpoint(checkpoint)]
-        return bool(await self._run(lambda: self._seed(keys=keys, args=args)))
+        args: list[Arg] = [mailbox_id, folder, encode_checkpoint(checkpoint)]
+        return bool(_integer(await self._eval(self._seed, keys, args)))
 
     async def advance_checkpoint(
         self, mailbox_id: str, folder: str, checkpoint: Checkpoint, *, delivered: int = 0
@@ -724,7 +734,7 @@ class RedisStore(Store):
             self._status_key,
             self._delivered_key,
         ]
-        args: list[str | bytes | int] = [
+        args: list[Arg] = [
             mailbox_id,
             folder,
             encode_checkpoint(checkpoint),
@@ -732,15 +742,15 @@ class RedisStore(Store):
             checkpoint.last_uid,
             max(0, delivered),
         ]
-        return bool(await self._run(lambda: self._advance(keys=keys, args=args)))
+        return bool(_integer(await self._eval(self._advance, keys, args)))
 
     # -- the data set's identity ------------------------------------------------------------------
 
     async def incarnation(self) -> str:
         fresh = str(uuid.uuid4())
-        found: bytes | str = await self._run(
-            lambda: self._incarnation(keys=[self._incarnation_key], args=[fresh])
-        )
+        found = _bulk(await self._eval(self._incarnation, [self._incarnation_key], [fresh]))
+        if found is None:
+            raise _unexpected(found)
         return _text(found)
 
     async def restore_mailboxes(
@@ -749,85 +759,73 @@ class RedisStore(Store):
         calls = []
         for mailbox in mailboxes:
             keys = [self._mailboxes_key, self._checkpoints_key(mailbox.id), self._floors_key(mailbox.id)]
-            args: list[str | bytes] = [mailbox.id, self._seal(mailbox)]
+            args: list[Arg] = [mailbox.id, self._seal(mailbox)]
             for folder, checkpoint in checkpoints.get(mailbox.id, {}).items():
                 args += [folder, encode_checkpoint(checkpoint)]
             calls.append((mailbox.id, keys, args))
 
-        async def restore() -> list[str]:
-            # One script per mailbox (atomic each), sent in pipelines: one bridge crossing.
-            restored: list[str] = []
-            for start in range(0, len(calls), _UNPACK_CHUNK):
-                chunk = calls[start : start + _UNPACK_CHUNK]
-                pipe = self._client.pipeline(transaction=False)
-                for _, keys, args in chunk:
-                    await self._restore(keys=keys, args=args, client=pipe)  # queues it
-                flags = await pipe.execute()
-                restored += [
-                    mailbox_id for (mailbox_id, _, _), flag in zip(chunk, flags, strict=True) if flag
-                ]
-            return restored
-
-        return await self._run(restore) if calls else []
+        # One script per mailbox (atomic each), sent in pipelines.
+        restored: list[str] = []
+        for start in range(0, len(calls), _UNPACK_CHUNK):
+            chunk = calls[start : start + _UNPACK_CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for _, keys, args in chunk:
+                pipe.script(self._restore, keys, args)
+            flags = await self._run(pipe.execute)
+            restored += [
+                mailbox_id for (mailbox_id, _, _), flag in zip(chunk, flags, strict=True) if _integer(flag)
+            ]
+        return restored
 
     async def reassert_checkpoints(self, checkpoints: Mapping[str, Mapping[str, Checkpoint]]) -> int:
-        keys: list[str] = []
-        args: list[str | bytes] = []
+        keys: list[Arg] = []
+        args: list[Arg] = []
         for mailbox_id, folders in checkpoints.items():
             for folder, checkpoint in folders.items():
                 keys += [self._checkpoints_key(mailbox_id), self._floors_key(mailbox_id)]
                 args += [folder, encode_checkpoint(checkpoint)]
 
-        async def reassert() -> int:
-            # Chunked like get_checkpoints_of (a worker may remember 100,000 folders), in one
-            # bridge crossing; atomic per script call, which is more than per folder.
-            changed = 0
-            step = 2 * _UNPACK_CHUNK
-            for start in range(0, len(keys), step):
-                changed += int(
-                    await self._reassert(keys=keys[start : start + step], args=args[start : start + step])
-                )
-            return changed
-
-        return await self._run(reassert) if keys else 0
+        # Chunked like get_checkpoints_of (a worker may remember 100,000 folders); atomic per
+        # script call, which is more than per folder.
+        changed = 0
+        step = 2 * _UNPACK_CHUNK
+        for start in range(0, len(keys), step):
+            changed += _integer(
+                await self._eval(self._reassert, keys[start : start + step], args[start : start + step])
+            )
+        return changed
 
     async def get_checkpoints(self, mailbox_id: str) -> dict[str, Checkpoint]:
-        documents: dict[bytes | str, bytes | str] = await self._run(
-            lambda: self._client.hgetall(self._checkpoints_key(mailbox_id))
-        )
+        row = _bulks(await self._call("HGETALL", self._checkpoints_key(mailbox_id)))
+        return self._checkpoint_row(mailbox_id, row)
+
+    @staticmethod
+    def _checkpoint_row(mailbox_id: str, row: list[bytes | None]) -> dict[str, Checkpoint]:
+        # HGETALL's flat reply: folder, document, folder, document, ...
         try:
-            return {_text(folder): decode_checkpoint(doc) for folder, doc in documents.items()}
+            return {
+                _text(folder): decode_checkpoint(document)
+                for folder, document in zip(row[::2], row[1::2], strict=True)
+                if folder is not None and document is not None
+            }
         except CodecError as exc:
             raise StoreError(f"stored checkpoint of {mailbox_id!r} is unreadable: {exc}") from None
 
     async def get_checkpoints_of(self, mailbox_ids: Sequence[str]) -> dict[str, dict[str, Checkpoint]]:
         ids = list(mailbox_ids)
-
-        async def read() -> list[list[bytes]]:
-            rows: list[list[bytes]] = []
-            for start in range(0, len(ids), _UNPACK_CHUNK):
-                keys = [
-                    self._checkpoints_key(mailbox_id) for mailbox_id in ids[start : start + _UNPACK_CHUNK]
-                ]
-                rows += await self._checkpoints_of(keys=keys)
-            return rows
-
-        rows = await self._run(read) if ids else []
-        try:
-            # Each row is HGETALL's flat reply: folder, document, folder, document, ...
-            return {
-                mailbox_id: {_text(row[i]): decode_checkpoint(row[i + 1]) for i in range(0, len(row), 2)}
-                for mailbox_id, row in zip(ids, rows, strict=True)
-            }
-        except CodecError as exc:
-            raise StoreError(f"a stored checkpoint is unreadable: {exc}") from None
+        rows: list[Reply] = []
+        for start in range(0, len(ids), _UNPACK_CHUNK):
+            keys = [self._checkpoints_key(mailbox_id) for mailbox_id in ids[start : start + _UNPACK_CHUNK]]
+            rows += _array(await self._eval(self._checkpoints_of, keys))
+        return {
+            mailbox_id: self._checkpoint_row(mailbox_id, _bulks(row))
+            for mailbox_id, row in zip(ids, rows, strict=True)
+        }
 
     # -- history loads ---------------------------------------------------------------------------
 
     async def get_history_floor(self, mailbox_id: str, folder: str) -> Checkpoint | None:
-        document: bytes | str | None = await self._run(
-            lambda: self._client.hget(self._floors_key(mailbox_id), folder)
-        )
+        document = _bulk(await self._call("HGET", self._floors_key(mailbox_id), folder))
         return None if document is None else _checkpoint_of(mailbox_id, document, "history floor")
 
     async def mark_history_delivered(
@@ -841,14 +839,11 @@ class RedisStore(Store):
             self._history_index_key(mailbox_id),
             self._history_key(mailbox_id, folder, uidvalidity),
         ]
-        args: list[str | int] = [mailbox_id, *members]
-        await self._run(lambda: self._mark_history(keys=keys, args=args))
+        await self._eval(self._mark_history, keys, [mailbox_id, *members])
 
     async def history_delivered(self, mailbox_id: str, folder: str, uidvalidity: int) -> set[int]:
-        members: set[bytes | str] = await self._run(
-            lambda: self._client.smembers(self._history_key(mailbox_id, folder, uidvalidity))
-        )
-        return {int(member) for member in members}
+        members = _bulks(await self._call("SMEMBERS", self._history_key(mailbox_id, folder, uidvalidity)))
+        return {int(member) for member in members if member is not None}
 
     # -- webhook outboxes and dead letters -------------------------------------------------------
 
@@ -868,11 +863,18 @@ class RedisStore(Store):
         except CodecError as exc:
             raise StoreError(f"stored webhook event {event_id!r} is unreadable: {exc}") from None
 
+    def _open_events(self, ids: Reply, blobs: Reply) -> list[WebhookEvent]:
+        return [
+            self._open_event(_text(event_id), blob)
+            for event_id, blob in zip(_bulks(ids), _bulks(blobs), strict=True)
+            if event_id is not None and blob is not None
+        ]
+
     async def outbox_add(self, events: Sequence[WebhookEvent]) -> int:
         by_endpoint: dict[str, list[WebhookEvent]] = {}
         for event in events:
             by_endpoint.setdefault(event.endpoint, []).append(event)
-        calls = []
+        added = 0
         for endpoint, group in by_endpoint.items():
             keys = [
                 self._wh_endpoints_key,
@@ -881,40 +883,32 @@ class RedisStore(Store):
                 self._events_key(endpoint),
                 self._wh_dead_key,
             ]
-            args: list[str | bytes] = [endpoint]
+            args: list[Arg] = [endpoint]
             for event in group:
                 args += [event.id, self._seal_event(event)]
-            calls.append((keys, args))
-
-        async def add() -> int:
-            return sum([int(await self._outbox_add(keys=keys, args=args)) for keys, args in calls])
-
-        return await self._run(add) if calls else 0
+            added += _integer(await self._eval(self._outbox_add, keys, args))
+        return added
 
     async def outbox_endpoints(self) -> list[str]:
-        members: set[bytes | str] = await self._run(lambda: self._client.smembers(self._wh_endpoints_key))  # type: ignore[misc]
-        return sorted(_text(member) for member in members)
+        members = _bulks(await self._call("SMEMBERS", self._wh_endpoints_key))
+        return sorted(_text(member) for member in members if member is not None)
 
     async def outbox_peek(self, endpoint: str, limit: int) -> list[WebhookEvent]:
         if limit <= 0:
             return []
         keys = [self._outbox_key(endpoint), self._events_key(endpoint)]
-        ids, blobs = await self._run(lambda: self._outbox_peek(keys=keys, args=[limit]))
-        return [
-            self._open_event(_text(event_id), blob)
-            for event_id, blob in zip(ids, blobs, strict=True)
-            if blob is not None
-        ]
+        ids, blobs = _array(await self._eval(self._outbox_peek, keys, [limit]))
+        return self._open_events(ids, blobs)
 
     async def outbox_count(self, endpoint: str) -> int:
-        return int(await self._run(lambda: self._client.zcard(self._outbox_key(endpoint))))
+        return _integer(await self._call("ZCARD", self._outbox_key(endpoint)))
 
     async def outbox_retry(self, event: WebhookEvent) -> bool:
         keys = [self._events_key(event.endpoint)]
-        args: list[str | bytes] = [event.id, self._seal_event(event)]
-        return bool(await self._run(lambda: self._outbox_retry(keys=keys, args=args)))
+        args: list[Arg] = [event.id, self._seal_event(event)]
+        return bool(_integer(await self._eval(self._outbox_retry, keys, args)))
 
-    def _remove_keys(self, endpoint: str) -> list[str]:
+    def _remove_keys(self, endpoint: str) -> list[Arg]:
         return [
             self._wh_endpoints_key,
             self._outbox_key(endpoint),
@@ -924,36 +918,28 @@ class RedisStore(Store):
         ]
 
     async def outbox_done(self, endpoint: str, event_id: str) -> bool:
-        keys = self._remove_keys(endpoint)
-        args: list[str | bytes | float] = [endpoint, event_id, "", 0]
-        return bool(await self._run(lambda: self._outbox_remove(keys=keys, args=args)))
+        args: list[Arg] = [endpoint, event_id, "", 0]
+        return bool(_integer(await self._eval(self._outbox_remove, self._remove_keys(endpoint), args)))
 
     async def outbox_dead_letter(self, event: WebhookEvent) -> bool:
         keys = self._remove_keys(event.endpoint)
-        args: list[str | bytes | float] = [event.endpoint, event.id, self._seal_event(event), event.dead_at]
-        return bool(await self._run(lambda: self._outbox_remove(keys=keys, args=args)))
+        args: list[Arg] = [event.endpoint, event.id, self._seal_event(event), event.dead_at]
+        return bool(_integer(await self._eval(self._outbox_remove, keys, args)))
 
     async def list_dead_letters(self, *, offset: int = 0, limit: int = 100) -> tuple[int, list[WebhookEvent]]:
-        keys = [self._wh_dead_key, self._wh_dead_order_key]
-        args = [max(0, offset), max(0, limit)]
         if limit <= 0:
-            count = int(await self._run(lambda: self._client.zcard(self._wh_dead_order_key)))
-            return count, []
-        count, ids, blobs = await self._run(lambda: self._dead_page(keys=keys, args=args))
-        events = [
-            self._open_event(_text(event_id), blob)
-            for event_id, blob in zip(ids, blobs, strict=True)
-            if blob is not None
-        ]
-        return int(count), events
+            return _integer(await self._call("ZCARD", self._wh_dead_order_key)), []
+        keys = [self._wh_dead_key, self._wh_dead_order_key]
+        count, ids, blobs = _array(await self._eval(self._dead_page, keys, [max(0, offset), limit]))
+        return _integer(count), self._open_events(ids, blobs)
 
     async def get_dead_letter(self, event_id: str) -> WebhookEvent | None:
-        blob: bytes | str | None = await self._run(lambda: self._client.hget(self._wh_dead_key, event_id))
+        blob = _bulk(await self._call("HGET", self._wh_dead_key, event_id))
         return None if blob is None else self._open_event(event_id, blob)
 
     async def drop_dead_letter(self, event_id: str) -> bool:
         keys = [self._wh_dead_key, self._wh_dead_order_key]
-        return bool(await self._run(lambda: self._dead_drop(keys=keys, args=[event_id])))
+        return bool(_integer(await self._eval(self._dead_drop, keys, [event_id])))
 
     async def replay_dead_letter(self, event_id: str) -> WebhookEvent | None:
         event = await self.get_dead_letter(event_id)
@@ -968,20 +954,19 @@ class RedisStore(Store):
             self._wh_dead_key,
             self._wh_dead_order_key,
         ]
-        args: list[str | bytes] = [event.endpoint, event_id, self._seal_event(queued)]
-        replayed = await self._run(lambda: self._dead_replay(keys=keys, args=args))
+        args: list[Arg] = [event.endpoint, event_id, self._seal_event(queued)]
+        replayed = _integer(await self._eval(self._dead_replay, keys, args))
         return queued if replayed else None
 
     # -- nodes and leases ------------------------------------------------------------------------
 
     async def heartbeat(self, node: NodeInfo, ttl: float) -> None:
         keys = [self._nodes_key, self._node_expiry_key]
-        args: list[str | bytes | int] = [node.id, encode_node(node), _ttl_ms(ttl)]
-        await self._run(lambda: self._heartbeat(keys=keys, args=args))
+        await self._eval(self._heartbeat, keys, [node.id, encode_node(node), _ttl_ms(ttl)])
 
     async def list_nodes(self) -> list[NodeInfo]:
         keys = [self._nodes_key, self._node_expiry_key]
-        documents: list[bytes | None] = await self._run(lambda: self._list_nodes(keys=keys))
+        documents = _bulks(await self._eval(self._list_nodes, keys))
         nodes = []
         for document in documents:
             if document is None:
@@ -993,24 +978,20 @@ class RedisStore(Store):
         return nodes
 
     async def remove_node(self, node_id: str) -> None:
-        async def remove() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hdel(self._nodes_key, node_id)
-                pipe.zrem(self._node_expiry_key, node_id)
-                await pipe.execute()
-
-        await self._run(remove)  # rare (shutdown): a MULTI is fine
+        pipe = self._client.pipeline(transaction=True)  # rare (shutdown): a MULTI is fine
+        pipe.command("HDEL", self._nodes_key, node_id)
+        pipe.command("ZREM", self._node_expiry_key, node_id)
+        await self._run(pipe.execute)
 
     async def _leases_held(
-        self, script: AsyncScript, node_id: str, mailbox_ids: Sequence[str], ttl: float
+        self, script: Script, node_id: str, mailbox_ids: Sequence[str], ttl: float
     ) -> list[str]:
         ids = list(mailbox_ids)
         if not ids:
             return []
         keys = [self._lease_key(mid) for mid in ids]
-        args: list[str | int] = [node_id, _ttl_ms(ttl)]
-        indexes: list[int] = await self._run(lambda: script(keys=keys, args=args))
-        return [ids[index - 1] for index in indexes]
+        indexes = _array(await self._eval(script, keys, [node_id, _ttl_ms(ttl)]))
+        return [ids[_integer(index) - 1] for index in indexes]
 
     async def claim_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
         return await self._leases_held(self._claim, node_id, mailbox_ids, ttl)
@@ -1022,19 +1003,17 @@ class RedisStore(Store):
         self, node_id: str, lease: str, mailbox_id: str, folder: str, ttl: float
     ) -> ClaimedFolder | None:
         keys = [self._lease_key(lease), self._mailboxes_key, self._checkpoints_key(mailbox_id)]
-        args: list[str | int] = [node_id, _ttl_ms(ttl), mailbox_id, folder]
-        reply: list[bytes | str | int | None] = await self._run(
-            lambda: self._claim_and_read(keys=keys, args=args)
-        )
+        args: list[Arg] = [node_id, _ttl_ms(ttl), mailbox_id, folder]
+        reply = _array(await self._eval(self._claim_and_read, keys, args))
         if not reply:
             return None
         try:
             blob = reply[1] if len(reply) > 1 else None
-            if not isinstance(blob, (bytes, str)):
+            if not isinstance(blob, bytes):
                 return ClaimedFolder(None, None)
-            mailbox = self._open(mailbox_id, _bytes(blob))
+            mailbox = self._open(mailbox_id, blob)
             document = reply[2] if len(reply) > 2 else None
-            if not isinstance(document, (bytes, str)):
+            if not isinstance(document, bytes):
                 return ClaimedFolder(mailbox, None)
             return ClaimedFolder(mailbox, _checkpoint_of(mailbox_id, document))
         except StoreError:
@@ -1047,15 +1026,13 @@ class RedisStore(Store):
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
         keys = [self._lease_key(mid) for mid in mailbox_ids]
         if keys:
-            await self._run(lambda: self._release(keys=keys, args=[node_id]))
+            await self._eval(self._release, keys, [node_id])
 
     async def lease_owners(self, mailbox_ids: Sequence[str]) -> dict[str, str | None]:
         ids = list(mailbox_ids)
         if not ids:
             return {}
-        holders: list[bytes | str | None] = await self._run(
-            lambda: self._client.mget([self._lease_key(mid) for mid in ids])
-        )
+        holders = _bulks(await self._call("MGET", *[self._lease_key(mid) for mid in ids]))
         return {
             mid: None if holder is None else _text(holder) for mid, holder in zip(ids, holders, strict=True)
         }
@@ -1063,57 +1040,47 @@ class RedisStore(Store):
     # -- change notifications --------------------------------------------------------------------
 
     async def publish_change(self, mailbox_id: str) -> None:
-        await self._run(lambda: self._client.publish(self._channel, mailbox_id))
+        await self._call("PUBLISH", self._channel, mailbox_id)
 
     @asynccontextmanager
     async def changes(self) -> AsyncIterator[AsyncIterator[str]]:
-        # Unbounded, as in MemoryStore: the reader (an asyncio task) must never block on Trio.
+        # Unbounded, as in MemoryStore: the reader must never wait for the consumer (it would
+        # stop reading the socket, and Redis drops a subscriber whose output buffer overflows).
         send, receive = trio.open_memory_channel[str](math.inf)
         iterator = _Changes(receive)
-        pubsub: PubSub = self._client.pubsub()
 
-        async def subscribe() -> None:
-            await pubsub.subscribe(self._channel)
-            # Wait for the server's confirmation: only then is a later PUBLISH sure to reach us.
-            while True:
-                message = await pubsub.get_message(timeout=_CLEANUP_TIMEOUT)
-                if message is None:
-                    raise TimeoutError("no SUBSCRIBE confirmation")
-                if _text(message["type"]) == "subscribe":
-                    return
-
-        async def pump() -> None:
-            # Runs as an asyncio task of the bridge loop. trio-asyncio runs asyncio callbacks on
-            # Trio's thread, so handing values to a Trio channel with send_nowait is safe here.
+        async def pump(subscription: Subscription) -> None:
             try:
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None and _text(message["type"]) == "message":
-                        send.send_nowait(_text(message["data"]))
-            except (RedisError, OSError, TimeoutError) as exc:
-                iterator.error = StoreError(f"redis: change subscription lost: {_describe(exc)}")
-            except trio.ClosedResourceError:
+                    payload = await subscription.next_message()
+                    send.send_nowait(payload.decode(errors="replace"))
+            except RedisError as exc:
+                iterator.error = StoreError(f"redis: change subscription lost: {describe(exc)}")
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass  # the subscriber left (changes() is exiting)
             finally:
                 send.close()
 
-        async def start() -> asyncio.Task[None]:
-            await subscribe()
-            return asyncio.ensure_future(pump())
-
-        async def stop(task: asyncio.Task[None] | None) -> None:
-            if task is not None:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-        task: asyncio.Task[None] | None = None
         try:
-            task = await self._run(start)
-            yield iterator
+            subscription = await self._run(lambda: self._client.subscribe(self._channel))
+            raised: BaseException | None = None
+            try:
+                # The reader lives in a nursery of this context's own, exactly as long as the
+                # subscription; pump() raises nothing, so it never cancels the caller's body.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, subscription)
+                    try:
+                        yield iterator
+                    except BaseException as exc:
+                        # Raised again outside the nursery, which would wrap it in an
+                        # ExceptionGroup: callers catch the StoreError of a lost feed as such.
+                        raised = exc
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                subscription.close()
+            if raised is not None:
+                raise raised
         finally:
             send.close()
             receive.close()
-            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True), suppress(StoreError):
-                await self._run(lambda: stop(task))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ import trio
 from redis.asyncio import Redis
 
 from emlisten._bridge import open_asyncio_bridge, run_asyncio
+from emlisten.errors import StoreError
 from emlisten.service.node import run_node
 from tests.contract.backends import REDIS_URL, delete_redis_keys, unique_prefix
 from tests.secret_scan import register_secret
@@ -176,3 +179,32 @@ async def test_no_secret_in_plain_text_anywhere(
     ]
     assert leaks == []
     assert any(b"secret scan" in call.raw_body for call in creatio.calls())  # the scan saw real data
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("user", ["emlisten-no-such-user", ""])
+async def test_a_wrong_redis_password_is_in_no_error_or_log(
+    user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose Redis URL holds a wrong password (with an ACL user, or for the default user)
+    fails to start with the store's error: neither it, its causes nor any log line (DEBUG
+    included) names the password."""
+    caplog.set_level(logging.DEBUG)
+    password = _secret("redis-password")
+    target = urlsplit(REDIS_URL)
+    url = f"redis://{user}:{password}@{target.hostname}:{target.port or 6379}/0"
+    settings = fast_settings(
+        None, secret_key=_secret("secret-key"), redis_url=url, redis_prefix=unique_prefix()
+    )
+    with pytest.raises(BaseException) as caught:  # a StoreError, maybe in a group
+        await run_node(settings, handle_signals=False)
+    errors = _leaves(caught.value)
+    assert any(isinstance(error, StoreError) and "AUTH failed" in str(error) for error in errors), errors
+    told = "".join(traceback.format_exception(caught.value)).encode() + caplog.text.encode()
+    assert not [form for form in _forms(password) if form in told]
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]

@@ -1,9 +1,11 @@
 """Real-server adapters for the contract suites, each isolated per test and cleaned up after.
 
-Redis: a uuid key prefix per test, every key under it deleted at the end (SCAN + DEL).
-RabbitMQ: a uuid queue name per test, its queues deleted at the end.
+Redis: a uuid key prefix per test, every key under it deleted at the end (SCAN + DEL). The store
+is pure Trio (no asyncio bridge); the tests look at what it wrote with redis-py, an independent
+client (synchronous, in a worker thread: usable with or without a bridge).
+RabbitMQ: a uuid queue name per test, its queues deleted at the end; it opens the asyncio bridge
+loop itself, as the service's root nursery does.
 SQLite: a data directory under the test's own tmp_path.
-Both open the asyncio bridge loop themselves, as the service's root nursery does.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
+import redis
 import trio
-from redis.asyncio import Redis
 
-from emlisten._bridge import open_asyncio_bridge, run_asyncio
+from emlisten._bridge import open_asyncio_bridge
 from emlisten.queue.rabbitmq import RabbitMQQueue
 from emlisten.store.redis import RedisStore
 from emlisten.store.sqlite import SqliteStore
@@ -25,6 +28,8 @@ from emlisten.store.sqlite import SqliteStore
 REDIS_URL = os.environ.get("EMLISTEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("EMLISTEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 TEST_SECRET_KEY = "contract-test-secret-key"
+
+T = TypeVar("T")
 
 
 def unique_prefix() -> str:
@@ -35,44 +40,42 @@ def unique_queue_name() -> str:
     return f"emlisten-test.{uuid.uuid4().hex}"
 
 
-async def delete_redis_keys(prefix: str) -> int:
-    """Delete every key under ``prefix`` (inside a bridge loop). Returns how many were deleted."""
+async def with_redis_py(action: Callable[[redis.Redis], T]) -> T:
+    """``action`` on a fresh synchronous redis-py client, in a worker thread."""
 
-    async def purge() -> int:
-        client = Redis.from_url(REDIS_URL)
+    def run() -> T:
+        client = redis.Redis.from_url(REDIS_URL)
         try:
-            deleted = 0
-            async for key in client.scan_iter(match=f"{prefix}*", count=500):
-                deleted += await client.delete(key)
-            return deleted
+            return action(client)
         finally:
-            await client.aclose()
+            client.close()
 
-    return await run_asyncio(purge)
+    return await trio.to_thread.run_sync(run)
+
+
+async def delete_redis_keys(prefix: str) -> int:
+    """Delete every key under ``prefix``. Returns how many were deleted."""
+
+    return await with_redis_py(
+        lambda client: sum(int(client.delete(key)) for key in client.scan_iter(match=f"{prefix}*", count=500))
+    )
 
 
 async def redis_key_count(prefix: str) -> int:
-    async def count() -> int:
-        client = Redis.from_url(REDIS_URL)
-        try:
-            return len([key async for key in client.scan_iter(match=f"{prefix}*", count=500)])
-        finally:
-            await client.aclose()
-
-    return await run_asyncio(count)
+    return await with_redis_py(lambda client: len(list(client.scan_iter(match=f"{prefix}*", count=500))))
 
 
 @asynccontextmanager
 async def redis_store(
     *, prefix: str | None = None, secret_key: str = TEST_SECRET_KEY
 ) -> AsyncIterator[RedisStore]:
+    """A store on a key prefix of its own, without an asyncio bridge (the store needs none)."""
     prefix = prefix or unique_prefix()
-    async with open_asyncio_bridge():
-        try:
-            async with RedisStore.open(REDIS_URL, prefix=prefix, secret_key=secret_key) as store:
-                yield store
-        finally:
-            await delete_redis_keys(prefix)
+    try:
+        async with RedisStore.open(REDIS_URL, prefix=prefix, secret_key=secret_key) as store:
+            yield store
+    finally:
+        await delete_redis_keys(prefix)
 
 
 @asynccontextmanager

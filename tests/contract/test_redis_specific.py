@@ -4,10 +4,10 @@ errors, many nodes sharing one Redis, and the cancel-safety of the change subscr
 from __future__ import annotations
 
 import pytest
+import redis
 import trio
-from redis.asyncio import Redis
 
-from emlisten._bridge import open_asyncio_bridge, run_asyncio
+from emlisten._bridge import open_asyncio_bridge
 from emlisten.errors import ConfigError, StoreError
 from emlisten.models import (
     Checkpoint,
@@ -25,6 +25,7 @@ from tests.contract.backends import (
     redis_key_count,
     redis_store,
     unique_prefix,
+    with_redis_py,
 )
 
 pytestmark = pytest.mark.redis
@@ -43,15 +44,8 @@ def mailbox(mailbox_id: str = "m-1", **changes: object) -> MailboxConfig:
 
 
 async def raw_hash(key: str) -> dict[bytes, bytes]:
-    async def read() -> dict[bytes, bytes]:
-        client = Redis.from_url(REDIS_URL)
-        try:
-            result: dict[bytes, bytes] = await client.hgetall(key)
-            return result
-        finally:
-            await client.aclose()
-
-    return await run_asyncio(read)
+    result: dict[bytes, bytes] = await with_redis_py(lambda client: client.hgetall(key))
+    return result
 
 
 async def test_credentials_are_encrypted_at_rest() -> None:
@@ -93,14 +87,7 @@ async def test_every_key_is_under_the_prefix_and_cleanup_removes_them() -> None:
         await store.add_delivered("m-1", 1)
         await store.seed_checkpoint("m-1", "INBOX", Checkpoint(1, 1))
 
-        async def keys() -> set[bytes]:
-            client = Redis.from_url(REDIS_URL)
-            try:
-                return {key async for key in client.scan_iter(match=f"{prefix}*")}
-            finally:
-                await client.aclose()
-
-        assert await run_asyncio(keys) == {
+        assert await with_redis_py(lambda client: set(client.scan_iter(match=f"{prefix}*"))) == {
             f"{prefix}{name}".encode()
             for name in ("mailboxes", "status", "delivered", "checkpoints:m-1", "floors:m-1")
         }
@@ -142,14 +129,7 @@ async def test_a_counter_redis_cannot_add_to_never_fails_the_checkpoint() -> Non
         await store.set_status("m-1", MailboxStatus(MailboxState.LISTENING))
         await store.seed_checkpoint("m-1", "INBOX", Checkpoint(5, 10))
 
-        async def spoil() -> None:
-            client = Redis.from_url(REDIS_URL)
-            try:
-                await client.hset(f"{store.prefix}delivered", "m-1", "not a number")
-            finally:
-                await client.aclose()
-
-        await run_asyncio(spoil)
+        await with_redis_py(lambda client: client.hset(f"{store.prefix}delivered", "m-1", "not a number"))
         assert await store.advance_checkpoint("m-1", "INBOX", Checkpoint(5, 12), delivered=2) is True
         assert await store.get_checkpoint("m-1", "INBOX") == Checkpoint(5, 12)
         assert (await raw_hash(f"{store.prefix}delivered"))[b"m-1"] == b"not a number"
@@ -250,19 +230,15 @@ async def test_concurrent_seeds_only_one_wins() -> None:
 
 
 async def kill_client_connections(client_name: str) -> int:
-    async def kill() -> int:
-        client = Redis.from_url(REDIS_URL)
-        try:
-            killed = 0
-            for info in await client.client_list():
-                if info.get("name") == client_name:
-                    await client.execute_command("CLIENT", "KILL", "ID", info["id"])
-                    killed += 1
-            return killed
-        finally:
-            await client.aclose()
+    def kill(client: redis.Redis) -> int:
+        killed = 0
+        for info in client.client_list():
+            if info.get("name") == client_name:
+                client.execute_command("CLIENT", "KILL", "ID", info["id"])
+                killed += 1
+        return killed
 
-    return await run_asyncio(kill)
+    return await with_redis_py(kill)
 
 
 async def test_store_and_subscription_survive_dropped_connections() -> None:

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from emlisten.abc import Store
+from emlisten.errors import StoreError
 from emlisten.models import (
     Checkpoint,
     MailboxConfig,
@@ -177,6 +178,25 @@ async def test_changes_before_subscribing_are_not_replayed(store: Store) -> None
         await store.publish_change("late")
         with trio.fail_after(5):
             assert await anext(changes) == "late"
+
+
+async def test_an_error_inside_changes_comes_out_as_it_was_raised(store: Store) -> None:
+    """Not wrapped in an ExceptionGroup (as a nursery inside ``changes()`` would): the ownership
+    loop catches the StoreError of a lost feed by its type and subscribes again."""
+    with pytest.raises(StoreError, match=r"^the feed was lost$"):
+        async with store.changes() as changes:
+            await store.publish_change("a")
+            with trio.fail_after(5):
+                assert await anext(changes) == "a"
+            raise StoreError("the feed was lost")
+    with trio.move_on_after(0.05) as scope:  # a cancelled body is just cancelled
+        async with store.changes():
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    async with store.changes() as changes:  # and the store subscribes again
+        await store.publish_change("b")
+        with trio.fail_after(5):
+            assert await anext(changes) == "b"
 
 
 async def test_concurrent_advances_keep_the_highest(store: Store) -> None:

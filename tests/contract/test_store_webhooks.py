@@ -7,14 +7,13 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
+import redis
 
-from emlisten._bridge import run_asyncio
 from emlisten.abc import Store
 from emlisten.models import WebhookEvent
 from emlisten.store.memory import MemoryStore
 from emlisten.store.redis import RedisStore
-from tests.contract.backends import REDIS_URL, redis_store, sqlite_store
+from tests.contract.backends import REDIS_URL, redis_store, sqlite_store, with_redis_py
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), "sqlite"])
@@ -154,16 +153,12 @@ async def test_redis_outbox_and_dead_letters_survive_a_restart_encrypted() -> No
         await first.outbox_dead_letter(event("e1", last_error="HTTP 500", dead_at=3.0))
         prefix = first.prefix
 
-        async def raw() -> dict[bytes, bytes]:
-            client = Redis.from_url(REDIS_URL)
-            try:
-                waiting: dict[bytes, bytes] = await client.hgetall(f"{prefix}wh:events:ep-a")
-                dead: dict[bytes, bytes] = await client.hgetall(f"{prefix}wh:dead")
-                return {**waiting, **dead}
-            finally:
-                await client.aclose()
+        def raw(client: redis.Redis) -> dict[bytes, bytes]:
+            waiting: dict[bytes, bytes] = client.hgetall(f"{prefix}wh:events:ep-a")
+            dead: dict[bytes, bytes] = client.hgetall(f"{prefix}wh:dead")
+            return {**waiting, **dead}
 
-        blobs = await run_asyncio(raw)
+        blobs = await with_redis_py(raw)
         assert sorted(blobs) == [b"e1", b"e2"]
         for blob in blobs.values():
             assert b"caf" not in blob and b"t0k3n" not in blob and b"hooks.example.com" not in blob
