@@ -148,7 +148,11 @@ async def open_adapters(settings: Settings) -> AsyncIterator[Adapters]:
             assert settings.secret_key is not None
             store = await stack.enter_async_context(
                 RedisStore.open(
-                    settings.redis_url, secret_key=settings.secret_key, prefix=settings.redis_prefix
+                    settings.redis_url,
+                    secret_key=settings.secret_key,
+                    prefix=settings.redis_prefix,
+                    # No store call may hang past a lease's life (a Redis that stopped answering).
+                    command_timeout=settings.lease_ttl_seconds,
                 )
             )
             if settings.data_dir:

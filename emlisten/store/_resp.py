@@ -37,6 +37,8 @@ _BACKOFF_BASE: Final = 0.05
 _BACKOFF_CAP: Final = 1.0
 #: A connection idle longer than this is checked with PING before use.
 HEALTH_CHECK_INTERVAL: Final = 30.0
+#: Longest wait for one exchange's replies (the store passes its own, from the lease TTL).
+COMMAND_TIMEOUT: Final = 10.0
 _READ_SIZE: Final = 64 * 1024
 #: Redis's own limit on one bulk string (proto-max-bulk-len's default).
 MAX_BULK: Final = 512 * 1024 * 1024
@@ -66,6 +68,10 @@ class ProtocolError(RedisConnectionError):
 
 class _ConnectionLost(RedisConnectionError):
     """The server closed the connection (EOF)."""
+
+
+class CommandTimeout(RedisConnectionError):
+    """No complete answer within the client's ``command_timeout`` (not retried: it may have run)."""
 
 
 # -- encoder -------------------------------------------------------------------------------------
@@ -425,6 +431,12 @@ class Client:
     ``max_connections`` bounds the connections (subscriptions included); a caller beyond it
     waits up to ``pool_timeout`` seconds for one. A connection is returned to the pool only after
     a complete exchange: one that errored or was cancelled half-way is closed.
+
+    ``command_timeout`` bounds one exchange (sending the commands and reading every reply): a
+    Redis that accepts connections and never answers (stopped, or behind a path that drops
+    packets without a reset) fails the call with :class:`CommandTimeout` instead of hanging it.
+    That is not retried: the commands may have run, and the server that did not answer would
+    most likely not answer the retry either.
     """
 
     address: Address
@@ -435,10 +447,13 @@ class Client:
     connect_timeout: float = 5.0
     retries: int = RETRIES
     health_check_interval: float = HEALTH_CHECK_INTERVAL
+    command_timeout: float = COMMAND_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if not self.command_timeout > 0:
+            raise ValueError("command_timeout must be positive")
         self._slots = trio.Semaphore(self.max_connections)
         self._idle: list[Connection] = []
         self._closed = False
@@ -477,10 +492,17 @@ class Client:
             if time.monotonic() - conn.last_used < self.health_check_interval:
                 return conn
             try:
-                await conn.request("PING")
+                with trio.fail_after(self.command_timeout):
+                    await conn.request("PING")
                 return conn
             except (*_DROPPED, RedisError):
                 conn.close()  # dead while idle: try the next one, or a new one
+            except trio.TooSlowError:
+                # The rest were idle longer still: checking each would take as long again.
+                conn.close()
+                idle, self._idle = self._idle, []
+                for other in idle:
+                    other.close()
             except BaseException:
                 conn.close()
                 raise
@@ -503,22 +525,25 @@ class Client:
                 conn = await self._take()
                 done = False
                 try:
-                    await conn.send(payload)
-                    read = conn.read_reply
-                    replies = [await read() for _ in range(count)]
-                    done = True
+                    with trio.move_on_after(self.command_timeout):
+                        await conn.send(payload)
+                        read = conn.read_reply
+                        replies = [await read() for _ in range(count)]
+                        done = True
                 finally:
                     if done:
                         self._give_back(conn)
                     else:
-                        conn.close()  # failed or cancelled half-way: its stream is unusable
+                        conn.close()  # failed, cancelled or timed out half-way: unusable
+                if not done:
+                    raise CommandTimeout(f"no answer from {self.address} within {self.command_timeout:g} s")
                 return replies
             except _DROPPED as exc:
                 error: RedisConnectionError = RedisConnectionError(
                     f"connection to {self.address} lost: {describe(exc)}"
                 )
-            except ProtocolError:
-                raise  # not a dropped connection: a retry would read the same
+            except (ProtocolError, CommandTimeout):
+                raise  # not a dropped connection: a retry would read the same, or wait as long
             except RedisConnectionError as exc:  # could not connect
                 error = exc
             finally:

@@ -74,7 +74,17 @@ from emlisten.store._codec import (
     encode_webhook_event,
 )
 from emlisten.store._crypto import CredentialCipher
-from emlisten.store._resp import Arg, Client, RedisError, Reply, Script, Subscription, describe, parse_url
+from emlisten.store._resp import (
+    COMMAND_TIMEOUT,
+    Arg,
+    Client,
+    RedisError,
+    Reply,
+    Script,
+    Subscription,
+    describe,
+    parse_url,
+)
 
 T = TypeVar("T")
 
@@ -531,6 +541,7 @@ class RedisStore(Store):
         prefix: str = DEFAULT_PREFIX,
         max_connections: int = 32,
         client_name: str = "emlisten",
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> AsyncIterator[RedisStore]:
         """Connect (``redis://[[user]:password@]host:port/db`` or ``rediss://``) and check with PING.
 
@@ -547,6 +558,11 @@ class RedisStore(Store):
         1 s) before an operation fails with ``StoreError``; the ``changes()`` subscription
         reconnects and resubscribes the same way (notifications published while it was
         disconnected are lost, so the ownership loop must not rely on them alone).
+
+        ``command_timeout`` bounds each operation once sent (a Redis that accepts connections
+        but never answers, stopped or behind a path that drops packets): past it the operation
+        fails with ``StoreError`` and is not retried (it may have run). The node passes its
+        lease TTL: an answer later than that cannot keep a lease anyway.
         """
 
         cipher = CredentialCipher(secret_key)
@@ -560,6 +576,7 @@ class RedisStore(Store):
             client_name=client_name,
             pool_timeout=20,
             connect_timeout=5,
+            command_timeout=command_timeout,
             # Every operation here is idempotent except add_delivered (a retry after a lost
             # reply may count twice: cosmetic).
             retries=_RETRIES,

@@ -18,6 +18,7 @@ from emlisten.errors import StoreError
 from emlisten.store._resp import (
     RETRIES,
     Client,
+    CommandTimeout,
     RedisConnectionError,
     RedisError,
     ReplyError,
@@ -311,3 +312,119 @@ async def test_requests_cancelled_at_any_moment_leave_no_stale_reply_behind() ->
             assert await client.execute("ECHO", token) == token.encode()
         assert client.in_use == 0
         assert True in outcomes and False in outcomes
+
+
+@asynccontextmanager
+async def through_proxy() -> AsyncIterator[FaultProxy]:
+    target = urlsplit(REDIS_URL)
+    async with trio.open_nursery() as nursery:
+        proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        await nursery.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            proxy.restore()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_redis_that_stops_answering_fails_the_call_instead_of_hanging_it() -> None:
+    """A stopped Redis, or a path that drops packets without a reset: the connection stays up
+    and no answer comes. The call fails after the command timeout, once (it may have run: not
+    retried), and its connection is not given back (its late reply would answer the next)."""
+    async with (
+        through_proxy() as proxy,
+        resp_client(proxy.url("redis", path="/0"), command_timeout=0.5, connect_timeout=0.5) as (
+            client,
+            _,
+            prefix,
+        ),
+    ):
+        assert await client.execute("SET", f"{prefix}n", 0) == b"OK"
+        proxy.black_hole()
+        started = trio.current_time()
+        with trio.fail_after(10), pytest.raises(CommandTimeout, match=r"no answer from .* within 0.5 s"):
+            await client.execute("INCR", f"{prefix}n")
+        assert trio.current_time() - started < 3
+        assert (client.in_use, client.idle_count) == (0, 0)
+        assert proxy.accepted == 1  # no second attempt
+        proxy.restore()
+        assert await client.execute("ECHO", "mine") == b"mine"
+        assert await client.execute("GET", f"{prefix}n") == b"1"  # the INCR ran once, late
+
+
+async def test_a_health_check_that_gets_no_answer_does_not_hang_the_call() -> None:
+    async with (
+        through_proxy() as proxy,
+        resp_client(
+            proxy.url("redis", path="/0"),
+            command_timeout=0.5,
+            connect_timeout=0.5,
+            health_check_interval=0.0,
+            retries=1,
+            max_connections=4,
+        ) as (client, _, _),
+    ):
+        async with trio.open_nursery() as nursery:  # four idle connections, all to be checked
+            for _ in range(4):
+                nursery.start_soon(client.execute, "BLPOP", f"{uuid.uuid4().hex}", 0.1)
+        assert client.idle_count == 4
+        proxy.black_hole()
+        started = trio.current_time()
+        # One check times out (the others, idle as long, are dropped unchecked), then the new
+        # connections get no answer either: the connect timeout, once more after a retry.
+        with trio.fail_after(10), pytest.raises(RedisConnectionError, match=r"timed out after 0\.5 s"):
+            await client.execute("PING")
+        assert trio.current_time() - started < 4
+        assert (client.in_use, client.idle_count) == (0, 0)
+        proxy.restore()
+        assert await client.execute("PING") == b"PONG"
+
+
+async def test_the_store_fails_a_call_to_a_silent_redis_with_a_store_error() -> None:
+    prefix = unique_prefix()
+    async with through_proxy() as proxy:
+        try:
+            async with RedisStore.open(
+                proxy.url("redis", path="/0"), prefix=prefix, secret_key=TEST_SECRET_KEY, command_timeout=0.5
+            ) as store:
+                assert await store.claim_leases("n-1", ["m-1"], 5) == ["m-1"]
+                proxy.black_hole()
+                expected = r"^redis: CommandTimeout: no answer"
+                with trio.fail_after(10), pytest.raises(StoreError, match=expected):
+                    await store.renew_leases("n-1", ["m-1"], 5)
+                proxy.restore()
+                assert await store.renew_leases("n-1", ["m-1"], 5) == ["m-1"]
+        finally:
+            await with_redis_py(lambda r: [r.delete(key) for key in r.scan_iter(match=f"{prefix}*")])
+
+
+async def test_no_connection_is_leaked_by_cancelled_failed_or_timed_out_calls() -> None:
+    """Counted on the server (CLIENT LIST by the client's name): after many calls cancelled at
+    every stage, error replies, connections killed under it and timeouts, Redis sees exactly the
+    connections the pool keeps idle, and never more than the bound."""
+    async with resp_client(max_connections=4, command_timeout=0.3) as (client, name, prefix):
+        script = client.register_script(f"-- {prefix}\nreturn redis.call('INCR', KEYS[1])")
+
+        async def one(n: int) -> None:
+            with trio.move_on_after((n % 7) * 0.002 if n % 5 != 2 else 1.0):
+                if n % 5 == 0:
+                    with pytest.raises(ReplyError):
+                        await client.execute("HGET", f"{prefix}n", "f")  # WRONGTYPE once n exists
+                elif n % 5 == 1:
+                    await script([f"{prefix}n"])
+                elif n % 5 == 2:
+                    with pytest.raises(CommandTimeout):
+                        await client.execute("BLPOP", f"{prefix}never", 1)
+                else:
+                    await client.pipeline().command("INCR", f"{prefix}n").command("PING").execute()
+
+        await client.execute("SET", f"{prefix}n", 0)
+        for round_ in range(5):
+            if round_ == 2:  # the idle ones die under the pool: found out as they are used
+                await with_redis_py(lambda r: kill_by_name(r, name))
+            async with trio.open_nursery() as nursery:
+                for n in range(40):
+                    nursery.start_soon(one, n + round_)
+            assert client.in_use == 0
+            on_server = len(await with_redis_py(lambda r: client_ids(r, name)))
+            assert on_server == client.idle_count <= 4
