@@ -291,6 +291,32 @@ async def test_a_late_look_finds_mail_that_landed_after_the_first_one(
         nursery.cancel_scope.cancel()
 
 
+async def test_the_first_and_the_late_look_share_one_side_session(
+    dovecot: Dovecot, mail_user: MailUser
+) -> None:
+    """A mail schedules two looks, seconds apart: the side session of the first is kept for the
+    second (one login per mail, not two: each is a TLS handshake and a login for both sides),
+    and closed after it."""
+    source, commands = imap_source(dovecot, recheck_seconds=0.2, recheck_late_seconds=0.8)
+    looks = Looks(source)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        await listen(nursery, source, mailbox_for(dovecot, mail_user), sink, prefetch())
+        await sink.next()  # catch-up
+        assert await looks.next() == "nothing"  # the look after the first IDLE: a session of its own
+        sent = len(commands)
+        await dovecot.aappend(mail_user, make_message())
+        assert (await sink.next()).reason == "exists"
+        assert await looks.next() == "nothing"
+        assert await looks.next() == "nothing"
+        await looks.none_within(1.2)
+        after = commands[sent:]
+        assert after.count("STATUS") == 2
+        assert after.count("AUTHENTICATE") + after.count("LOGIN") == 1
+        assert after.count("LOGOUT") == 1 and after[-1] == "LOGOUT"  # closed after the late look
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_first_idle_of_a_session_is_looked_at_once(
     dovecot: Dovecot, mail_user: MailUser, proxy: FaultProxy
 ) -> None:

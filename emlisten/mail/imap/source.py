@@ -313,6 +313,7 @@ class ImapSource(MailSource):
         task_status: trio.TaskStatus[FolderInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         client = await self.connect(mailbox)
+        look_session = _LookSession(functools.partial(self.connect, mailbox), self.settings.close_timeout)
         try:
             info = await client.examine(folder)
             async with trio.open_nursery() as looks:
@@ -326,7 +327,7 @@ class ImapSource(MailSource):
                     budget=self._prefetch_budget,
                     wakeups=self._wakeups,
                     look_slots=self._look_slots,
-                    looks=_Looks(looks, self._looks, functools.partial(self._status, mailbox)),
+                    looks=_Looks(looks, self._looks, look_session),
                 )
                 try:
                     # Mail that arrived while we were away: queued before we report "started".
@@ -340,14 +341,7 @@ class ImapSource(MailSource):
         finally:
             # DONE + LOGOUT when the connection is still healthy; shielded, bounded.
             await client.close(timeout=self.settings.close_timeout)
-
-    async def _status(self, mailbox: MailboxConfig, folder: str) -> dict[str, int]:
-        """STATUS of ``folder`` on a short session of its own (the listening one stays in IDLE)."""
-        client = await self.connect(mailbox)
-        try:
-            return await client.status(folder, ("MESSAGES", "UIDNEXT", "UIDVALIDITY"))
-        finally:
-            await client.close(timeout=self.settings.close_timeout)
+            await look_session.aclose()
 
     @asynccontextmanager
     async def open_reader(self, mailbox: MailboxConfig) -> AsyncIterator[MailReader]:
@@ -455,13 +449,63 @@ class _Held:
         self.size = 0
 
 
+class _LookSession:
+    """The side session a listener looks at its folder on. Kept open from one look to the next
+    when another is already scheduled (the late look follows the first within seconds), so that
+    a mail costs one extra login, not one per look; closed after the last."""
+
+    __slots__ = ("_client", "_close_timeout", "_connect")
+
+    def __init__(self, connect: Callable[[], Awaitable[ImapClient]], close_timeout: float) -> None:
+        self._connect = connect
+        self._close_timeout = close_timeout
+        self._client: ImapClient | None = None
+
+    async def status(self, folder: str, *, keep: bool) -> dict[str, int]:
+        """STATUS of ``folder``; ``keep``: another look follows soon, hold the session for it."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                answer = await client.status(folder, _LOOK_ITEMS)
+            except MailSourceError:
+                # The server may end a session it finds idle: one new session, then report.
+                await client.aclose()
+            except BaseException:
+                await client.aclose()
+                raise
+            else:
+                return await self._after(client, answer, keep)
+        client = await self._connect()
+        try:
+            answer = await client.status(folder, _LOOK_ITEMS)
+        except BaseException:
+            await client.close(timeout=self._close_timeout)
+            raise
+        return await self._after(client, answer, keep)
+
+    async def _after(self, client: ImapClient, answer: dict[str, int], keep: bool) -> dict[str, int]:
+        if keep:
+            self._client = client
+        else:
+            await client.close(timeout=self._close_timeout)
+        return answer
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close(timeout=self._close_timeout)
+
+
+_LOOK_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY")
+
+
 @dataclass(frozen=True, slots=True)
 class _Looks:
     """What a listener needs to look at its folder on a side session."""
 
     nursery: trio.Nursery  # the listener's: a look ends with it
     gate: _LookGate  # the process's
-    status: Callable[[str], Awaitable[dict[str, int]]]  # STATUS of a folder on a side session
+    session: _LookSession  # the listener's side session
 
 
 class _Listener:
@@ -815,7 +859,10 @@ class _Listener:
                     await gate.wait_turn(self.look_asked_at)
                     self.look_asked_at = None
                     try:
-                        self.look_saw = await self.looks.status(self.info.name)
+                        # Another look already scheduled (the late one, or new mail's): keep the
+                        # side session for it.
+                        keep = self.recheck_at != math.inf
+                        self.look_saw = await self.looks.session.status(self.info.name, keep=keep)
                     except MailSourceError as exc:
                         gate.failed_look(exc, self.mailbox_id, self.info.name)
                         continue
