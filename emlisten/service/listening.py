@@ -201,22 +201,50 @@ class MailboxManager:
 
     async def _renew_loop(self) -> None:
         """Renewal has a task of its own and does nothing else, so that claiming and starting
-        hundreds of mailboxes can never delay it past the lease TTL."""
+        hundreds of mailboxes can never delay it past the lease TTL.
+
+        This node steps back 0.8 TTL after the start of its last renewal that succeeded, and at
+        that moment, not later: an attempt still waiting for the store then is given up (a store
+        that stops answering holds a call up to its command timeout), and after a failed attempt
+        the next one is due no later than that moment. After a pause past the TTL the moment is
+        gone before the renewal could run: that renewal runs unbounded, as it may re-take the
+        leases nobody took."""
+        ttl, period = self.settings.lease_ttl_seconds, self.settings.lease_renew_seconds
+        failing = False
         while True:
-            await trio.sleep(self.settings.lease_renew_seconds)
-            try:
-                await self._renew()
-            except StoreError as exc:
-                log.warning("cannot renew leases: %s", exc)
-                if trio.current_time() - self._renewed_at >= self.settings.lease_ttl_seconds * 0.8:
-                    # Our leases may expire any moment and another node take over: step back.
-                    log.error("lost contact with the store: stopping all mailboxes of this node")
-                    for mailbox_id in self._owned:
-                        if (running := self._running.get(mailbox_id)) is not None:
-                            known = dict(self.known_checkpoints.get(mailbox_id, {}))
-                            self._stopped_for_outage[mailbox_id] = (running.config, known)
-                    self._stop(list(self._owned))
-                    self._owned.clear()
+            step_back_at = self._renewed_at + ttl * 0.8
+            now = trio.current_time()
+            await trio.sleep_until(
+                min(now + period, step_back_at) if failing and step_back_at > now else now + period
+            )
+            now = trio.current_time()
+            if failing and now >= step_back_at:
+                self._step_back()
+            error: str | None = None
+            with trio.move_on_at(step_back_at if now < step_back_at else math.inf) as attempt:
+                try:
+                    await self._renew()
+                except StoreError as exc:
+                    error = str(exc)
+            if attempt.cancelled_caught:
+                error = f"no answer from the store within {ttl * 0.8:g} s of the last renewal"
+            failing = error is not None
+            if error is not None:
+                log.warning("cannot renew leases: %s", error)
+                if trio.current_time() >= step_back_at:
+                    self._step_back()
+
+    def _step_back(self) -> None:
+        """Our leases may expire any moment and another node take over: stop every mailbox."""
+        if not self._owned:
+            return
+        log.error("lost contact with the store: stopping all mailboxes of this node")
+        for mailbox_id in self._owned:
+            if (running := self._running.get(mailbox_id)) is not None:
+                known = dict(self.known_checkpoints.get(mailbox_id, {}))
+                self._stopped_for_outage[mailbox_id] = (running.config, known)
+        self._stop(list(self._owned))
+        self._owned.clear()
 
     async def _balance_loop(self) -> None:
         while True:

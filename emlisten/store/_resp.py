@@ -6,10 +6,11 @@ SELECT and CLIENT SETNAME; registered Lua scripts (EVALSHA, EVAL on NOSCRIPT); p
 / EXEC; one SUBSCRIBE connection per subscription.
 
 Failures are this module's exceptions: :class:`ReplyError` (Redis answered with an error: never
-retried) and :class:`RedisConnectionError` (connect, socket, TLS, protocol, pool exhausted). A
-dropped connection or a failed connect is retried (:data:`RETRIES` more attempts, jittered
-exponential backoff capped at 1 s) before :class:`RedisConnectionError` is raised. Messages
-never carry the URL's password or AUTH's arguments.
+retried) and :class:`RedisConnectionError` (connect, socket, TLS, protocol, pool exhausted, no
+answer in time). A dropped connection or a refused connect is retried (:data:`RETRIES` more
+attempts, jittered exponential backoff capped at 1 s) before :class:`RedisConnectionError` is
+raised; a server that does not answer in time (:class:`Unanswered`) is not: the retries would
+multiply the wait. Messages never carry the URL's password or AUTH's arguments.
 
 Why not redis-py: from Trio it ran on trio-asyncio's loop, at 258-280 us of CPU per call
 (docs/architecture.md, "The asyncio bridge").
@@ -70,8 +71,16 @@ class _ConnectionLost(RedisConnectionError):
     """The server closed the connection (EOF)."""
 
 
-class CommandTimeout(RedisConnectionError):
-    """No complete answer within the client's ``command_timeout`` (not retried: it may have run)."""
+class Unanswered(RedisConnectionError):
+    """The server did not answer in time. Not retried: a retry would most likely wait as long."""
+
+
+class CommandTimeout(Unanswered):
+    """No complete answer within the client's ``command_timeout`` (the commands may have run)."""
+
+
+class ConnectTimeout(Unanswered):
+    """A new connection was not set up within the client's ``connect_timeout``."""
 
 
 # -- encoder -------------------------------------------------------------------------------------
@@ -391,7 +400,7 @@ async def connect(address: Address, *, client_name: str | None, connect_timeout:
     except trio.TooSlowError:
         if conn is not None:
             conn.close()
-        raise RedisConnectionError(f"connecting to {address} timed out after {connect_timeout:g} s") from None
+        raise ConnectTimeout(f"connecting to {address} timed out after {connect_timeout:g} s") from None
     except (OSError, trio.BrokenResourceError, RedisConnectionError) as exc:
         if conn is not None:
             conn.close()
@@ -436,7 +445,9 @@ class Client:
     Redis that accepts connections and never answers (stopped, or behind a path that drops
     packets without a reset) fails the call with :class:`CommandTimeout` instead of hanging it.
     That is not retried: the commands may have run, and the server that did not answer would
-    most likely not answer the retry either.
+    most likely not answer the retry either; nor is a connect past ``connect_timeout``. So one
+    call waits at most about ``command_timeout`` plus ``connect_timeout`` plus the retries'
+    backoff (a few seconds) once it has its pool slot.
     """
 
     address: Address
@@ -542,7 +553,7 @@ class Client:
                 error: RedisConnectionError = RedisConnectionError(
                     f"connection to {self.address} lost: {describe(exc)}"
                 )
-            except (ProtocolError, CommandTimeout):
+            except (ProtocolError, Unanswered):
                 raise  # not a dropped connection: a retry would read the same, or wait as long
             except RedisConnectionError as exc:  # could not connect
                 error = exc
@@ -723,7 +734,7 @@ class Subscription:
                         break
         except trio.TooSlowError:
             conn.close()
-            raise RedisConnectionError(f"{self.client.address} did not confirm SUBSCRIBE") from None
+            raise Unanswered(f"{self.client.address} did not confirm SUBSCRIBE") from None
         except _DROPPED as exc:
             conn.close()
             raise RedisConnectionError(f"subscribing at {self.client.address}: {describe(exc)}") from None
@@ -739,6 +750,8 @@ class Subscription:
             try:
                 await self.start()
                 return
+            except Unanswered:
+                raise
             except RedisConnectionError:
                 failures += 1
                 if failures > self.client.retries:

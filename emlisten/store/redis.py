@@ -577,8 +577,9 @@ class RedisStore(Store):
             pool_timeout=20,
             connect_timeout=5,
             command_timeout=command_timeout,
-            # Every operation here is idempotent except add_delivered (a retry after a lost
-            # reply may count twice: cosmetic).
+            # A retry after a lost reply runs an operation twice: the same state, but the
+            # delivered counter counts twice (cosmetic) and some report "nothing done" the
+            # second time (docs/architecture.md, "Redis is not on the bridge").
             retries=_RETRIES,
         )
         store = cls(client, cipher=cipher, prefix=prefix)
