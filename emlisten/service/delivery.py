@@ -316,7 +316,14 @@ class DeliveryWorker:
     async def _keep_lease(self, name: str, ttl: float) -> None:
         while True:
             await trio.sleep(ttl / 3)
-            if not await self.store.renew_leases(self._lock_owner, [name], ttl):
+            try:
+                held = await self.store.renew_leases(self._lock_owner, [name], ttl)
+            except StoreError as exc:
+                # Go on: raised, it ended the sync, and with it the retries of the checkpoint
+                # write of mail the receiver already has, so the retried task delivered it again.
+                log.warning("cannot renew the sync lease %s, trying again: %s", name, exc)
+                continue
+            if not held:
                 log.warning("lost the sync lease %s: another worker may deliver in parallel", name)
                 return
 
