@@ -429,3 +429,30 @@ async def test_no_connection_is_leaked_by_cancelled_failed_or_timed_out_calls() 
             assert client.in_use == 0
             on_server = len(await with_redis_py(lambda r: client_ids(r, name)))
             assert on_server == client.idle_count <= 4
+
+
+async def test_a_subscription_to_a_redis_that_stops_answering_ends_instead_of_hanging() -> None:
+    """No message and no answer to the health check's PING: the connection counts as dropped;
+    the resubscription gets no answer either (its connect timeout, not retried) and the
+    subscription ends with an error rather than waiting in silence."""
+    async with (
+        through_proxy() as proxy,
+        resp_client(proxy.url("redis", path="/0"), health_check_interval=0.3, connect_timeout=0.5) as (
+            client,
+            _,
+            prefix,
+        ),
+    ):
+        subscription = await client.subscribe(f"{prefix}channel")
+        try:
+            await client.execute("PUBLISH", f"{prefix}channel", "one")
+            with trio.fail_after(5):
+                assert await subscription.next_message() == b"one"
+            proxy.black_hole()
+            started = trio.current_time()
+            with trio.fail_after(10), pytest.raises(RedisConnectionError, match=r"subscription lost: .*PING"):
+                await subscription.next_message()
+            assert trio.current_time() - started < 3  # two intervals and one connect timeout
+        finally:
+            subscription.close()
+        assert client.in_use == 0
