@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 import trio
+import trio.testing
 
 from emlisten.errors import StoreError
 from emlisten.store._resp import (
@@ -456,3 +457,20 @@ async def test_a_subscription_to_a_redis_that_stops_answering_ends_instead_of_ha
         finally:
             subscription.close()
         assert client.in_use == 0
+
+
+async def test_callers_waiting_for_a_connection_get_one_in_their_order() -> None:
+    async with resp_client(max_connections=1) as (client, _, prefix):
+        served: list[int] = []
+
+        async def call(n: int) -> None:
+            await client.execute("ECHO", str(n))
+            served.append(n)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.execute, "BLPOP", f"{prefix}never", 0.3)  # holds the one
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(10):
+                nursery.start_soon(call, n)
+                await trio.testing.wait_all_tasks_blocked()  # queued in this order
+        assert served == list(range(10))
