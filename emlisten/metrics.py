@@ -114,6 +114,13 @@ class Metrics:
             buckets=_CALL_BUCKETS,
             registry=self.registry,
         )
+        self.gc_pauses = Histogram(
+            "emlisten_gc_pause_seconds",
+            "Python's garbage collections, by generation: the event loop stops for their length",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
         self.imap_looks = Counter(
             "emlisten_imap_looks",
             "Looks at a listening folder on a side session (the safety net for notifications a "
@@ -135,6 +142,9 @@ class Metrics:
         #: The web console's view of this node: deliveries per minute and recent events per
         #: mailbox (in memory, the last hour; see docs/console.md).
         self.activity = Activity()
+
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        self.gc_pauses.labels(str(generation)).observe(seconds)
 
     def imap_command(self, command: str, outcome: str, seconds: float) -> None:
         """The IMAP sources' command observer."""

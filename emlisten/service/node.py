@@ -42,6 +42,7 @@ from emlisten.mail.router import RoutingSource
 from emlisten.metrics import Metrics
 from emlisten.models import NodeInfo
 from emlisten.queue.inprocess import InProcessQueue
+from emlisten.service.collector import CollectorPolicy
 from emlisten.service.delivery import DeliveryWorker
 from emlisten.service.history import HistoryLoads
 from emlisten.service.listeners import StoreListenerControl
@@ -271,6 +272,10 @@ async def _run(
         async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
+            collector = CollectorPolicy(
+                full_every=settings.gc_full_collect_seconds, on_pause=metrics.gc_pause
+            )
+            await root.start(collector.run)
             await root.start(readers.run)
             await root.start(history.run)
             webhooks = find_webhook_sink(adapters.sink)

@@ -1,0 +1,70 @@
+"""The garbage-collector policy: survivors are frozen out of the collector's walks, and cyclic
+garbage that reaches into them is still freed by the periodic full collection."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import trio
+import trio.testing
+
+from emlisten.service.collector import FREEZE_EVERY_SECONDS, CollectorPolicy
+
+
+class Node:
+    """Something a cycle can be made of, with a weak reference to see it freed."""
+
+    def __init__(self) -> None:
+        self.other: object = None
+
+
+def frozen_cycle() -> weakref.ref[Node]:
+    # A cycle whose one end is frozen: only a collection of everything can free it.
+    old, young = Node(), Node()
+    gc.freeze()
+    old.other, young.other = young, old
+    return weakref.ref(old)
+
+
+async def test_survivors_are_frozen_and_unfrozen_when_the_policy_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gc.unfreeze()
+    pauses: list[tuple[int, float]] = []
+    policy = CollectorPolicy(full_every=3600, on_pause=lambda gen, seconds: pauses.append((gen, seconds)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(policy.run)
+        assert gc.get_freeze_count() == 0
+        await trio.sleep(FREEZE_EVERY_SECONDS + 1)
+        assert gc.get_freeze_count() > 1000  # everything alive now, this test's objects too
+        assert any(gen == 1 for gen, _ in pauses)  # the young collection before the freeze
+        assert all(seconds >= 0 for _, seconds in pauses)
+        nursery.cancel_scope.cancel()
+    assert gc.get_freeze_count() == 0
+
+
+async def test_cyclic_garbage_reaching_into_frozen_objects_is_freed_by_the_full_collection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gc.unfreeze()
+    policy = CollectorPolicy(full_every=3 * FREEZE_EVERY_SECONDS)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(policy.run)
+        freed = frozen_cycle()
+        await trio.sleep(FREEZE_EVERY_SECONDS + 1)
+        gc.collect()  # a collection of what is not frozen does not reach it
+        assert freed() is not None
+        await trio.sleep(2 * FREEZE_EVERY_SECONDS)  # the full collection is due
+        assert freed() is None
+        assert gc.get_freeze_count() > 0  # and the survivors are frozen again
+        nursery.cancel_scope.cancel()
+
+
+async def test_zero_leaves_pythons_collector_alone(autojump_clock: trio.testing.MockClock) -> None:
+    gc.unfreeze()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(CollectorPolicy(full_every=0).run)
+        await trio.sleep(10 * FREEZE_EVERY_SECONDS)
+        assert gc.get_freeze_count() == 0
+        nursery.cancel_scope.cancel()
