@@ -19,6 +19,7 @@ Why not redis-py: from Trio it ran on trio-asyncio's loop, at 258-280 us of CPU 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import ssl
 import time
@@ -38,9 +39,11 @@ _BACKOFF_BASE: Final = 0.05
 _BACKOFF_CAP: Final = 1.0
 #: A connection idle longer than this is checked with PING before use.
 HEALTH_CHECK_INTERVAL: Final = 30.0
-#: Longest wait for one exchange's replies (the store passes its own, from the lease TTL).
+#: Longest the server may stay silent while a call waits for it (the store passes the lease TTL).
 COMMAND_TIMEOUT: Final = 10.0
 _READ_SIZE: Final = 64 * 1024
+#: A big payload is sent in pieces of this size, each within the command timeout.
+_SEND_CHUNK: Final = 1024 * 1024
 #: Redis's own limit on one bulk string (proto-max-bulk-len's default).
 MAX_BULK: Final = 512 * 1024 * 1024
 _MAX_LINE: Final = 64 * 1024
@@ -333,16 +336,27 @@ class Connection:
         self.last_used = time.monotonic()
         self.broken = False
 
-    async def send(self, data: bytes) -> None:
-        await self._stream.send_all(data)
+    async def send(self, data: bytes, stall_timeout: float = math.inf) -> None:
+        """Raises ``trio.TooSlowError`` when the server takes none of a ``_SEND_CHUNK`` within
+        ``stall_timeout`` seconds (a big payload on a slow link is fine while it moves)."""
+        if len(data) <= _SEND_CHUNK:
+            with trio.fail_after(stall_timeout):
+                await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_CHUNK):
+            with trio.fail_after(stall_timeout):
+                await self._stream.send_all(view[start : start + _SEND_CHUNK])
 
-    async def read_reply(self) -> Reply:
+    async def read_reply(self, stall_timeout: float = math.inf) -> Reply:
+        """Raises ``trio.TooSlowError`` when no byte arrives for ``stall_timeout`` seconds."""
         parser = self._parser
         while True:
             reply = parser.get()
             if not isinstance(reply, _Incomplete):
                 return reply
-            data = await self._stream.receive_some(_READ_SIZE)
+            with trio.fail_after(stall_timeout):
+                data = await self._stream.receive_some(_READ_SIZE)
             if not data:
                 raise _ConnectionLost("the server closed the connection")
             parser.feed(data)
@@ -441,13 +455,15 @@ class Client:
     waits up to ``pool_timeout`` seconds for one. A connection is returned to the pool only after
     a complete exchange: one that errored or was cancelled half-way is closed.
 
-    ``command_timeout`` bounds one exchange (sending the commands and reading every reply): a
-    Redis that accepts connections and never answers (stopped, or behind a path that drops
-    packets without a reset) fails the call with :class:`CommandTimeout` instead of hanging it.
+    ``command_timeout`` bounds how long the server may stay silent during one exchange (no byte
+    of the replies arriving, or no piece of the commands taken), not the whole exchange: a big
+    reply on a slow link is fine while it moves. A Redis that accepts connections and never
+    answers (stopped, or behind a path that drops packets without a reset) fails the call with
+    :class:`CommandTimeout` instead of hanging it.
     That is not retried: the commands may have run, and the server that did not answer would
-    most likely not answer the retry either; nor is a connect past ``connect_timeout``. So one
-    call waits at most about ``command_timeout`` plus ``connect_timeout`` plus the retries'
-    backoff (a few seconds) once it has its pool slot.
+    most likely not answer the retry either; nor is a connect past ``connect_timeout``. So a
+    silent server holds one call about ``command_timeout`` plus ``connect_timeout`` plus the
+    retries' backoff (a few seconds) at most, once it has its pool slot.
     """
 
     address: Address
@@ -535,19 +551,19 @@ class Client:
             try:
                 conn = await self._take()
                 done = False
+                timeout = self.command_timeout
                 try:
-                    with trio.move_on_after(self.command_timeout):
-                        await conn.send(payload)
-                        read = conn.read_reply
-                        replies = [await read() for _ in range(count)]
-                        done = True
+                    await conn.send(payload, timeout)
+                    read = conn.read_reply
+                    replies = [await read(timeout) for _ in range(count)]
+                    done = True
+                except trio.TooSlowError:
+                    raise CommandTimeout(f"no answer from {self.address} within {timeout:g} s") from None
                 finally:
                     if done:
                         self._give_back(conn)
                     else:
                         conn.close()  # failed, cancelled or timed out half-way: unusable
-                if not done:
-                    raise CommandTimeout(f"no answer from {self.address} within {self.command_timeout:g} s")
                 return replies
             except _DROPPED as exc:
                 error: RedisConnectionError = RedisConnectionError(

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -474,3 +475,51 @@ async def test_callers_waiting_for_a_connection_get_one_in_their_order() -> None
                 nursery.start_soon(call, n)
                 await trio.testing.wait_all_tasks_blocked()  # queued in this order
         assert served == list(range(10))
+
+
+@asynccontextmanager
+async def slow_link(chunk: int, step: float) -> AsyncIterator[str]:
+    """A relay to Redis whose replies come ``chunk`` bytes every ``step`` seconds: a slow link on
+    which the bytes keep moving. Yields the URL through it."""
+    target = urlsplit(REDIS_URL)
+
+    async def relay(client: trio.SocketStream) -> None:
+        async def up(upstream: trio.SocketStream, done: trio.CancelScope) -> None:
+            while data := await client.receive_some(65536):
+                await upstream.send_all(data)
+            done.cancel()
+
+        async def down(upstream: trio.SocketStream) -> None:
+            while data := await upstream.receive_some(chunk):
+                await client.send_all(data)
+                await trio.sleep(step)  # the link's bandwidth
+
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async with (
+                client,
+                await trio.open_tcp_stream(target.hostname or "127.0.0.1", target.port or 6379) as up_s,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(up, up_s, nursery.cancel_scope)
+                nursery.start_soon(down, up_s)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield target._replace(netloc=f"127.0.0.1:{port}").geturl()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_big_reply_on_a_slow_link_is_not_cut_by_the_command_timeout() -> None:
+    """The command timeout is for a server that says nothing: a reply that keeps arriving is
+    waited for, however long it takes in all (a webhook outbox read of many events)."""
+    value = "x" * 400_000
+    async with (
+        slow_link(16 * 1024, 0.02) as url,
+        resp_client(url, command_timeout=0.3) as (client, _, prefix),
+    ):
+        await client.execute("SET", f"{prefix}big", value)
+        started = trio.current_time()
+        assert await client.execute("GET", f"{prefix}big") == value.encode()
+        assert trio.current_time() - started > 0.3  # longer in all than the timeout
+        assert client.idle_count == 1
