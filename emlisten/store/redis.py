@@ -559,9 +559,10 @@ class RedisStore(Store):
         reconnects and resubscribes the same way (notifications published while it was
         disconnected are lost, so the ownership loop must not rely on them alone).
 
-        ``command_timeout`` bounds each operation once sent (a Redis that accepts connections
-        but never answers, stopped or behind a path that drops packets): past it the operation
-        fails with ``StoreError`` and is not retried (it may have run). The node passes its
+        ``command_timeout`` bounds how long Redis may stay silent during an operation (one that
+        accepts connections but never answers, stopped or behind a path that drops packets; a
+        big reply that keeps arriving is waited for): past it the operation fails with
+        ``StoreError`` and is not retried (it may have run). The node passes its
         lease TTL: an answer later than that cannot keep a lease anyway.
         """
 
