@@ -595,7 +595,8 @@ _LOST_LEASES = re.compile(r"lost (\d+) lease\(s\)")
 DELIVERY_LATENCY = "emlisten_delivery_latency_seconds"
 DELIVERY_CALL = "emlisten_delivery_call_seconds"
 IMAP_COMMAND = "emlisten_imap_command_seconds"
-_TIMINGS = (DELIVERY_LATENCY, DELIVERY_CALL, IMAP_COMMAND)
+GC_PAUSE = "emlisten_gc_pause_seconds"
+_TIMINGS = (DELIVERY_LATENCY, DELIVERY_CALL, IMAP_COMMAND, GC_PAUSE)
 
 
 @dataclass

@@ -35,6 +35,7 @@ import trio
 from bench._harness import (
     DELIVERY_CALL,
     DELIVERY_LATENCY,
+    GC_PAUSE,
     IMAP_COMMAND,
     Appender,
     CallbackIndex,
@@ -294,6 +295,12 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                 "uid_fetch": opened.mean_ms(IMAP_COMMAND, "command=UID FETCH"),
                 "delivery_call": opened.mean_ms(DELIVERY_CALL),
             }
+            # The longest the process can have stood still for its garbage collector: the
+            # histogram's sum per generation, and how many collections (counters in the result).
+            gc_ms = {
+                gen: round(1000 * opened.counters.get(f"{GC_PAUSE}_sum{{generation={gen}}}", 0.0), 1)
+                for gen in ("0", "1", "2")
+            }
             afterwards: dict[str, Any] = {}
             if args.afterwards > 0:
                 say(f"counting CPU and sessions for {args.afterwards:g} s more (the rechecks)")
@@ -364,6 +371,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "callbacks": index.calls,
             "emlisten_cpu_seconds_per_mail": round(cpu_used / m, 5) if m else None,
             "emlisten_own_clock_mean_ms": own_ms,
+            "emlisten_gc_pause_ms_by_generation": gc_ms,
             "afterwards": afterwards,
             "complete": complete,
         }
@@ -390,6 +398,11 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         result.row(
             "emlisten's clock, means: notification -> 2xx / of it DONE + UID FETCH / callback call",
             " / ".join("-" if v is None else f"{v} ms" for v in own_ms.values()),
+        )
+    if any(gc_ms.values()):
+        result.row(
+            "emlisten stood still for its garbage collector (generation 0 / 1 / 2, in all)",
+            " / ".join(f"{gc_ms[gen]} ms" for gen in ("0", "1", "2")),
         )
     if first_s and later_s and first_floor_s and later_floor_s:
         result.row(
