@@ -112,6 +112,15 @@ class NodeProcess:
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
+    async def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether ``text`` appears in the node's log within ``timeout`` (a line is written after
+        the event a test waited for: "delivered ..." after Creatio's answer and the checkpoint)."""
+        with trio.move_on_after(timeout):
+            while text not in self.log_text():
+                await trio.sleep(0.05)  # another process's file: nothing to wait on but time
+            return True
+        return False
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)

@@ -482,7 +482,7 @@ async def test_sigkill_of_a_secondary_mid_delivery(
     ]
     report(figures, problem)
     uid = flow.last_uid[mailbox_id]
-    assert f"uid {uid}..{uid}" in c.nodes[survivor].log_text(), "the survivor did not deliver the held mail"
+    assert await c.nodes[survivor].logged(f"uid {uid}..{uid}"), "the survivor did not deliver the held mail"
 
 
 @pytest.mark.redis
