@@ -86,28 +86,39 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
-        self.port = free_port()
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "emlisten", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
         import time
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "ready: API on" in self.log_text():
-                return
-            if self.process.poll() is not None:
+        for _ in range(3):
+            # Only this start's lines count: a restarted node appends to the same log.
+            since = self.log_file.stat().st_size if self.log_file.exists() else 0
+            self.port = free_port()
+            with self.log_file.open("ab") as log:
+                command = ["-m", "emlisten", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+                self.process = subprocess.Popen(
+                    [sys.executable, *command],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            while time.monotonic() < deadline:
+                if "ready: API on" in self._log_since(since):
+                    return
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+            # free_port() gives the port back before the node binds it: another process (an
+            # outgoing connection's ephemeral port, another worker's server) may take it first.
+            if "Address already in use" not in self._log_since(since):
                 break
-            time.sleep(0.05)
         raise AssertionError(f"node {self.node_id} did not start:\n{self.log_text()[-3000:]}")
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def _log_since(self, offset: int) -> str:
+        return self.log_file.read_bytes()[offset:].decode(errors="replace") if self.log_file.exists() else ""
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
