@@ -81,10 +81,12 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(settings.log_level, settings.log_format, settings.node_id)
     from emlisten.service.node import check_topology, run_node
+    from emlisten.service.watchdog import SlowStepLog
 
+    instruments = [SlowStepLog(settings.slow_step_ms)] if settings.slow_step_ms > 0 else []
     try:
         check_topology(settings)
-        trio.run(run_node, settings)
+        trio.run(run_node, settings, instruments=instruments)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130

@@ -91,6 +91,9 @@ class Settings:
     #: stops the process for about 1.3 s at 10,000 mailboxes; everything is collected once per
     #: this many seconds (the one such pause left). 0: Python's own collector policy.
     gc_full_collect_seconds: float = 3600.0
+    #: Log a warning for every task step that holds the event loop this long (ms); 0: off.
+    #: A diagnosis aid: the check costs a little on every step.
+    slow_step_ms: float = 0.0
     #: Extra CA bundle trusted for IMAP/SMTP TLS (in addition to the system CAs).
     tls_ca_file: str | None = None
     #: Base URL where Microsoft Graph reaches this node's API (change notifications), e.g.
@@ -345,6 +348,7 @@ def _check(settings: Settings) -> None:
         "max_connects_per_second",
         "checkpoint_refresh_seconds",
         "gc_full_collect_seconds",
+        "slow_step_ms",
     ):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{env_name(name)} must be 0 (off) or positive")
