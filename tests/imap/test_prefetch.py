@@ -471,42 +471,63 @@ async def test_sessions_end_idle_a_bounded_number_at_once(dovecot: Dovecot) -> N
     assert limiter.taken >= len(users)  # every fetch went through it
 
 
+class SlowHandOff:
+    """A listener whose hand-off of new mail ("exists") blocks until ``go_on`` is set, beside a
+    listener on another mailbox of the same source that hands on at once."""
+
+    def __init__(self) -> None:
+        self.handing_on, self.go_on = trio.Event(), trio.Event()
+        self.blocked_sink, self.other_sink = Sink(), Sink()
+
+    async def start(
+        self,
+        nursery: trio.Nursery,
+        dovecot: Dovecot,
+        source: ImapSource,
+        users: tuple[MailUser, MailUser],
+        policy: Prefetch,
+    ) -> None:
+        blocked_user, other_user = users
+
+        async def blocking(task: SyncTask) -> None:
+            if task.reason == "exists":
+                self.handing_on.set()
+                await self.go_on.wait()
+            await self.blocked_sink(task)
+
+        async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
+            mailbox = mailbox_for(dovecot, blocked_user)
+            await source.listen(mailbox, "INBOX", blocking, prefetch=policy, task_status=task_status)
+
+        await nursery.start(run)
+        await listen(nursery, source, mailbox_for(dovecot, other_user), self.other_sink, policy)
+        assert (await self.blocked_sink.next()).reason == "catch-up"
+        assert (await self.other_sink.next()).reason == "catch-up"
+        await dovecot.aappend(blocked_user, make_message(subject="handed on slowly"))
+        with trio.fail_after(30):
+            await self.handing_on.wait()
+
+    async def release(self) -> None:
+        self.go_on.set()
+        assert (await self.blocked_sink.next()).reason == "exists"
+
+
 async def test_a_session_handing_on_its_mail_holds_no_wake_up(dovecot: Dovecot) -> None:
     # The wake-up bound is for the server's work (ending IDLE, the fetch), not for handing the
     # mail on: a queue that blocks there (RabbitMQ retrying an unreachable broker) must not
     # keep every other session in IDLE. One wake-up at a time; the first mailbox's hand-off
     # blocks, the second still gets its mail.
-    blocked_user, other_user = dovecot.add_user(), dovecot.add_user()
+    users = dovecot.add_user(), dovecot.add_user()
     source, _ = imap_source(dovecot)
     source._wakeups = trio.CapacityLimiter(1)
-    handing_on, go_on = trio.Event(), trio.Event()
-    blocked_sink, other_sink = Sink(), Sink()
-
-    async def blocking(task: SyncTask) -> None:
-        if task.reason == "exists":
-            handing_on.set()
-            await go_on.wait()
-        await blocked_sink(task)
-
+    slow = SlowHandOff()
     async with trio.open_nursery() as nursery:
-
-        async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
-            mailbox = mailbox_for(dovecot, blocked_user)
-            await source.listen(mailbox, "INBOX", blocking, prefetch=prefetch(), task_status=task_status)
-
-        await nursery.start(run)
-        await listen(nursery, source, mailbox_for(dovecot, other_user), other_sink, prefetch())
-        assert (await blocked_sink.next()).reason == "catch-up"
-        assert (await other_sink.next()).reason == "catch-up"
-        await dovecot.aappend(blocked_user, make_message(subject="handed on slowly"))
-        with trio.fail_after(30):
-            await handing_on.wait()
+        await slow.start(nursery, dovecot, source, users, prefetch())
         raw = make_message(subject="not held up")
-        await dovecot.aappend(other_user, raw)
-        task = await other_sink.next(timeout=10)
+        await dovecot.aappend(users[1], raw)
+        task = await slow.other_sink.next(timeout=10)
         assert task.reason == "exists" and [m.data for m in task.prefetched] == [raw]
-        go_on.set()
-        assert (await blocked_sink.next()).reason == "exists"
+        await slow.release()
         nursery.cancel_scope.cancel()
 
 
@@ -516,41 +537,18 @@ async def test_a_mail_being_handed_on_holds_only_its_real_size(dovecot: Dovecot)
     # slow hand-off (RabbitMQ confirms in a backlog), it left other sessions without memory, and
     # each took the long way: the sizes first, then the mail.
     max_bytes = 200_000
-    blocked_user, other_user = dovecot.add_user(), dovecot.add_user()
+    users = dovecot.add_user(), dovecot.add_user()
     source, commands = imap_source(dovecot, prefetch_budget_bytes=max_bytes + 1 + 10_000)
-    handing_on, go_on = trio.Event(), trio.Event()
-    blocked_sink, other_sink = Sink(), Sink()
-
-    async def blocking(task: SyncTask) -> None:
-        if task.reason == "exists":
-            handing_on.set()
-            await go_on.wait()
-        await blocked_sink(task)
-
+    slow = SlowHandOff()
     async with trio.open_nursery() as nursery:
-
-        async def run(task_status: trio.TaskStatus[FolderInfo]) -> None:
-            mailbox = mailbox_for(dovecot, blocked_user)
-            policy = prefetch(max_bytes=max_bytes)
-            await source.listen(mailbox, "INBOX", blocking, prefetch=policy, task_status=task_status)
-
-        await nursery.start(run)
-        await listen(
-            nursery, source, mailbox_for(dovecot, other_user), other_sink, prefetch(max_bytes=max_bytes)
-        )
-        assert (await blocked_sink.next()).reason == "catch-up"
-        assert (await other_sink.next()).reason == "catch-up"
-        await dovecot.aappend(blocked_user, make_message(subject="handed on slowly"))
-        with trio.fail_after(30):
-            await handing_on.wait()
+        await slow.start(nursery, dovecot, source, users, prefetch(max_bytes=max_bytes))
         sent = len(commands)
         raw = make_message(subject="fetched at once")
-        await dovecot.aappend(other_user, raw)
-        task = await other_sink.next(timeout=10)
+        await dovecot.aappend(users[1], raw)
+        task = await slow.other_sink.next(timeout=10)
         assert task.reason == "exists" and [m.data for m in task.prefetched] == [raw]
         assert commands[sent:].count("UID FETCH") == 1  # DONE + UID FETCH, no sizes first
-        go_on.set()
-        assert (await blocked_sink.next()).reason == "exists"
+        await slow.release()
         nursery.cancel_scope.cancel()
     assert source._prefetch_budget.available == source._prefetch_budget.total  # all given back
 
