@@ -268,13 +268,11 @@ async def _run(
             node_v1_blueprint(settings, control, adapters.store, adapters.sink, history=history.progress),
         ],
     )
+    collector = CollectorPolicy(full_every=settings.gc_full_collect_seconds, on_pause=metrics.gc_pause)
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
-            collector = CollectorPolicy(
-                full_every=settings.gc_full_collect_seconds, on_pause=metrics.gc_pause
-            )
             await root.start(collector.run)
             await root.start(readers.run)
             await root.start(history.run)
@@ -317,6 +315,7 @@ async def _run(
             await adapters.sink.aclose()
             await adapters.queue.aclose()
             await adapters.store.aclose()
+        collector.release()
         log.info("stopped")
 
 

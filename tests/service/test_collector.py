@@ -27,7 +27,7 @@ def frozen_cycle() -> weakref.ref[Node]:
     return weakref.ref(old)
 
 
-async def test_survivors_are_frozen_and_unfrozen_when_the_policy_ends(
+async def test_survivors_stay_frozen_until_released(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gc.unfreeze()
@@ -41,7 +41,12 @@ async def test_survivors_are_frozen_and_unfrozen_when_the_policy_ends(
         assert any(gen == 1 for gen, _ in pauses)  # the young collection before the freeze
         assert all(seconds >= 0 for _, seconds in pauses)
         nursery.cancel_scope.cancel()
+    # Still frozen while the node's other tasks unwind; released once they have.
+    assert gc.get_freeze_count() > 1000
+    freed = frozen_cycle()
+    policy.release()
     assert gc.get_freeze_count() == 0
+    assert freed() is None
 
 
 async def test_cyclic_garbage_reaching_into_frozen_objects_is_freed_by_the_full_collection(
@@ -59,6 +64,7 @@ async def test_cyclic_garbage_reaching_into_frozen_objects_is_freed_by_the_full_
         assert freed() is None
         assert gc.get_freeze_count() > 0  # and the survivors are frozen again
         nursery.cancel_scope.cancel()
+    policy.release()
 
 
 async def test_zero_leaves_pythons_collector_alone(autojump_clock: trio.testing.MockClock) -> None:
