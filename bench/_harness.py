@@ -627,12 +627,18 @@ class SessionCounts:
             _changed(self.counters, other.counters, 1),
         )
 
+    def _sample(self, histogram: str, part: str, labels: str) -> float:
+        return self.counters.get(f"{histogram}_{part}" + (f"{{{labels}}}" if labels else ""), 0.0)
+
+    def sum_ms(self, histogram: str, labels: str = "") -> float:
+        """Sum of one of emlisten's histograms (``DELIVERY_LATENCY``...; ``labels`` as
+        ``command=UID FETCH``) in ms; subtract two readings first."""
+        return 1000 * self._sample(histogram, "sum", labels)
+
     def mean_ms(self, histogram: str, labels: str = "") -> float | None:
-        """Mean of one of emlisten's histograms (``DELIVERY_LATENCY``...; ``labels`` as
-        ``command=UID FETCH``) in ms; subtract two readings first. None without observations."""
-        suffix = f"{{{labels}}}" if labels else ""
-        count = self.counters.get(f"{histogram}_count{suffix}", 0)
-        return round(1000 * self.counters.get(f"{histogram}_sum{suffix}", 0.0) / count, 2) if count else None
+        """Mean of the same, in ms; None without observations."""
+        count = self._sample(histogram, "count", labels)
+        return round(self.sum_ms(histogram, labels) / count, 2) if count else None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -297,10 +297,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             }
             # The longest the process can have stood still for its garbage collector: the
             # histogram's sum per generation, and how many collections (counters in the result).
-            gc_ms = {
-                gen: round(1000 * opened.counters.get(f"{GC_PAUSE}_sum{{generation={gen}}}", 0.0), 1)
-                for gen in ("0", "1", "2")
-            }
+            gc_ms = {gen: round(opened.sum_ms(GC_PAUSE, f"generation={gen}"), 1) for gen in ("0", "1", "2")}
             afterwards: dict[str, Any] = {}
             if args.afterwards > 0:
                 say(f"counting CPU and sessions for {args.afterwards:g} s more (the rechecks)")

@@ -47,10 +47,9 @@ class CollectorPolicy:
         if self.on_pause is not None:
             gc.callbacks.append(self._observe)
         try:
-            if self.full_every <= 0:
-                task_status.started()
-                await trio.sleep_forever()
             task_status.started()
+            if self.full_every <= 0:
+                await trio.sleep_forever()
             full_at = trio.current_time() + self.full_every
             while True:
                 await trio.sleep(FREEZE_EVERY_SECONDS)

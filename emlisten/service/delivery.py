@@ -498,14 +498,11 @@ class DeliveryWorker:
         called_at = trio.current_time()
         try:
             with trio.fail_after(self.settings.delivery_timeout_seconds):
-                try:
-                    if mailbox.use_full_email:
-                        await self.sink.deliver(mailbox, emails, idempotency_key=key)
-                    else:
-                        # UseFullEmail=false: Creatio gets the message ids and loads the mail itself.
-                        await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
-                finally:
-                    self.metrics.delivery_calls.observe(trio.current_time() - called_at)
+                if mailbox.use_full_email:
+                    await self.sink.deliver(mailbox, emails, idempotency_key=key)
+                else:
+                    # UseFullEmail=false: Creatio gets the message ids and loads the mail itself.
+                    await self.sink.notify_new_ids(mailbox, [raw.key or str(raw.uid) for raw, _ in batch])
         except trio.TooSlowError:
             self.metrics.deliveries.labels(outcome="failure").inc()
             self.metrics.activity.delivery_failed(mailbox.id, folder, "no answer within the delivery timeout")
@@ -514,6 +511,8 @@ class DeliveryWorker:
             self.metrics.deliveries.labels(outcome="failure").inc()
             self.metrics.activity.delivery_failed(mailbox.id, folder, str(error))
             raise
+        finally:
+            self.metrics.delivery_calls.observe(trio.current_time() - called_at)
         self.metrics.deliveries.labels(outcome="success").inc()
         self.metrics.delivered_emails.inc(len(batch))
         latency = max(0.0, time.time() - seen_at) if seen_at else None
