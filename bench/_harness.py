@@ -291,6 +291,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, mailboxes: int) -> 
         default="2s",
         help="Dovecot imap_hibernate_timeout ('none' to keep one imap process per session); default 2s",
     )
+    parser.add_argument(
+        "--dovecot-config",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a line appended to the bench Dovecot's configuration (repeatable), e.g. "
+        "'imap_idle_notify_interval = 10 secs' (its IDLE keepalive, 2 min by default, sent to every "
+        "session of one client address in the same second)",
+    )
     parser.add_argument("--chunk", type=int, default=500, help="mailboxes per /api/listeners/create call")
     parser.add_argument(
         "--listen-timeout", type=float, default=0.0, help="seconds to wait for all listening (0: auto)"
@@ -318,6 +327,7 @@ def common_params(args: argparse.Namespace) -> dict[str, Any]:
         "security": "tls" if args.tls else "plain",
         "hibernate_timeout": args.hibernate_timeout,
         "emlisten_env": list(args.env),
+        **({"dovecot_config": list(args.dovecot_config)} if getattr(args, "dovecot_config", None) else {}),
     }
 
 
@@ -344,7 +354,8 @@ def raise_fd_limit() -> None:
 def bench_dovecot(args: argparse.Namespace) -> Iterator[Dovecot]:
     hibernate = None if str(args.hibernate_timeout).lower() in ("", "none", "off") else args.hibernate_timeout
     raise_fd_limit()
-    with Dovecot(hibernate_timeout=hibernate, extra_config=DOVECOT_EXTRA_CONFIG) as dovecot:
+    extra = DOVECOT_EXTRA_CONFIG + "".join(f"{line}\n" for line in getattr(args, "dovecot_config", []))
+    with Dovecot(hibernate_timeout=hibernate, extra_config=extra) as dovecot:
         yield dovecot
 
 
