@@ -51,6 +51,7 @@ from emlisten.mail.imap._parser import (
     fetch_attributes,
     parse_internal_date,
 )
+from emlisten.mail.imap._transport import Transport
 from emlisten.models import FolderInfo, Security, ServerEndpoint
 
 RECEIVE_BYTES = 16 * 1024
@@ -202,7 +203,7 @@ class ImapClient:
         self._parser = ResponseParser(max_line_bytes=max_line_bytes, max_literal_bytes=max_literal_bytes)
         # Whatever way the client ends, its literals go back to the process budget.
         weakref.finalize(self, self._parser.end_answer)
-        self._stream: trio.abc.Stream | None = None
+        self._stream: Transport | None = None
         self._pending: list[Response] = []
         self._tag_counter = 0
         self._idle_tag: bytes | None = None
@@ -223,7 +224,7 @@ class ImapClient:
 
     @property
     def is_tls(self) -> bool:
-        return isinstance(self._stream, trio.SSLStream)
+        return self._stream is not None and self._stream.is_tls
 
     @property
     def idling(self) -> bool:
@@ -265,7 +266,7 @@ class ImapClient:
                     raise MailConnectError(
                         f"TCP connect to {self._where} failed: {_os_error_text(exc)}"
                     ) from None
-                self._stream = tcp
+                self._stream = Transport.take(tcp)
                 if endpoint.security is Security.SSL_ON_CONNECT:
                     phase = "TLS handshake"
                     await self._start_tls()
@@ -302,13 +303,12 @@ class ImapClient:
             context = _tls.context_for(self.endpoint.verify_certificate, ca_file)
         except ConfigError as exc:
             raise MailConnectError(f"TLS setup for {self._where} failed: {exc}") from None
-        tls = trio.SSLStream(self._stream, context, server_hostname=self.endpoint.host)
-        self._stream = tls
         try:
-            await tls.do_handshake()
-        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            detail = _ssl_error_text(cause) if cause is not None else "connection closed"
+            await self._stream.start_tls(context, server_hostname=self.endpoint.host)
+        except ssl.SSLEOFError:
+            raise MailConnectError(f"TLS handshake with {self._where} failed: connection closed") from None
+        except (ssl.SSLError, OSError) as exc:
+            detail = _ssl_error_text(exc)
             raise MailConnectError(f"TLS handshake with {self._where} failed: {detail}") from None
 
     async def _starttls(self) -> None:
@@ -358,7 +358,7 @@ class ImapClient:
 
     # -- reading and writing ---------------------------------------------------------------
 
-    def _check_usable(self) -> trio.abc.Stream:
+    def _check_usable(self) -> Transport:
         if self._stream is None or self._broken:
             self._idle_tag = None
             raise MailConnectError(f"connection to {self._where} is closed")
