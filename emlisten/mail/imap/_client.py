@@ -179,6 +179,7 @@ class ImapClient:
         "command_timeout",
         "connect_timeout",
         "endpoint",
+        "last_heard",
         "observer",
         "utf8_enabled",
     )
@@ -208,6 +209,9 @@ class ImapClient:
         self._tag_counter = 0
         self._idle_tag: bytes | None = None
         self._broken = False
+        #: trio.current_time() when the server last sent something during IDLE (a keepalive
+        #: that idle_wait passed over included): a listener's liveness check reads it.
+        self.last_heard = 0.0
         self.capabilities: frozenset[str] = frozenset()
         self.utf8_enabled = False
 
@@ -947,10 +951,16 @@ class ImapClient:
             self._broken = True
             raise
         self._idle_tag = tag
+        self.last_heard = trio.current_time()
         return untagged
 
-    async def idle_wait(self, timeout: float | None) -> Response | None:
-        """The next untagged response while idling, or None after ``timeout`` seconds of silence.
+    async def idle_wait(
+        self, timeout: float | None, *, only: frozenset[str] | None = None
+    ) -> Response | None:
+        """The next untagged response while idling, or None after ``timeout`` seconds without
+        one. With ``only``, responses of other types (a server's keepalive ``* OK Still here``,
+        flag changes) are passed over inside the wait, so a listener that needs only EXISTS and
+        EXPUNGE is not woken for them; ``last_heard`` still advances.
 
         Cancel-safe: a timeout or cancellation here does not disturb the connection.
         A BYE raises MailConnectError.
@@ -959,18 +969,23 @@ class ImapClient:
         if tag is None:
             raise RuntimeError("not in IDLE")
         with trio.move_on_after(float("inf") if timeout is None else timeout):
-            response = await self._next_response()
-            if response.kind is ResponseKind.TAGGED:
-                self._idle_tag = None
-                if response.tag.encode() == tag:
-                    raise MailProtocolError(
-                        f"{self._where} ended IDLE: {response.type} {_describe(response)}"
-                    )
-                raise MailProtocolError(f"unexpected tagged response from {self._where}")
-            if response.kind is ResponseKind.CONTINUATION:
-                return None  # some servers repeat "+ idling" as a keepalive
-            self._check_bye(response)
-            return response
+            while True:
+                response = await self._next_response()
+                self.last_heard = trio.current_time()
+                if response.kind is ResponseKind.TAGGED:
+                    self._idle_tag = None
+                    if response.tag.encode() == tag:
+                        raise MailProtocolError(
+                            f"{self._where} ended IDLE: {response.type} {_describe(response)}"
+                        )
+                    raise MailProtocolError(f"unexpected tagged response from {self._where}")
+                if response.kind is ResponseKind.CONTINUATION:
+                    if only is not None:
+                        continue
+                    return None  # some servers repeat "+ idling" as a keepalive
+                self._check_bye(response)
+                if only is None or response.type in only:
+                    return response
         return None
 
     async def idle_done(self, *, timeout: float | None = None) -> list[Response]:

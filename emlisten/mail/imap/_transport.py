@@ -40,6 +40,7 @@ class Transport(trio.abc.AsyncResource):
     subclass (its checkpoints differ, see the module docstring), but the same methods."""
 
     __slots__ = (
+        "_drained",
         "_flushing",
         "_incoming",
         "_outgoing",
@@ -60,6 +61,9 @@ class Transport(trio.abc.AsyncResource):
         self._sending = False
         self._flushing = False
         self._unyielded = 0
+        # The last recv took less than it asked for, so the socket is most likely empty: wait
+        # for it to become readable before the next recv instead of paying for a failing one.
+        self._drained = False
 
     @classmethod
     def take(cls, stream: trio.SocketStream) -> Transport:
@@ -167,33 +171,34 @@ class Transport(trio.abc.AsyncResource):
             await trio.lowlevel.checkpoint()
 
     async def _receive_plain(self, max_bytes: int) -> bytes:
-        while True:
-            sock = self._open_socket()
-            try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                self._unyielded = 0
-                continue
-            self._unyielded += len(data)
-            return data
+        data = await self._recv(max_bytes)
+        self._unyielded += len(data)
+        return data
 
     async def _fill(self) -> None:
         """Moves what the socket has into the TLS input, waiting until it has something."""
         assert self._incoming is not None
+        data = await self._recv(RECEIVE_BYTES)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    async def _recv(self, max_bytes: int) -> bytes:
         while True:
             sock = self._open_socket()
-            try:
-                data = sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
+            if self._drained:
                 await trio.lowlevel.wait_readable(sock)
                 self._unyielded = 0
+                self._drained = False
+                sock = self._open_socket()
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                self._drained = True
                 continue
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
-            return
+            self._drained = len(data) < max_bytes
+            return data
 
     async def _flush(self) -> None:
         """Sends what TLS has produced. One flusher at a time: a second caller leaves its bytes

@@ -46,6 +46,12 @@ FETCH_BATCH = 200
 SYNCED_KEYWORD = "$CreatioSynced"
 
 
+#: What a listener in IDLE acts on (see _Listener.note); the server's keepalives and flag changes
+#: are passed over inside the wait, without waking the listener: Dovecot sends its keepalive to
+#: every session of one client address in the same second.
+_LISTENED_FOR = frozenset({"EXISTS", "EXPUNGE"})
+
+
 @dataclass(frozen=True, slots=True)
 class ImapSettings:
     """Timing of IMAP sessions (seconds)."""
@@ -914,15 +920,15 @@ class _Listener:
                 started = True
                 self._check_the_first_window()
             await self.handle(initial)
-            now = trio.current_time()
-            renew_at = now + settings.idle_renew_seconds
-            quiet_until = now + settings.keepalive_seconds
+            renew_at = trio.current_time() + settings.idle_renew_seconds
             probe = False
             while not self.wanted:
                 if self.look_saw is not None:
                     await self._act_on_look()
                     continue
                 now = trio.current_time()
+                # Anything the server sent (its keepalives, passed over in idle_wait) proves it alive.
+                quiet_until = client.last_heard + settings.keepalive_seconds
                 if now >= renew_at:
                     break
                 if now >= quiet_until:
@@ -933,10 +939,11 @@ class _Listener:
                     continue
                 response = None
                 with trio.CancelScope() as self.idle_wait_scope:
-                    response = await client.idle_wait(min(renew_at, quiet_until, self.recheck_at) - now)
+                    response = await client.idle_wait(
+                        min(renew_at, quiet_until, self.recheck_at) - now, only=_LISTENED_FOR
+                    )
                 self.idle_wait_scope = None
                 if response is not None:
-                    quiet_until = trio.current_time() + settings.keepalive_seconds
                     await self.handle((response,))
             # DONE doubles as a liveness probe: a dead peer never sends the tagged OK.
             timeout = settings.keepalive_timeout if probe else settings.command_timeout

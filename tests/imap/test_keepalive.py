@@ -1,0 +1,82 @@
+"""A server's IDLE keepalives: heard (liveness), but not handed to a listener that did not ask.
+
+Dovecot sends ``* OK Still here`` to every session of one client address in the same second
+(``imap_idle_notify_interval``); at 10,000 sessions, waking every listener for it held the event
+loop for 1-2 s every two minutes. Here the server sends it every second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from emlisten.mail.imap import ImapClient, ImapSource
+from emlisten.models import MailboxConfig, Security, ServerEndpoint, SyncTask
+from tests.servers.dovecot import Dovecot, make_message
+
+LISTENED_FOR = frozenset({"EXISTS"})
+
+
+@pytest.fixture(scope="module")
+def chatty_dovecot() -> Iterator[Dovecot]:
+    server = Dovecot(extra_config="imap_idle_notify_interval = 1 secs\n")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_idle_wait_passes_over_keepalives_but_hears_them(chatty_dovecot: Dovecot) -> None:
+    dovecot = chatty_dovecot
+    user = dovecot.add_user()
+    endpoint = ServerEndpoint(dovecot.host, dovecot.imaps_port, Security.SSL_ON_CONNECT)
+    async with ImapClient(endpoint, ca_file=str(dovecot.ca_file)) as client:
+        await client.login(user.name, user.password)
+        await client.select("INBOX")
+        await client.idle_start()
+        idle_began = client.last_heard
+        # Unfiltered, the keepalive is what the server sends while nothing happens.
+        keepalive = await client.idle_wait(5)
+        assert keepalive is not None and keepalive.type == "OK", keepalive
+        first_heard = client.last_heard
+        assert first_heard > idle_began
+        # Filtered, the wait runs to its end over two or three keepalives, and they count as heard.
+        assert await client.idle_wait(2.5, only=LISTENED_FOR) is None
+        assert client.last_heard > first_heard
+        # What is asked for still comes.
+        await dovecot.aappend(user, make_message())
+        exists = await client.idle_wait(30, only=LISTENED_FOR)
+        assert exists is not None and (exists.type, exists.number) == ("EXISTS", 1)
+        await client.idle_done()
+
+
+async def test_a_listener_counts_keepalives_as_signs_of_life(chatty_dovecot: Dovecot) -> None:
+    """With keepalives arriving every second, a 1.5 s liveness window never runs out: the
+    listener stays in its first IDLE instead of ending it to probe the server."""
+    dovecot = chatty_dovecot
+    user = dovecot.add_user()
+    source = ImapSource(
+        ca_file=str(dovecot.ca_file), keepalive_seconds=1.5, recheck_after_connect=False, recheck_seconds=0
+    )
+    commands: list[str] = []
+    source.command_observer = lambda command, outcome, seconds: commands.append(command)
+    mailbox = MailboxConfig(
+        id="chatty",
+        user_name=user.name,
+        password=user.password,
+        imap=ServerEndpoint(dovecot.host, dovecot.imaps_port, Security.SSL_ON_CONNECT),
+        bpm_endpoint="",
+    )
+
+    async def on_new_mail(task: SyncTask) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.listen, mailbox, "INBOX", on_new_mail)
+        await trio.sleep(5)  # three liveness windows, on the server's real clock
+        nursery.cancel_scope.cancel()
+    # A probe is DONE + NOOP (IDLE and DONE are not observed commands; NOOP is).
+    assert "EXAMINE" in commands and "NOOP" not in commands, commands
