@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from emlisten.mail.imap import ImapClient, ImapSource
+from emlisten.mail.imap._client import _is_bare_ok_line
 from emlisten.models import MailboxConfig, Security, ServerEndpoint, SyncTask
 from tests.servers.dovecot import Dovecot, make_message
 
@@ -80,3 +81,18 @@ async def test_a_listener_counts_keepalives_as_signs_of_life(chatty_dovecot: Dov
         nursery.cancel_scope.cancel()
     # A probe is DONE + NOOP (IDLE and DONE are not observed commands; NOOP is).
     assert "EXAMINE" in commands and "NOOP" not in commands, commands
+
+
+@pytest.mark.parametrize(
+    ("data", "bare"),
+    [
+        (b"* OK Still here\r\n", True),
+        (b"* OK [ALERT] the server goes down at noon\r\n", False),  # a code: for the parser
+        (b"* OK Still here\r\n* 3 EXISTS\r\n", False),  # more than the keepalive
+        (b"* OK Still he", False),  # a part of a line
+        (b"* 3 EXISTS\r\n", False),
+        (b"* NO Still here\r\n", False),
+    ],
+)
+def test_only_a_whole_bare_ok_line_is_passed_over_unparsed(data: bytes, bare: bool) -> None:
+    assert _is_bare_ok_line(data) is bare

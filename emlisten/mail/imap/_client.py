@@ -378,8 +378,13 @@ class ImapClient:
                 f"connection to {self._where} lost while sending: {_exc_text(exc)}"
             ) from None
 
-    async def _next_response(self) -> Response:
-        """The next response, reading as needed. Cancel-safe between responses."""
+    async def _next_response(self, *, pass_over_bare_ok: bool = False) -> Response:
+        """The next response, reading as needed. Cancel-safe between responses.
+
+        ``pass_over_bare_ok``: a read that is one whole ``* OK <text>`` line without a response
+        code (a server's keepalive; RFC 9051 7.1.1: the text is for humans) is dropped before
+        the parser sees it, and only moves ``last_heard``.
+        """
         while not self._pending:
             stream = self._check_usable()
             try:
@@ -395,6 +400,9 @@ class ImapClient:
             if not data:
                 self._broken = True
                 raise MailConnectError(f"{self._where} closed the connection")
+            if pass_over_bare_ok and self._parser.idle and _is_bare_ok_line(data):
+                self.last_heard = trio.current_time()
+                continue
             try:
                 self._pending = self._parser.feed(data)
             except MailProtocolError:
@@ -969,8 +977,9 @@ class ImapClient:
         if tag is None:
             raise RuntimeError("not in IDLE")
         with trio.move_on_after(float("inf") if timeout is None else timeout):
+            pass_over_bare_ok = only is not None and "OK" not in only
             while True:
-                response = await self._next_response()
+                response = await self._next_response(pass_over_bare_ok=pass_over_bare_ok)
                 self.last_heard = trio.current_time()
                 if response.kind is ResponseKind.TAGGED:
                     self._idle_tag = None
@@ -1201,6 +1210,16 @@ def _os_error_text(exc: OSError) -> str:
         if reasons:
             return "; ".join(reasons)
     return str(exc) or type(exc).__name__
+
+
+def _is_bare_ok_line(data: bytes) -> bool:
+    """``data`` is exactly one untagged OK line without a response code."""
+    return (
+        data.startswith(b"* OK ")
+        and data[5:6] != b"["
+        and data.endswith(b"\r\n")
+        and data.find(b"\n") == len(data) - 1
+    )
 
 
 def _ssl_error_text(exc: BaseException) -> str:
