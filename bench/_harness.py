@@ -646,6 +646,13 @@ class SessionCounts:
         ``command=UID FETCH``) in ms; subtract two readings first."""
         return 1000 * self._sample(histogram, "sum", labels)
 
+    def count_over(self, histogram: str, seconds: float, labels: str = "") -> int:
+        """Observations above ``seconds`` (one of the histogram's bucket bounds); subtract two
+        readings first."""
+        bound = f"le={float(seconds)}"
+        within = self._sample(histogram, "bucket", f"{labels},{bound}" if labels else bound)
+        return int(self._sample(histogram, "count", labels) - within)
+
     def mean_ms(self, histogram: str, labels: str = "") -> float | None:
         """Mean of the same, in ms; None without observations."""
         count = self._sample(histogram, "count", labels)
@@ -691,7 +698,7 @@ async def session_counts(http: httpx.AsyncClient, base_url: str) -> SessionCount
             elif sample.name == "emlisten_reconnects_total":
                 reason = sample.labels.get("reason", "")
                 counts.reconnects[reason] = counts.reconnects.get(reason, 0) + int(sample.value)
-            timing = sample.name.startswith(_TIMINGS) and sample.name.endswith(("_sum", "_count"))
+            timing = sample.name.startswith(_TIMINGS) and sample.name.endswith(("_sum", "_count", "_bucket"))
             if sample.name.endswith("_total") or timing:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 counts.counters[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
