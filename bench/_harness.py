@@ -1319,3 +1319,42 @@ async def close_all(clients: Sequence[Appender]) -> None:
     async with trio.open_nursery() as nursery:
         for client in clients:
             nursery.start_soon(client.aclose)
+
+
+# -- the looks after every first IDLE ------------------------------------------------------
+
+#: The looks after first IDLEs are over when no session was opened for this long.
+LOOKS_QUIET_SECONDS = 5.0
+
+
+def looks_done(counts: SessionCounts) -> int:
+    """Looks done, failed or left out (``emlisten_imap_looks_total``, all outcomes)."""
+    return int(sum(v for k, v in counts.counters.items() if k.startswith("emlisten_imap_looks_total")))
+
+
+async def wait_for_looks(stack: Stack, mailboxes: int, patience: float) -> dict[str, Any]:
+    """Wait until every session's look after its first IDLE is over (done, failed or left out:
+    one each, ``EMLISTEN_RECHECK_LATE_SECONDS`` after it) and no session opened for
+    LOOKS_QUIET_SECONDS, or ``patience`` seconds."""
+    started = trio.current_time()
+    first = last = await session_counts(stack.http, stack.emlisten.url)
+    last_change = started
+    say(f"waiting for the {mailboxes} looks after first IDLEs, then no session for {LOOKS_QUIET_SECONDS:g} s")
+    settled = False
+    while trio.current_time() - started < patience:
+        await trio.sleep(1.0)
+        now = await session_counts(stack.http, stack.emlisten.url)
+        if now.logins != last.logins:
+            last_change = trio.current_time()
+        last = now
+        if looks_done(now) >= mailboxes and trio.current_time() - last_change >= LOOKS_QUIET_SECONDS:
+            settled = True
+            break
+    opened = (last - first).logins
+    say(f"looks: {looks_done(last)}; {opened} sessions opened in {trio.current_time() - started:.0f} s")
+    return {
+        "seconds": trio.current_time() - started,
+        "logins": opened,
+        "looks": (last - first).counters,
+        "settled": settled,
+    }

@@ -37,11 +37,11 @@ from bench._harness import (
     DELIVERY_LATENCY,
     GC_PAUSE,
     IMAP_COMMAND,
+    LOOKS_QUIET_SECONDS,
     Appender,
     CallbackIndex,
     MailServerSide,
     Result,
-    SessionCounts,
     Stack,
     add_common_arguments,
     bench_dovecot,
@@ -56,6 +56,7 @@ from bench._harness import (
     say,
     session_counts,
     summary_ms,
+    wait_for_looks,
 )
 from bench._rawimap import RawImap, RawImapError
 from tests.servers.dovecot import Dovecot, MailUser
@@ -71,8 +72,6 @@ TARGET_P99_MS = 100.0
 DEFAULT_READER_IDLE_SECONDS = 60.0
 #: How much longer than the reader idle time a quiet mailbox has been quiet.
 QUIET_MARGIN_SECONDS = 5.0
-#: --settle-looks: the looks are over when no session was opened for this long.
-LOOKS_QUIET_SECONDS = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,39 +205,6 @@ async def _quiet_period(
     }
 
 
-def _looks(counts: SessionCounts) -> int:
-    """Looks done, failed or left out (``emlisten_imap_looks_total``, all outcomes)."""
-    return int(sum(v for k, v in counts.counters.items() if k.startswith("emlisten_imap_looks_total")))
-
-
-async def _wait_for_looks(stack: Stack, mailboxes: int, patience: float) -> dict[str, Any]:
-    """Wait until every session's look after its first IDLE is over (done, failed or left out:
-    one each, ``EMLISTEN_RECHECK_LATE_SECONDS`` after it) and no session opened for
-    LOOKS_QUIET_SECONDS, or ``patience`` seconds."""
-    started = trio.current_time()
-    first = last = await session_counts(stack.http, stack.emlisten.url)
-    last_change = started
-    say(f"waiting for the {mailboxes} looks after first IDLEs, then no session for {LOOKS_QUIET_SECONDS:g} s")
-    settled = False
-    while trio.current_time() - started < patience:
-        await trio.sleep(1.0)
-        now = await session_counts(stack.http, stack.emlisten.url)
-        if now.logins != last.logins:
-            last_change = trio.current_time()
-        last = now
-        if _looks(now) >= mailboxes and trio.current_time() - last_change >= LOOKS_QUIET_SECONDS:
-            settled = True
-            break
-    opened = (last - first).logins
-    say(f"looks: {_looks(last)}; {opened} sessions opened in {trio.current_time() - started:.0f} s")
-    return {
-        "seconds": trio.current_time() - started,
-        "logins": opened,
-        "looks": (last - first).counters,
-        "settled": settled,
-    }
-
-
 async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[MailUser]) -> Result:
     n = len(users)
     m = n if args.quiet else args.mails
@@ -260,7 +226,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         settled = False
         if args.settle:
             settled, _ = await stack.wait_connections(n, args.settle_timeout)
-        looks_settled = await _wait_for_looks(stack, n, args.settle_timeout) if args.settle_looks else None
+        looks_settled = await wait_for_looks(stack, n, args.settle_timeout) if args.settle_looks else None
         # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
         # for each doubled the server's sessions (20,000), and it refused some logins.
         probes = [FloorProbe() for _ in users[: min(n, m)]]
