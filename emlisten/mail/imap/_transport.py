@@ -74,10 +74,6 @@ class Transport(trio.abc.AsyncResource):
     def is_tls(self) -> bool:
         return self._tls is not None
 
-    @property
-    def ssl_object(self) -> ssl.SSLObject | None:
-        return self._tls
-
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Client-side TLS handshake. Raises ``ssl.SSLError`` (a refused certificate included)
         or ``OSError``; the peer closing mid-handshake is an ``ssl.SSLEOFError``."""
