@@ -53,6 +53,9 @@ _HEALTHY_AFTER_SECONDS = 60.0
 #: Mailboxes per read when the checkpoints of this node's mailboxes are re-read (about 12 ms of
 #: the event loop each with Redis).
 _CHECKPOINT_REFRESH_CHUNK = 1000
+#: A renewal deadline noticed later than this (in lease TTLs) fell while the process was not
+#: running, not while the store was silent (see MailboxManager._renew_loop).
+_LATE_DEADLINE_TTLS = 0.1
 #: How long the sync of a restored folder may wait for the queue (see _sync_restored).
 _RESTORED_SYNC_PUBLISH_SECONDS = 5.0
 #: How long after it first sees a new incarnation a primary restores: every worker looks at the
@@ -208,7 +211,8 @@ class MailboxManager:
         that stops answering holds a call up to its command timeout), and after a failed attempt
         the next one is due no later than that moment. After a pause past the TTL the moment is
         gone before the renewal could run: that renewal runs unbounded, as it may re-take the
-        leases nobody took."""
+        leases nobody took. A pause that falls in an attempt shows as its deadline noticed late:
+        the store then gets one more attempt rather than the blame."""
         ttl, period = self.settings.lease_ttl_seconds, self.settings.lease_renew_seconds
         failing = False
         while True:
@@ -220,19 +224,30 @@ class MailboxManager:
             now = trio.current_time()
             if failing and now >= step_back_at:
                 self._step_back()
-            error: str | None = None
-            with trio.move_on_at(step_back_at if now < step_back_at else math.inf) as attempt:
-                try:
-                    await self._renew()
-                except StoreError as exc:
-                    error = str(exc)
-            if attempt.cancelled_caught:
-                error = f"no answer from the store within {ttl * 0.8:g} s of the last renewal"
+            error, timed_out = await self._attempt_renewal(step_back_at if now < step_back_at else math.inf)
+            if timed_out and trio.current_time() - step_back_at > ttl * _LATE_DEADLINE_TTLS:
+                # The moment to step back fell while this process was not running (frozen, or
+                # its event loop held): the store was not watched for the whole budget and may
+                # well have answered. One more attempt with a fresh budget decides.
+                error, _ = await self._attempt_renewal(trio.current_time() + ttl * 0.8)
             failing = error is not None
             if error is not None:
                 log.warning("cannot renew leases: %s", error)
                 if trio.current_time() >= step_back_at:
                     self._step_back()
+
+    async def _attempt_renewal(self, deadline: float) -> tuple[str | None, bool]:
+        """Renew by ``deadline`` (trio time): what went wrong (None if nothing), and whether
+        it was the deadline."""
+        with trio.move_on_at(deadline) as attempt:
+            try:
+                await self._renew()
+            except StoreError as exc:
+                return str(exc), False
+        if attempt.cancelled_caught:
+            budget = self.settings.lease_ttl_seconds * 0.8
+            return f"no answer from the store within {budget:g} s of the last renewal", True
+        return None, False
 
     def _step_back(self) -> None:
         """Our leases may expire any moment and another node take over: stop every mailbox."""

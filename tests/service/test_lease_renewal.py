@@ -1,0 +1,89 @@
+"""The renewal's step-back moment tells a silent store from a pause that fell in an attempt.
+
+A node steps back (stops all its mailboxes) when the store has not answered 0.8 TTL after the
+last renewal. A process frozen while an attempt waited used to see that deadline as passed on
+resume and step back, though the store's answer was already there (CI, test_pause[redis]).
+Pure logic of the renewal loop, on a mock clock; the real pause is tests/service/test_pause.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+import trio.testing
+
+from emlisten.config import Settings
+from emlisten.mail.imap.source import ImapSource
+from emlisten.queue.inprocess import InProcessQueue
+from emlisten.service.listening import MailboxManager
+from emlisten.sink.creatio import CreatioSink
+from emlisten.store.memory import MemoryStore
+
+TTL = 1.0
+RENEW = 0.3
+MAILBOXES = ["m1", "m2"]
+
+
+class _HeldRenewals(MemoryStore):
+    """Holds every renewal once ``hold`` is set, until ``answer`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.waiting = trio.Event()
+        self.answer = trio.Event()
+
+    async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
+        if self.hold:
+            self.waiting.set()
+            await self.answer.wait()
+        return await super().renew_leases(node_id, mailbox_ids, ttl)
+
+
+async def _owning_node(store: _HeldRenewals) -> MailboxManager:
+    settings = Settings(node_id="n1", lease_ttl_seconds=TTL, lease_renew_seconds=RENEW)
+    manager = MailboxManager(settings, store, InProcessQueue(), ImapSource(), CreatioSink())
+    assert await store.claim_leases("n1", MAILBOXES, TTL) == MAILBOXES
+    manager._owned.update(MAILBOXES)
+    await manager._renew()  # the last renewal that succeeded: at 0.0
+    return manager
+
+
+async def _attempt_waits(clock: trio.testing.MockClock, store: _HeldRenewals) -> None:
+    store.hold = True
+    await trio.testing.wait_all_tasks_blocked()  # the loop sleeps until its first renewal
+    clock.jump(RENEW)
+    await store.waiting.wait()
+    assert trio.current_time() < 0.8 * TTL
+
+
+async def test_a_pause_during_an_attempt_keeps_the_mailboxes(mock_clock: trio.testing.MockClock) -> None:
+    store = _HeldRenewals()
+    manager = await _owning_node(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager._renew_loop)
+        await _attempt_waits(mock_clock, store)
+        # Frozen for 3 TTLs while the attempt waited. On resume the answer is in the socket,
+        # but the deadline fires in the first pass, before the caller hears of it.
+        mock_clock.jump(3 * TTL)
+        await trio.lowlevel.checkpoint()
+        store.answer.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert manager.owned == frozenset(MAILBOXES)
+        assert manager._renewed_at >= 3 * TTL
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_store_silent_until_the_deadline_makes_the_node_step_back(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    store = _HeldRenewals()
+    manager = await _owning_node(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager._renew_loop)
+        await _attempt_waits(mock_clock, store)
+        mock_clock.jump(0.8 * TTL - trio.current_time())  # the process runs; the store says nothing
+        await trio.testing.wait_all_tasks_blocked()
+        assert manager.owned == frozenset()
+        nursery.cancel_scope.cancel()
