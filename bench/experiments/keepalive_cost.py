@@ -17,12 +17,29 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import time
 
 import trio
 
-from emlisten.mail.imap import ImapSource
+from emlisten.mail.imap import ImapSource, _idle_reader
 from emlisten.models import MailboxConfig, Security, ServerEndpoint, SyncTask
 from tests.servers.dovecot import Dovecot
+
+
+class _Passes(trio.abc.Instrument):
+    """The longest run of task steps between two looks at the network: how long mail that
+    arrives meanwhile waits for its next step."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._began: float | None = None
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._began = time.perf_counter()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._began is not None:
+            self.longest = max(self.longest, time.perf_counter() - self._began)
 
 
 def _cpu_seconds() -> float:
@@ -54,13 +71,18 @@ async def _measure(dovecot: Dovecot, sessions: int, interval: float, seconds: fl
         await trio.sleep(interval + 3)  # past the hibernation of the last sessions
         gc.collect()
         gc.freeze()
+        passes = _Passes()
+        trio.lowlevel.add_instrument(passes)
         before = _cpu_seconds()
         await trio.sleep(seconds)
         spent = _cpu_seconds() - before
+        trio.lowlevel.remove_instrument(passes)
         keepalives = sessions * round(seconds / interval)
         print(
             f"{sessions} TLS sessions, {seconds:g} s, a keepalive every {interval:g} s: "
-            f"CPU {spent:.3f} s, {spent / keepalives * 1e6:.1f} us per keepalive"
+            f"CPU {spent:.3f} s, {spent / keepalives * 1e6:.1f} us per keepalive, "
+            f"longest event-loop pass {passes.longest * 1000:.1f} ms "
+            f"({'one task per socket' if not _idle_reader.ENABLED else 'shared idle reader'})"
         )
         nursery.cancel_scope.cancel()
 
@@ -70,7 +92,10 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--interval", type=int, default=5, help="imap_idle_notify_interval, seconds")
     parser.add_argument("--seconds", type=float, default=30.0, help="the measured window")
+    parser.add_argument("--per-task-waits", action="store_true", help="each session waits on its own socket")
     args = parser.parse_args()
+    if args.per_task_waits:
+        _idle_reader.ENABLED = False
     extra = f"imap_idle_notify_interval = {args.interval} secs\n"
     with Dovecot(hibernate_timeout="2s", extra_config=extra) as dovecot:
         trio.run(_measure, dovecot, args.sessions, args.interval, args.seconds)

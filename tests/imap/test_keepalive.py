@@ -14,6 +14,7 @@ import trio
 
 from emlisten.mail.imap import ImapClient, ImapSource
 from emlisten.mail.imap._client import _is_bare_ok_line
+from emlisten.mail.imap._idle_reader import shared_reader
 from emlisten.models import MailboxConfig, Security, ServerEndpoint, SyncTask
 from tests.servers.dovecot import Dovecot, make_message
 
@@ -45,8 +46,13 @@ async def test_idle_wait_passes_over_keepalives_but_hears_them(chatty_dovecot: D
         first_heard = client.last_heard
         assert first_heard > idle_began
         # Filtered, the wait runs to its end over two or three keepalives, and they count as heard.
+        reader = shared_reader()
+        assert reader is not None
+        passed_over = reader.passed_over
         assert await client.idle_wait(2.5, only=LISTENED_FOR) is None
         assert client.last_heard > first_heard
+        # ... by the shared reader, over TLS, without waking this task for them.
+        assert reader.passed_over >= passed_over + 2
         # What is asked for still comes.
         await dovecot.aappend(user, make_message())
         exists = await client.idle_wait(30, only=LISTENED_FOR)

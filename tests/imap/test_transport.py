@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from emlisten.mail.imap import _transport
+from emlisten.mail.imap import _idle_reader, _transport
+from emlisten.mail.imap._idle_reader import shared_reader
 from emlisten.mail.imap._transport import Transport
 
 
@@ -90,5 +91,108 @@ async def test_a_send_larger_than_the_socket_buffer_arrives_whole() -> None:
         nursery.start_soon(drain)
         await transport.send_all(payload)
     assert bytes(received) == payload
+    await transport.aclose()
+    theirs.close()
+
+
+# -- reads that pass something over wait through the shared reader ---------------------------
+
+KEEPALIVE = b"* OK Still here\r\n"
+
+
+def _is_keepalive(data: bytes) -> bool:
+    return data == KEEPALIVE
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts the task steps of the tasks named ``receiver``."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name == "receiver":
+            self.steps += 1
+
+
+async def test_what_is_passed_over_never_wakes_the_waiting_tasks() -> None:
+    reader = shared_reader()
+    assert reader is not None
+    pairs = [_pair() for _ in range(300)]  # more than one CHUNK of the reader
+    got: dict[int, bytes] = {}
+    counter = _StepCounter()
+
+    async def receiver(index: int, transport: Transport) -> None:
+        got[index] = await transport.receive_some(skip=_is_keepalive)
+
+    async with trio.open_nursery() as nursery:
+        for index, (transport, _) in enumerate(pairs):
+            nursery.start_soon(receiver, index, transport, name="receiver")
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.parked_count == len(pairs)
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _, theirs in pairs:
+                theirs.sendall(KEEPALIVE)
+            await trio.testing.wait_all_tasks_blocked()
+            assert counter.steps == 0  # 300 keepalives read, no receiver woken
+            assert got == {}
+            pairs[7][1].sendall(b"* 1 EXISTS\r\n")
+            pairs[9][1].sendall(KEEPALIVE + b"* 2 EXISTS\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert got == {7: b"* 1 EXISTS\r\n", 9: KEEPALIVE + b"* 2 EXISTS\r\n"}  # one read, not skipped
+        assert counter.steps == 2
+        nursery.cancel_scope.cancel()
+    assert reader.parked_count == 0
+    for transport, theirs in pairs:
+        await transport.aclose()
+        theirs.close()
+
+
+async def test_a_cancelled_shared_wait_leaves_the_connection_as_it_was() -> None:
+    reader = shared_reader()
+    assert reader is not None
+    transport, theirs = _pair()
+    with trio.move_on_after(0.05) as scope:
+        await transport.receive_some(skip=_is_keepalive)
+    assert scope.cancelled_caught
+    assert reader.parked_count == 0
+    theirs.sendall(b"* 3 EXISTS\r\n")
+    assert await transport.receive_some() == b"* 3 EXISTS\r\n"
+    theirs.close()
+    assert await transport.receive_some(skip=_is_keepalive) == b""  # the end is not passed over
+    await transport.aclose()
+
+
+async def test_closing_a_connection_ends_its_shared_wait() -> None:
+    reader = shared_reader()
+    assert reader is not None
+    transport, theirs = _pair()
+    async with trio.open_nursery() as nursery:
+
+        async def wait() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await transport.receive_some(skip=_is_keepalive)
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.parked_count == 1
+        await transport.aclose()
+    assert reader.parked_count == 0
+    theirs.close()
+
+
+async def test_without_the_shared_reader_a_read_still_passes_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_idle_reader, "ENABLED", False)
+    assert shared_reader() is None
+    transport, theirs = _pair()
+    theirs.sendall(KEEPALIVE)
+    with trio.move_on_after(0.05):
+        await transport.receive_some(skip=_is_keepalive)
+        raise AssertionError("a keepalive ended the read")
+    theirs.sendall(b"* 4 EXISTS\r\n")
+    assert await transport.receive_some(skip=_is_keepalive) == b"* 4 EXISTS\r\n"
     await transport.aclose()
     theirs.close()

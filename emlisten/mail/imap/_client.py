@@ -385,10 +385,11 @@ class ImapClient:
         code (a server's keepalive; RFC 9051 7.1.1: the text is for humans) is dropped before
         the parser sees it, and only moves ``last_heard``.
         """
+        skip = self._skip_keepalive if pass_over_bare_ok else None
         while not self._pending:
             stream = self._check_usable()
             try:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await stream.receive_some(RECEIVE_BYTES, skip=skip)
             except (
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
@@ -400,9 +401,6 @@ class ImapClient:
             if not data:
                 self._broken = True
                 raise MailConnectError(f"{self._where} closed the connection")
-            if pass_over_bare_ok and self._parser.idle and _is_bare_ok_line(data):
-                self.last_heard = trio.current_time()
-                continue
             try:
                 self._pending = self._parser.feed(data)
             except MailProtocolError:
@@ -414,6 +412,14 @@ class ImapClient:
         elif response.type == "CAPABILITY" and response.kind is ResponseKind.UNTAGGED:
             self._set_capabilities(response.data)
         return response
+
+    def _skip_keepalive(self, data: bytes) -> bool:
+        """Whether a read is a keepalive to pass over (see ``_next_response``). Runs in the
+        transport's shared reader, before this client's task hears of the data."""
+        if self._parser.idle and _is_bare_ok_line(data):
+            self.last_heard = trio.current_time()
+            return True
+        return False
 
     def _set_capabilities(self, values: list[Value]) -> None:
         self.capabilities = _shared_capabilities(

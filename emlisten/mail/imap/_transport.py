@@ -31,6 +31,8 @@ from contextlib import suppress
 
 import trio
 
+from emlisten.mail.imap._idle_reader import STAY, SharedReader, Skip, Stay, shared_reader
+
 RECEIVE_BYTES = 65536
 YIELD_EVERY_BYTES = 256 * 1024
 
@@ -46,6 +48,7 @@ class Transport(trio.abc.AsyncResource):
         "_outgoing",
         "_receiving",
         "_sending",
+        "_shared_reader",
         "_sock",
         "_tls",
         "_unyielded",
@@ -64,6 +67,8 @@ class Transport(trio.abc.AsyncResource):
         # The last recv took less than it asked for, so the socket is most likely empty: wait
         # for it to become readable before the next recv instead of paying for a failing one.
         self._drained = False
+        #: The shared reader this connection is parked in, told when the socket closes.
+        self._shared_reader: SharedReader | None = None
 
     @classmethod
     def take(cls, stream: trio.SocketStream) -> Transport:
@@ -91,27 +96,27 @@ class Transport(trio.abc.AsyncResource):
             break
         await self._flush()
 
-    async def receive_some(self, max_bytes: int = RECEIVE_BYTES) -> bytes:
-        """At least one byte, or ``b""`` once the peer has closed the connection."""
+    async def receive_some(self, max_bytes: int = RECEIVE_BYTES, *, skip: Skip | None = None) -> bytes:
+        """At least one byte, or ``b""`` once the peer has closed the connection.
+
+        ``skip``: what it returns True for is dropped, and the read goes on (a server's IDLE
+        keepalive); such a read waits through the shared reader (``_idle_reader``), so what is
+        skipped never wakes this task."""
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this connection")
         self._receiving = True
         try:
             await self._yield_if_due()
-            if self._tls is None:
-                return await self._receive_plain(max_bytes)
             while True:
-                try:
-                    data = self._tls.read(max_bytes)
-                except ssl.SSLWantReadError:
-                    await self._flush()
-                    await self._fill()
-                    continue
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return b""  # closed, with close_notify or without (many servers after BYE)
-                self._unyielded += len(data)
+                data = self._read_now(max_bytes)
                 if self._outgoing is not None and self._outgoing.pending:
-                    await self._flush()  # what the read produced (a TLS 1.3 key update answer)
+                    await self._flush()  # what TLS produced: handshake, or a key update answer
+                if data is None:
+                    data = await self._wait_for_data(max_bytes, skip)
+                    if data is None:
+                        continue
+                elif skip is not None and data and skip(data):
+                    continue
                 return data
         finally:
             self._receiving = False
@@ -150,6 +155,8 @@ class Transport(trio.abc.AsyncResource):
                 with suppress(OSError):
                     sock.send(self._outgoing.read())
         finally:
+            if self._shared_reader is not None:
+                self._shared_reader.closing(sock.fileno())
             trio.lowlevel.notify_closing(sock)
             sock.close()
         await trio.lowlevel.checkpoint()
@@ -166,35 +173,91 @@ class Transport(trio.abc.AsyncResource):
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
 
-    async def _receive_plain(self, max_bytes: int) -> bytes:
-        data = await self._recv(max_bytes)
-        self._unyielded += len(data)
+    def _read_now(self, max_bytes: int) -> bytes | None:
+        """What can be read without waiting (``b""``: the peer closed), or None."""
+        sock = self._open_socket()
+        if self._tls is None:
+            data = self._recv_now(sock, max_bytes)
+        else:
+            assert self._incoming is not None
+            while True:
+                try:
+                    data = self._tls.read(max_bytes)
+                except ssl.SSLWantReadError:
+                    raw = self._recv_now(sock, RECEIVE_BYTES)
+                    if raw is None:
+                        return None
+                    if raw:
+                        self._incoming.write(raw)
+                    else:
+                        self._incoming.write_eof()
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return b""  # closed, with close_notify or without (many servers after BYE)
+                break
+        if data is not None:
+            self._unyielded += len(data)
         return data
+
+    def _recv_now(self, sock: socket.socket, max_bytes: int) -> bytes | None:
+        if self._drained:
+            return None
+        try:
+            data = sock.recv(max_bytes)
+        except BlockingIOError:
+            self._drained = True
+            return None
+        # Less than asked for: the socket is most likely empty, and the next read waits for it
+        # to become readable instead of paying for a failing recv.
+        self._drained = len(data) < max_bytes
+        return data
+
+    async def _wait_for_data(self, max_bytes: int, skip: Skip | None) -> bytes | None:
+        """Waits until the socket is readable (None), or through the shared reader for data
+        ``skip`` does not drop (returned; None when the reader hands back without any)."""
+        sock = self._open_socket()
+        reader = shared_reader() if skip is not None else None
+        if reader is None or skip is None:
+            await trio.lowlevel.wait_readable(sock)
+            self._readable()
+            return None
+        self._shared_reader = reader
+        try:
+            data = await reader.wait(self, sock.fileno(), max_bytes, skip)
+        finally:
+            self._shared_reader = None
+        self._unyielded = 0
+        return data
+
+    def _readable(self) -> None:
+        self._drained = False
+        self._unyielded = 0
+
+    def _read_for_shared_reader(self, max_bytes: int, skip: Skip) -> bytes | Stay | None:
+        """The shared reader's read, in its task: data ``skip`` keeps, None when this
+        connection's task must run (TLS has something to send), or STAY."""
+        self._readable()
+        while True:
+            data = self._read_now(max_bytes)
+            if data is not None and (not data or not skip(data)):
+                return data
+            if self._outgoing is not None and self._outgoing.pending:
+                return None
+            if data is None:
+                return STAY
 
     async def _fill(self) -> None:
         """Moves what the socket has into the TLS input, waiting until it has something."""
         assert self._incoming is not None
-        data = await self._recv(RECEIVE_BYTES)
+        sock = self._open_socket()
+        while (data := self._recv_now(sock, RECEIVE_BYTES)) is None:
+            await trio.lowlevel.wait_readable(sock)
+            self._readable()
+            sock = self._open_socket()
         if data:
             self._incoming.write(data)
         else:
             self._incoming.write_eof()
-
-    async def _recv(self, max_bytes: int) -> bytes:
-        while True:
-            sock = self._open_socket()
-            if self._drained:
-                await trio.lowlevel.wait_readable(sock)
-                self._unyielded = 0
-                self._drained = False
-                sock = self._open_socket()
-            try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                self._drained = True
-                continue
-            self._drained = len(data) < max_bytes
-            return data
 
     async def _flush(self) -> None:
         """Sends what TLS has produced. One flusher at a time: a second caller leaves its bytes
