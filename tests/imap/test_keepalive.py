@@ -15,7 +15,8 @@ import trio
 from emlisten.mail.imap import ImapClient, ImapSource
 from emlisten.mail.imap._client import _is_bare_ok_line
 from emlisten.mail.imap._idle_reader import shared_reader
-from emlisten.models import MailboxConfig, Security, ServerEndpoint, SyncTask
+from emlisten.mail.imap.source import ImapSettings, _Listener
+from emlisten.models import FolderInfo, MailboxConfig, Security, ServerEndpoint, SyncTask
 from tests.servers.dovecot import Dovecot, make_message
 
 LISTENED_FOR = frozenset({"EXISTS"})
@@ -61,12 +62,12 @@ async def test_idle_wait_passes_over_keepalives_but_hears_them(chatty_dovecot: D
 
 
 async def test_a_listener_counts_keepalives_as_signs_of_life(chatty_dovecot: Dovecot) -> None:
-    """With keepalives arriving every second, a 1.5 s liveness window never runs out: the
+    """With keepalives arriving every second, a liveness window of 1.5-2 s never runs out: the
     listener stays in its first IDLE instead of ending it to probe the server."""
     dovecot = chatty_dovecot
     user = dovecot.add_user()
     source = ImapSource(
-        ca_file=str(dovecot.ca_file), keepalive_seconds=1.5, recheck_after_connect=False, recheck_seconds=0
+        ca_file=str(dovecot.ca_file), keepalive_seconds=2.0, recheck_after_connect=False, recheck_seconds=0
     )
     commands: list[str] = []
     source.command_observer = lambda command, outcome, seconds: commands.append(command)
@@ -83,7 +84,7 @@ async def test_a_listener_counts_keepalives_as_signs_of_life(chatty_dovecot: Dov
 
     async with trio.open_nursery() as nursery:
         await nursery.start(source.listen, mailbox, "INBOX", on_new_mail)
-        await trio.sleep(5)  # three liveness windows, on the server's real clock
+        await trio.sleep(6)  # three liveness windows, on the server's real clock
         nursery.cancel_scope.cancel()
     # A probe is DONE + NOOP (IDLE and DONE are not observed commands; NOOP is).
     assert "EXAMINE" in commands and "NOOP" not in commands, commands
@@ -102,3 +103,21 @@ async def test_a_listener_counts_keepalives_as_signs_of_life(chatty_dovecot: Dov
 )
 def test_only_a_whole_bare_ok_line_is_passed_over_unparsed(data: bytes, bare: bool) -> None:
     assert _is_bare_ok_line(data) is bare
+
+
+def test_listeners_end_their_silence_windows_apart() -> None:
+    """A keepalive wave moves every session's ``last_heard`` in the same second: the windows
+    after it must not end together (they did: 10,012 listeners woke in one 1.1 s pass, 240 s
+    after a wave), nor later than ``keepalive_seconds``."""
+    settings = ImapSettings(keepalive_seconds=240.0)
+    info = FolderInfo("INBOX", uidvalidity=1, uidnext=1, exists=0)
+
+    async def on_new_mail(task: SyncTask) -> None:
+        pass
+
+    allowances = [
+        _Listener(None, f"m{i}", info, on_new_mail, settings=settings).quiet_allowance  # type: ignore[arg-type]
+        for i in range(1000)
+    ]
+    assert min(allowances) >= 180.0 and max(allowances) <= 240.0
+    assert max(allowances) - min(allowances) > 50.0  # spread over the quarter

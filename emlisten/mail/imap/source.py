@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -58,7 +59,8 @@ class ImapSettings:
 
     #: Re-issue IDLE this often (RFC 2177 says before 29 minutes).
     idle_renew_seconds: float = DEFAULT_IDLE_RENEW_SECONDS
-    #: No server traffic for this long while idling: probe with DONE + NOOP.
+    #: No server traffic for this long while idling: probe with DONE + NOOP (each listener
+    #: waits up to a quarter less, drawn at random, see _Listener.quiet_allowance).
     keepalive_seconds: float = 5 * 60
     #: How long the probe may take before the connection is declared dead.
     keepalive_timeout: float = 30.0
@@ -503,6 +505,8 @@ class _LookSession:
 
 
 _LOOK_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY")
+#: The share of ``keepalive_seconds`` by which listeners' silence windows differ (_Listener).
+_QUIET_SPREAD = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +544,7 @@ class _Listener:
         "next_uid",
         "on_new_mail",
         "prefetch",
+        "quiet_allowance",
         "recheck_at",
         "recheck_late_at",
         "seen_at",
@@ -590,6 +595,11 @@ class _Listener:
         self.look_saw: dict[str, int] | None = None
         #: Cancelled by a look that found unannounced mail, to end the wait in IDLE.
         self.idle_wait_scope: trio.CancelScope | None = None
+        #: How long the server may stay silent before the session is probed: up to a quarter
+        #: below ``keepalive_seconds``, drawn per listener. The server's keepalives move every
+        #: session's ``last_heard`` in the same second (Dovecot times them to the client's
+        #: address), so equal windows would end, and wake every listener, in one pass too.
+        self.quiet_allowance = settings.keepalive_seconds * (1 - _QUIET_SPREAD * random.random())
 
     def _task(self, **fields: Any) -> SyncTask:
         return SyncTask(
@@ -928,7 +938,7 @@ class _Listener:
                     continue
                 now = trio.current_time()
                 # Anything the server sent (its keepalives, passed over in idle_wait) proves it alive.
-                quiet_until = client.last_heard + settings.keepalive_seconds
+                quiet_until = client.last_heard + self.quiet_allowance
                 if now >= renew_at:
                     break
                 if now >= quiet_until:
