@@ -121,3 +121,33 @@ def test_listeners_end_their_silence_windows_apart() -> None:
     ]
     assert min(allowances) >= 180.0 and max(allowances) <= 240.0
     assert max(allowances) - min(allowances) > 50.0  # spread over the quarter
+
+
+async def _idling(dovecot: Dovecot, client: ImapClient) -> None:
+    user = dovecot.add_user()
+    await client.login(user.name, user.password)
+    await client.select("INBOX")
+    await client.idle_start()
+
+
+async def test_a_silence_window_moves_with_every_keepalive(chatty_dovecot: Dovecot) -> None:
+    """The listener's liveness window: the server's keepalives (every second here) keep moving
+    it, from the shared reader, so the wait runs to its own timeout instead of waking the
+    listener every window."""
+    endpoint = ServerEndpoint(chatty_dovecot.host, chatty_dovecot.imaps_port, Security.SSL_ON_CONNECT)
+    async with ImapClient(endpoint, ca_file=str(chatty_dovecot.ca_file)) as client:
+        await _idling(chatty_dovecot, client)
+        began = trio.current_time()
+        assert await client.idle_wait(4.5, only=LISTENED_FOR, silence=1.8) is None
+        assert trio.current_time() - began >= 4.4
+        await client.idle_done()
+
+
+async def test_a_silent_server_ends_the_wait_after_the_silence_window(dovecot: Dovecot) -> None:
+    endpoint = ServerEndpoint(dovecot.host, dovecot.imaps_port, Security.SSL_ON_CONNECT)
+    async with ImapClient(endpoint, ca_file=str(dovecot.ca_file)) as client:
+        await _idling(dovecot, client)  # Dovecot's own keepalive: every 2 minutes
+        began = trio.current_time()
+        assert await client.idle_wait(60, only=LISTENED_FOR, silence=0.5) is None
+        assert 0.4 <= trio.current_time() - began < 10
+        await client.idle_done()

@@ -173,6 +173,7 @@ class ImapClient:
         "_idle_tag",
         "_parser",
         "_pending",
+        "_silence",
         "_stream",
         "_tag_counter",
         "capabilities",
@@ -212,6 +213,9 @@ class ImapClient:
         #: trio.current_time() when the server last sent something during IDLE (a keepalive
         #: that idle_wait passed over included): a listener's liveness check reads it.
         self.last_heard = 0.0
+        #: While idle_wait waits with ``silence``: its scope, whose deadline each word from the
+        #: server moves on (from the shared reader too, without waking the waiting task).
+        self._silence: tuple[trio.CancelScope, float] | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.utf8_enabled = False
 
@@ -417,9 +421,15 @@ class ImapClient:
         """Whether a read is a keepalive to pass over (see ``_next_response``). Runs in the
         transport's shared reader, before this client's task hears of the data."""
         if self._parser.idle and _is_bare_ok_line(data):
-            self.last_heard = trio.current_time()
+            self._heard()
             return True
         return False
+
+    def _heard(self) -> None:
+        self.last_heard = trio.current_time()
+        if self._silence is not None:
+            scope, silence = self._silence
+            scope.deadline = self.last_heard + silence
 
     def _set_capabilities(self, values: list[Value]) -> None:
         self.capabilities = _shared_capabilities(
@@ -969,12 +979,14 @@ class ImapClient:
         return untagged
 
     async def idle_wait(
-        self, timeout: float | None, *, only: frozenset[str] | None = None
+        self, timeout: float | None, *, only: frozenset[str] | None = None, silence: float | None = None
     ) -> Response | None:
         """The next untagged response while idling, or None after ``timeout`` seconds without
         one. With ``only``, responses of other types (a server's keepalive ``* OK Still here``,
         flag changes) are passed over inside the wait, so a listener that needs only EXISTS and
-        EXPUNGE is not woken for them; ``last_heard`` still advances.
+        EXPUNGE is not woken for them; ``last_heard`` still advances. With ``silence``, it also
+        returns None once the server has said nothing at all for that long (from
+        ``last_heard``): a server that keeps talking never wakes the caller for its liveness.
 
         Cancel-safe: a timeout or cancellation here does not disturb the connection.
         A BYE raises MailConnectError.
@@ -982,26 +994,38 @@ class ImapClient:
         tag = self._idle_tag
         if tag is None:
             raise RuntimeError("not in IDLE")
-        with trio.move_on_after(float("inf") if timeout is None else timeout):
-            pass_over_bare_ok = only is not None and "OK" not in only
-            while True:
-                response = await self._next_response(pass_over_bare_ok=pass_over_bare_ok)
-                self.last_heard = trio.current_time()
-                if response.kind is ResponseKind.TAGGED:
-                    self._idle_tag = None
-                    if response.tag.encode() == tag:
-                        raise MailProtocolError(
-                            f"{self._where} ended IDLE: {response.type} {_describe(response)}"
-                        )
-                    raise MailProtocolError(f"unexpected tagged response from {self._where}")
-                if response.kind is ResponseKind.CONTINUATION:
-                    if only is not None:
-                        continue
-                    return None  # some servers repeat "+ idling" as a keepalive
-                self._check_bye(response)
-                if only is None or response.type in only:
-                    return response
+        with (
+            trio.move_on_after(float("inf") if timeout is None else timeout),
+            trio.CancelScope() as quiet,
+        ):
+            if silence is not None:
+                quiet.deadline = self.last_heard + silence
+                self._silence = (quiet, silence)
+            try:
+                return await self._idle_response(tag, only)
+            finally:
+                self._silence = None
         return None
+
+    async def _idle_response(self, tag: bytes, only: frozenset[str] | None) -> Response | None:
+        """idle_wait's reading: the response asked for, or None for a repeated continuation."""
+        pass_over_bare_ok = only is not None and "OK" not in only
+        while True:
+            response = await self._next_response(pass_over_bare_ok=pass_over_bare_ok)
+            self._heard()
+            if response.kind is ResponseKind.TAGGED:
+                self._idle_tag = None
+                if response.tag.encode() == tag:
+                    ended = f"{response.type} {_describe(response)}"
+                    raise MailProtocolError(f"{self._where} ended IDLE: {ended}")
+                raise MailProtocolError(f"unexpected tagged response from {self._where}")
+            if response.kind is ResponseKind.CONTINUATION:
+                if only is not None:
+                    continue
+                return None  # some servers repeat "+ idling" as a keepalive
+            self._check_bye(response)
+            if only is None or response.type in only:
+                return response
 
     async def idle_done(self, *, timeout: float | None = None) -> list[Response]:
         """Send DONE and wait for IDLE's tagged OK; returns the untagged responses meanwhile."""

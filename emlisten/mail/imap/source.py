@@ -949,8 +949,10 @@ class _Listener:
                     continue
                 response = None
                 with trio.CancelScope() as self.idle_wait_scope:
+                    # The silence window moves with every word of the server (the keepalives
+                    # the shared reader passes over included) without waking this task.
                     response = await client.idle_wait(
-                        min(renew_at, quiet_until, self.recheck_at) - now, only=_LISTENED_FOR
+                        min(renew_at, self.recheck_at) - now, only=_LISTENED_FOR, silence=self.quiet_allowance
                     )
                 self.idle_wait_scope = None
                 if response is not None:
