@@ -19,6 +19,9 @@ The rules that keep it correct:
 - A read that finds data already there does not yield to the scheduler; to keep a long stream
   of data (a 100 MB mail) from holding the event loop, every ``YIELD_EVERY_BYTES`` received or
   sent without a wait costs one checkpoint, taken before anything is consumed.
+- A read given ``skip`` (the listener's IDLE wait) that has to wait parks in the shared idle
+  reader (``_idle_reader``), which reads for it and wakes this task only for data it keeps; a
+  read without ``skip`` waits on its own socket.
 - Errors are the ones Trio's streams raise (``OSError``, ``ssl.SSLError``,
   ``trio.ClosedResourceError``, ``trio.BusyResourceError``), so the client maps them as before.
 """
