@@ -507,6 +507,13 @@ class Dovecot:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def process_group(self) -> int:
+        """The id of the process group of every Dovecot process (the master leads it)."""
+        if self._process is None:
+            raise DovecotError("Dovecot is not running")
+        return self._process.pid
+
     def __enter__(self) -> Dovecot:
         self.start()
         return self
