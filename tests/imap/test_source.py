@@ -106,12 +106,18 @@ async def test_kick_raises_connect_error(dovecot: Dovecot, mail_user: MailUser) 
 
 async def test_cancel_ends_listen_quietly(dovecot: Dovecot, mail_user: MailUser) -> None:
     sink = Sink()
+    source = source_for(dovecot)
+    commands: list[str] = []
+    source.command_observer = lambda command, outcome, seconds: commands.append(command)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
-            await nursery.start(source_for(dovecot).listen, mailbox_for(dovecot, mail_user), "INBOX", sink)
+            await nursery.start(source.listen, mailbox_for(dovecot, mail_user), "INBOX", sink)
             scope.cancel()
     assert scope.cancelled_caught
-    # The listener logged out: Dovecot no longer lists a session for this user.
+    # Closed in IDLE (started() says it is) without LOGOUT, which a hibernating server would
+    # wake the session for.
+    assert "EXAMINE" in commands and "LOGOUT" not in commands
+    # The connection is gone: Dovecot no longer lists a session for this user.
     with trio.fail_after(10):
         while mail_user.name in await trio.to_thread.run_sync(dovecot.doveadm, "who"):
             await trio.sleep(0.05)
