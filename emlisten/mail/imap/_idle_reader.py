@@ -94,11 +94,7 @@ class SharedReader:
 
     def closing(self, fd: int) -> None:
         """``fd`` is about to be closed: its parked read ends with ``ClosedResourceError``."""
-        parked = self._unpark(fd)
-        if parked is not None:
-            trio.lowlevel.reschedule(
-                parked.task, outcome.Error(trio.ClosedResourceError("the connection was closed"))
-            )
+        self._hand_back(fd, outcome.Error(trio.ClosedResourceError("the connection was closed")))
 
     def _unpark(self, fd: int) -> _Parked | None:
         parked = self._parked.pop(fd, None)
@@ -106,6 +102,12 @@ class SharedReader:
             with suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
         return parked
+
+    def _hand_back(self, fd: int, result: outcome.Outcome[bytes | None]) -> None:
+        """Unpark ``fd`` (if still parked) and wake its task with ``result``."""
+        parked = self._unpark(fd)
+        if parked is not None:
+            trio.lowlevel.reschedule(parked.task, result)
 
     async def _run(self) -> None:
         try:
@@ -117,10 +119,9 @@ class SharedReader:
             log.exception("the shared IMAP idle reader failed")
             self._running = False  # the next parked read starts it again
             for fd in list(self._parked):
-                parked = self._unpark(fd)
-                if parked is not None:
-                    error = trio.BrokenResourceError("the shared IMAP idle reader failed")
-                    trio.lowlevel.reschedule(parked.task, outcome.Error(error))
+                self._hand_back(
+                    fd, outcome.Error(trio.BrokenResourceError("the shared IMAP idle reader failed"))
+                )
         except BaseException:  # cancelled: the run is ending
             self._epoll.close()
             raise
@@ -132,15 +133,13 @@ class SharedReader:
         try:
             result = parked.transport._read_for_shared_reader(parked.max_bytes, parked.skip)
         except Exception as exc:  # the connection's own failure: its task raises it
-            self._unpark(fd)
-            trio.lowlevel.reschedule(parked.task, outcome.Error(exc))
+            self._hand_back(fd, outcome.Error(exc))
             return
-        if result is STAY:
+        if isinstance(result, Stay):
             self.passed_over += 1
             return
-        self._unpark(fd)
         self.handed_over += 1
-        trio.lowlevel.reschedule(parked.task, outcome.Value(result))
+        self._hand_back(fd, outcome.Value(result))
 
 
 class Stay:
