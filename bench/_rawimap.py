@@ -128,13 +128,21 @@ class RawImap:
         del self._buffer[:size]
         return chunk
 
-    async def uid_fetch_bodies(self, first_uid: int) -> tuple[int, int]:
+    async def uid_fetch_bodies(self, first_uid: int, *, ending_idle: bytes | None = None) -> tuple[int, int]:
         """``UID FETCH first:* (UID BODY.PEEK[])``, literals read and dropped. Returns how many
         messages at or above ``first_uid`` came back and the highest UID seen (for the next call).
 
-        Only the shape Dovecot answers: one literal per FETCH line, announced as ``{n}``."""
+        ``ending_idle``: the tag of an IDLE to end first, with DONE in the same packet as the
+        FETCH (as emlisten's listener does). Only the shape Dovecot answers: one literal per
+        FETCH line, announced as ``{n}``."""
         tag = self._next_tag()
-        await self._stream.send_all(tag + b" UID FETCH %d:* (UID BODY.PEEK[])\r\n" % first_uid)
+        command = tag + b" UID FETCH %d:* (UID BODY.PEEK[])\r\n" % first_uid
+        await self._stream.send_all(command if ending_idle is None else b"DONE\r\n" + command)
+        if ending_idle is not None:
+            while not (line := await self.read_line()).startswith(ending_idle + b" "):
+                pass
+            if not line[len(ending_idle) + 1 :].startswith(b"OK"):
+                raise RawImapError(f"IDLE ended with {line[:200]!r}")
         count, highest = 0, first_uid - 1
         while True:
             line = await self.read_line()
@@ -183,6 +191,36 @@ class RawImap:
             if line.startswith(tag + b" "):
                 raise RawImapError(f"IDLE refused: {line[:200]!r}")
         return tag
+
+    async def watch_and_fetch(
+        self,
+        idle_tag: bytes,
+        uidnext: int,
+        on_exists: Callable[[int, float], None],
+        on_fetched: Callable[[int, float], None],
+    ) -> None:
+        """``watch``, and on each new EXISTS what emlisten's listener does: DONE + UID FETCH of
+        the new mail in one packet, then IDLE again. ``on_fetched(count, monotonic_time)`` once
+        the mail up to EXISTS ``count`` has been read whole."""
+        known = 0
+        while True:
+            line = await self.read_line()
+            seen_at = time.monotonic()
+            if line.startswith(idle_tag + b" "):
+                raise RawImapError(f"IDLE ended: {line[:200]!r}")
+            parts = line.split()
+            if not (len(parts) == 3 and parts[0] == b"*" and parts[2] == b"EXISTS"):
+                continue
+            count = int(parts[1])
+            on_exists(count, seen_at)
+            if count <= known:
+                continue
+            known = count
+            fetched, highest = await self.uid_fetch_bodies(uidnext, ending_idle=idle_tag)
+            if fetched:
+                on_fetched(count, time.monotonic())
+                uidnext = highest + 1
+            idle_tag = await self.idle_start()
 
     async def watch(self, idle_tag: bytes, on_exists: Callable[[int, float], None]) -> None:
         """After ``idle_start``: call ``on_exists(count, monotonic_time)`` for each ``* n EXISTS``

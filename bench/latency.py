@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for up to a minute after a cold start) are done (default: measure right away, beside them)",
     )
     parser.add_argument(
+        "--fetch-floor",
+        action="store_true",
+        help="the floor probes also fetch each new mail as emlisten's listener does (DONE + UID FETCH, "
+        "IDLE again): a second floor, APPEND -> mail read whole, that holds the server's answer to the "
+        "fetch (the probes' fetches share the server with emlisten's)",
+    )
+    parser.add_argument(
         "--afterwards",
         type=float,
         default=0.0,
@@ -131,19 +138,31 @@ def _hibernate_seconds(value: str) -> float:
 
 
 class FloorProbe:
-    """A bare IDLE session on one mailbox that timestamps each new EXISTS count once."""
+    """A bare IDLE session on one mailbox that timestamps each new EXISTS count once; with
+    ``fetch``, it also fetches the new mail as emlisten's listener does (DONE + UID FETCH, IDLE
+    again) and timestamps that."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fetch: bool = False) -> None:
+        self.fetch = fetch
         self.initial = 0
         self.seen: dict[int, float] = {}
+        self.fetched: dict[int, float] = {}
 
     def _record(self, count: int, seen_at: float) -> None:
         self.seen.setdefault(count, seen_at)
+
+    def _record_fetched(self, count: int, fetched_at: float) -> None:
+        self.fetched.setdefault(count, fetched_at)
 
     def first_reaching(self, count: int) -> float | None:
         """When an EXISTS of at least ``count`` was first seen (Dovecot may report several new
         mails in one EXISTS, skipping the counts in between)."""
         times = [at for seen_count, at in self.seen.items() if seen_count >= count]
+        return min(times) if times else None
+
+    def fetched_reaching(self, count: int) -> float | None:
+        """When the mail up to EXISTS ``count`` was first read whole (``fetch`` only)."""
+        times = [at for fetched_count, at in self.fetched.items() if fetched_count >= count]
         return min(times) if times else None
 
     async def run(self, stack: MailServerSide, user: MailUser, *, task_status: trio.TaskStatus[None]) -> None:
@@ -165,10 +184,13 @@ class FloorProbe:
                     raise
                 await trio.sleep(1.0)
         try:
-            self.initial = await client.select("INBOX")
+            self.initial, uidnext = await client.select_with_uidnext("INBOX")
             tag = await client.idle_start()
             task_status.started()
-            await client.watch(tag, self._record)
+            if self.fetch:
+                await client.watch_and_fetch(tag, uidnext, self._record, self._record_fetched)
+            else:
+                await client.watch(tag, self._record)
         finally:
             await client.aclose()
 
@@ -229,7 +251,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         looks_settled = await wait_for_looks(stack, n, args.settle_timeout) if args.settle_looks else None
         # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
         # for each doubled the server's sessions (20,000), and it refused some logins.
-        probes = [FloorProbe() for _ in users[: min(n, m)]]
+        probes = [FloorProbe(fetch=args.fetch_floor) for _ in users[: min(n, m)]]
         appenders = await connect_appenders(stack, users)
         quiet = await _quiet_period(stack, appenders, args) if args.quiet else {}
         async with trio.open_nursery() as nursery:
@@ -294,11 +316,18 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     first_floor_s: list[float] = []
     later_floor_s: list[float] = []
     per_mail: list[dict[str, float | int | None]] = []
+    fetch_floor_s: list[float] = []
+    over_fetch_floor_s: list[float] = []
     floor_missing = 0
     for i, done in enumerate(appended_at):
         k, nth = i % n, i // n + 1
         received = index.first_seen.get(i)
         seen = probes[k].first_reaching(probes[k].initial + nth)
+        fetched = probes[k].fetched_reaching(probes[k].initial + nth) if args.fetch_floor else None
+        if fetched is not None:
+            fetch_floor_s.append(fetched - done)
+            if received is not None:
+                over_fetch_floor_s.append(received - fetched)
         if seen is None:
             floor_missing += 1
         else:
@@ -326,6 +355,8 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "emlisten_ms": em,
             "floor_ms": fl,
             "emlisten_minus_floor_per_mail_ms": over,
+            "fetch_floor_ms": summary_ms(fetch_floor_s),
+            "emlisten_minus_fetch_floor_per_mail_ms": summary_ms(over_fetch_floor_s),
             "first_mail_per_mailbox_ms": summary_ms(first_s),
             "later_mails_ms": summary_ms(later_s),
             "floor_first_mail_per_mailbox_ms": summary_ms(first_floor_s),
@@ -363,6 +394,21 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         )
     if over:
         result.row("per-mail callback - EXISTS, p50 / p99", f"{over['p50']} / {over['p99']} ms")
+    if args.fetch_floor:
+        fetch_floor = summary_ms(fetch_floor_s)
+        if fetch_floor:
+            result.row(
+                "fetch floor (bare client: APPEND -> mail read whole) p50 / p99; emlisten's p50 over it",
+                f"{fetch_floor['p50']} / {fetch_floor['p99']} ms; {em['p50'] - fetch_floor['p50']:+.1f} ms",
+            )
+            over_fetch = summary_ms(over_fetch_floor_s)
+            result.row(
+                "per-mail callback - bare client's fetch, p50 / p99",
+                f"{over_fetch['p50']} / {over_fetch['p99']} ms" if over_fetch else "-",
+            )
+        missing = len(appended_at) - len(fetch_floor_s)
+        if missing:
+            result.notes.append(f"the fetching floor probe read no mail for {missing} mail(s)")
     if own_ms["notified_to_answered"] is not None:
         # emlisten's own clock (its histograms): from the EXISTS its session read to the callback's
         # 2xx, and within it the mail server's answer to DONE + UID FETCH and the receiver's to the

@@ -76,6 +76,7 @@ def test_latency_scenario_over_tls(tmp_path: Path) -> None:
         "--afterwards",
         "4",
         "--settle-looks",
+        "--fetch-floor",
         "--env",
         "EMLISTEN_RECHECK_SECONDS=0.5",
         "--env",
@@ -89,6 +90,9 @@ def test_latency_scenario_over_tls(tmp_path: Path) -> None:
     assert settled["settled"] and settled["logins"] >= 2
     assert metrics["emlisten_ms"]["count"] == 4
     assert metrics["floor_ms"]["count"] == 4
+    # --fetch-floor: the probes also read every mail whole, after they saw its EXISTS.
+    assert metrics["fetch_floor_ms"]["count"] == 4
+    assert metrics["fetch_floor_ms"]["min"] >= metrics["floor_ms"]["min"]
     # Each mailbox's recheck (0.5 s after its last mail) opens a session after the last callback.
     afterwards = metrics["afterwards"]
     assert afterwards["seconds"] == 4
