@@ -204,14 +204,7 @@ class RawImap:
         the mail up to EXISTS ``count`` has been read whole."""
         known = 0
         while True:
-            line = await self.read_line()
-            seen_at = time.monotonic()
-            if line.startswith(idle_tag + b" "):
-                raise RawImapError(f"IDLE ended: {line[:200]!r}")
-            parts = line.split()
-            if not (len(parts) == 3 and parts[0] == b"*" and parts[2] == b"EXISTS"):
-                continue
-            count = int(parts[1])
+            count, seen_at = await self._next_exists(idle_tag)
             on_exists(count, seen_at)
             if count <= known:
                 continue
@@ -226,10 +219,16 @@ class RawImap:
         """After ``idle_start``: call ``on_exists(count, monotonic_time)`` for each ``* n EXISTS``
         until cancelled. (Dovecot ends IDLE only after 30 min of silence, longer than any run.)"""
         while True:
+            on_exists(*await self._next_exists(idle_tag))
+
+    async def _next_exists(self, idle_tag: bytes) -> tuple[int, float]:
+        """In IDLE: the count of the next ``* n EXISTS`` and when it was read (time.monotonic);
+        other lines are dropped."""
+        while True:
             line = await self.read_line()
             seen_at = time.monotonic()
             if line.startswith(idle_tag + b" "):
                 raise RawImapError(f"IDLE ended: {line[:200]!r}")
             parts = line.split()
             if len(parts) == 3 and parts[0] == b"*" and parts[2] == b"EXISTS":
-                on_exists(int(parts[1]), seen_at)
+                return int(parts[1]), seen_at
