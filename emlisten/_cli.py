@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -86,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     instruments = [SlowStepLog(settings.slow_step_ms)] if settings.slow_step_ms > 0 else []
     try:
         check_topology(settings)
-        trio.run(run_node, settings, instruments=instruments)
+        trio.run(functools.partial(run_node, settings, process_exits=True), instruments=instruments)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130

@@ -182,20 +182,23 @@ async def run_node(
     *,
     handle_signals: bool = True,
     shutdown: trio.Event | None = None,
+    process_exits: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled, signalled or ``shutdown`` is set. ``started(port)`` once the API listens.
 
     ``adapters`` (tests, benchmarks) replaces the configured ones; they are still closed here.
+    ``process_exits``: the process ends when this returns (the CLI), so the memory of the node
+    is left to the OS instead of a last full garbage collection.
     """
 
     shutdown = shutdown if shutdown is not None else trio.Event()
     async with open_asyncio_bridge():
         if adapters is None:
             async with open_adapters(settings) as opened:
-                await _run(settings, opened, handle_signals, shutdown, task_status)
+                await _run(settings, opened, handle_signals, shutdown, task_status, exits=process_exits)
         else:
-            await _run(settings, adapters, handle_signals, shutdown, task_status)
+            await _run(settings, adapters, handle_signals, shutdown, task_status, exits=process_exits)
 
 
 async def _run(
@@ -204,6 +207,8 @@ async def _run(
     handle_signals: bool,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[int],
+    *,
+    exits: bool,
 ) -> None:
     role = settings.role
     shared_queue = not isinstance(adapters.queue, InProcessQueue)
@@ -295,6 +300,7 @@ async def _run(
             task_status.started(port)
             await shutdown.wait()
             log.info("shutting down (grace %.0fs)", settings.shutdown_grace_seconds)
+            collector.hold()
             ews_source = _source_of(adapters, "ews", EwsSource)
             if ews_source is not None:
                 # Another node takes the mailboxes over: leave their EWS subscriptions to lapse
@@ -315,7 +321,7 @@ async def _run(
             await adapters.sink.aclose()
             await adapters.queue.aclose()
             await adapters.store.aclose()
-        collector.release()
+        collector.release(collect=not exits)
         log.info("stopped")
 
 

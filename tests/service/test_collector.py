@@ -74,3 +74,35 @@ async def test_zero_leaves_pythons_collector_alone(autojump_clock: trio.testing.
         await trio.sleep(10 * FREEZE_EVERY_SECONDS)
         assert gc.get_freeze_count() == 0
         nursery.cancel_scope.cancel()
+
+
+def test_a_shutdown_holds_the_collector_until_released() -> None:
+    gc.unfreeze()
+    policy = CollectorPolicy(full_every=3600)
+    try:
+        policy.hold()
+        assert not gc.isenabled()  # no automatic collection while the node unwinds
+    finally:
+        policy.release()
+    assert gc.isenabled()
+
+
+def test_a_process_that_exits_next_skips_the_last_full_collection() -> None:
+    gc.unfreeze()
+    policy = CollectorPolicy(full_every=3600)
+    policy.hold()
+    freed = frozen_cycle()
+    policy.release(collect=False)
+    assert gc.isenabled()
+    # Left frozen for the OS to reclaim: no walk over everything on the way out.
+    assert gc.get_freeze_count() > 0 and freed() is not None
+    gc.unfreeze()
+    gc.collect()
+    assert freed() is None
+
+
+def test_zero_leaves_a_shutdown_alone() -> None:
+    policy = CollectorPolicy(full_every=0)
+    policy.hold()
+    assert gc.isenabled()
+    policy.release()
