@@ -348,8 +348,8 @@ class ImapSource(MailSource):
                     looks.cancel_scope.cancel()  # a look ends with its listener
         finally:
             if client.idling:
-                # In IDLE, the session is closed without DONE and LOGOUT (either side may end
-                # a connection unilaterally, RFC 9051 3.4): a server that hibernates idle sessions (Dovecot)
+                # In IDLE, the session is closed without DONE and LOGOUT (either side may end a
+                # connection, RFC 9051 3.4): a server that hibernates idle sessions (Dovecot)
                 # would have to wake each one to answer them, every session of the node at once
                 # on shutdown (10,000 process starts on the mail server for a rolling restart).
                 await client.aclose()
