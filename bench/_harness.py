@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -245,11 +246,24 @@ def render_markdown(result: Result, machine: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _unused_base(results_dir: Path, name: str) -> Path:
+    """``results_dir/name``, or ``name-2``, ``-3``, ... when a run that ended in the same second
+    took it (two benches run side by side): claimed by creating its JSON file exclusively."""
+    for attempt in itertools.count(1):
+        base = results_dir / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            base.with_suffix(".json").open("x").close()
+        except FileExistsError:
+            continue
+        return base
+    raise AssertionError("unreachable")
+
+
 def write_results(result: Result, results_dir: Path) -> tuple[Path, Path]:
     machine = machine_facts()
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    base = results_dir / f"{result.scenario}-{stamp}"
+    base = _unused_base(results_dir, f"{result.scenario}-{stamp}")
     body = {
         "scenario": result.scenario,
         "params": result.params,

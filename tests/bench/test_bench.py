@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench._harness import Progress, percentile, redact_url, summary_ms
+from bench._harness import Progress, Result, percentile, redact_url, summary_ms, write_results
 from bench.failover import fair_share_bounds, listening_owners, taken_over
 from bench.latency import _hibernate_seconds
 
@@ -291,3 +291,18 @@ def test_random_traffic_scenario(tmp_path: Path) -> None:
     )
     metrics = result["metrics"]
     assert metrics["mails"] >= 4 and metrics["duplicated"] == 0 and metrics["complete"] is True
+
+
+def test_results_written_in_the_same_second_keep_both(tmp_path: Path) -> None:
+    """Two benches side by side (both topologies of random-traffic) may end in the same second:
+    neither result may overwrite the other."""
+    written = [
+        write_results(Result("random-traffic", {"topology": topology}), tmp_path)
+        for topology in ("all", "primary+secondary", "all")
+    ]
+    assert len({json_path for json_path, _ in written}) == 3
+    assert [json.loads(json_path.read_text())["params"]["topology"] for json_path, _ in written] == [
+        "all",
+        "primary+secondary",
+        "all",
+    ]
