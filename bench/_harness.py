@@ -461,6 +461,10 @@ _START_UP_NOTICES = (
 )
 
 
+#: Starts of a node, each on a new free port, before the bench gives up (EmlistenProcess.wait_ready).
+_PORT_ATTEMPTS = 5
+
+
 class EmlistenProcess:
     """``python -m emlisten serve --role=<role>`` as a child process with its own log file
     (``<name>-<start>.log`` in ``log_dir``)."""
@@ -552,14 +556,37 @@ class EmlistenProcess:
         )
 
     async def wait_ready(self, http: httpx.AsyncClient, within: float = 30.0) -> None:
+        """Until this process answers on its port. ``free_port()`` only found the port free: a
+        process of another test or bench may bind it first, and then answer in our place while
+        ours exits with "Address already in use". Such a start is made again on another port."""
+        for attempt in range(_PORT_ATTEMPTS):
+            if await self._answering(http, within):
+                return
+            if attempt < _PORT_ATTEMPTS - 1:
+                say(f"{self.name}: port {self.port} was taken by another process; starting again")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await trio.to_thread.run_sync(functools.partial(self._wait_exit, 10.0))
+                self.spawn()
+        raise BenchError(f"{self.name}: {_PORT_ATTEMPTS} ports in a row were taken by other processes")
+
+    def _wait_exit(self, timeout: float) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.wait(timeout)
+
+    async def _answering(self, http: httpx.AsyncClient, within: float) -> bool:
+        """True once this node answers; False when another node answers on its port, or this
+        process could not bind it."""
+        node_id = self.extra_env.get("EMLISTEN_NODE_ID")
         deadline = trio.current_time() + within
         while trio.current_time() < deadline:
             if self.process is None or self.process.poll() is not None:
+                if "Address already in use" in self.log_tail():
+                    return False
                 raise BenchError(f"emlisten exited during start:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                response = await http.get(f"{self.url}/api/listeners/exists", timeout=2)
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = await http.get(f"{self.url}/api/listeners/status", timeout=2)
                 if response.status_code == 200:
-                    return
+                    return node_id is None or response.json().get("Node") == node_id
             await trio.sleep(0.02)
         raise BenchError(f"emlisten did not answer within {within}s:\n{self.log_tail()}")
 
