@@ -4,8 +4,10 @@ garbage that reaches into them is still freed by the periodic full collection.""
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
+import pytest
 import trio
 import trio.testing
 
@@ -106,3 +108,39 @@ def test_zero_leaves_a_shutdown_alone() -> None:
     policy.hold()
     assert gc.isenabled()
     policy.release()
+
+
+def test_a_collection_at_the_bottom_of_a_deep_recursion_is_recorded_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A collection can start at any allocation, also near the recursion limit (the API's JSON
+    parser refusing a body nested 10,000 deep): the pause callback then has no stack left, and
+    must not raise (Python prints an "Exception ignored" for it; pytest fails the test)."""
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    pauses: list[int] = []
+    policy = CollectorPolicy(full_every=3600, on_pause=lambda gen, seconds: pauses.append(gen))
+    gc.callbacks.append(policy._observe)
+    try:
+
+        def room(depth: int = 0) -> int:
+            try:
+                return room(depth + 1)
+            except RecursionError:
+                return depth
+
+        def dive(frames: int) -> None:
+            if frames > 0:
+                dive(frames - 1)
+            else:
+                gc.collect(0)
+
+        # From a few frames short of the limit to one: room for the callback's own frame, not
+        # for what it calls.
+        frames = room()
+        for margin in range(8, 0, -1):
+            dive(frames - margin)
+    finally:
+        gc.callbacks.remove(policy._observe)
+    assert unraisable == []
+    assert pauses  # the collections with room for the callback were recorded
