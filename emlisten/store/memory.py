@@ -328,8 +328,7 @@ class MemoryStore(Store):
         # lease_renew_seconds, 10,000 of them at the scale we design for.
         lease = (node_id, now + ttl)
         for mailbox_id in mailbox_ids:
-            current = leases.get(mailbox_id)
-            if current is None or current[0] == node_id or current[1] <= now:
+            if self._holder(mailbox_id, now) in (None, node_id):
                 leases[mailbox_id] = lease
                 held.append(mailbox_id)
         return held
