@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -381,3 +382,25 @@ def test_astring_and_sequence_set() -> None:
     assert "pässwörd" not in repr(literal)
     assert sequence_set([5, 1, 2, 3, 9, 10, 7]) == b"1:3,5,7,9:10"
     assert sequence_set([4]) == b"4"
+
+
+async def test_an_answer_with_another_commands_tag_names_both_tags(nursery: trio.Nursery) -> None:
+    """A server that mixes up tags (seen once under load, server unknown) gets a protocol error
+    that says which tag came and which was awaited: "unexpected tagged response" alone could
+    not be traced."""
+
+    async def mixed_up_server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+            received = b""
+            while b"\r\n" not in received:
+                received += await stream.receive_some(1024)
+            tag = received.split(b" ", 1)[0]
+            await stream.send_all(b"Z" + tag + b" OK not yours\r\n")
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, mixed_up_server, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with ImapClient(ServerEndpoint("127.0.0.1", port, Security.NONE)) as client:
+        with pytest.raises(MailProtocolError, match=r"127\.0\.0\.1:\d+: Z(\w+) OK, waiting for \1$"):
+            await client.noop(timeout=5)

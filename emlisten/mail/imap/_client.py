@@ -521,7 +521,7 @@ class ImapClient:
                 if response.tag.encode() == tag:
                     # The server refused to go on (e.g. NO to AUTHENTICATE or IDLE).
                     raise _TaggedBeforeContinuation(CommandResult(response, untagged))
-                raise MailProtocolError(f"unexpected tagged response from {self._where}")
+                raise self._unexpected_tag(response, tag)
             self._check_bye(response)
             untagged.append(response)
 
@@ -532,13 +532,22 @@ class ImapClient:
             response = await self._next_response()
             if response.kind is ResponseKind.TAGGED:
                 if response.tag.encode() != tag:
-                    raise MailProtocolError(f"unexpected tagged response from {self._where}")
+                    raise self._unexpected_tag(response, tag)
                 return CommandResult(response, untagged)
             if response.kind is ResponseKind.CONTINUATION:
                 raise MailProtocolError(f"unexpected continuation request from {self._where}")
             if not expect_bye:
                 self._check_bye(response)
             untagged.append(response)
+
+    def _unexpected_tag(self, response: Response, expected: bytes) -> MailProtocolError:
+        # The tags and the answer's status name the mix-up; the answer's text is the server's
+        # and stays out (it may echo what we sent).
+        got = response.tag[:20]
+        return MailProtocolError(
+            f"unexpected tagged response from {self._where}: {got} {response.type[:10]}, "
+            f"waiting for {expected.decode('ascii', 'replace')}"
+        )
 
     def _check_bye(self, response: Response) -> None:
         if response.type == "BYE":
@@ -1018,7 +1027,7 @@ class ImapClient:
                 if response.tag.encode() == tag:
                     ended = f"{response.type} {_describe(response)}"
                     raise MailProtocolError(f"{self._where} ended IDLE: {ended}")
-                raise MailProtocolError(f"unexpected tagged response from {self._where}")
+                raise self._unexpected_tag(response, tag)
             if response.kind is ResponseKind.CONTINUATION:
                 if only is not None:
                     continue
