@@ -50,10 +50,13 @@ service imap-login {
 }
 service imap-hibernate {
   vsz_limit = 2G
-  # A hibernated session holds two descriptors there (client socket, notify fd). With one
-  # process for 10,000 sessions it reached the 20,000 open-files limit and refused to hibernate
-  # some; 4,000 per process keeps each well under it (more processes start as needed).
-  client_limit = 4000
+  # A process wakes its sessions one after the other, and each wake-up waits in the kernel
+  # (closing the session's inotify instance waits for an RCU grace period: the process sat in
+  # __flush_work, state D). With 1,000 sessions in one process a backlog drained at 10-15
+  # sessions a second for its first seconds; 100 per process lets the waits overlap. (A
+  # hibernated session also holds two descriptors there: 10,000 in one process had reached the
+  # open-files limit.) docs/performance.md, session 11.
+  client_limit = 100
 }
 service auth {
   client_limit = 20000
@@ -63,6 +66,10 @@ service imap {
   # 10,000 hibernated mailboxes wakes them all at once, and the test server's own limit
   # (10,000) then closed sessions and refused logins for minutes.
   process_limit = 25000
+  # Reuse imap processes rather than a fork and exec for every session woken, as Dovecot's
+  # performance tuning guide advises (every bench user has the same mail UID).
+  service_count = 100
+  process_min_avail = 4
 }
 """
 
