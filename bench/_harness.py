@@ -1380,14 +1380,16 @@ def looks_done(counts: SessionCounts) -> int:
     return int(sum(v for k, v in counts.counters.items() if k.startswith("emlisten_imap_looks_total")))
 
 
-async def wait_for_looks(stack: Stack, mailboxes: int, patience: float) -> dict[str, Any]:
+async def wait_for_looks(
+    stack: Stack, mailboxes: int, patience: float, *, quiet: float = LOOKS_QUIET_SECONDS
+) -> dict[str, Any]:
     """Wait until every session's look after its first IDLE is over (done, failed or left out:
-    one each, ``EMLISTEN_RECHECK_LATE_SECONDS`` after it) and no session opened for
-    LOOKS_QUIET_SECONDS, or ``patience`` seconds."""
+    one each, ``EMLISTEN_RECHECK_LATE_SECONDS`` after it) and no session opened for ``quiet``
+    seconds, or ``patience`` seconds."""
     started = trio.current_time()
     first = last = await session_counts(stack.http, stack.emlisten.url)
     last_change = started
-    say(f"waiting for the {mailboxes} looks after first IDLEs, then no session for {LOOKS_QUIET_SECONDS:g} s")
+    say(f"waiting for the {mailboxes} looks after first IDLEs, then no session for {quiet:g} s")
     settled = False
     while trio.current_time() - started < patience:
         await trio.sleep(1.0)
@@ -1395,7 +1397,7 @@ async def wait_for_looks(stack: Stack, mailboxes: int, patience: float) -> dict[
         if now.logins != last.logins:
             last_change = trio.current_time()
         last = now
-        if looks_done(now) >= mailboxes and trio.current_time() - last_change >= LOOKS_QUIET_SECONDS:
+        if looks_done(now) >= mailboxes and trio.current_time() - last_change >= quiet:
             settled = True
             break
     opened = (last - first).logins

@@ -20,7 +20,9 @@ Before each pause the bench waits until the process holds only its IDLE sessions
 close after ``EMLISTEN_READER_IDLE_SECONDS``, 60 s) so the socket comparison is about them, and
 until the looks that follow every session's first IDLE are over (``EMLISTEN_RECHECK_LATE_SECONDS``
 after it, at most 25 a second: at 10,000 mailboxes they go on for minutes after the cold start),
-so that the logins counted are the pause's and not the cold start's.
+so that the logins counted are the pause's and not the cold start's; and, before a later pause,
+until no session opened for longer than the late look waits (``EMLISTEN_RECHECK_LATE_SECONDS``,
+12 s, + 3 s), so that the looks after the previous pause's check mails are over too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import trio
 
 from bench._harness import (
+    LOOKS_QUIET_SECONDS,
     BenchError,
     CallbackIndex,
     Progress,
@@ -50,6 +53,7 @@ from bench._harness import (
     looks_done,
     lost_leases,
     open_stack,
+    parse_env,
     prepare_mailboxes,
     say,
     session_counts,
@@ -60,6 +64,8 @@ from bench._rawimap import RawImap
 from tests.servers.dovecot import Dovecot, MailUser
 
 DEFAULT_PAUSES = (10.0, 60.0)
+#: emlisten's default EMLISTEN_RECHECK_LATE_SECONDS: the last look after new mail comes this late.
+DEFAULT_RECHECK_LATE_SECONDS = 12.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +156,10 @@ async def _one_pause(
     em, n = stack.emlisten, len(appenders)
     settled, _ = await stack.wait_connections(n, args.settle_timeout)
     await stack.wait_listening(n)
-    looks_settled = await wait_for_looks(stack, n, args.settle_timeout)
+    late_look = float(parse_env(args.env).get("EMLISTEN_RECHECK_LATE_SECONDS", DEFAULT_RECHECK_LATE_SECONDS))
+    looks_settled = await wait_for_looks(
+        stack, n, args.settle_timeout, quiet=max(LOOKS_QUIET_SECONDS, late_look + 3)
+    )
     before = await session_counts(stack.http, em.url)
     held = established_inodes(em.pid, stack.mail_ports)
     offset = em.log_size()
