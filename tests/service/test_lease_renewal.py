@@ -95,7 +95,7 @@ async def test_an_in_process_store_renews_in_slices_that_let_other_tasks_run() -
     slice is one step of an in-process store; other tasks run between them, and every lease is
     still renewed."""
     store = MemoryStore()
-    owned = [f"m{i}" for i in range(2_500)]
+    owned = [f"m{i}" for i in range(5_500)]  # six slices of at most 1,000
     settings = Settings(node_id="n1", lease_ttl_seconds=TTL, lease_renew_seconds=RENEW)
     manager = MailboxManager(settings, store, InProcessQueue(), ImapSource(), CreatioSink())
     assert await store.claim_leases("n1", owned, TTL) == owned
@@ -115,8 +115,9 @@ async def test_an_in_process_store_renews_in_slices_that_let_other_tasks_run() -
         before = turns_while_renewing
         await manager._renew()
         renewing = False
-    # Two turns at least: between the three slices of 1,000 (the heartbeat may add one).
-    assert turns_while_renewing - before >= 2
+    # Trio runs every runnable task once per pass, in an order that varies: the other task runs
+    # in each of the four passes strictly inside the six slices' five, whatever the order.
+    assert turns_while_renewing - before >= 4
     assert manager._owned == set(owned)
     assert await store.lease_owners(owned) == dict.fromkeys(owned, "n1")
 
