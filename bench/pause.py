@@ -61,11 +61,10 @@ from bench._harness import (
     wait_for_looks,
 )
 from bench._rawimap import RawImap
+from emlisten.config import load_settings
 from tests.servers.dovecot import Dovecot, MailUser
 
 DEFAULT_PAUSES = (10.0, 60.0)
-#: emlisten's default EMLISTEN_RECHECK_LATE_SECONDS: the last look after new mail comes this late.
-DEFAULT_RECHECK_LATE_SECONDS = 12.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +155,7 @@ async def _one_pause(
     em, n = stack.emlisten, len(appenders)
     settled, _ = await stack.wait_connections(n, args.settle_timeout)
     await stack.wait_listening(n)
-    late_look = float(parse_env(args.env).get("EMLISTEN_RECHECK_LATE_SECONDS", DEFAULT_RECHECK_LATE_SECONDS))
+    late_look = load_settings(parse_env(args.env)).recheck_late_seconds  # the last look after mail
     looks_settled = await wait_for_looks(
         stack, n, args.settle_timeout, quiet=max(LOOKS_QUIET_SECONDS, late_look + 3)
     )

@@ -48,9 +48,6 @@ from emlisten.service.pacing import ConnectPacer
 
 log = logging.getLogger(__name__)
 
-#: Leases renewed per call to an in-process store (see MailboxManager._renew_leases).
-_RENEW_SLICE = 1000
-
 #: A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 _HEALTHY_AFTER_SECONDS = 60.0
 #: Mailboxes per read when the checkpoints of this node's mailboxes are re-read (about 12 ms of
@@ -331,7 +328,7 @@ class MailboxManager:
         started = trio.current_time()
         held = set(self._owned)
         if held:
-            kept = await self._renew_leases(node_id, list(held), ttl)
+            kept = set(await self.store.renew_leases(node_id, list(held), ttl))
             # Only what we asked about and still own can be lost; claims made meanwhile stay.
             lost = (held - kept) & self._owned
             if lost:
@@ -345,21 +342,6 @@ class MailboxManager:
                 await self.store.release_leases(node_id, sorted(stale))
         await self.store.heartbeat(self._node_info(), ttl)
         self._renewed_at = started
-
-    async def _renew_leases(self, node_id: str, mailbox_ids: list[str], ttl: float) -> set[str]:
-        """The leases kept. A remote store gets them in one call (one round trip); an in-process
-        one in slices with a checkpoint between them: it answers each call in a single step,
-        and 10,000 leases in one step held the event loop 4-14 ms every renewal period, which
-        any mail arriving then waited out."""
-        if self.store.remote:
-            return set(await self.store.renew_leases(node_id, mailbox_ids, ttl))
-        kept: set[str] = set()
-        for start in range(0, len(mailbox_ids), _RENEW_SLICE):
-            if start:
-                await trio.lowlevel.checkpoint()
-            chunk = mailbox_ids[start : start + _RENEW_SLICE]
-            kept.update(await self.store.renew_leases(node_id, chunk, ttl))
-        return kept
 
     async def _balance(self) -> None:
         """Claim free mailboxes up to the fair share, or release the surplus."""

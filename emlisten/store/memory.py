@@ -55,6 +55,10 @@ class _FolderMap(dict[tuple[str, str], Checkpoint]):
             del self[(mailbox_id, folder)]
 
 
+#: Leases renewed per step (MemoryStore.renew_leases).
+_RENEW_SLICE = 1000
+
+
 class MemoryStore(Store):
     name = "memory"
 
@@ -344,8 +348,15 @@ class MemoryStore(Store):
         return ClaimedFolder(mailbox, checkpoint)
 
     async def renew_leases(self, node_id: str, mailbox_ids: Sequence[str], ttl: float) -> list[str]:
-        # Ours or free (expired while this node was paused): the same step as a claim.
-        return await self.claim_leases(node_id, mailbox_ids, ttl)
+        # Ours or free (expired while this node was paused): the same step as a claim, in slices
+        # with a checkpoint between them. A node renews all of its leases every renewal period,
+        # and 10,000 in one step held the event loop 4-14 ms, which any mail arriving waited out.
+        held: list[str] = []
+        for start in range(0, len(mailbox_ids), _RENEW_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            held += self._claim(node_id, mailbox_ids[start : start + _RENEW_SLICE], ttl)
+        return held
 
     async def release_leases(self, node_id: str, mailbox_ids: Sequence[str]) -> None:
         now = time.time()
