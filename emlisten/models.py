@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ class SyncTask:
             and checkpoint.last_uid >= self.uid_hint
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def _head(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "mailbox_id": self.mailbox_id,
             "folder": self.folder,
@@ -202,18 +203,47 @@ class SyncTask:
         if self.has_prefetch:
             data["prefetch_from"] = self.prefetch_from
             data["prefetch_to"] = self.prefetch_to
+        return data
+
+    @staticmethod
+    def _carried(raw: RawMessage) -> dict[str, Any]:
+        """A carried message's fields besides its content."""
+        return {
+            "uid": raw.uid,
+            "internal_date": raw.internal_date.isoformat() if raw.internal_date else None,
+            "size": raw.size,
+            "key": raw.key,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self._head()
+        if self.has_prefetch:
+            # JSON carries text: base64 keeps 8-bit mail intact (+33 %, small mails only).
             data["prefetched"] = [
-                {
-                    "uid": raw.uid,
-                    # JSON carries text: base64 keeps 8-bit mail intact (+33 %, small mails only).
-                    "data": base64.b64encode(raw.data).decode("ascii"),
-                    "internal_date": raw.internal_date.isoformat() if raw.internal_date else None,
-                    "size": raw.size,
-                    "key": raw.key,
-                }
+                {**self._carried(raw), "data": base64.b64encode(raw.data).decode("ascii")}
                 for raw in self.prefetched
             ]
         return data
+
+    def to_json(self) -> bytes:
+        """``to_dict()`` as compact JSON (UTF-8), the form tasks travel in between processes.
+
+        Built by hand around the mail: base64 text never needs JSON escaping, and letting
+        ``json.dumps`` scan it cost a primary 7 % of its CPU in a split-role backlog drain."""
+        head = _compact_json(self._head())
+        if not self.has_prefetch:
+            return head
+        parts = [head[:-1], b',"prefetched":[']
+        for n, raw in enumerate(self.prefetched):
+            parts += (
+                b"," if n else b"",
+                _compact_json(self._carried(raw))[:-1],
+                b',"data":"',
+                base64.b64encode(raw.data),
+                b'"}',
+            )
+        parts.append(b"]}")
+        return b"".join(parts)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SyncTask:
@@ -246,6 +276,10 @@ class SyncTask:
             prefetch_from=int(data.get("prefetch_from", 0)),
             prefetch_to=int(data.get("prefetch_to", 0)),
         )
+
+
+def _compact_json(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ Broker objects (declared on open, idempotently):
 
 Semantics, matching :class:`emlisten.queue.inprocess.InProcessQueue`:
 
-- ``publish`` sends a persistent JSON message (``SyncTask.to_dict()``) on a channel with publisher
+- ``publish`` sends a persistent JSON message (``SyncTask.to_json()``) on a channel with publisher
   confirms and returns only once the broker confirmed it. Unroutable messages raise QueueError.
   While the connection is down, ``publish`` retries transparently (aio-pika's robust connection
   reconnects in the background) for up to ``publish_timeout`` seconds, then raises QueueError. A
@@ -98,7 +98,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _encode(task: SyncTask) -> bytes:
-    return json.dumps(task.to_dict(), separators=(",", ":")).encode()
+    return task.to_json()
 
 
 def _decode(body: bytes) -> SyncTask:
