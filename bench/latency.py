@@ -318,6 +318,9 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
     per_mail: list[dict[str, float | int | None]] = []
     fetch_floor_s: list[float] = []
     over_fetch_floor_s: list[float] = []
+    #: The bare client's own DONE + UID FETCH: from the EXISTS it read to the mail read whole
+    #: (the same span as emlisten's "DONE + UID FETCH" histogram, read on the same server).
+    probe_fetch_s: list[float] = []
     floor_missing = 0
     for i, done in enumerate(appended_at):
         k, nth = i % n, i // n + 1
@@ -326,6 +329,8 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
         fetched = probes[k].fetched_reaching(probes[k].initial + nth) if args.fetch_floor else None
         if fetched is not None:
             fetch_floor_s.append(fetched - done)
+            if seen is not None:
+                probe_fetch_s.append(fetched - seen)
             if received is not None:
                 over_fetch_floor_s.append(received - fetched)
         if seen is None:
@@ -357,6 +362,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "emlisten_minus_floor_per_mail_ms": over,
             "fetch_floor_ms": summary_ms(fetch_floor_s),
             "emlisten_minus_fetch_floor_per_mail_ms": summary_ms(over_fetch_floor_s),
+            "bare_client_fetch_ms": summary_ms(probe_fetch_s),
             "first_mail_per_mailbox_ms": summary_ms(first_s),
             "later_mails_ms": summary_ms(later_s),
             "floor_first_mail_per_mailbox_ms": summary_ms(first_floor_s),
@@ -406,6 +412,12 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                 "per-mail callback - bare client's fetch, p50 / p99",
                 f"{over_fetch['p50']} / {over_fetch['p99']} ms" if over_fetch else "-",
             )
+            probe_fetch = summary_ms(probe_fetch_s)
+            if probe_fetch:
+                result.row(
+                    "bare client's DONE + UID FETCH (its EXISTS read -> mail read), mean / p50 / p90",
+                    f"{probe_fetch['mean']} / {probe_fetch['p50']} / {probe_fetch['p90']} ms",
+                )
         missing = len(appended_at) - len(fetch_floor_s)
         if missing:
             result.notes.append(f"the fetching floor probe read no mail for {missing} mail(s)")
