@@ -16,6 +16,14 @@ from collections.abc import Callable
 
 import trio
 
+from emlisten.config import Settings
+
+#: What emlisten's listener asks for new mail (ImapSource: the size and arrival date with the
+#: body, cut at the prefetch limit), so that a floor that fetches asks the server the same.
+LISTENER_FETCH_ITEMS = b"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.%d>)" % (
+    Settings().prefetch_max_bytes + 1
+)
+
 
 class RawImapError(RuntimeError):
     pass
@@ -128,15 +136,18 @@ class RawImap:
         del self._buffer[:size]
         return chunk
 
-    async def uid_fetch_bodies(self, first_uid: int, *, ending_idle: bytes | None = None) -> tuple[int, int]:
-        """``UID FETCH first:* (UID BODY.PEEK[])``, literals read and dropped. Returns how many
-        messages at or above ``first_uid`` came back and the highest UID seen (for the next call).
+    async def uid_fetch_bodies(
+        self, first_uid: int, *, ending_idle: bytes | None = None, items: bytes = b"(UID BODY.PEEK[])"
+    ) -> tuple[int, int]:
+        """``UID FETCH first:* items`` (default ``(UID BODY.PEEK[])``), literals read and dropped.
+        Returns how many messages at or above ``first_uid`` came back and the highest UID seen
+        (for the next call).
 
         ``ending_idle``: the tag of an IDLE to end first, with DONE in the same packet as the
         FETCH (as emlisten's listener does). Only the shape Dovecot answers: one literal per
         FETCH line, announced as ``{n}``."""
         tag = self._next_tag()
-        command = tag + b" UID FETCH %d:* (UID BODY.PEEK[])\r\n" % first_uid
+        command = tag + b" UID FETCH %d:* %s\r\n" % (first_uid, items)
         await self._stream.send_all(command if ending_idle is None else b"DONE\r\n" + command)
         if ending_idle is not None:
             while not (line := await self.read_line()).startswith(ending_idle + b" "):
@@ -209,7 +220,9 @@ class RawImap:
             if count <= known:
                 continue
             known = count
-            fetched, highest = await self.uid_fetch_bodies(uidnext, ending_idle=idle_tag)
+            fetched, highest = await self.uid_fetch_bodies(
+                uidnext, ending_idle=idle_tag, items=LISTENER_FETCH_ITEMS
+            )
             if fetched:
                 on_fetched(count, time.monotonic())
                 uidnext = highest + 1

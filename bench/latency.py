@@ -105,6 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for up to a minute after a cold start) are done (default: measure right away, beside them)",
     )
     parser.add_argument(
+        "--probe-settle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between the floor probes' IDLE and the first measured mail (default: the "
+        "hibernation timeout + 1 s, so that they hibernate as emlisten's sessions have); longer "
+        "makes them as old as emlisten's sessions",
+    )
+    parser.add_argument(
         "--fetch-floor",
         action="store_true",
         help="the floor probes also fetch each new mail as emlisten's listener does (DONE + UID FETCH, "
@@ -239,6 +248,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "mails": m,
             "spacing_s": args.spacing,
             "settle": args.settle,
+            "probe_settle_s": args.probe_settle,
             "quiet_mailboxes": args.quiet,
         },
     )
@@ -258,7 +268,8 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             for probe, user in zip(probes, users[: len(probes)], strict=True):
                 await nursery.start(probe.run, stack, user)
             # Let the fresh probe sessions hibernate too, so both sides take the same server path.
-            await trio.sleep(hibernate + 1.0 if hibernate else 0.5)
+            default_settle = hibernate + 1.0 if hibernate else 0.5
+            await trio.sleep(default_settle if args.probe_settle is None else args.probe_settle)
 
             index = CallbackIndex(stack.standin, run_tag)
             appended_at: list[float] = []
