@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "makes them as old as emlisten's sessions",
     )
     parser.add_argument(
+        "--probes-first",
+        action="store_true",
+        help="open the floor probes before emlisten's sessions (so that the server wakes the "
+        "probe of a mailbox first when mail lands; by default emlisten's sessions are the older)",
+    )
+    parser.add_argument(
         "--fetch-floor",
         action="store_true",
         help="the floor probes also fetch each new mail as emlisten's listener does (DONE + UID FETCH, "
@@ -249,27 +255,33 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "spacing_s": args.spacing,
             "settle": args.settle,
             "probe_settle_s": args.probe_settle,
+            "probes_first": args.probes_first,
             "quiet_mailboxes": args.quiet,
         },
     )
     await prepare_mailboxes(dovecot, users)
-    async with open_stack(args, dovecot) as stack:
+    # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
+    # for each doubled the server's sessions (20,000), and it refused some logins.
+    probes = [FloorProbe(fetch=args.fetch_floor) for _ in users[: min(n, m)]]
+    async with open_stack(args, dovecot) as stack, trio.open_nursery() as early:
+        if args.probes_first:
+            # The probes' sessions are the older ones: Dovecot wakes them first when mail lands.
+            for probe, user in zip(probes, users[: len(probes)], strict=True):
+                await early.start(probe.run, stack, user)
         await stack.start_listening(users)
         settled = False
         if args.settle:
             settled, _ = await stack.wait_connections(n, args.settle_timeout)
         looks_settled = await wait_for_looks(stack, n, args.settle_timeout) if args.settle_looks else None
-        # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
-        # for each doubled the server's sessions (20,000), and it refused some logins.
-        probes = [FloorProbe(fetch=args.fetch_floor) for _ in users[: min(n, m)]]
         appenders = await connect_appenders(stack, users)
         quiet = await _quiet_period(stack, appenders, args) if args.quiet else {}
         async with trio.open_nursery() as nursery:
-            for probe, user in zip(probes, users[: len(probes)], strict=True):
-                await nursery.start(probe.run, stack, user)
-            # Let the fresh probe sessions hibernate too, so both sides take the same server path.
-            default_settle = hibernate + 1.0 if hibernate else 0.5
-            await trio.sleep(default_settle if args.probe_settle is None else args.probe_settle)
+            if not args.probes_first:
+                for probe, user in zip(probes, users[: len(probes)], strict=True):
+                    await nursery.start(probe.run, stack, user)
+                # Let the fresh probe sessions hibernate too, so both sides take the same path.
+                default_settle = hibernate + 1.0 if hibernate else 0.5
+                await trio.sleep(default_settle if args.probe_settle is None else args.probe_settle)
 
             index = CallbackIndex(stack.standin, run_tag)
             appended_at: list[float] = []
@@ -318,6 +330,7 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
                 }
             nursery.cancel_scope.cancel()
         await close_all(appenders)
+        early.cancel_scope.cancel()
 
     emlisten_s: list[float] = []
     floor_s: list[float] = []

@@ -93,6 +93,9 @@ def test_latency_scenario_over_tls(tmp_path: Path) -> None:
     # --fetch-floor: the probes also read every mail whole, after they saw its EXISTS.
     assert metrics["fetch_floor_ms"]["count"] == 4
     assert metrics["fetch_floor_ms"]["min"] >= metrics["floor_ms"]["min"]
+    # ... and their own DONE + UID FETCH, from the EXISTS they read to the mail read whole.
+    assert metrics["bare_client_fetch_ms"]["count"] == 4
+    assert metrics["bare_client_fetch_ms"]["min"] >= 0
     # Each mailbox's recheck (0.5 s after its last mail) opens a session after the last callback.
     afterwards = metrics["afterwards"]
     assert afterwards["seconds"] == 4
