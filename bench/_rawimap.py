@@ -113,9 +113,10 @@ class RawImap:
         exists, _ = await self.select_with_uidnext(folder)
         return exists
 
-    async def select_with_uidnext(self, folder: str = "INBOX") -> tuple[int, int]:
-        """SELECT the folder; returns its EXISTS count and UIDNEXT (0 if the server sent none)."""
-        untagged, _ = await self.command(b"SELECT " + _quoted(folder))
+    async def select_with_uidnext(self, folder: str = "INBOX", *, examine: bool = False) -> tuple[int, int]:
+        """SELECT (or EXAMINE, read-only, as emlisten's listener does) the folder; returns its
+        EXISTS count and UIDNEXT (0 if the server sent none)."""
+        untagged, _ = await self.command((b"EXAMINE " if examine else b"SELECT ") + _quoted(folder))
         exists = uidnext = 0
         for line in untagged:
             parts = line.split()

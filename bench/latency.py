@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "makes them as old as emlisten's sessions",
     )
     parser.add_argument(
+        "--probe-examine",
+        action="store_true",
+        help="the floor probes open the folder with EXAMINE (read-only), as emlisten's listener "
+        "does, instead of SELECT",
+    )
+    parser.add_argument(
         "--probes-first",
         action="store_true",
         help="open the floor probes before emlisten's sessions (so that the server wakes the "
@@ -157,8 +163,9 @@ class FloorProbe:
     ``fetch``, it also fetches the new mail as emlisten's listener does (DONE + UID FETCH, IDLE
     again) and timestamps that."""
 
-    def __init__(self, *, fetch: bool = False) -> None:
+    def __init__(self, *, fetch: bool = False, examine: bool = False) -> None:
         self.fetch = fetch
+        self.examine = examine
         self.initial = 0
         self.seen: dict[int, float] = {}
         self.fetched: dict[int, float] = {}
@@ -199,7 +206,7 @@ class FloorProbe:
                     raise
                 await trio.sleep(1.0)
         try:
-            self.initial, uidnext = await client.select_with_uidnext("INBOX")
+            self.initial, uidnext = await client.select_with_uidnext("INBOX", examine=self.examine)
             tag = await client.idle_start()
             task_status.started()
             if self.fetch:
@@ -256,13 +263,14 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "settle": args.settle,
             "probe_settle_s": args.probe_settle,
             "probes_first": args.probes_first,
+            "probe_examine": args.probe_examine,
             "quiet_mailboxes": args.quiet,
         },
     )
     await prepare_mailboxes(dovecot, users)
     # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
     # for each doubled the server's sessions (20,000), and it refused some logins.
-    probes = [FloorProbe(fetch=args.fetch_floor) for _ in users[: min(n, m)]]
+    probes = [FloorProbe(fetch=args.fetch_floor, examine=args.probe_examine) for _ in users[: min(n, m)]]
     async with open_stack(args, dovecot) as stack, trio.open_nursery() as early:
         if args.probes_first:
             # The probes' sessions are the older ones: Dovecot wakes them first when mail lands.
