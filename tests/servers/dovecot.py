@@ -83,6 +83,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def two_free_ports(host: str = "127.0.0.1") -> tuple[int, int]:
+    """Two different free ports: both are held while the second is chosen (two calls of
+    free_port once returned the same port, and Dovecot refused a duplicate listener)."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as second,
+    ):
+        first.bind((host, 0))
+        second.bind((host, 0))
+        return int(first.getsockname()[1]), int(second.getsockname()[1])
+
+
 def _run(*args: str | Path, cwd: Path | None = None) -> None:
     subprocess.run(
         [str(a) for a in args],
@@ -235,8 +247,7 @@ class Dovecot:
         self.hibernate_timeout = hibernate_timeout
         self.oauth2_tokeninfo_url = oauth2_tokeninfo_url
         self.oauth2_config_file = self.root / "dovecot-oauth2.conf.ext"
-        self.imap_port = free_port(host)
-        self.imaps_port = free_port(host)
+        self.imap_port, self.imaps_port = two_free_ports(host)
         self.base_dir = self.root / "run"
         self.state_dir = self.root / "state"
         self.mail_root = self.root / "mail"
@@ -437,7 +448,7 @@ class Dovecot:
                 if attempt == attempts or "Address already in use" not in self.diagnostics():
                     raise
                 log.warning("dovecot ports were taken, retrying with new ones")
-                self.imap_port, self.imaps_port = free_port(self.host), free_port(self.host)
+                self.imap_port, self.imaps_port = two_free_ports(self.host)
             else:
                 self._started_once = True
                 return
