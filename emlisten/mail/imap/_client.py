@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import socket
 import ssl
 import weakref
@@ -53,6 +54,8 @@ from emlisten.mail.imap._parser import (
 )
 from emlisten.mail.imap._transport import Transport
 from emlisten.models import FolderInfo, Security, ServerEndpoint
+
+log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 16 * 1024
 #: SEARCH results of large folders come as one line (~8 bytes per UID).
@@ -173,6 +176,7 @@ class ImapClient:
         "_idle_tag",
         "_parser",
         "_pending",
+        "_pipeline_idle",
         "_silence",
         "_stream",
         "_tag_counter",
@@ -210,6 +214,9 @@ class ImapClient:
         self._tag_counter = 0
         self._idle_tag: bytes | None = None
         self._broken = False
+        #: IDLE may go out behind a FETCH in one write (idle_done_uid_fetch); off for good once
+        #: the server refuses it.
+        self._pipeline_idle = True
         #: trio.current_time() when the server last sent something during IDLE (a keepalive
         #: that idle_wait passed over included): a listener's liveness check reads it.
         self.last_heard = 0.0
@@ -1064,27 +1071,36 @@ class ImapClient:
         *,
         timeout: float | None = None,
         unsolicited: list[Response] | None = None,
+        idle_again: bool = False,
     ) -> tuple[list[Response], list[FetchedMessage]]:
         """End IDLE and ask ``UID FETCH uids items`` in one write: one round trip (and one
         packet each way) instead of two. DONE completes the IDLE command, so the FETCH is just
         the next command, pipelined as RFC 3501 (5.5) allows.
 
+        ``idle_again``: IDLE goes out in the same write, behind the FETCH, so the session is
+        idling again when this returns (:attr:`idling`) without a write and a wait of its own.
+        A server that refuses the pipelined IDLE (a tagged answer instead of ``+``) leaves the
+        session out of IDLE, and this client does not pipeline IDLE again.
+
         Returns the untagged responses that came before IDLE's tagged OK (as :meth:`idle_done`)
-        and the fetched messages (as :meth:`uid_fetch`, its other untagged responses going to
-        ``unsolicited``)."""
+        and the fetched messages (as :meth:`uid_fetch`, its other untagged responses, and those
+        before the new IDLE's ``+``, going to ``unsolicited``)."""
         idle_tag = self._idle_tag
         if idle_tag is None:
             raise RuntimeError("not in IDLE")
         seconds = self.command_timeout if timeout is None else timeout
         fetch_tag = self._new_tag()
-        command = b"UID FETCH " + uids.encode("ascii") + b" " + items.encode("ascii")
+        command = fetch_tag + b" UID FETCH " + uids.encode("ascii") + b" " + items.encode("ascii") + b"\r\n"
+        again_tag = self._new_tag() if idle_again and self._pipeline_idle else None
+        if again_tag is not None:
+            command += again_tag + b" IDLE\r\n"
         started = trio.current_time()
         try:
             with trio.fail_after(seconds):
-                await self._send(b"DONE\r\n" + fetch_tag + b" " + command + b"\r\n")
+                await self._send(b"DONE\r\n" + command)
                 self._idle_tag = None
                 idle_result = await self._read_until_tagged(idle_tag, [])
-                fetch_result = await self._read_until_tagged(fetch_tag, [])
+                fetch_result = await self._read_fetch_and_idle(fetch_tag, again_tag)
         except trio.TooSlowError:
             self._broken = True
             self._observe("UID FETCH", "error", started)
@@ -1101,6 +1117,44 @@ class ImapClient:
         self._require_ok(idle_result, "IDLE")
         self._require_ok(fetch_result, "UID FETCH")
         return idle_result.untagged, _fetched_messages(fetch_result.untagged, unsolicited)
+
+    async def _read_fetch_and_idle(self, fetch_tag: bytes, again_tag: bytes | None) -> CommandResult:
+        """Read to the FETCH's tagged answer and, with ``again_tag``, to the pipelined IDLE's
+        ``+``, in whichever order they come (a server may run pipelined commands in parallel,
+        RFC 3501 5.5). Untagged responses all go to the FETCH's result."""
+        untagged: list[Response] = []
+        fetch_status: Response | None = None
+        waiting_for_idle = again_tag is not None
+        while fetch_status is None or waiting_for_idle:
+            response = await self._next_response()
+            if response.kind is ResponseKind.TAGGED:
+                tag = response.tag.encode()
+                if tag == fetch_tag and fetch_status is None:
+                    fetch_status = response
+                elif tag == again_tag and waiting_for_idle:
+                    # The pipelined IDLE was refused: IDLE on its own from now on (the caller
+                    # sees the session is not idling).
+                    waiting_for_idle = False
+                    self._pipeline_idle = False
+                    log.info("%s refused IDLE pipelined behind FETCH: %s", self._where, _describe(response))
+                else:
+                    expected = fetch_tag if fetch_status is None or again_tag is None else again_tag
+                    raise self._unexpected_tag(response, expected)
+            elif response.kind is ResponseKind.CONTINUATION:
+                if not waiting_for_idle:
+                    raise MailProtocolError(f"unexpected continuation request from {self._where}")
+                waiting_for_idle = False
+                self._idle_tag = again_tag
+                self.last_heard = trio.current_time()
+            else:
+                self._check_bye(response)
+                untagged.append(response)
+        return CommandResult(fetch_status, untagged)
+
+    def answer_handed_on(self) -> None:
+        """The caller is done with the last answer's bytes (a fetch it handed on): give them back
+        to the process budget now, not at the next command (the session may idle for hours)."""
+        self._parser.end_answer()
 
     @asynccontextmanager
     async def idle(self, *, timeout: float | None = None) -> AsyncIterator[IdleSession]:

@@ -750,6 +750,7 @@ class _Listener:
             await self._fetch(held, reason="exists", covers_to=0, ending_idle=wait_seconds)
         finally:
             held.release()
+            self.client.answer_handed_on()  # IDLE is on again: no next command gives it back
         return True
 
     async def _fetch(
@@ -760,7 +761,11 @@ class _Listener:
         ``held``: the caller's memory for it, shrunk to what the answer really takes.
         ``covers_to``: the task may claim the folder up to this UID even when nothing newer is
         there (a catch-up past expunged mail). ``ending_idle``: the session is in IDLE; end it
-        in the same write, waiting this long for the answers."""
+        in the same write, waiting this long for the answers, and IDLE again in that write too.
+
+        Mail the server announces in the FETCH's answer (Dovecot, like most servers, tells of
+        mail that landed meanwhile at the end of any command) is not in it: it is wanted next,
+        not left for the next notification."""
         prefetch = self.prefetch
         assert prefetch is not None
         first = self.next_uid
@@ -773,10 +778,22 @@ class _Listener:
         else:
             async with self.wakeups:  # until the server answered, not while it is handed on
                 before, fetched = await self.client.idle_done_uid_fetch(
-                    f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited
+                    f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited, idle_again=True
                 )
             self.note(before)
-        self.note(unsolicited)
+        announced_meanwhile = self.note(unsolicited)
+        await self._fetched(held, fetched, first=first, reason=reason, covers_to=covers_to)
+        if announced_meanwhile and self.exists > self.fetched_exists:
+            self.wanted = True
+            self.seen_at = self.seen_at or time.time()
+
+    async def _fetched(
+        self, held: _Held, fetched: list[FetchedMessage], *, first: int, reason: str, covers_to: int
+    ) -> None:
+        """Hand on what a fetch from ``first`` brought (see _fetch)."""
+        prefetch = self.prefetch
+        assert prefetch is not None
+        limit = prefetch.max_message_bytes
         held.shrink_to(sum(len(m.body or b"") + 1024 for m in fetched))  # as _reservation counts
         # "n:*" also matches the newest message when n is above every UID: filter it out.
         new = sorted((m for m in fetched if m.uid >= first), key=lambda m: m.uid)
@@ -931,7 +948,8 @@ class _Listener:
         settings = self.settings
         started = False
         while True:
-            initial = await client.idle_start()
+            # IDLE may have gone out already, behind the last fetch (idle_done_uid_fetch).
+            initial = [] if client.idling else await client.idle_start()
             if not started:
                 task_status.started(self.info)
                 started = True
@@ -980,7 +998,7 @@ class _Listener:
                 await self.handle(answer)
             if probe or sync_first:
                 await self.handle(await client.noop(timeout=settings.keepalive_timeout))
-            while self.wanted:
+            while self.wanted and not client.idling:
                 await self.fetch_new()
 
     async def poll_forever(self, task_status: trio.TaskStatus[FolderInfo]) -> None:
