@@ -156,6 +156,20 @@ def _first_match(path: str, pattern: str) -> str:
     return "unknown"
 
 
+def cpu_speed_ms() -> float:
+    """A pure-Python loop of 2 million additions, best of three, in ms: how fast the machine
+    was that day. The same 2-core VM is not always equally fast (session 13: the same code took
+    2.7 x session 11's CPU per mail in the same drain), and this tells such days apart."""
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for number in range(2_000_000):
+            total += number
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def machine_facts() -> dict[str, Any]:
     mem_kib = _first_match("/proc/meminfo", r"^MemTotal:\s+(\d+)")
     try:
@@ -196,6 +210,7 @@ def machine_facts() -> dict[str, Any]:
         "emlisten": __version__,
         "git_commit": commit,
         "load_avg_when_written": [round(x, 2) for x in os.getloadavg()],
+        "cpu_speed_loop_ms": cpu_speed_ms(),
     }
 
 
