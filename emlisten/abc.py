@@ -51,6 +51,11 @@ class Store(ABC):
     #: Each call is a round trip to another process (Redis): gathering calls into bulk ones pays
     #: (emlisten/service/batching.py). In-process stores answer at once; a wait would only delay.
     remote: bool = False
+    #: Other processes (nodes) use the store too, so one of them may take a lease this node did
+    #: not renew in time: the node stops its mailboxes before that can happen. An in-process
+    #: store (memory; SQLite, one process per data directory) has no other node to make room
+    #: for: a late renewal there is this process's own event loop running behind.
+    shared: bool = False
 
     @abstractmethod
     async def put_mailbox(self, mailbox: MailboxConfig) -> None:

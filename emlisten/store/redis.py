@@ -484,6 +484,7 @@ class _Changes:
 class RedisStore(Store):
     name = "redis"
     remote = True
+    shared = True
 
     def __init__(self, client: Client, *, cipher: CredentialCipher, prefix: str = DEFAULT_PREFIX) -> None:
         """Use :meth:`open`; this takes an already created client."""
