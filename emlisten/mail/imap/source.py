@@ -545,6 +545,7 @@ class _Listener:
         "look_found",
         "look_saw",
         "look_slots",
+        "look_timer",
         "looking",
         "looks",
         "mailbox_id",
@@ -596,6 +597,9 @@ class _Listener:
         #: When a look was asked that has not started yet (None: none asked).
         self.look_asked_at: float | None = None
         self.looking = False
+        #: While a task waits for ``recheck_at`` (so that the listener is not woken for it):
+        #: the scope it waits in, whose deadline follows ``recheck_at``.
+        self.look_timer: trio.CancelScope | None = None
         #: A look found mail this session was not told of (fetched after a NOOP).
         self.look_found = False
         #: The STATUS the last look saw, until the listener acted on it.
@@ -855,6 +859,33 @@ class _Listener:
         self.recheck_late_at = now + late if late > first else math.inf
         if first <= 0 and late > 0:
             self.recheck_at, self.recheck_late_at = now + late, math.inf
+        self._time_the_looks()
+
+    def _time_the_looks(self) -> None:
+        """Have the looks asked at ``recheck_at`` by a task of their own: a listener woken from
+        its wait in IDLE only to ask was a cancellation and a new wait per look, twice per mail."""
+        if self.looks is None or self.recheck_at == math.inf:
+            return
+        if self.look_timer is not None:
+            self.look_timer.deadline = self.recheck_at  # new mail moved the look
+            return
+        self.look_timer = trio.CancelScope(deadline=self.recheck_at)
+        self.looks.nursery.start_soon(self._look_timer, self.look_timer, name=f"look timer:{self.mailbox_id}")
+
+    async def _look_timer(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                with scope:
+                    await trio.sleep_forever()
+                if trio.current_time() < self.recheck_at:
+                    scope = self.look_timer = trio.CancelScope(deadline=self.recheck_at)
+                    continue
+                self.recheck()  # the next one is the late look, if any
+                if self.recheck_at == math.inf:
+                    return
+                scope = self.look_timer = trio.CancelScope(deadline=self.recheck_at)
+        finally:
+            self.look_timer = None
 
     def _check_the_first_window(self) -> None:
         """The first IDLE of a session opens a hand-off window like any other, without new mail
@@ -868,6 +899,7 @@ class _Listener:
             slot = self.look_slots.reserve(trio.current_time() + window)
             if slot is not None:
                 self.recheck_at = slot
+                self._time_the_looks()
             elif self.looks is not None:
                 self.looks.gate.left_out()
 
@@ -969,15 +1001,17 @@ class _Listener:
                 if now >= quiet_until:
                     probe = True
                     break
-                if now >= self.recheck_at:
-                    self.recheck()  # the session stays in IDLE
+                if now >= self.recheck_at and self.looks is None:
+                    self.recheck()  # no looks to time (the listening alone, in tests)
                     continue
                 response = None
                 with trio.CancelScope() as self.idle_wait_scope:
                     # The silence window moves with every word of the server (the keepalives
                     # the shared reader passes over included) without waking this task.
+                    # The looks have a timer of their own (_look_timer).
+                    wake_at = renew_at if self.looks is not None else min(renew_at, self.recheck_at)
                     response = await client.idle_wait(
-                        min(renew_at, self.recheck_at) - now, only=_LISTENED_FOR, silence=self.quiet_allowance
+                        wake_at - now, only=_LISTENED_FOR, silence=self.quiet_allowance
                     )
                 self.idle_wait_scope = None
                 if response is not None:
