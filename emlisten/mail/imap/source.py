@@ -877,12 +877,10 @@ class _Listener:
             while True:
                 with scope:
                     await trio.sleep_forever()
-                if trio.current_time() < self.recheck_at:
-                    scope = self.look_timer = trio.CancelScope(deadline=self.recheck_at)
-                    continue
-                self.recheck()  # the next one is the late look, if any
-                if self.recheck_at == math.inf:
-                    return
+                if trio.current_time() >= self.recheck_at:  # else newer mail moved it on
+                    self.recheck()  # the next one is the late look, if any
+                    if self.recheck_at == math.inf:
+                        return
                 scope = self.look_timer = trio.CancelScope(deadline=self.recheck_at)
         finally:
             self.look_timer = None
@@ -1001,17 +999,13 @@ class _Listener:
                 if now >= quiet_until:
                     probe = True
                     break
-                if now >= self.recheck_at and self.looks is None:
-                    self.recheck()  # no looks to time (the listening alone, in tests)
-                    continue
                 response = None
                 with trio.CancelScope() as self.idle_wait_scope:
                     # The silence window moves with every word of the server (the keepalives
                     # the shared reader passes over included) without waking this task.
                     # The looks have a timer of their own (_look_timer).
-                    wake_at = renew_at if self.looks is not None else min(renew_at, self.recheck_at)
                     response = await client.idle_wait(
-                        wake_at - now, only=_LISTENED_FOR, silence=self.quiet_allowance
+                        renew_at - now, only=_LISTENED_FOR, silence=self.quiet_allowance
                     )
                 self.idle_wait_scope = None
                 if response is not None:
