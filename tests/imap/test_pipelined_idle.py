@@ -57,9 +57,9 @@ async def scripted() -> AsyncIterator[ScriptedImapServer]:
         nursery.cancel_scope.cancel()
 
 
-def scripted_mailbox(server: ScriptedImapServer) -> MailboxConfig:
+def scripted_mailbox(server: ScriptedImapServer, mailbox_id: str = "mb-scripted") -> MailboxConfig:
     return MailboxConfig(
-        id="mb-scripted",
+        id=mailbox_id,
         user_name="someone",
         password="secret",
         imap=ServerEndpoint(server.host, server.port, Security.NONE),
@@ -108,3 +108,36 @@ async def test_a_server_that_refuses_pipelined_idle_gets_it_on_its_own(scripted:
     assert scripted.pipelined_idles == 1
     assert scripted.commands.count("IDLE") == 4 + 1  # the first, the refused one, one per mail
     assert scripted.commands.count("LOGIN") == 1  # the session was kept
+
+
+async def test_sessions_told_of_mail_at_once_each_fetch_in_one_write(scripted: ScriptedImapServer) -> None:
+    """Sessions told of mail together (a backlog after a pause) wait for their turn to wake, and
+    each takes the memory for its fetch when its turn comes: every one fetches in the one write
+    (DONE, UID FETCH, IDLE). Taken before the turn, the memory ran out while most sessions still
+    waited, and those went the long way, DONE, FETCH and IDLE a round trip each (seen at 10,000
+    mailboxes: nine in ten)."""
+    sessions = 6
+    # Memory for one worst-case fetch (1 MiB, prefetch()'s limit) at a time; one wakes at a time.
+    source = ImapSource(
+        command_timeout=10,
+        recheck_seconds=0,
+        recheck_after_connect=False,
+        prefetch_budget_bytes=2 * 1024 * 1024,
+        max_concurrent_wakeups=1,
+    )
+    sinks = [Sink() for _ in range(sessions)]
+    async with trio.open_nursery() as nursery:
+        for number, sink in enumerate(sinks):
+            await listen(nursery, source, scripted_mailbox(scripted, f"mb-{number}"), sink, prefetch())
+            assert (await sink.next()).reason == "catch-up"
+        raw = make_message(subject="to every session")
+        async with source._wakeups:  # every session's turn waits until all have been told
+            await scripted.land(raw)
+            with trio.fail_after(5):
+                while source._wakeups.statistics().tasks_waiting < sessions:
+                    await trio.sleep(0.01)
+        for sink in sinks:
+            task = await sink.next(timeout=5)
+            assert [m.data for m in task.prefetched] == [raw]
+        nursery.cancel_scope.cancel()
+    assert scripted.pipelined_idles == sessions

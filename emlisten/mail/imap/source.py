@@ -743,48 +743,67 @@ class _Listener:
             held.release()
 
     async def end_idle_and_fetch(self, wait_seconds: float) -> bool:
-        """The common case of new mail while idling: DONE and the fetch in one round trip.
-        False (IDLE still on) when the fetch should go to a reader: the caller ends IDLE."""
-        weight = self._fetch_weight()
-        if weight is None:
-            return False
-        self.wanted = False
-        held = _Held(self.budget, weight)
+        """The common case of new mail while idling: DONE, the fetch and IDLE again in one
+        write. False (IDLE still on) when the fetch should go to a reader: the caller ends IDLE.
+
+        The memory is taken when this session's turn to wake has come, not before: 10,000
+        sessions told of mail at once (a backlog after a pause) took the whole budget in the
+        order they were told, and nine in ten, finding none left, went the long way (DONE, a
+        FETCH and IDLE, a round trip each) while the budget sat with sessions waiting their turn."""
+        held: _Held | None = None
         try:
-            await self._fetch(held, reason="exists", covers_to=0, ending_idle=wait_seconds)
+            async with self.wakeups:  # until the server answered, not while it is handed on
+                weight = self._fetch_weight()
+                if weight is None:
+                    return False
+                self.wanted = False
+                held = _Held(self.budget, weight)
+                first = self.next_uid
+                unsolicited: list[Response] = []
+                before, fetched = await self.client.idle_done_uid_fetch(
+                    f"{first}:*",
+                    self._fetch_items(),
+                    timeout=wait_seconds,
+                    unsolicited=unsolicited,
+                    idle_again=True,
+                )
+            self.note(before)
+            await self._hand_on(held, fetched, unsolicited, first=first, reason="exists", covers_to=0)
         finally:
-            held.release()
-            self.client.answer_handed_on()  # IDLE is on again: no next command gives it back
+            if held is not None:
+                held.release()
+                self.client.answer_handed_on()  # IDLE is on again: no next command gives it back
         return True
 
-    async def _fetch(
-        self, held: _Held, *, reason: str, covers_to: int, ending_idle: float | None = None
-    ) -> None:
-        """UID FETCH next_uid:* with bodies cut at the size limit; publish what is complete.
+    def _fetch_items(self) -> str:
+        """The new mail whole, cut just past the size limit (a longer one is left to a reader)."""
+        assert self.prefetch is not None
+        return f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{self.prefetch.max_message_bytes + 1}>)"
+
+    async def _fetch(self, held: _Held, *, reason: str, covers_to: int) -> None:
+        """UID FETCH next_uid:* (the session is not in IDLE) and hand on what is complete.
 
         ``held``: the caller's memory for it, shrunk to what the answer really takes.
         ``covers_to``: the task may claim the folder up to this UID even when nothing newer is
-        there (a catch-up past expunged mail). ``ending_idle``: the session is in IDLE; end it
-        in the same write, waiting this long for the answers, and IDLE again in that write too.
-
-        Mail the server announces in the FETCH's answer (Dovecot, like most servers, tells of
-        mail that landed meanwhile at the end of any command) is not in it: it is wanted next,
-        not left for the next notification."""
-        prefetch = self.prefetch
-        assert prefetch is not None
+        there (a catch-up past expunged mail)."""
         first = self.next_uid
-        limit = prefetch.max_message_bytes
         unsolicited: list[Response] = []
-        items = f"(UID RFC822.SIZE INTERNALDATE BODY.PEEK[]<0.{limit + 1}>)"
-        # The caller took the memory for this fetch from the ByteBudget.
-        if ending_idle is None:
-            fetched = await self.client.uid_fetch(f"{first}:*", items, unsolicited=unsolicited)
-        else:
-            async with self.wakeups:  # until the server answered, not while it is handed on
-                before, fetched = await self.client.idle_done_uid_fetch(
-                    f"{first}:*", items, timeout=ending_idle, unsolicited=unsolicited, idle_again=True
-                )
-            self.note(before)
+        fetched = await self.client.uid_fetch(f"{first}:*", self._fetch_items(), unsolicited=unsolicited)
+        await self._hand_on(held, fetched, unsolicited, first=first, reason=reason, covers_to=covers_to)
+
+    async def _hand_on(
+        self,
+        held: _Held,
+        fetched: list[FetchedMessage],
+        unsolicited: list[Response],
+        *,
+        first: int,
+        reason: str,
+        covers_to: int,
+    ) -> None:
+        """Hand on a fetch's answer. Mail the server announced in it (Dovecot, like most
+        servers, tells of mail that landed meanwhile at the end of any command) is not in it:
+        it is wanted next, not left for the next notification."""
         announced_meanwhile = self.note(unsolicited)
         await self._fetched(held, fetched, first=first, reason=reason, covers_to=covers_to)
         if announced_meanwhile and self.exists > self.fetched_exists:
@@ -794,7 +813,7 @@ class _Listener:
     async def _fetched(
         self, held: _Held, fetched: list[FetchedMessage], *, first: int, reason: str, covers_to: int
     ) -> None:
-        """Hand on what a fetch from ``first`` brought (see _fetch)."""
+        """Hand on what a fetch from ``first`` brought (see _hand_on)."""
         prefetch = self.prefetch
         assert prefetch is not None
         limit = prefetch.max_message_bytes
