@@ -96,6 +96,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.queue_publish_failures = Counter(
+            "emlisten_queue_publish_failures",
+            "Attempts to queue new mail for delivery that the task queue refused or timed out "
+            "(each is tried again; the mailbox's session stays open)",
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "emlisten_auth_failures", "Logins the mail server rejected", registry=self.registry
         )

@@ -22,7 +22,7 @@ import trio
 
 from emlisten import __version__
 from emlisten.abc import RESYNC, MailSource, Prefetch, Sink, Store, TaskQueue
-from emlisten.config import Role, Settings
+from emlisten.config import Backoff, Role, Settings
 from emlisten.errors import (
     DeliveryError,
     MailAuthError,
@@ -47,6 +47,9 @@ from emlisten.service.batching import StoreBatcher
 from emlisten.service.pacing import ConnectPacer
 
 log = logging.getLogger(__name__)
+
+#: Waits between attempts to queue new mail the queue refused (jittered, doubling).
+_QUEUE_RETRY = Backoff(0.5, 30.0)
 
 #: A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 _HEALTHY_AFTER_SECONDS = 60.0
@@ -814,7 +817,41 @@ class MailboxSupervisor:
                 # Nothing arrived while we were away: skip the fetch session altogether (at a
                 # cold start with thousands of mailboxes this halves the connections).
                 return
-        await self.m.queue.publish(task)
+        await self._queue(task)
+
+    async def _queue(self, task: SyncTask) -> None:
+        """Queue new mail for delivery, trying again while the queue refuses it. The session
+        stays open meanwhile: a failed publish used to end the listener and its session, and at
+        10,000 mailboxes a slow broker (publishes past their timeout) turned into 9,000
+        reconnects. Nothing is lost if the node dies first: the checkpoint has not moved, so the
+        next session's catch-up queues the mail again."""
+        retry: Retry | None = None
+        while True:
+            try:
+                await self.m.queue.publish(task)
+            except QueueError as exc:
+                self.m.metrics.queue_publish_failures.inc()
+                first = retry is None
+                retry = retry or Retry(_QUEUE_RETRY)
+                delay = retry.next_delay()
+                # One warning per stretch of failures and mailbox: a broker outage at 10,000
+                # mailboxes must not write a line per mailbox per attempt.
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "could not queue new mail, trying again in %.1fs (the session stays open): %s",
+                    delay,
+                    exc,
+                    extra={"mailbox": task.mailbox_id, "folder": task.folder},
+                )
+                await trio.sleep(delay)
+                continue
+            if retry is not None:
+                log.info(
+                    "queued new mail after %d failed attempt(s)",
+                    retry.attempts,
+                    extra={"mailbox": task.mailbox_id, "folder": task.folder},
+                )
+            return
 
     async def _report(self, *, available: bool, error_class: str = "", message: str = "") -> None:
         try:

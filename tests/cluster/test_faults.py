@@ -9,6 +9,7 @@ The first two tests check the test tools themselves (the proxy, the stand-in's h
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import Counter
@@ -25,7 +26,7 @@ import trio
 
 from tests.cluster.nodes import Cluster
 from tests.cluster.test_cluster import credentials, eventually, owners
-from tests.contract.backends import AMQP_URL, REDIS_URL, delete_redis_keys
+from tests.contract.backends import AMQP_URL, REDIS_URL, broker_refuses_publishes, delete_redis_keys
 from tests.servers.creatio import CLIENT_GONE, CreatioStandIn, get_ci
 from tests.servers.dovecot import Dovecot, MailUser
 from tests.servers.faultproxy import FaultProxy
@@ -368,6 +369,49 @@ async def test_connection_fault_under_load(
     figures = count(f"{backend} {fault}", flow, creatio)
     figures.notes = notes
     report(figures, problem)
+
+
+async def _counter(node_url: str, name: str) -> float:
+    """A counter's total over its labels, from the node's /metrics (0 when it has no sample yet)."""
+    async with httpx.AsyncClient(base_url=node_url, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    pattern = rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$"
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+
+
+@pytest.mark.redis
+@pytest.mark.rabbitmq
+async def test_a_broker_refusing_tasks_leaves_the_sessions_open(
+    proxied: Proxied, dovecot: Dovecot, creatio: CreatioStandIn
+) -> None:
+    """The broker refuses new tasks for a while (a full queue, an alarm, a timeout): the primary
+    tries again with its sessions open, and the mail goes out once the broker takes tasks. A
+    refused publish used to end the listener and its session: at 10,000 mailboxes, 9,000
+    reconnects."""
+    c = proxied.cluster
+    await start_nodes(c, {"p1": "primary", "s1": "secondary"})
+    flow = await start_listening(c, dovecot, creatio, mailboxes=3)
+    await flow.append("before")
+    await settle(flow, creatio, c, "p1", ("p1", "s1"))
+    primary = c.nodes["p1"].url
+
+    async with broker_refuses_publishes(c.queue):
+        await flow.append("refused")
+
+        async def refused_twice_each() -> bool:
+            return await _counter(primary, "emlisten_queue_publish_failures_total") >= 2 * len(flow.users)
+
+        await eventually(refused_twice_each, "the primary tried again after a refusal", 30)
+    assert not flow.all_delivered(creatio)
+
+    problem = await settled(flow, creatio, c, "p1", ("p1", "s1"))
+    figures = count("broker refuses tasks", flow, creatio)
+    figures.notes = [f"{await _counter(primary, 'emlisten_queue_publish_failures_total'):.0f} refusals"]
+    report(figures, problem)
+    assert await _counter(primary, "emlisten_reconnects_total") == 0
+    log = c.nodes["p1"].log_text()
+    assert "listener failed unexpectedly" not in log
+    assert log.count("could not queue new mail") == len(flow.users)  # one warning each, not per try
 
 
 # -- process deaths ------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ SQLite: a data directory under the test's own tmp_path.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -130,3 +132,22 @@ async def close_broker_connections(connection_name: str, reason: str = "test") -
             await trio.run_process([ctl, "close_connection", pid, reason], capture_stdout=True)
             closed += 1
     return closed
+
+
+@asynccontextmanager
+async def broker_refuses_publishes(queue_name: str) -> AsyncIterator[None]:
+    """Inside, the broker refuses (nacks) every publish to ``queue_name``, as it does for a full
+    queue: a policy caps it at 0 messages with ``overflow: reject-publish``. Per queue, so the
+    tests beside it are untouched."""
+    ctl = _rabbitmqctl()
+    policy = f"refuse-{queue_name}"
+    definition = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    pattern = f"^{re.escape(queue_name)}$"
+    await trio.run_process(
+        [ctl, "set_policy", policy, pattern, definition, "--apply-to", "queues", "--priority", "100"],
+        capture_stdout=True,
+    )
+    try:
+        yield
+    finally:
+        await trio.run_process([ctl, "clear_policy", policy], capture_stdout=True)
