@@ -19,6 +19,12 @@ Semantics, matching :class:`emlisten.queue.inprocess.InProcessQueue`:
   While the connection is down, ``publish`` retries transparently (aio-pika's robust connection
   reconnects in the background) for up to ``publish_timeout`` seconds, then raises QueueError. A
   retry after a lost confirm can publish a task twice: harmless, tasks are nudges.
+- Publishes go out in batches (:class:`_Publisher`): the publishes waiting when a batch starts
+  cross into asyncio together, and their frames are written without a socket drain each.
+  aio-pika holds the channel's lock until each publish is drained, so 10,000 listeners handing
+  on at once (a backlog after a pause) were sent one at a time; at 0.56 ms of CPU each the last
+  waited past ``publish_timeout``. ``publish_timeout`` counts from when a publish's batch starts,
+  not while it waits for one (at most ``_BATCHES_IN_FLIGHT`` batches are under way).
 - ``consume(prefetch=n)`` opens its own channel with ``basic.qos(prefetch_count=n)`` and a manual
   ack consumer. aio-pika calls back on the asyncio side; the callback hands each message to Trio
   through an unbounded Trio memory channel (never more than ``n`` messages: the broker holds the
@@ -44,9 +50,10 @@ import asyncio
 import functools
 import json
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq.exceptions
@@ -68,6 +75,9 @@ T = TypeVar("T")
 DEFAULT_QUEUE_NAME = "emlisten.sync"
 _CLEANUP_TIMEOUT = 5.0
 _RETRY_PAUSE = 0.25
+#: Publishes per crossing into asyncio, and batches awaiting their confirms at once.
+_BATCH_LIMIT = 256
+_BATCHES_IN_FLIGHT = 8
 
 #: What a broken connection or channel raises (retryable for publish).
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -195,6 +205,94 @@ class _Consumer:
             return _Delivery(self, message, task)
 
 
+class _Pending:
+    """One publish waiting for its batch, then for the broker's confirm."""
+
+    __slots__ = ("abandoned", "body", "done", "error", "routing_key")
+
+    def __init__(self, body: bytes, routing_key: str) -> None:
+        self.body = body
+        self.routing_key = routing_key
+        self.done = trio.Event()
+        self.error: QueueError | None = None
+        #: Its caller was cancelled before the batch took it: not sent.
+        self.abandoned = False
+
+
+class _Publisher:
+    """(Trio side) Gathers publishes into batches, each one crossing into asyncio.
+
+    A batch takes every publish waiting when a batch slot frees up (at most ``_BATCH_LIMIT``),
+    so batches grow with the load by themselves: a lone publish goes at once, a burst goes in a
+    few crossings. Measured against a local broker (10,000 publishes of 5 KB): 0.56 ms of CPU
+    per publish one at a time, 0.36 in batches."""
+
+    def __init__(self, send_batch: Callable[[list[_Pending]], Awaitable[None]]) -> None:
+        self._send_batch = send_batch
+        self._waiting: deque[_Pending] = deque()
+        self._arrived = trio.Event()
+        self._slots = trio.Semaphore(_BATCHES_IN_FLIGHT)
+        self._closed = False
+
+    async def publish(self, body: bytes, routing_key: str) -> None:
+        if self._closed:
+            raise QueueError("rabbitmq: the queue is closed")
+        pending = _Pending(body, routing_key)
+        self._waiting.append(pending)
+        self._arrived.set()
+        try:
+            await pending.done.wait()
+        except BaseException:
+            pending.abandoned = True  # still waiting: the batch skips it; else it may go out (a nudge)
+            raise
+        if pending.error is not None:
+            raise pending.error
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await self._arrived.wait()
+                    self._arrived = trio.Event()
+                    while self._waiting:
+                        await self._slots.acquire()
+                        batch = self._take_batch()
+                        if batch:
+                            nursery.start_soon(self._send, batch)
+                        else:
+                            self._slots.release()
+        finally:
+            self._closed = True
+            for pending in self._waiting:
+                pending.error = QueueError("rabbitmq: the queue closed before the task was published")
+                pending.done.set()
+            self._waiting.clear()
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self._waiting and len(batch) < _BATCH_LIMIT:
+            pending = self._waiting.popleft()
+            if not pending.abandoned:
+                batch.append(pending)
+        return batch
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            await self._send_batch(batch)
+        except QueueError as exc:
+            for pending in batch:
+                pending.error = pending.error or exc
+        except BaseException:
+            for pending in batch:
+                pending.error = pending.error or QueueError("rabbitmq: the queue closed while publishing")
+            raise
+        finally:
+            self._slots.release()
+            for pending in batch:
+                pending.done.set()
+
+
 class RabbitMQQueue(TaskQueue):
     name = "rabbitmq"
 
@@ -215,6 +313,7 @@ class RabbitMQQueue(TaskQueue):
         self.dead_queue_name = f"{queue_name}.dead"
         self.quorum = quorum
         self._publish_timeout = publish_timeout
+        self._publisher = _Publisher(lambda batch: self._run(functools.partial(self._publish_batch, batch)))
 
     def __repr__(self) -> str:
         return f"RabbitMQQueue(queue_name={self.queue_name!r}, quorum={self.quorum})"
@@ -272,7 +371,10 @@ class RabbitMQQueue(TaskQueue):
                 quorum=quorum,
                 publish_timeout=publish_timeout,
             )
-            yield queue
+            async with trio.open_nursery() as nursery:
+                await nursery.start(queue._publisher.run)
+                yield queue
+                nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True), suppress(*_AMQP_ERRORS):
                 await run_asyncio(connection.close)
@@ -299,22 +401,34 @@ class RabbitMQQueue(TaskQueue):
         except _AMQP_ERRORS as exc:
             raise QueueError(f"rabbitmq: {_describe(exc)}") from exc
 
-    async def _publish_confirmed(self, body: bytes, routing_key: str) -> None:
-        """(asyncio side) Publish with a broker confirm, retrying while the connection is down."""
+    async def _publish_confirmed(self, body: bytes, routing_key: str, deadline: float | None = None) -> None:
+        """(asyncio side) Publish with a broker confirm, retrying while the connection is down,
+        until ``deadline`` (the loop's clock; default: ``publish_timeout`` from now).
+
+        Through the channel aio-pika keeps open (a robust channel gets a new one on reopen, so it
+        is looked up each time), without waiting for the socket to drain: aio-pika's own publish
+        holds the channel's lock until then, which sent concurrent publishes one at a time."""
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._publish_timeout
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        if deadline is None:
+            deadline = loop.time() + self._publish_timeout
+        properties = aio_pika.Message(
+            b"", content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        ).properties
         while True:
-            remaining = deadline - loop.time()
             try:
-                # Looked up each time: a robust channel gets a new default exchange on reopen.
-                exchange = self._publish_channel.default_exchange
-                await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=remaining)
+                if self._publish_channel.is_closed:
+                    raise aiormq.exceptions.ChannelInvalidStateError("the publish channel is closed")
+                # aiormq's own channel: its abstract type does not declare ``wait``.
+                channel = cast(aiormq.Channel, await self._publish_channel.get_underlay_channel())
+                await channel.basic_publish(
+                    body,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=max(0.0, deadline - loop.time()),
+                    wait=False,
+                )
                 return
             except _CONNECTION_ERRORS:
                 current = asyncio.current_task()
@@ -326,9 +440,23 @@ class RabbitMQQueue(TaskQueue):
                     ) from None
                 await asyncio.sleep(_RETRY_PAUSE)
 
+    async def _publish_batch(self, batch: list[_Pending]) -> None:
+        """(asyncio side) Publish a batch concurrently; each publish's outcome goes to its own."""
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout
+        outcomes = await asyncio.gather(
+            *(self._publish_confirmed(pending.body, pending.routing_key, deadline) for pending in batch),
+            return_exceptions=True,
+        )
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, QueueError):
+                pending.error = outcome
+            elif isinstance(outcome, BaseException):
+                pending.error = QueueError(f"rabbitmq: {_describe(outcome)}")
+
     async def publish(self, task: SyncTask) -> None:
-        body = _encode(task)
-        await self._run(lambda: self._publish_confirmed(body, self.queue_name))
+        await self._publisher.publish(_encode(task), self.queue_name)
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[TaskDelivery]]:

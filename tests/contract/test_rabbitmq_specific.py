@@ -16,6 +16,7 @@ from emlisten.models import SyncTask
 from emlisten.queue.rabbitmq import RabbitMQQueue
 from tests.contract.backends import (
     AMQP_URL,
+    broker_refuses_publishes,
     close_broker_connections,
     rabbitmq_queue,
     unique_queue_name,
@@ -199,6 +200,67 @@ async def test_nack_after_the_consumer_closed_does_not_dead_letter() -> None:
                 again = await anext(deliveries)
             assert again.task == task(1)
             await again.ack()
+
+
+async def test_a_burst_of_publishes_is_confirmed_whole() -> None:
+    """Publishes go out in batches (several crossings into asyncio, several batches awaiting
+    their confirms at once): every one of a burst is on the queue when its publish returns."""
+    name = unique_queue_name()
+    async with rabbitmq_queue(name=name) as queue:
+        returned: list[int] = []
+
+        async def publish(n: int) -> None:
+            await queue.publish(task(n))
+            returned.append(n)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for n in range(3000):
+                    nursery.start_soon(publish, n)
+        assert sorted(returned) == list(range(3000))
+        assert await queue.depth() == 3000
+        seen: set[int] = set()
+        async with queue.consume(prefetch=500) as deliveries:
+            with trio.fail_after(30):
+                while len(seen) < 3000:
+                    delivery = await anext(deliveries)
+                    seen.add(delivery.task.uid_hint)
+                    await delivery.ack()
+        assert seen == set(range(3000))
+
+
+async def test_publishes_the_broker_refuses_are_queue_errors_at_once() -> None:
+    """A full queue (here: a policy capping it at 0 with reject-publish) nacks publishes: each
+    caller of a concurrent burst gets a QueueError straight away, not at the timeout, and
+    publishing works again once the broker takes tasks."""
+    name = unique_queue_name()
+    async with rabbitmq_queue(name=name) as queue:
+        errors: list[QueueError] = []
+
+        async def publish(n: int) -> None:
+            try:
+                await queue.publish(task(n))
+            except QueueError as exc:
+                errors.append(exc)
+
+        async with broker_refuses_publishes(name):
+            with trio.fail_after(10):  # the publish timeout is 30 s
+                async with trio.open_nursery() as nursery:
+                    for n in range(20):
+                        nursery.start_soon(publish, n)
+        assert len(errors) == 20
+        assert all("DeliveryError" in str(exc) for exc in errors), errors[0]
+        with trio.fail_after(10):
+            await queue.publish(task(99))
+        assert await queue.depth() == 1
+
+
+async def test_an_unroutable_publish_is_a_queue_error() -> None:
+    name = unique_queue_name()
+    async with rabbitmq_queue(name=name) as queue:
+        await queue.delete_queues()  # nothing to route to now
+        with trio.fail_after(10), pytest.raises(QueueError):
+            await queue.publish(task(1))
 
 
 async def test_unreachable_broker_is_a_queue_error() -> None:
