@@ -280,9 +280,12 @@ class _Publisher:
     async def _send(self, batch: list[_Pending]) -> None:
         try:
             await self._send_batch(batch)
-        except QueueError as exc:
+        except Exception as exc:
+            # Each caller gets the error; the publisher goes on serving the others (an error
+            # here must not end the queue, and with it the node).
+            error = exc if isinstance(exc, QueueError) else QueueError(f"rabbitmq: {_describe(exc)}")
             for pending in batch:
-                pending.error = pending.error or exc
+                pending.error = pending.error or error
         except BaseException:
             for pending in batch:
                 pending.error = pending.error or QueueError("rabbitmq: the queue closed while publishing")
