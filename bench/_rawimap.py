@@ -138,17 +138,26 @@ class RawImap:
         return chunk
 
     async def uid_fetch_bodies(
-        self, first_uid: int, *, ending_idle: bytes | None = None, items: bytes = b"(UID BODY.PEEK[])"
+        self,
+        first_uid: int,
+        *,
+        ending_idle: bytes | None = None,
+        items: bytes = b"(UID BODY.PEEK[])",
+        idle_tag: bytes | None = None,
     ) -> tuple[int, int]:
         """``UID FETCH first:* items`` (default ``(UID BODY.PEEK[])``), literals read and dropped.
         Returns how many messages at or above ``first_uid`` came back and the highest UID seen
         (for the next call).
 
         ``ending_idle``: the tag of an IDLE to end first, with DONE in the same packet as the
-        FETCH (as emlisten's listener does). Only the shape Dovecot answers: one literal per
-        FETCH line, announced as ``{n}``."""
+        FETCH (as emlisten's listener does). ``idle_tag``: ``tag IDLE`` goes in that packet too,
+        behind the FETCH (as emlisten's listener does since session 13); its ``+`` is left for
+        ``idle_started``. Only the shape Dovecot answers: one literal per FETCH line, announced
+        as ``{n}``."""
         tag = self._next_tag()
         command = tag + b" UID FETCH %d:* %s\r\n" % (first_uid, items)
+        if idle_tag is not None:
+            command += idle_tag + b" IDLE\r\n"
         await self._stream.send_all(command if ending_idle is None else b"DONE\r\n" + command)
         if ending_idle is not None:
             while not (line := await self.read_line()).startswith(ending_idle + b" "):
@@ -199,6 +208,10 @@ class RawImap:
         """Send IDLE and return the tag once the server's ``+`` continuation arrived."""
         tag = self._next_tag()
         await self._stream.send_all(tag + b" IDLE\r\n")
+        return await self.idle_started(tag)
+
+    async def idle_started(self, tag: bytes) -> bytes:
+        """Wait for the ``+`` of the IDLE sent with ``tag``; returns the tag."""
         while not (line := await self.read_line()).startswith(b"+"):
             if line.startswith(tag + b" "):
                 raise RawImapError(f"IDLE refused: {line[:200]!r}")
@@ -210,10 +223,13 @@ class RawImap:
         uidnext: int,
         on_exists: Callable[[int, float], None],
         on_fetched: Callable[[int, float], None],
+        *,
+        pipelined_idle: bool = False,
     ) -> None:
         """``watch``, and on each new EXISTS what emlisten's listener does: DONE + UID FETCH of
-        the new mail in one packet, then IDLE again. ``on_fetched(count, monotonic_time)`` once
-        the mail up to EXISTS ``count`` has been read whole."""
+        the new mail in one packet, then IDLE again (with ``pipelined_idle`` in that packet too,
+        as emlisten does). ``on_fetched(count, monotonic_time)`` once the mail up to EXISTS
+        ``count`` has been read whole."""
         known = 0
         while True:
             count, seen_at = await self._next_exists(idle_tag)
@@ -221,13 +237,14 @@ class RawImap:
             if count <= known:
                 continue
             known = count
+            next_idle = self._next_tag() if pipelined_idle else None
             fetched, highest = await self.uid_fetch_bodies(
-                uidnext, ending_idle=idle_tag, items=LISTENER_FETCH_ITEMS
+                uidnext, ending_idle=idle_tag, items=LISTENER_FETCH_ITEMS, idle_tag=next_idle
             )
             if fetched:
                 on_fetched(count, time.monotonic())
                 uidnext = highest + 1
-            idle_tag = await self.idle_start()
+            idle_tag = await (self.idle_started(next_idle) if next_idle is not None else self.idle_start())
 
     async def watch(self, idle_tag: bytes, on_exists: Callable[[int, float], None]) -> None:
         """After ``idle_start``: call ``on_exists(count, monotonic_time)`` for each ``* n EXISTS``

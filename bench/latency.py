@@ -133,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fetch (the probes' fetches share the server with emlisten's)",
     )
     parser.add_argument(
+        "--probe-pipelined-idle",
+        action="store_true",
+        help="with --fetch-floor: the probes send IDLE in the same packet as DONE and the UID FETCH, "
+        "as emlisten's listener does, instead of after the fetch's answer",
+    )
+    parser.add_argument(
         "--afterwards",
         type=float,
         default=0.0,
@@ -163,9 +169,10 @@ class FloorProbe:
     ``fetch``, it also fetches the new mail as emlisten's listener does (DONE + UID FETCH, IDLE
     again) and timestamps that."""
 
-    def __init__(self, *, fetch: bool = False, examine: bool = False) -> None:
+    def __init__(self, *, fetch: bool = False, examine: bool = False, pipelined_idle: bool = False) -> None:
         self.fetch = fetch
         self.examine = examine
+        self.pipelined_idle = pipelined_idle
         self.initial = 0
         self.seen: dict[int, float] = {}
         self.fetched: dict[int, float] = {}
@@ -210,7 +217,9 @@ class FloorProbe:
             tag = await client.idle_start()
             task_status.started()
             if self.fetch:
-                await client.watch_and_fetch(tag, uidnext, self._record, self._record_fetched)
+                await client.watch_and_fetch(
+                    tag, uidnext, self._record, self._record_fetched, pipelined_idle=self.pipelined_idle
+                )
             else:
                 await client.watch(tag, self._record)
         finally:
@@ -264,13 +273,15 @@ async def _measure(args: argparse.Namespace, dovecot: Dovecot, users: Sequence[M
             "probe_settle_s": args.probe_settle,
             "probes_first": args.probes_first,
             "probe_examine": args.probe_examine,
+            "probe_pipelined_idle": args.probe_pipelined_idle,
             "quiet_mailboxes": args.quiet,
         },
     )
     await prepare_mailboxes(dovecot, users)
     # Only the mailboxes that get a measured mail need a probe: at 10,000 mailboxes a probe
     # for each doubled the server's sessions (20,000), and it refused some logins.
-    probes = [FloorProbe(fetch=args.fetch_floor, examine=args.probe_examine) for _ in users[: min(n, m)]]
+    probe_options = {"examine": args.probe_examine, "pipelined_idle": args.probe_pipelined_idle}
+    probes = [FloorProbe(fetch=args.fetch_floor, **probe_options) for _ in users[: min(n, m)]]
     async with open_stack(args, dovecot) as stack, trio.open_nursery() as early:
         if args.probes_first:
             # The probes' sessions are the older ones: Dovecot wakes them first when mail lands.

@@ -64,10 +64,12 @@ def test_idle_scenario(tmp_path: Path) -> None:
 
 
 @pytest.mark.dovecot
-def test_latency_scenario_over_tls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("probe_idle", [(), ("--probe-pipelined-idle",)], ids=["idle-after", "pipelined"])
+def test_latency_scenario_over_tls(tmp_path: Path, probe_idle: tuple[str, ...]) -> None:
     result = run_bench(
         tmp_path,
         "latency",
+        *probe_idle,
         "--mailboxes",
         "2",
         "--mails",
@@ -90,7 +92,8 @@ def test_latency_scenario_over_tls(tmp_path: Path) -> None:
     assert settled["settled"] and settled["logins"] >= 2
     assert metrics["emlisten_ms"]["count"] == 4
     assert metrics["floor_ms"]["count"] == 4
-    # --fetch-floor: the probes also read every mail whole, after they saw its EXISTS.
+    # --fetch-floor: the probes also read every mail whole, after they saw its EXISTS (two per
+    # probe: with --probe-pipelined-idle the second comes after the IDLE sent with the first).
     assert metrics["fetch_floor_ms"]["count"] == 4
     assert metrics["fetch_floor_ms"]["min"] >= metrics["floor_ms"]["min"]
     # ... and their own DONE + UID FETCH, from the EXISTS they read to the mail read whole.
