@@ -28,10 +28,22 @@ class Broker:
             raise self.fail_with
 
 
+@pytest.fixture
+def one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rabbitmq, "_BATCHES_IN_FLIGHT", 1)
+
+
+async def publish_noting_errors(publisher: _Publisher, body: bytes, errors: dict[bytes, str]) -> None:
+    try:
+        await publisher.publish(body, "q")
+    except QueueError as exc:
+        errors[body] = str(exc)
+
+
+@pytest.mark.usefixtures("one_batch_at_a_time")
 async def test_publishes_waiting_for_a_slot_go_together_in_batches_of_bounded_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(rabbitmq, "_BATCHES_IN_FLIGHT", 1)
     monkeypatch.setattr(rabbitmq, "_BATCH_LIMIT", 4)
     broker = Broker()
     publisher = _Publisher(broker.send)
@@ -52,28 +64,19 @@ async def test_publishes_waiting_for_a_slot_go_together_in_batches_of_bounded_si
         nursery.cancel_scope.cancel()
 
 
-async def test_a_failed_batch_fails_each_of_its_publishes_and_the_next_batch_goes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(rabbitmq, "_BATCHES_IN_FLIGHT", 1)
+@pytest.mark.usefixtures("one_batch_at_a_time")
+async def test_a_failed_batch_fails_each_of_its_publishes_and_the_next_batch_goes() -> None:
     broker = Broker()
     broker.fail_with = RuntimeError("the bridge broke")
     broker.release.set()
     publisher = _Publisher(broker.send)
-    errors: list[QueueError] = []
-
-    async def publish(body: bytes) -> None:
-        try:
-            await publisher.publish(body, "q")
-        except QueueError as exc:
-            errors.append(exc)
-
+    errors: dict[bytes, str] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(publisher.run)
         for body in (b"a", b"b"):
-            nursery.start_soon(publish, body)
+            nursery.start_soon(publish_noting_errors, publisher, body, errors)
         await trio.testing.wait_all_tasks_blocked()
-        assert [str(e) for e in errors] == ["rabbitmq: RuntimeError: the bridge broke"] * 2
+        assert errors == dict.fromkeys((b"a", b"b"), "rabbitmq: RuntimeError: the bridge broke")
         broker.fail_with = None
         with trio.fail_after(5):
             await publisher.publish(b"c", "q")  # the publisher is still there
@@ -81,10 +84,8 @@ async def test_a_failed_batch_fails_each_of_its_publishes_and_the_next_batch_goe
         nursery.cancel_scope.cancel()
 
 
-async def test_a_publish_cancelled_while_it_waits_for_its_batch_is_not_sent(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(rabbitmq, "_BATCHES_IN_FLIGHT", 1)
+@pytest.mark.usefixtures("one_batch_at_a_time")
+async def test_a_publish_cancelled_while_it_waits_for_its_batch_is_not_sent() -> None:
     broker = Broker()
     publisher = _Publisher(broker.send)
     async with trio.open_nursery() as nursery:
@@ -102,25 +103,17 @@ async def test_a_publish_cancelled_while_it_waits_for_its_batch_is_not_sent(
         nursery.cancel_scope.cancel()
 
 
-async def test_publishes_under_way_or_waiting_when_the_queue_closes_fail(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(rabbitmq, "_BATCHES_IN_FLIGHT", 1)
+@pytest.mark.usefixtures("one_batch_at_a_time")
+async def test_publishes_under_way_or_waiting_when_the_queue_closes_fail() -> None:
     broker = Broker()  # never confirms
     publisher = _Publisher(broker.send)
     errors: dict[bytes, str] = {}
 
-    async def publish(body: bytes) -> None:
-        try:
-            await publisher.publish(body, "q")
-        except QueueError as exc:
-            errors[body] = str(exc)
-
     async with trio.open_nursery() as callers, trio.open_nursery() as queue:
         await queue.start(publisher.run)
-        callers.start_soon(publish, b"under way")
+        callers.start_soon(publish_noting_errors, publisher, b"under way", errors)
         await trio.testing.wait_all_tasks_blocked()
-        callers.start_soon(publish, b"waiting")
+        callers.start_soon(publish_noting_errors, publisher, b"waiting", errors)
         await trio.testing.wait_all_tasks_blocked()
         queue.cancel_scope.cancel()  # the queue closes
     assert errors == {
