@@ -224,8 +224,8 @@ class _Publisher:
 
     A batch takes every publish waiting when a batch slot frees up (at most ``_BATCH_LIMIT``),
     so batches grow with the load by themselves: a lone publish goes at once, a burst goes in a
-    few crossings. Measured against a local broker (10,000 publishes of 5 KB): 0.56 ms of CPU
-    per publish one at a time, 0.36 in batches."""
+    few crossings. Measured against a local broker (10,000 publishes of 5 KB through
+    ``RabbitMQQueue.publish``): 0.56 ms of CPU per publish one at a time, 0.41 in batches."""
 
     def __init__(self, send_batch: Callable[[list[_Pending]], Awaitable[None]]) -> None:
         self._send_batch = send_batch
