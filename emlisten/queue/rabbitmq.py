@@ -107,6 +107,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _queue_error(exc: BaseException) -> QueueError:
+    """``exc`` as the QueueError this boundary raises (one already is one)."""
+    return exc if isinstance(exc, QueueError) else QueueError(f"rabbitmq: {_describe(exc)}")
+
+
 def _encode(task: SyncTask) -> bytes:
     return task.to_json()
 
@@ -283,7 +288,7 @@ class _Publisher:
         except Exception as exc:
             # Each caller gets the error; the publisher goes on serving the others (an error
             # here must not end the queue, and with it the node).
-            error = exc if isinstance(exc, QueueError) else QueueError(f"rabbitmq: {_describe(exc)}")
+            error = _queue_error(exc)
             for pending in batch:
                 pending.error = pending.error or error
         except BaseException:
@@ -402,7 +407,7 @@ class RabbitMQQueue(TaskQueue):
         try:
             return await run_asyncio(operation)
         except _AMQP_ERRORS as exc:
-            raise QueueError(f"rabbitmq: {_describe(exc)}") from exc
+            raise _queue_error(exc) from exc
 
     async def _publish_confirmed(self, body: bytes, routing_key: str, deadline: float | None = None) -> None:
         """(asyncio side) Publish with a broker confirm, retrying while the connection is down,
@@ -415,6 +420,7 @@ class RabbitMQQueue(TaskQueue):
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._publish_timeout
+        # Per publish: aiormq writes the message id into the properties it is given.
         properties = aio_pika.Message(
             b"", content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         ).properties
@@ -453,10 +459,8 @@ class RabbitMQQueue(TaskQueue):
             return_exceptions=True,
         )
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, QueueError):
-                pending.error = outcome
-            elif isinstance(outcome, BaseException):
-                pending.error = QueueError(f"rabbitmq: {_describe(outcome)}")
+            if isinstance(outcome, BaseException):
+                pending.error = _queue_error(outcome)
 
     async def publish(self, task: SyncTask) -> None:
         await self._publisher.publish(_encode(task), self.queue_name)
